@@ -1,0 +1,117 @@
+"""The volume-cartographer per-pixel map (.ppm): a 3D position and normal per segment pixel.
+
+An ASCII header of `key: value` lines ends with the line `<>`; then `height * width * 6`
+little-endian float64, per pixel (row-major) `x, y, z, nx, ny, nz`. Pixels off the surface
+are all zeros. The body is memory-mapped: a real segment's ppm is several GB.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ink3d import InputError
+
+HEADER_END = b"<>\n"
+MAX_HEADER_BYTES = 1 << 16
+VALUES_PER_PIXEL = 6
+BODY_DTYPE = np.dtype("<f8")
+
+
+@dataclass
+class PPM:
+    path: Path
+    header: dict[str, str]
+    data: np.ndarray  # (height, width, 6) float64, memory-mapped: x, y, z, nx, ny, nz
+
+    @property
+    def height(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.data.shape[1]
+
+
+def _parse_header(path: Path, head: bytes) -> tuple[dict[str, str], int]:
+    end = head.find(HEADER_END)
+    if end < 0:
+        raise InputError(f"{path}: not a ppm: no '<>' line ends the header in its first {len(head)} bytes")
+    header = {}
+    for line in head[:end].decode("ascii", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            raise InputError(f"{path}: malformed ppm header line {line!r} (expected 'key: value')")
+        header[key.strip()] = value.strip()
+    return header, end + len(HEADER_END)
+
+
+def _validated_size(path: Path, header: dict[str, str]) -> tuple[int, int]:
+    for key in ("width", "height"):
+        if key not in header:
+            raise InputError(f"{path}: ppm header has no '{key}'")
+    try:
+        width, height = int(header["width"]), int(header["height"])
+    except ValueError:
+        raise InputError(f"{path}: ppm width/height are not integers: {header['width']!r}, {header['height']!r}") from None
+    if width <= 0 or height <= 0:
+        raise InputError(f"{path}: ppm size {width} x {height} is empty")
+    if header.get("dim", "6") != "6":
+        raise InputError(f"{path}: ppm dim is {header['dim']}, expected 6 (x, y, z, nx, ny, nz)")
+    if header.get("type", "double") != "double":
+        raise InputError(f"{path}: ppm type is {header['type']}, expected double")
+    if "version" in header and header["version"] not in ("1", "1.0"):
+        raise InputError(f"{path}: ppm version {header['version']} is not supported (expected 1)")
+    return width, height
+
+
+def read_ppm(path: str | Path) -> PPM:
+    """Validate the header and memory-map the body (nothing is copied)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: ppm file not found")
+    with open(path, "rb") as file:
+        head = file.read(MAX_HEADER_BYTES)
+    header, offset = _parse_header(path, head)
+    width, height = _validated_size(path, header)
+    expected = height * width * VALUES_PER_PIXEL * BODY_DTYPE.itemsize
+    actual = path.stat().st_size - offset
+    if actual != expected:
+        raise InputError(
+            f"{path}: ppm body is {actual} bytes, expected {expected} "
+            f"(height {height} x width {width} x 6 float64); the file is {'truncated' if actual < expected else 'too long'}"
+        )
+    data = np.memmap(path, dtype=BODY_DTYPE, mode="r", offset=offset, shape=(height, width, VALUES_PER_PIXEL))
+    return PPM(path=path, header=header, data=data)
+
+
+def write_ppm(path: str | Path, data: np.ndarray, rows_per_write: int = 256) -> None:
+    """Write a `(height, width, 6)` array as a ppm, a band of rows at a time."""
+    path = Path(path)
+    if data.ndim != 3 or data.shape[2] != VALUES_PER_PIXEL:
+        raise ValueError(f"ppm data must be (height, width, 6), got {data.shape}")
+    height, width = data.shape[:2]
+    header = f"width: {width}\nheight: {height}\ndim: 6\nordered: true\ntype: double\nversion: 1\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        file.write(header.encode("ascii") + HEADER_END)
+        for row in range(0, height, rows_per_write):
+            file.write(np.ascontiguousarray(data[row:row + rows_per_write], dtype=BODY_DTYPE).tobytes())
+
+
+def valid_mask(data: np.ndarray) -> np.ndarray:
+    """True where a pixel lies on the surface (its six values are not all zero)."""
+    return np.any(data != 0, axis=-1)
+
+
+def positions_along_normals(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """zyx positions `point + t * normal` for every pixel of `data` (..., 6) and every t in `offsets`.
+
+    Returns an array of shape `data.shape[:-1] + (len(offsets), 3)`, float64, axes zyx.
+    """
+    points_zyx = data[..., 2::-1]
+    normals_zyx = data[..., 5:2:-1]
+    offsets = np.asarray(offsets, dtype=np.float64)
+    return points_zyx[..., None, :] + offsets[:, None] * normals_zyx[..., None, :]

@@ -1,0 +1,252 @@
+"""Make a small synthetic scroll with known ink: the embedded default data of every demo and test.
+
+    python make_synthetic_scroll.py --out_dir runs/demo/scroll --seed 0
+
+A papyrus sheet rolled into an Archimedean spiral (in y/x, its centre drifting slowly with z)
+is written as uint16 TIFF slices like a real scan. Letter-like strokes of ink lie on the outer
+face of the sheet as a thin layer, denser than the papyrus under it but not brighter than the
+papyrus elsewhere (papyrus brightness and thickness vary slowly across the scroll), so a
+global intensity threshold cannot find the ink while a model that sees 3D context can.
+Segments are patches of the sheet surface written as real .ppm files, with their 2D ink labels.
+
+Writes `volume/00000.tif...`, `paths/<id>/<id>.ppm` (+ `<id>_mask.png`),
+`labels/<id>_inklabels.png`, `ground_truth.h5` (dataset `ink`, 255 = ink) and `scroll.json`.
+"""
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import tifffile
+from scipy import ndimage
+
+from ink3d import InputError, volume
+from ink3d.config import config_path_for, parse_config, run_main, save_config
+from ink3d.ppm import write_ppm
+
+# --- config ---
+OUT_DIR = "runs/demo/scroll"  # folder to create (refused if it holds a scroll, unless --overwrite true)
+SEED = 0  # random seed: the same seed gives identical files
+DEPTH = 160  # z size (number of slices)
+HEIGHT = 256  # y size
+WIDTH = 256  # x size
+OVERWRITE = False  # replace an existing scroll in out_dir
+
+
+# Geometry of the roll, in voxels. The sheet centre line is r = INNER_RADIUS + PITCH * phi / (2 pi).
+INNER_RADIUS = 18.0
+PITCH = 20.0
+TURNS = 4.5
+CENTRE_DRIFT = 3.0  # the roll's axis wanders this much in y/x along z
+INK_THICKNESS = 3.0  # ink layer on the outer face of the sheet
+SURFACE_ABOVE_FACE = 1.5  # segments trace the middle of the ink layer (layer 32 of a surface volume)
+LINE_HEIGHT = 30  # text lines, in slices
+AIR, NOISE = 0.08, 0.05
+
+
+@dataclass
+class SegmentSpec:
+    segment_id: str
+    wrap: int  # which turn of the spiral the patch lies on
+    theta: tuple[float, float]  # angular range within that turn, in units of pi
+    z: tuple[float, float]  # z range as fractions of the depth
+
+
+# Training patches lie in the half-turns 0.75 pi .. 2 pi; the validation patch in 0 .. 0.55 pi,
+# so validation blocks are spatially apart. The first segment has an older, smaller version.
+SEGMENTS = [
+    SegmentSpec("20231005123330", 1, (1.0, 1.7), (0.025, 0.75)),
+    SegmentSpec("20231005123331", 1, (0.75, 2.0), (0.025, 0.975)),
+    SegmentSpec("20231012184421", 2, (0.75, 2.0), (0.025, 0.975)),
+    SegmentSpec("20231016151002", 3, (0.75, 2.0), (0.025, 0.975)),
+    SegmentSpec("20231022170901", 3, (0.0, 0.55), (0.025, 0.975)),
+]
+VALID_SEGMENTS = ["20231022170901"]
+
+
+class Scroll:
+    """The analytic scroll: smooth 2D fields over the unrolled sheet (z, arc length u) and the spiral."""
+
+    def __init__(self, shape, rng: np.random.Generator):
+        self.shape = shape
+        self.b = PITCH / (2 * np.pi)
+        self.phi_max = TURNS * 2 * np.pi
+        depth = shape[0]
+        length = int(np.ceil(self.arc_length(self.phi_max))) + 2
+        canvas = (depth, length)
+        self.brightness = 0.6 + 0.28 * _smooth_field(rng, canvas, 24)
+        self.thickness = 8.0 + 2.0 * _smooth_field(rng, canvas, 20)
+        self.fibres_along_u = 0.14 * _smooth_field(rng, canvas, (0.8, 25))
+        self.fibres_along_z = 0.14 * _smooth_field(rng, canvas, (25, 0.8))
+        self.ink_grain = 0.12 * _smooth_field(rng, canvas, 0.7)
+        self.ink = _letters(rng, canvas)
+        phase = rng.uniform(0, 2 * np.pi, 2)
+        z = np.arange(depth)
+        self.centre_y = shape[1] / 2 + CENTRE_DRIFT * np.sin(2 * np.pi * z / depth + phase[0])
+        self.centre_x = shape[2] / 2 + CENTRE_DRIFT * np.cos(2 * np.pi * z / depth + phase[1])
+
+    def arc_length(self, phi):
+        return INNER_RADIUS * phi + self.b * phi**2 / 2
+
+    def phi_of_arc_length(self, u):
+        return (np.sqrt(INNER_RADIUS**2 + 2 * self.b * u) - INNER_RADIUS) / self.b
+
+    def field(self, field, z, u):
+        """Bilinear value of a canvas field at (z, u), clamped to the canvas."""
+        return ndimage.map_coordinates(field, [np.asarray(z, float), np.asarray(u, float)], order=1, mode="nearest")
+
+    def slice_intensity(self, z: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Intensity in [0, 1] and ink mask of one slice."""
+        y, x = np.mgrid[0:self.shape[1], 0:self.shape[2]].astype(np.float64)
+        dy, dx = y - self.centre_y[z], x - self.centre_x[z]
+        radius = np.hypot(dy, dx)
+        theta = np.mod(np.arctan2(dy, dx), 2 * np.pi)
+        wrap = np.round((radius - INNER_RADIUS - self.b * theta) / PITCH)
+        phi = theta + 2 * np.pi * wrap
+        inside = (phi >= 0) & (phi <= self.phi_max)
+        depth_from_centre = radius - (INNER_RADIUS + self.b * phi)
+        u = self.arc_length(np.clip(phi, 0, self.phi_max))
+        zz = np.full_like(u, z)
+        half = self.field(self.thickness, zz, u) / 2
+        brightness = self.field(self.brightness, zz, u)
+        sheet = inside & (np.abs(depth_from_centre) <= half)
+        ink_layer = inside & (depth_from_centre > half) & (depth_from_centre <= half + INK_THICKNESS)
+        ink = ink_layer & (self.ink[z, np.clip(np.round(u).astype(int), 0, self.ink.shape[1] - 1)] > 0)
+        fibres = np.where(depth_from_centre < 0, self.field(self.fibres_along_u, zz, u), self.field(self.fibres_along_z, zz, u))
+        intensity = np.full(radius.shape, AIR)
+        intensity[sheet] = (brightness * (0.82 + fibres))[sheet]
+        intensity[ink] = (brightness * (1.0 + self.field(self.ink_grain, zz, u)))[ink]
+        intensity = ndimage.gaussian_filter(intensity, 0.6) + rng.normal(0, NOISE, intensity.shape)
+        return np.clip(intensity, 0, 1), ink
+
+    def surface(self, spec: SegmentSpec) -> tuple[np.ndarray, np.ndarray]:
+        """ppm data (rows = z, columns = 1 voxel of arc length) and the 2D ink label of a segment."""
+        phi0, phi1 = (2 * spec.wrap + np.array(spec.theta)) * np.pi
+        u = np.arange(np.ceil(self.arc_length(phi0)), np.floor(self.arc_length(phi1)))
+        z = np.arange(*np.round(np.array(spec.z) * self.shape[0]), dtype=np.float64)
+        zz, uu = np.meshgrid(z, u, indexing="ij")
+        phi = self.phi_of_arc_length(uu)
+        step = 1e-3
+        point = self._surface_point(phi, zz)
+        d_phi = (self._surface_point(phi + step, zz) - self._surface_point(phi - step, zz)) / (2 * step)
+        d_z = (self._surface_point(phi, zz + step) - self._surface_point(phi, zz - step)) / (2 * step)
+        normal = np.cross(d_phi, d_z)
+        radial = np.stack([np.cos(phi), np.sin(phi), np.zeros_like(phi)], axis=-1)
+        normal *= np.sign(np.sum(normal * radial, axis=-1, keepdims=True))
+        normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+        label = self.ink[zz.astype(int), uu.astype(int)]
+        return np.concatenate([point, normal], axis=-1), label
+
+    def _surface_point(self, phi, z):
+        """xyz of the middle of the ink layer at (phi, z); z may be fractional."""
+        u = self.arc_length(phi)
+        radius = INNER_RADIUS + self.b * phi + self.field(self.thickness, z, u) / 2 + SURFACE_ABOVE_FACE
+        centre_y = np.interp(z, np.arange(self.shape[0]), self.centre_y)
+        centre_x = np.interp(z, np.arange(self.shape[0]), self.centre_x)
+        return np.stack([centre_x + radius * np.cos(phi), centre_y + radius * np.sin(phi), z], axis=-1)
+
+
+def _smooth_field(rng: np.random.Generator, shape, sigma) -> np.ndarray:
+    """Gaussian-smoothed noise scaled to [-1, 1]."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+    return field / np.abs(field).max()
+
+
+def _letters(rng: np.random.Generator, shape) -> np.ndarray:
+    """Lines of letter-like glyphs (bars, diagonals, bowls) on the unrolled sheet; 255 = ink."""
+    canvas = np.zeros(shape, np.uint8)
+    glyph_h, glyph_w, stroke = 18, 12, 3
+    for top in range(6, shape[0] - glyph_h - 4, LINE_HEIGHT):
+        left = int(rng.integers(4, 12))
+        while left + glyph_w < shape[1] - 4:
+            if rng.random() < 0.15:  # a space between words
+                left += glyph_w
+                continue
+            for _ in range(int(rng.integers(2, 4))):
+                _draw_stroke(canvas, rng, left, top, glyph_w, glyph_h, stroke)
+            left += glyph_w + int(rng.integers(4, 8))
+    return canvas
+
+
+def _draw_stroke(canvas, rng, left, top, width, height, stroke):
+    kind = rng.integers(4)
+    right, bottom, middle = left + width, top + height, top + height // 2
+    if kind == 0:  # vertical bar
+        x = int(rng.integers(left, right + 1))
+        cv2.line(canvas, (x, top), (x, bottom), 255, stroke)
+    elif kind == 1:  # horizontal bar at top, middle or bottom
+        y = int(rng.choice([top, middle, bottom]))
+        cv2.line(canvas, (left, y), (right, y), 255, stroke)
+    elif kind == 2:  # diagonal
+        if rng.random() < 0.5:
+            cv2.line(canvas, (left, top), (right, bottom), 255, stroke)
+        else:
+            cv2.line(canvas, (left, bottom), (right, top), 255, stroke)
+    else:  # bowl or ring
+        start = int(rng.choice([0, 90, 180, 270]))
+        cv2.ellipse(canvas, ((left + right) // 2, middle), (width // 2, height // 3), 0, start, start + 270, 255, stroke)
+
+
+def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int]) -> dict:
+    rng = np.random.default_rng(seed)
+    scroll = Scroll(shape, rng)
+    volume_dir = out_dir / "volume"
+    volume_dir.mkdir(parents=True)
+    with h5py.File(out_dir / "ground_truth.h5", "w") as file:
+        truth = volume.create_volume(file, volume.GROUND_TRUTH, shape, np.uint8)
+        slab = np.zeros((truth.chunks[0],) + shape[1:], np.uint8)
+        for z in range(shape[0]):
+            intensity, ink = scroll.slice_intensity(z, rng)
+            tifffile.imwrite(volume_dir / f"{z:05d}.tif", np.round(intensity * 65535).astype(np.uint16))
+            slab[z % len(slab)] = ink * np.uint8(255)
+            if z % len(slab) == len(slab) - 1 or z == shape[0] - 1:
+                start = z - z % len(slab)
+                truth[start:z + 1] = slab[:z + 1 - start]
+    for spec in SEGMENTS:
+        data, label = scroll.surface(spec)
+        segment_dir = out_dir / "paths" / spec.segment_id
+        segment_dir.mkdir(parents=True)
+        # a ragged edge of off-surface pixels, as real segments have, and a mask 2 pixels inside it
+        ragged = np.arange(data.shape[0])[:, None] + np.arange(data.shape[1])[None, :] < 6
+        data[ragged] = 0
+        write_ppm(segment_dir / f"{spec.segment_id}.ppm", data)
+        mask = ndimage.binary_erosion(~ragged, iterations=2, border_value=0)
+        cv2.imwrite(str(segment_dir / f"{spec.segment_id}_mask.png"), mask.astype(np.uint8) * 255)
+        labels_dir = out_dir / "labels"
+        labels_dir.mkdir(exist_ok=True)
+        cv2.imwrite(str(labels_dir / f"{spec.segment_id}_inklabels.png"), label)
+    return {
+        "shape": list(shape),
+        "segments": [spec.segment_id for spec in SEGMENTS],
+        "valid_segments": VALID_SEGMENTS,
+        "seed": seed,
+        "segment_specs": [asdict(spec) for spec in SEGMENTS],
+    }
+
+
+def main(argv=None):
+    config = parse_config(globals(), argv)
+    out_dir = Path(config.out_dir)
+    outer_radius = INNER_RADIUS + PITCH * TURNS + 10 + CENTRE_DRIFT
+    if min(config.height, config.width) < 2 * outer_radius or config.depth < 16:
+        raise InputError(f"the roll needs height and width >= {2 * outer_radius:.0f} and depth >= 16")
+    if (out_dir / "scroll.json").exists() or (out_dir / "volume").exists():
+        if not config.overwrite:
+            raise InputError(f"{out_dir} already holds a scroll; pass --overwrite true to replace it")
+        for name in ("volume", "paths", "labels", "ground_truth.h5", "scroll.json"):
+            target = out_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    description = make_scroll(out_dir, config.seed, (config.depth, config.height, config.width))
+    (out_dir / "scroll.json").write_text(json.dumps(description, indent=2) + "\n")
+    save_config(config, config_path_for(out_dir / "scroll.json"))
+    print(f"synthetic scroll {tuple(description['shape'])} with {len(SEGMENTS)} segments -> {out_dir}")
+    return description
+
+
+if __name__ == "__main__":
+    run_main(main)

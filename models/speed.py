@@ -1,0 +1,48 @@
+"""GPU speed options shared by training and inference: memory format, autocast dtype, compile."""
+
+import contextlib
+
+import torch
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
+    """'auto': bf16 on CUDA where supported, else fp16 on CUDA; fp32 (None) on the CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast dtype {name!r}: choose auto, {', '.join(AUTOCAST_DTYPES)}")
+    return AUTOCAST_DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed-precision context, or a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool = False, compile: bool = False):
+    """Move to `device`, optionally in channels_last_3d memory format and through torch.compile."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+def to_input(batch: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A host batch on `device`, asynchronously when the host memory is pinned."""
+    batch = batch.to(device, non_blocking=True)
+    return batch.contiguous(memory_format=torch.channels_last_3d) if channels_last else batch

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from ink3d import InputError
+from models import UNet3D, infer_model_args, load_model, save_checkpoint
+from models.unet3d import UNetArgs
+
+reference = pytest.importorskip("pytorch3dunet.unet3d.model", reason="pytorch3dunet is the reference UNet (pip install --no-deps pytorch3dunet)")
+
+CONFIGS = [
+    dict(f_maps=32, num_levels=5, num_groups=4),
+    dict(f_maps=8, num_levels=4, num_groups=4),
+    dict(f_maps=16, num_levels=3, num_groups=8),
+]
+
+
+def _reference(f_maps, num_levels, num_groups):
+    return reference.UNet3D(1, 1, f_maps=f_maps, num_levels=num_levels, num_groups=num_groups, is_segmentation=False)
+
+
+def test_default_has_the_published_parameter_count():
+    assert sum(p.numel() for p in UNet3D().parameters()) == 16_470_643
+    assert sum(p.numel() for p in _reference(32, 5, 4).parameters()) == 16_470_643
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("direction", ["ours_to_reference", "reference_to_ours"])
+def test_parity_with_pytorch3dunet(config, direction):
+    torch.manual_seed(0)
+    ours, theirs = UNet3D(**config), _reference(**config)
+    source, target = (ours, theirs) if direction == "ours_to_reference" else (theirs, ours)
+    with torch.no_grad():  # GroupNorm starts at weight 1, bias 0: randomize so a swapped norm would show
+        for parameter in source.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    target.load_state_dict(source.state_dict(), strict=True)
+    ours.eval(), theirs.eval()
+    x = torch.rand(1, 1, 32, 48, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def _weights(model):
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(1)
+    return UNet3D(f_maps=8, num_levels=3).eval()
+
+
+@pytest.mark.parametrize("form", ["ours", "bare", "model.", "module.", "module.model.", "state_dict", "model_key"])
+def test_every_checkpoint_form_loads_identically(tmp_path, small_model, form):
+    state = _weights(small_model)
+    path = tmp_path / "c.pth"
+    if form == "ours":
+        save_checkpoint(path, small_model, small_model.args, {"lr": 1e-3}, step=7)
+    elif form == "bare":
+        torch.save(state, path)
+    elif form in ("model.", "module.", "module.model."):
+        torch.save({form + key: value for key, value in state.items()}, path)
+    elif form == "state_dict":
+        torch.save({"state_dict": state, "epoch": 3}, path)
+    else:
+        torch.save({"model": state}, path)
+    loaded = load_model(path, "cpu")
+    assert loaded.args.f_maps == 8 and loaded.args.num_levels == 3
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small_model(x))
+
+
+def test_published_form_from_pytorch3dunet_loads(tmp_path):
+    published = _reference(32, 5, 4)
+    torch.save({"model." + k: v for k, v in published.state_dict().items()}, tmp_path / "published.pth")
+    model = load_model(tmp_path / "published.pth")
+    assert model.args == UNetArgs(f_maps=32, num_levels=5, num_groups=4)
+
+
+def test_missing_key_is_named(tmp_path, small_model):
+    state = _weights(small_model)
+    del state["decoders.0.basic_module.SingleConv2.conv.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(InputError, match=r"missing \(1\): decoders\.0\.basic_module\.SingleConv2\.conv\.weight") as error:
+        load_model(tmp_path / "broken.pth")
+    assert "unexpected (1): extra.weight" in str(error.value) and "broken.pth" in str(error.value)
+
+
+def test_wrong_shape_is_named(tmp_path, small_model):
+    save_checkpoint(tmp_path / "c.pth", small_model, dict(small_model.args.to_dict(), f_maps=4), {}, 0)
+    with pytest.raises(InputError, match="wrong shape"):
+        load_model(tmp_path / "c.pth")
+
+
+def test_pickled_objects_are_refused_unless_trusted(tmp_path, small_model):
+    torch.save({"model": _weights(small_model), "extra": UNetArgs()}, tmp_path / "legacy.pth")
+    with pytest.raises(InputError, match="--trust_checkpoint true"):
+        load_model(tmp_path / "legacy.pth")
+    assert load_model(tmp_path / "legacy.pth", trusted=True).args.f_maps == 8
+
+
+@pytest.mark.parametrize("f_maps, num_levels", [(4, 2), (8, 4), (16, 3), (32, 5)])
+def test_shape_inference(f_maps, num_levels):
+    args = infer_model_args(UNet3D(f_maps=f_maps, num_levels=num_levels).state_dict())
+    assert (args.f_maps, args.num_levels, args.in_channels, args.out_channels) == (f_maps, num_levels, 1, 1)
+
+
+def test_odd_input_sizes_keep_their_shape():
+    model = UNet3D(f_maps=4, num_levels=3).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 13, 22, 9)).shape == (2, 1, 13, 22, 9)
+
+
+def test_small_model_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    model = UNet3D(f_maps=4, num_levels=3)
+    x = torch.rand(2, 1, 16, 16, 16)
+    y = (x > 0.5).float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
