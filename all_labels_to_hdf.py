@@ -1,0 +1,209 @@
+"""Map 2D ink labels of segments into 3D label volumes (train and validation) beside the scan.
+
+    python all_labels_to_hdf.py --ppm_dir runs/demo/scroll/paths --labels_dir runs/demo/scroll/labels \\
+        --volume runs/demo/scan.h5 --out_train runs/demo/labels_train.h5 --out_valid runs/demo/labels_valid.h5 \\
+        --valid_segments 20231022170901
+
+Every `<labels_dir>/<id>_inklabels.png` with a `<ppm_dir>/<id>/<id>.ppm` is used. When ids
+differ only in the last character, only the highest (the newest version) is used. Pixels with
+a valid ppm point, inside `<id>_mask.png` when it exists, label the voxels within `--band`
+of the surface along the normal (see ink3d/labels.py). Validation segments, and every version
+of them, go to `--out_train`'s sibling `--out_valid`, never into training.
+
+Outputs are written under a temporary name and renamed when complete. `--update true` adds
+segments to existing outputs; segments already listed in their `attrs["segments"]` are not
+counted twice.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from ink3d import InputError, volume
+from ink3d.config import config_path_for, parse_config, run_main, save_config
+from ink3d.files import check_output, partial_path
+from ink3d.labels import VoxelizeStats, voxelize_tile
+from ink3d.ppm import read_ppm, valid_mask
+
+# --- config ---
+PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm and optional <id>_mask.png
+LABELS_DIR = "runs/demo/scroll/labels"  # ink labels: <labels_dir>/<id>_inklabels.png (0 none .. 255 ink)
+VOLUME = "runs/demo/scan.h5"  # scan volume: gives the label volumes' shape
+OUT_TRAIN = "runs/demo/labels_train.h5"  # label volume of the training segments
+OUT_VALID = "runs/demo/labels_valid.h5"  # label volume of the validation segments
+VALID_SEGMENTS = "20231022170901"  # comma-separated validation segment ids (Scroll 1: 20230904135535)
+BAND = 4.0  # half-width of the labeled band along the normal, in voxels
+KEEP_ALL_VERSIONS = False  # use every version of a segment instead of only the newest
+SKIP_BAD = False  # skip (and report) segments with a missing or malformed ppm, label or mask
+CHUNK = 128  # HDF5 chunk edge of the label volumes
+TILE_PIXELS = 65536  # pixels voxelized at once: bounds memory
+OVERWRITE = False  # replace existing outputs
+UPDATE = False  # add new segments to existing outputs
+
+
+@dataclass
+class Segment:
+    segment_id: str
+    label_path: Path
+    ppm_path: Path
+    mask_path: Path | None
+    pixels: int
+
+
+@dataclass
+class Plan:
+    train: list[Segment] = field(default_factory=list)
+    valid: list[Segment] = field(default_factory=list)
+    report: list[str] = field(default_factory=list)
+
+
+def plan_segments(ppm_dir: Path, labels_dir: Path, valid_ids: set[str], keep_all_versions: bool, skip_bad: bool) -> Plan:
+    """Which segments go where, and why the others do not."""
+    if not labels_dir.is_dir():
+        raise InputError(f"{labels_dir}: labels folder not found")
+    suffix = "_inklabels.png"
+    ids = sorted(path.name[: -len(suffix)] for path in labels_dir.glob(f"*{suffix}"))
+    if not ids:
+        raise InputError(f"{labels_dir}: no *{suffix} files")
+    plan = Plan()
+    newest = {}
+    for segment_id in ids:
+        family = segment_id[:-1]
+        newest[family] = max(newest.get(family, segment_id), segment_id)
+    valid_families = {segment_id[:-1] for segment_id in valid_ids}
+    for missing in sorted(valid_ids - set(ids)):
+        plan.report.append(f"{missing}: validation segment has no ink labels in {labels_dir}")
+    for segment_id in ids:
+        family = segment_id[:-1]
+        if not keep_all_versions and newest[family] != segment_id:
+            plan.report.append(f"{segment_id}: superseded by newer version {newest[family]}")
+            continue
+        ppm_path = ppm_dir / segment_id / f"{segment_id}.ppm"
+        try:
+            if not ppm_path.is_file():
+                raise InputError(f"{segment_id}: no ppm at {ppm_path}")
+            ppm = read_ppm(ppm_path)
+        except InputError as error:
+            if not skip_bad:
+                raise InputError(f"{error} (pass --skip_bad true to skip such segments)") from None
+            plan.report.append(f"{error}; skipped")
+            continue
+        mask_path = ppm_dir / segment_id / f"{segment_id}_mask.png"
+        segment = Segment(segment_id, labels_dir / f"{segment_id}{suffix}", ppm_path,
+                          mask_path if mask_path.is_file() else None, ppm.height * ppm.width)
+        is_valid = segment_id in valid_ids or family in valid_families
+        (plan.valid if is_valid else plan.train).append(segment)
+        plan.report.append(f"{segment_id}: {'validation' if is_valid else 'training'}")
+    return plan
+
+
+def _read_png(path: Path, shape, what: str, segment_id: str) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise InputError(f"{segment_id}: cannot read {what} {path}")
+    if image.shape != shape:
+        raise InputError(f"{segment_id}: {what} {path.name} is {image.shape[1]} x {image.shape[0]} (w x h), "
+                         f"the ppm is {shape[1]} x {shape[0]}")
+    return image
+
+
+def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, tile_pixels: int, bar) -> VoxelizeStats:
+    ppm = read_ppm(segment.ppm_path)
+    shape = (ppm.height, ppm.width)
+    labels = _read_png(segment.label_path, shape, "ink label", segment.segment_id)
+    mask = _read_png(segment.mask_path, shape, "mask", segment.segment_id) if segment.mask_path else None
+    rows = max(1, tile_pixels // ppm.width)
+    stats = VoxelizeStats()
+    for row in range(0, ppm.height, rows):
+        data = np.asarray(ppm.data[row:row + rows])
+        use = valid_mask(data)
+        if mask is not None:
+            use &= mask[row:row + rows] > 0
+        stats.add(voxelize_tile(data, labels[row:row + rows] / np.float32(255), use, band, ink_sum, ink_count))
+        bar.update(data.shape[0] * data.shape[1])
+    return stats
+
+
+def _open_output(path: Path, shape, config, update: bool) -> tuple[h5py.File, list[str]]:
+    """A writable temporary copy of the output: empty, or the existing file when updating."""
+    temporary = partial_path(path)
+    temporary.unlink(missing_ok=True)
+    if update and path.exists():
+        shutil.copyfile(path, temporary)
+        file = h5py.File(temporary, "a")
+        if file[volume.INK_SUM].shape != tuple(shape):
+            raise InputError(f"{path}: shape {file[volume.INK_SUM].shape} differs from the scan's {tuple(shape)}")
+        if float(file.attrs["band"]) != config.band:
+            raise InputError(f"{path}: made with band {file.attrs['band']}, not {config.band}")
+        return file, json.loads(file.attrs["segments"])
+    file = h5py.File(temporary, "w")
+    volume.create_volume(file, volume.INK_SUM, shape, np.float32, config.chunk)
+    volume.create_volume(file, volume.INK_COUNT, shape, np.uint16, config.chunk)
+    file.attrs["band"] = config.band
+    file.attrs["segments"] = "[]"
+    return file, []
+
+
+def write_label_volume(path: Path, segments: list[Segment], shape, config, bar) -> list[str]:
+    """Fill `path`'s temporary file with the segments; the caller renames it when all succeeded."""
+    lines = []
+    file, done = _open_output(path, shape, config, config.update)
+    with file:
+        for segment in segments:
+            if segment.segment_id in done:
+                lines.append(f"{segment.segment_id}: already in {path.name}, not counted again")
+                bar.update(segment.pixels)
+                continue
+            try:
+                stats = voxelize_segment(segment, file[volume.INK_SUM], file[volume.INK_COUNT], config.band, config.tile_pixels, bar)
+            except InputError as error:
+                if not config.skip_bad:
+                    raise
+                lines.append(f"{segment.segment_id}: skipped: {error}")
+                continue
+            done.append(segment.segment_id)
+            file.attrs["segments"] = json.dumps(done)
+            ink = stats.ink_pixels / max(stats.pixels, 1)
+            lines.append(f"{segment.segment_id}: {stats.pixels} pixels labeled, {stats.contributions} voxel contributions, "
+                         f"ink fraction {ink:.3f}" + (f", {stats.dropped_outside} outside the volume dropped" if stats.dropped_outside else ""))
+        file.attrs["config"] = json.dumps(vars(config))
+    return lines
+
+
+def main(argv=None):
+    config = parse_config(globals(), argv)
+    outputs = [Path(config.out_train), Path(config.out_valid)]
+    for out in outputs:
+        if not config.update:
+            check_output(out, config.overwrite)
+    valid_ids = {s.strip() for s in config.valid_segments.split(",") if s.strip()}
+    plan = plan_segments(Path(config.ppm_dir), Path(config.labels_dir), valid_ids, config.keep_all_versions, config.skip_bad)
+    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN)
+    shape = scan.shape
+    scan_file.close()
+    total = sum(segment.pixels for segment in plan.train + plan.valid)
+    report = list(plan.report)
+    try:
+        with tqdm(total=total, unit="px", unit_scale=True, desc="all_labels_to_hdf") as bar:
+            for out, segments in zip(outputs, (plan.train, plan.valid)):
+                report += [f"[{out.name}] {line}" for line in write_label_volume(out, segments, shape, config, bar)]
+    except BaseException:
+        for out in outputs:
+            partial_path(out).unlink(missing_ok=True)
+        raise
+    for out in outputs:  # both or neither: a crash leaves the previous outputs as they were
+        os.replace(partial_path(out), out)
+        save_config(config, config_path_for(out))
+    print("\n".join(report))
+    return report
+
+
+if __name__ == "__main__":
+    run_main(main)
