@@ -1,0 +1,144 @@
+"""3D blobs of the ink prediction: a table, a picture per plausibly letter-sized blob, a page to browse.
+
+    python connected_components_explore.py --predictions runs/demo/predictions.h5 --volume runs/demo/scan.h5 \\
+        --out_dir runs/demo/blobs --min_size 200 --max_size 200000
+
+The prediction is thresholded block by block and labeled with connected-components-3d
+(26-connectivity); labels are joined across block faces, so a blob crossing block borders is
+one blob (ink3d/components.py). Writes `blobs.csv` (id, voxels, bbox, centroid, mean and max
+probability; ids by decreasing size), for each blob with min_size <= voxels <= max_size a PNG of
+three orthogonal maximum projections of the prediction over its bounding box (plus margin),
+beside the scan's slices through the blob's centroid when `--volume` is given, and
+`index.html`, a contact sheet of those PNGs sorted by size.
+"""
+
+import csv
+import html
+import tempfile
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from ink3d import InputError, volume
+from ink3d.components import Blobs, label_blocks, write_blob_labels
+from ink3d.config import config_path_for, parse_config, run_main, save_config
+from ink3d.files import check_output
+
+# --- config ---
+PREDICTIONS = "runs/demo/predictions.h5"  # prediction volume (uint8, 255 = ink probability 1)
+DATASET = "predictions"  # dataset to threshold
+VOLUME = ""  # optional scan volume: its views are shown beside the prediction's
+OUT_DIR = "runs/demo/blobs"  # blobs.csv, PNGs and index.html go here
+THRESHOLD = 0.5  # ink probability at or above which a voxel is ink
+MIN_SIZE = 100  # smallest blob (voxels) that gets a picture
+MAX_SIZE = 1000000  # largest blob (voxels) that gets a picture
+MAX_VIEWS = 500  # pictures for at most this many blobs (largest first)
+BLOCK = 256  # block edge for labeling: bounds memory
+ROI = ""  # z0:z1,y0:y1,x0:x1 to explore; empty = the whole volume
+MARGIN = 8  # voxels around a blob's bounding box in its pictures
+VIEW_SIZE = 160  # each view is scaled to about this many pixels
+KEEP_LABELS = False  # also write out_dir/blob_labels.h5 (dataset labels: blob ids of blobs.csv)
+OVERWRITE = False  # replace existing outputs
+
+
+CSV_FIELDS = ["id", "voxels", "z0", "y0", "x0", "z1", "y1", "x1", "centroid_z", "centroid_y", "centroid_x",
+              "mean_probability", "max_probability"]
+
+
+def write_csv(path: Path, blobs: Blobs) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(CSV_FIELDS)
+        for i in range(len(blobs)):
+            writer.writerow([i + 1, int(blobs.voxels[i]), *blobs.bbox_low[i].tolist(), *blobs.bbox_high[i].tolist(),
+                             *(f"{c:.2f}" for c in blobs.centroid[i]),
+                             f"{blobs.mean_value[i] / 255:.4f}", f"{blobs.max_value[i] / 255:.4f}"])
+
+
+def _fit(image: np.ndarray, size: int) -> np.ndarray:
+    scale = size / max(image.shape)
+    shape = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, shape, interpolation=cv2.INTER_NEAREST if scale >= 1 else cv2.INTER_AREA)
+
+
+def _row(views: list[np.ndarray], size: int) -> np.ndarray:
+    fitted = [_fit(view, size) for view in views]
+    height = max(view.shape[0] for view in fitted)
+    padded = [np.pad(view, ((0, height - view.shape[0]), (0, 4))) for view in fitted]
+    return np.concatenate(padded, axis=1)
+
+
+def blob_picture(predictions, scan, low, high, centroid, size: int) -> np.ndarray:
+    """Max projections along z, y, x of the prediction; under them, the scan's slices through the centroid."""
+    box = volume.read_crop(predictions, low, high - low)
+    rows = [_row([box.max(axis=0), box.max(axis=1), box.max(axis=2)], size)]
+    if scan is not None:
+        crop = volume.read_crop(scan, low, high - low)
+        middle = np.clip(np.round(centroid).astype(int) - low, 0, np.array(crop.shape) - 1)
+        rows.append(_row([crop[middle[0]], crop[:, middle[1]], crop[:, :, middle[2]]], size))
+    width = max(row.shape[1] for row in rows)
+    return np.concatenate([np.pad(row, ((0, 4), (0, width - row.shape[1]))) for row in rows], axis=0)
+
+
+def write_index(path: Path, blobs: Blobs, shown: list[int], pictures: dict[int, str]) -> None:
+    figures = []
+    for i in shown:
+        c = blobs.centroid[i]
+        caption = (f"#{i + 1}: {int(blobs.voxels[i])} voxels, centre z {c[0]:.0f} y {c[1]:.0f} x {c[2]:.0f}, "
+                   f"max p {blobs.max_value[i] / 255:.2f}")
+        figures.append(f'<figure><img src="{html.escape(pictures[i])}" loading="lazy"><figcaption>{html.escape(caption)}</figcaption></figure>')
+    path.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>ink blobs</title><style>"
+        "body{font-family:sans-serif;background:#111;color:#ddd}figure{display:inline-block;margin:6px;vertical-align:top}"
+        "img{image-rendering:pixelated;max-width:520px}figcaption{font-size:12px}</style></head><body>"
+        f"<h1>{len(shown)} blobs (of {len(blobs)}), largest first</h1>"
+        "<p>Top row: maximum projections of the prediction along z, y, x. Bottom row (with a scan): "
+        "scan slices through the blob's centre.</p>" + "\n".join(figures) + "</body></html>\n"
+    )
+
+
+def main(argv=None):
+    config = parse_config(globals(), argv)
+    out_dir = Path(config.out_dir)
+    check_output(out_dir / "blobs.csv", config.overwrite)
+    if not 0 < config.threshold <= 1:
+        raise InputError(f"--threshold {config.threshold}: must be in (0, 1]")
+    pred_file, predictions = volume.open_dataset(config.predictions, config.dataset)
+    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN) if config.volume else (None, None)
+    if scan is not None and scan.shape != predictions.shape:
+        raise InputError(f"{config.volume}: scan shape {scan.shape} differs from the prediction's {predictions.shape}")
+    roi = volume.parse_roi(config.roi, predictions.shape)
+    level = config.threshold * 255 if predictions.dtype == np.uint8 else config.threshold
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch_dir, h5py.File(Path(scratch_dir) / "labels.h5", "w") as scratch:
+        blobs = label_blocks(predictions, level, config.block, scratch, roi)
+        if config.keep_labels:
+            with h5py.File(out_dir / "blob_labels.h5", "w") as labels_file:
+                labels = write_blob_labels(scratch["labels"], blobs.label_to_blob, labels_file, config.block)
+                labels.attrs["roi_origin"] = [s.start for s in roi]
+    write_csv(out_dir / "blobs.csv", blobs)
+    in_range = [i for i in range(len(blobs)) if config.min_size <= blobs.voxels[i] <= config.max_size]
+    shown = in_range[:config.max_views]
+    pictures = {}
+    shape = np.array(predictions.shape)
+    for i in tqdm(shown, unit="blob", desc="components: views"):
+        low = np.maximum(blobs.bbox_low[i] - config.margin, 0)
+        high = np.minimum(blobs.bbox_high[i] + config.margin, shape)
+        picture = blob_picture(predictions, scan, low, high, blobs.centroid[i], config.view_size)
+        pictures[i] = f"blob_{i + 1:06d}.png"
+        cv2.imwrite(str(out_dir / pictures[i]), picture)
+    write_index(out_dir / "index.html", blobs, shown, pictures)
+    pred_file.close()
+    if scan_file is not None:
+        scan_file.close()
+    save_config(config, config_path_for(out_dir / "blobs.csv"))
+    print(f"{len(blobs)} blobs at p >= {config.threshold}; {len(in_range)} of {config.min_size}..{config.max_size} voxels, "
+          f"{len(shown)} pictured -> {out_dir / 'index.html'}")
+    return blobs
+
+
+if __name__ == "__main__":
+    run_main(main)

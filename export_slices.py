@@ -1,0 +1,73 @@
+"""Export a sub-volume as a numbered image stack, for 3D Slicer (ImageStacks) or Fiji.
+
+    python export_slices.py --volume runs/demo/predictions.h5 --out_dir runs/demo/slices --roi 40:120,:,:
+    python export_slices.py --volume runs/demo/scan.h5 --dataset scan_volume --axis y --format jpg --out_dir runs/demo/scan_y
+
+Slices are cut along `--axis` and named by their coordinate on that axis (`00040.tif` is z = 40),
+so a stack keeps its place in the volume. TIFF keeps the dataset's dtype; JPEG needs uint8.
+The ROI is read one slab of chunk thickness at a time.
+"""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+from tqdm import tqdm
+
+from ink3d import InputError, volume
+from ink3d.config import parse_config, run_main, save_config
+
+# --- config ---
+VOLUME = "runs/demo/predictions.h5"  # HDF5 volume to export
+DATASET = "predictions"  # dataset in that file (predictions, scan_volume, ink, ...)
+OUT_DIR = "runs/demo/slices"  # numbered images go here
+ROI = ""  # z0:z1,y0:y1,x0:x1; empty = the whole volume
+AXIS = "z"  # cut slices perpendicular to z, y or x
+FORMAT = "tif"  # tif (any dtype, lossless) or jpg (uint8)
+JPEG_QUALITY = 95  # for --format jpg
+OVERWRITE = False  # write into an out_dir that already holds images
+
+
+def main(argv=None):
+    config = parse_config(globals(), argv)
+    if config.axis not in ("z", "y", "x"):
+        raise InputError(f"--axis {config.axis!r}: choose z, y or x")
+    if config.format not in ("tif", "jpg"):
+        raise InputError(f"--format {config.format!r}: choose tif or jpg")
+    out_dir = Path(config.out_dir)
+    if out_dir.is_dir() and any(out_dir.glob(f"*.{config.format}")) and not config.overwrite:
+        raise InputError(f"{out_dir} already holds .{config.format} images; pass --overwrite true to write over them")
+    file, dataset = volume.open_dataset(config.volume, config.dataset)
+    if config.format == "jpg" and dataset.dtype != np.uint8:
+        file.close()
+        raise InputError(f"{config.volume}[{config.dataset}] is {dataset.dtype}; JPEG needs uint8, use --format tif")
+    roi = volume.parse_roi(config.roi, dataset.shape)
+    axis = "zyx".index(config.axis)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step = dataset.chunks[axis] if dataset.chunks else 64
+    axis_range = roi[axis]
+    with file, tqdm(total=axis_range.stop - axis_range.start, unit="slice", desc="export_slices") as bar:
+        for start in range(axis_range.start, axis_range.stop, step):
+            stop = min(start + step, axis_range.stop)
+            box = list(roi)
+            box[axis] = slice(start, stop)
+            slab = np.moveaxis(dataset[tuple(box)], axis, 0)
+            for offset, image in enumerate(slab):
+                path = out_dir / f"{start + offset:05d}.{config.format}"
+                if config.format == "tif":
+                    tifffile.imwrite(path, image)
+                else:
+                    cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
+            bar.update(stop - start)
+    (out_dir / "export.json").write_text(json.dumps({
+        "volume": str(config.volume), "dataset": config.dataset, "axis": config.axis,
+        "roi": [[s.start, s.stop] for s in roi], "names": "coordinate along axis",
+    }, indent=2) + "\n")
+    save_config(config, out_dir / "export.config.json")
+    print(f"{axis_range.stop - axis_range.start} slices along {config.axis} -> {out_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,140 @@
+"""Flatten a 3D volume onto segments: sample along each pixel's normal and reduce to an image.
+
+    python flatten_3d.py --predictions runs/demo/predictions.h5 --ppm_dir runs/demo/scroll/paths \\
+        --out_dir runs/demo/flat --segments 20231022170901
+    # the usual 65-layer surface volume of the scan:
+    python flatten_3d.py --predictions runs/demo/scan.h5 --dataset scan_volume --band 32 --layers true \\
+        --name surface --ppm_dir runs/demo/scroll/paths --out_dir runs/demo/flat
+
+For every pixel with a valid ppm point, the volume is sampled at `p + t * n` for integer t in
+[-band, band] with trilinear interpolation and reduced along t (mean or max) into
+`<out_dir>/<id>_<name>.png` (uint8, values as they are: no contrast stretch, so images of
+different runs compare). `--layers true` also writes the `(2 * band + 1)`-page stack
+`<id>_<name>_layers.tif`. Off-surface pixels are 0.
+
+Work goes in square tiles of pixels; each tile reads only the bounding box of its samples, in
+an order that keeps neighbouring tiles' HDF5 chunks in the chunk cache.
+"""
+
+import contextlib
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import tifffile
+from scipy import ndimage
+from tqdm import tqdm
+
+from ink3d import InputError, volume
+from ink3d.config import config_path_for, parse_config, run_main, save_config
+from ink3d.files import atomic_output, check_output
+from ink3d.ppm import positions_along_normals, read_ppm, valid_mask
+
+# --- config ---
+PREDICTIONS = "runs/demo/predictions.h5"  # volume to flatten (a prediction volume, or the scan)
+DATASET = "predictions"  # dataset in that file: predictions, scan_volume, ink, ...
+PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm
+OUT_DIR = "runs/demo/flat"  # images go here
+SEGMENTS = ""  # comma-separated segment ids; empty = every segment in ppm_dir
+BAND = 8  # samples at integer offsets -band..band along the normal
+REDUCE = "mean"  # mean or max along the normal
+NAME = "prediction"  # images are <id>_<name>.png
+LAYERS = False  # also write the (2 * band + 1)-layer stack as <id>_<name>_layers.tif
+TILE = 128  # tile edge in pixels: bounds memory
+CACHE_MB = 512  # HDF5 chunk cache: neighbouring tiles reuse decompressed chunks
+OVERWRITE = False  # replace existing images
+
+
+REDUCERS = {"mean": np.mean, "max": np.max}
+
+
+def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Samples (rows, cols, len(offsets)) float32 of `dataset` along the normals of a ppm tile; 0 off-surface."""
+    valid = valid_mask(data)
+    samples = np.zeros(data.shape[:2] + (len(offsets),), np.float32)
+    if not valid.any():
+        return samples
+    positions = positions_along_normals(data[valid], offsets)  # (n, T, 3) zyx
+    low = np.floor(positions.reshape(-1, 3).min(axis=0)).astype(np.int64)
+    high = np.floor(positions.reshape(-1, 3).max(axis=0)).astype(np.int64) + 2
+    box = volume.read_crop(dataset, low, high - low, fill=0).astype(np.float32)
+    local = (positions - low).reshape(-1, 3).T
+    values = ndimage.map_coordinates(box, local, order=1, mode="constant", cval=0.0, prefilter=False)
+    samples[valid] = values.reshape(-1, len(offsets))
+    return samples
+
+
+def flatten_segment(dataset, ppm_path: Path, band: int, reduce: str, tile: int, bar, layers_path: Path | None) -> np.ndarray:
+    """The reduced uint8 image of one segment; the layer stack goes straight into `layers_path` if given."""
+    ppm = read_ppm(ppm_path)
+    offsets = np.arange(-band, band + 1, dtype=np.float64)
+    image = np.zeros((ppm.height, ppm.width), np.uint8)
+    layers = None
+    if layers_path is not None:
+        layers = tifffile.memmap(layers_path, shape=(len(offsets), ppm.height, ppm.width), dtype=np.uint8)
+    for row in range(0, ppm.height, tile):
+        for col in range(0, ppm.width, tile):
+            data = np.asarray(ppm.data[row:row + tile, col:col + tile])
+            samples = sample_tile(dataset, data, offsets)
+            image[row:row + tile, col:col + tile] = _to_uint8(REDUCERS[reduce](samples, axis=-1))
+            if layers is not None:
+                layers[:, row:row + tile, col:col + tile] = np.moveaxis(_to_uint8(samples), -1, 0)
+            bar.update(data.shape[0] * data.shape[1])
+    if layers is not None:
+        layers.flush()
+        del layers
+    return image
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _layers_path(image_path: Path) -> Path:
+    return image_path.with_name(image_path.stem + "_layers.tif")
+
+
+def segment_ppms(ppm_dir: Path, segments: str) -> dict[str, Path]:
+    if segments:
+        ids = [s.strip() for s in segments.split(",") if s.strip()]
+    else:
+        ids = sorted(path.name for path in ppm_dir.iterdir() if (path / f"{path.name}.ppm").is_file()) if ppm_dir.is_dir() else []
+    if not ids:
+        raise InputError(f"{ppm_dir}: no segments (<id>/<id>.ppm) found")
+    paths = {segment_id: ppm_dir / segment_id / f"{segment_id}.ppm" for segment_id in ids}
+    for segment_id, path in paths.items():
+        if not path.is_file():
+            raise InputError(f"segment {segment_id}: no ppm at {path}")
+    return paths
+
+
+def main(argv=None):
+    config = parse_config(globals(), argv)
+    if config.reduce not in REDUCERS:
+        raise InputError(f"--reduce {config.reduce!r}: choose mean or max")
+    out_dir = Path(config.out_dir)
+    ppms = segment_ppms(Path(config.ppm_dir), config.segments)
+    outputs = {segment_id: out_dir / f"{segment_id}_{config.name}.png" for segment_id in ppms}
+    for path in outputs.values():
+        check_output(path, config.overwrite)
+        if config.layers:
+            check_output(_layers_path(path), config.overwrite)
+    volume.open_dataset(config.predictions, config.dataset)[0].close()
+    cache = config.cache_mb * 1024 * 1024
+    total = sum(read_ppm(path).height * read_ppm(path).width for path in ppms.values())
+    with h5py.File(config.predictions, "r", rdcc_nbytes=cache, rdcc_nslots=cache // 65536 * 10 + 1) as file, \
+            tqdm(total=total, unit="px", unit_scale=True, desc="flatten_3d") as bar:
+        dataset = file[config.dataset]
+        for segment_id, ppm_path in ppms.items():
+            layers = atomic_output(_layers_path(outputs[segment_id])) if config.layers else contextlib.nullcontext()
+            with atomic_output(outputs[segment_id]) as temporary, layers as temporary_layers:
+                image = flatten_segment(dataset, ppm_path, config.band, config.reduce, config.tile, bar, temporary_layers)
+                temporary.write_bytes(cv2.imencode(".png", image)[1].tobytes())
+            save_config(config, config_path_for(outputs[segment_id]))
+    print(f"flattened {len(ppms)} segment(s) of {config.predictions}[{config.dataset}] -> {out_dir}")
+    return outputs
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,193 @@
+import csv
+
+import cc3d
+import cv2
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+import connected_components_explore
+import export_slices
+import flatten_3d
+from ink3d import InputError, volume
+from ink3d.components import UnionFind
+from ink3d.ppm import write_ppm
+
+GRADIENT = np.array([2.0, 3.0, 5.0])  # zyx: value = 2 z + 3 y + 5 x + 1
+
+
+@pytest.fixture
+def linear_volume(tmp_path):
+    z, y, x = np.mgrid[0:30, 0:24, 0:20].astype(np.float32)
+    values = GRADIENT[0] * z + GRADIENT[1] * y + GRADIENT[2] * x + 1
+    with h5py.File(tmp_path / "linear.h5", "w") as file:
+        volume.create_volume(file, "field", values.shape, np.float32, chunk=8)[:] = values
+    return tmp_path / "linear.h5"
+
+
+def _tilted_segment(tmp_path, segment_id="20230101000000", height=7, width=9):
+    """A plane at non-integer position with a tilted normal; pixel (0, 0) is off the surface."""
+    normal = np.array([0.6, 0.0, 0.8])  # xyz
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
+    data = np.zeros((height, width, 6))
+    data[..., 0] = 4.37 + 0.8 * cols
+    data[..., 1] = 6.71 + rows
+    data[..., 2] = 12.43 - 0.6 * cols  # values stay clear of .5 rounding ties
+    data[..., 3:] = normal
+    data[0, 0] = 0
+    write_ppm(tmp_path / "paths" / segment_id / f"{segment_id}.ppm", data)
+    return data
+
+
+def _flatten(tmp_path, *extra):
+    flatten_3d.main(["--predictions", str(tmp_path / "linear.h5"), "--dataset", "field", "--ppm_dir", str(tmp_path / "paths"),
+                     "--out_dir", str(tmp_path / "flat"), "--overwrite", "true", *extra])
+    return cv2.imread(str(tmp_path / "flat" / "20230101000000_prediction.png"), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_flatten_linear_field_exactly(tmp_path, linear_volume, reduce):
+    data = _tilted_segment(tmp_path)
+    band = 3
+    image = _flatten(tmp_path, "--band", str(band), "--reduce", reduce)
+    point_zyx = data[..., 2::-1]
+    slope = float(GRADIENT @ data[0, 1, 5:2:-1])  # value change per voxel along the normal
+    value_at_surface = point_zyx @ GRADIENT + 1
+    expected = value_at_surface if reduce == "mean" else value_at_surface + band * abs(slope)
+    expected = np.clip(np.rint(expected), 0, 255).astype(np.uint8)
+    expected[0, 0] = 0
+    assert image.dtype == np.uint8 and np.array_equal(image, expected)
+
+
+def test_flatten_tiles_equal_one_pass_and_layers(tmp_path, linear_volume):
+    data = _tilted_segment(tmp_path)
+    one_pass = _flatten(tmp_path, "--tile", "64", "--layers", "true", "--band", "2")
+    tiled = _flatten(tmp_path, "--tile", "2", "--band", "2")
+    assert np.array_equal(one_pass, tiled)
+    layers = tifffile.imread(tmp_path / "flat" / "20230101000000_prediction_layers.tif")
+    assert layers.shape == (5, 7, 9)
+    for layer, t in enumerate(range(-2, 3)):
+        expected = np.rint((data[..., 2::-1] + t * data[..., 5:2:-1]) @ GRADIENT + 1).astype(np.uint8)
+        expected[0, 0] = 0
+        assert np.array_equal(layers[layer], expected)
+
+
+def test_flatten_refuses_to_overwrite(tmp_path, linear_volume):
+    _tilted_segment(tmp_path)
+    _flatten(tmp_path)
+    with pytest.raises(InputError, match="exists"):
+        flatten_3d.main(["--predictions", str(linear_volume), "--dataset", "field", "--ppm_dir", str(tmp_path / "paths"),
+                         "--out_dir", str(tmp_path / "flat")])
+
+
+def test_flattening_ground_truth_reproduces_inklabels(synthetic_scroll, scroll_info, tmp_path):
+    flatten_3d.main(["--predictions", str(synthetic_scroll / "ground_truth.h5"), "--dataset", "ink", "--reduce", "max",
+                     "--ppm_dir", str(synthetic_scroll / "paths"), "--out_dir", str(tmp_path)])
+    for segment_id in scroll_info["segments"]:
+        flat = cv2.imread(str(tmp_path / f"{segment_id}_prediction.png"), cv2.IMREAD_GRAYSCALE) > 127
+        label = cv2.imread(str(synthetic_scroll / "labels" / f"{segment_id}_inklabels.png"), cv2.IMREAD_GRAYSCALE) > 127
+        assert (flat & label).sum() / (flat | label).sum() >= 0.9
+
+
+def _blob_volume():
+    """Hand-built blobs: some cross block borders (block 8), one touches another only diagonally."""
+    v = np.zeros((20, 20, 20), np.uint8)
+    v[6:10, 2:4, 2:4] = 255  # crosses z = 8: 16 voxels
+    v[1:3, 1:18, 10] = 200  # crosses y = 8 and 16: 34 voxels
+    v[7, 7, 12] = 255  # diagonal chain across the corner at (8, 8, 8)-ish
+    v[8, 8, 13] = 255
+    v[9, 9, 14] = 255
+    v[15, 15, 15] = 180  # single voxel
+    v[15, 15, 16] = 100  # below threshold: not part of it
+    v[12:20, 0:3, 0:3] = 130  # touches the volume edge: 72 voxels
+    return v
+
+
+def _components(tmp_path, values, *extra):
+    with h5py.File(tmp_path / "pred.h5", "w") as file:
+        volume.create_volume(file, volume.PREDICTIONS, values.shape, np.uint8, chunk=8)[:] = values
+    connected_components_explore.main(["--predictions", str(tmp_path / "pred.h5"), "--out_dir", str(tmp_path / "blobs"),
+                                       "--overwrite", "true", "--keep_labels", "true", *extra])
+    with open(tmp_path / "blobs" / "blobs.csv") as file:
+        rows = list(csv.DictReader(file))
+    with h5py.File(tmp_path / "blobs" / "blob_labels.h5") as file:
+        labels = file["labels"][:]
+    return rows, labels
+
+
+@pytest.mark.parametrize("block", [4, 5, 8, 64])
+def test_blockwise_components_equal_whole_array(tmp_path, block):
+    values = _blob_volume()
+    rows, labels = _components(tmp_path, values, "--block", str(block), "--min_size", "1")
+    reference, count = cc3d.connected_components(values >= 127.5, connectivity=26, return_N=True)
+    assert len(rows) == count == 5
+    assert sorted(int(r["voxels"]) for r in rows) == sorted(np.bincount(reference.ravel())[1:].tolist()) == [1, 3, 16, 34, 72]
+    # the same partition: every reference component maps to exactly one blob and back
+    pairs = np.unique(np.stack([reference.ravel(), labels.ravel()], axis=1), axis=0)
+    assert len(pairs) == count + 1 and len(np.unique(pairs[:, 1])) == count + 1
+
+
+def test_random_volume_matches_cc3d(tmp_path):
+    rng = np.random.default_rng(0)
+    values = (rng.random((23, 17, 29)) < 0.3).astype(np.uint8) * 255
+    rows, labels = _components(tmp_path, values, "--block", "6", "--min_size", "1", "--max_views", "3")
+    reference, count = cc3d.connected_components(values > 0, connectivity=26, return_N=True)
+    assert len(rows) == count
+    pairs = np.unique(np.stack([reference.ravel(), labels.ravel()], axis=1), axis=0)
+    assert len(pairs) == count + 1 and len(np.unique(pairs[:, 1])) == count + 1
+
+
+def test_csv_fields_and_size_filter(tmp_path):
+    values = _blob_volume()
+    rows, _ = _components(tmp_path, values, "--block", "8", "--min_size", "10", "--max_size", "40")
+    big = rows[0]
+    assert big["id"] == "1" and big["voxels"] == "72"
+    assert [big[k] for k in ("z0", "y0", "x0", "z1", "y1", "x1")] == ["12", "0", "0", "20", "3", "3"]
+    assert [float(big[k]) for k in ("centroid_z", "centroid_y", "centroid_x")] == [15.5, 1.0, 1.0]
+    assert float(big["mean_probability"]) == pytest.approx(130 / 255, abs=1e-4)
+    line = next(r for r in rows if r["voxels"] == "34")
+    assert float(line["max_probability"]) == pytest.approx(200 / 255, abs=1e-4)
+    pictures = sorted(p.name for p in (tmp_path / "blobs").glob("blob_*.png"))
+    assert pictures == ["blob_000002.png", "blob_000003.png"]  # 34 and 16 voxels lie in 10..40
+    page = (tmp_path / "blobs" / "index.html").read_text()
+    assert page.index("blob_000002.png") < page.index("blob_000003.png")
+
+
+def test_empty_volume(tmp_path):
+    rows, labels = _components(tmp_path, np.zeros((10, 10, 10), np.uint8), "--block", "4")
+    assert rows == [] and not labels.any()
+    assert "0 blobs" in (tmp_path / "blobs" / "index.html").read_text()
+
+
+def test_one_voxel(tmp_path):
+    values = np.zeros((9, 9, 9), np.uint8)
+    values[4, 4, 4] = 255
+    rows, _ = _components(tmp_path, values, "--block", "4", "--min_size", "1")
+    assert len(rows) == 1 and rows[0]["voxels"] == "1" and rows[0]["centroid_z"] == "4.00"
+
+
+def test_union_find():
+    union = UnionFind(6)
+    union.union(4, 2)
+    union.union(2, 5)
+    union.union(1, 3)
+    assert union.roots().tolist() == [0, 1, 2, 1, 2, 2]
+
+
+@pytest.mark.parametrize("axis", ["z", "y", "x"])
+def test_export_roi_round_trip(tmp_path, axis):
+    values = np.random.default_rng(0).integers(0, 256, (12, 14, 16)).astype(np.uint8)
+    with h5py.File(tmp_path / "v.h5", "w") as file:
+        volume.create_volume(file, volume.SCAN, values.shape, np.uint8, chunk=5)[:] = values
+    export_slices.main(["--volume", str(tmp_path / "v.h5"), "--dataset", volume.SCAN, "--out_dir", str(tmp_path / "s"),
+                        "--roi", "2:11,3:,:9", "--axis", axis])
+    a = "zyx".index(axis)
+    start = [2, 3, 0][a]
+    stop = [11, 14, 9][a]
+    files = sorted((tmp_path / "s").glob("*.tif"))
+    assert [f.name for f in files] == [f"{i:05d}.tif" for i in range(start, stop)]
+    stack = np.stack([tifffile.imread(f) for f in files], axis=a)
+    assert np.array_equal(stack, values[2:11, 3:, :9])
+    with pytest.raises(InputError, match="already holds"):
+        export_slices.main(["--volume", str(tmp_path / "v.h5"), "--dataset", volume.SCAN, "--out_dir", str(tmp_path / "s")])
