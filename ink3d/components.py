@@ -2,9 +2,11 @@
 
 Pass 1 labels each block's core with connected-components-3d and stores the labels (unique over
 the volume) in a scratch HDF5 dataset, with per-label statistics. Pass 2 labels each block again
-with a one-voxel halo on its upper sides and joins (union-find) the stored labels that one halo
-component covers: every 26-adjacent voxel pair lies inside some block plus its upper halo, so
-the merged labels equal labeling the whole array at once. Memory is bounded by the block.
+with a one-voxel halo on its upper sides; the stored labels that one halo component covers are
+joined (edges of a graph whose connected components, found by scipy's csgraph, are the blobs).
+Every 26-adjacent voxel pair lies inside some block plus its upper halo, so the merged labels
+equal labeling the whole array at once. Memory is bounded by the block (and the edge list, which
+grows with the number of labels touching block faces).
 """
 
 from dataclasses import dataclass
@@ -12,39 +14,13 @@ from dataclasses import dataclass
 import cc3d
 import h5py
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse import csgraph
 from tqdm import tqdm
 
 from ink3d import volume
 
 LABELS = "labels"
-
-
-class UnionFind:
-    def __init__(self, size: int):
-        self.parent = np.arange(size, dtype=np.int64)
-
-    def find(self, item: int) -> int:
-        root = item
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[item] != root:  # path compression
-            self.parent[item], item = root, self.parent[item]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        root_a, root_b = self.find(a), self.find(b)
-        if root_a != root_b:
-            self.parent[max(root_a, root_b)] = min(root_a, root_b)
-
-    def roots(self) -> np.ndarray:
-        """The root of every item (pointer jumping until every pointer is a root)."""
-        parent = self.parent.copy()
-        while True:
-            jumped = parent[parent]
-            if np.array_equal(jumped, parent):
-                return parent
-            parent = jumped
 
 
 @dataclass
@@ -98,30 +74,46 @@ def label_blocks(dataset, threshold: float, block: int, scratch: h5py.File, roi=
         labels_out[box] = np.where(labels > 0, labels + offset, 0).astype(np.uint32)
         stats.append(block_stats)
         offset += count
-    union = UnionFind(offset + 1)
+    edges = []
     for box in tqdm(boxes, unit="block", desc="components: merge"):
         halo = tuple(slice(b.start, min(b.stop + 1, size)) for b, size in zip(box, shape))
         stored = labels_out[halo]
-        if not stored.any():
+        foreground = stored > 0
+        if not foreground.any():
             continue
-        joined = cc3d.connected_components(stored > 0, connectivity=26, out_dtype=np.uint64)
-        pairs = np.unique(np.stack([joined[stored > 0], stored[stored > 0]], axis=1), axis=0)
-        starts = np.flatnonzero(np.r_[True, pairs[1:, 0] != pairs[:-1, 0]])
-        for first, last in zip(starts, np.r_[starts[1:], len(pairs)]):
-            for other in pairs[first + 1:last, 1]:
-                union.union(int(pairs[first, 1]), int(other))
-    return _merge(stats, union.roots(), offset, origin)
+        joined = cc3d.connected_components(foreground, connectivity=26, out_dtype=np.uint64)
+        # a label joined to another shows up next to the halo: in the halo or in the core's last layer
+        faces = np.zeros(stored.shape, bool)
+        for axis, (piece, size) in enumerate(zip(box, shape)):
+            if piece.stop < size:
+                faces[(slice(None),) * axis + (slice(-2, None),)] = True
+        faces &= foreground
+        keys = np.unique(joined[faces].astype(np.int64) * (offset + 1) + stored[faces])
+        if len(keys) < 2:
+            continue
+        pairs = np.stack([keys // (offset + 1), keys % (offset + 1)], axis=1)
+        group_start = np.r_[True, pairs[1:, 0] != pairs[:-1, 0]]
+        first_label = pairs[np.flatnonzero(group_start)[np.cumsum(group_start) - 1], 1]
+        linked = first_label != pairs[:, 1]
+        edges.append(np.stack([first_label[linked], pairs[linked, 1]], axis=1))
+    return _merge(stats, _label_groups(edges, offset), offset, origin)
 
 
-def _merge(stats: list[dict], roots: np.ndarray, count: int, origin: np.ndarray) -> Blobs:
+def _label_groups(edges: list[np.ndarray], count: int) -> np.ndarray:
+    """Group index of every label 0..count (label 0, background, is its own group)."""
+    pairs = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    graph = sparse.coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(count + 1, count + 1))
+    return csgraph.connected_components(graph, directed=False)[1]
+
+
+def _merge(stats: list[dict], groups: np.ndarray, count: int, origin: np.ndarray) -> Blobs:
     if count == 0:
         empty = np.zeros((0, 3))
         return Blobs(np.zeros(0, np.int64), empty.astype(np.int64), empty.astype(np.int64), empty, np.zeros(0), np.zeros(0),
                      np.zeros(1, np.int64))
     cat = {key: np.concatenate([s[key] for s in stats]) for key in stats[0]}
-    root = roots[1:]  # pass-1 label l -> root label
-    unique_roots, group = np.unique(root, return_inverse=True)
-    n = len(unique_roots)
+    unique_groups, group = np.unique(groups[1:], return_inverse=True)  # pass-1 label l -> blob group
+    n = len(unique_groups)
     voxels = np.bincount(group, weights=cat["voxels"], minlength=n)
     value_sum = np.bincount(group, weights=cat["value_sum"], minlength=n)
     coords_sum = np.stack([np.bincount(group, weights=cat["coords_sum"][:, a], minlength=n) for a in range(3)], axis=1)

@@ -11,7 +11,6 @@ import connected_components_explore
 import export_slices
 import flatten_3d
 from ink3d import InputError, volume
-from ink3d.components import UnionFind
 from ink3d.ppm import write_ppm
 
 GRADIENT = np.array([2.0, 3.0, 5.0])  # zyx: value = 2 z + 3 y + 5 x + 1
@@ -165,14 +164,6 @@ def test_one_voxel(tmp_path):
     values[4, 4, 4] = 255
     rows, _ = _components(tmp_path, values, "--block", "4", "--min_size", "1")
     assert len(rows) == 1 and rows[0]["voxels"] == "1" and rows[0]["centroid_z"] == "4.00"
-
-
-def test_union_find():
-    union = UnionFind(6)
-    union.union(4, 2)
-    union.union(2, 5)
-    union.union(1, 3)
-    assert union.roots().tolist() == [0, 1, 2, 1, 2, 2]
 
 
 @pytest.mark.parametrize("axis", ["z", "y", "x"])

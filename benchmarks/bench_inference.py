@@ -1,0 +1,121 @@
+"""inference.py vs MONAI's sliding_window_inference: voxels/s, same model, volume, overlap and blend.
+
+    python benchmarks/bench_inference.py                        # CPU: small model, 128^3 volume, patch 64
+    python benchmarks/bench_inference.py --scroll runs/demo/scan.h5   # also: speed-up from skipping air
+
+MONAI gets the volume already in memory; inference.py reads it from HDF5 and writes its output,
+so the comparison is end to end for inference.py. With CUDA present it also runs the default
+32-map model in bf16 on a 384^3 volume (patch 128) and prints voxels/s, the fraction of the
+compute bound (0.482 MFLOP per voxel x windows per voxel), and the projected hours for
+Scroll 1 (8096 x 7888 x 14376 voxels) at that rate.
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import inference  # noqa: E402
+from ink3d import volume  # noqa: E402
+from models import UNet3D, save_checkpoint  # noqa: E402
+
+MFLOP_PER_VOXEL = 0.482
+SCROLL_1 = (14376, 7888, 8096)
+
+
+def run_ours(scan: Path, checkpoint: Path, out: Path, *extra) -> float:
+    started = time.perf_counter()
+    inference.main(["--volume", str(scan), "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite", "true", *extra])
+    return time.perf_counter() - started
+
+
+def run_monai(values: np.ndarray, model, patch: int, overlap: float, batch: int, device) -> float:
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(values)[None, None].float().div(255).to(device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        sliding_window_inference(x, (patch,) * 3, batch, lambda w: torch.sigmoid(model(w)), overlap=overlap,
+                                 mode="gaussian", sigma_scale=0.125)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def gpu_report(tmp: Path) -> None:
+    device = torch.device("cuda")
+    model = UNet3D().eval()
+    checkpoint = tmp / "default.pth"
+    save_checkpoint(checkpoint, model, model.args, {}, 0)
+    size = 384
+    values = np.random.default_rng(0).integers(1, 256, (size,) * 3).astype(np.uint8)
+    with h5py.File(tmp / "gpu_scan.h5", "w") as file:
+        volume.create_volume(file, volume.SCAN, values.shape, np.uint8)[:] = values
+    common = ["--patch", "128", "--batch_size", "8", "--block", "384", "--device", "cuda", "--amp", "bf16"]
+    run_ours(tmp / "gpu_scan.h5", checkpoint, tmp / "warm.h5", *common, "--roi", "0:128,0:128,0:128")
+    seconds = run_ours(tmp / "gpu_scan.h5", checkpoint, tmp / "gpu_pred.h5", *common)
+    windows_per_axis = len(range(0, size - 128, 64)) + 1
+    passes = windows_per_axis**3 * 128**3 / size**3
+    rate = size**3 / seconds
+    achieved = rate * passes * MFLOP_PER_VOXEL * 1e6
+    print(f"GPU {torch.cuda.get_device_name()}: default UNet (f_maps 32), bf16, patch 128, overlap 0.5, batch 8")
+    print(f"  {rate / 1e6:.2f} Mvoxel/s of output ({passes:.2f} window passes per voxel), {achieved / 1e12:.1f} TFLOP/s achieved")
+    print(f"  Scroll 1 ({SCROLL_1[0]} x {SCROLL_1[1]} x {SCROLL_1[2]}): {np.prod(SCROLL_1) / rate / 3600:.1f} h at this rate "
+          f"without skipping air")
+    print(subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv"], capture_output=True, text=True).stdout)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--patch", type=int, default=64)
+    parser.add_argument("--f_maps", type=int, default=8)
+    parser.add_argument("--num_levels", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--scroll", default="", help="a scan volume (e.g. runs/demo/scan.h5) to measure skipping air on")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = UNet3D(f_maps=args.f_maps, num_levels=args.num_levels).eval()
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = tmp / "model.pth"
+        save_checkpoint(checkpoint, model, model.args, {}, 0)
+        values = np.random.default_rng(0).integers(1, 256, (args.size,) * 3).astype(np.uint8)
+        with h5py.File(tmp / "scan.h5", "w") as file:
+            volume.create_volume(file, volume.SCAN, values.shape, np.uint8)[:] = values
+        common = ["--patch", str(args.patch), "--batch_size", str(args.batch_size), "--device", "cpu", "--skip_max", "-1"]
+        monai_seconds = run_monai(values, model, args.patch, 0.5, args.batch_size, cpu)
+        ours_seconds = run_ours(tmp / "scan.h5", checkpoint, tmp / "pred.h5", *common)
+        plain_seconds = run_ours(tmp / "scan.h5", checkpoint, tmp / "pred.h5", *common, "--channels_last", "false")
+        voxels = args.size**3
+        print(f"CPU ({torch.get_num_threads()} threads), UNet f_maps={args.f_maps} num_levels={args.num_levels}, "
+              f"volume {args.size}^3, patch {args.patch}, overlap 0.5, gaussian, batch {args.batch_size}")
+        print(f"  MONAI sliding_window_inference (in memory): {voxels / monai_seconds / 1e3:.0f} kvoxel/s")
+        print(f"  inference.py (HDF5 in and out):             {voxels / ours_seconds / 1e3:.0f} kvoxel/s, "
+              f"ratio {monai_seconds / ours_seconds:.2f}")
+        print(f"  inference.py --channels_last false:         {voxels / plain_seconds / 1e3:.0f} kvoxel/s, "
+              f"ratio {monai_seconds / plain_seconds:.2f}")
+        if args.scroll:
+            common = ["--patch", str(args.patch), "--batch_size", str(args.batch_size), "--device", "cpu"]
+            every = run_ours(Path(args.scroll), checkpoint, tmp / "scroll.h5", *common, "--skip_max", "-1")
+            skipping = run_ours(Path(args.scroll), checkpoint, tmp / "scroll.h5", *common, "--skip_max", "100")
+            print(f"  {args.scroll}: all windows {every:.1f} s, skipping air (--skip_max 100) {skipping:.1f} s, "
+                  f"speed-up {every / skipping:.2f}x")
+        if torch.cuda.is_available():
+            gpu_report(tmp)
+        else:
+            print("no CUDA device: GPU figures skipped")
+
+
+if __name__ == "__main__":
+    main()

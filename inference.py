@@ -1,0 +1,247 @@
+"""Predict ink over a whole scan volume (or a region of it) with a sliding 3D window.
+
+    python inference.py --volume runs/demo/scan.h5 --checkpoint runs/demo/train/best.pth --out runs/demo/predictions.h5
+    python inference.py --volume /data/scroll1.h5 --checkpoint checkpoints/published_3d_ink.pth \\
+        --out /data/scroll1_pred.h5 --roi 6000:7000,2000:5000,2000:5000 --batch_size 8
+    python inference.py ... --resume true                       # after an interruption
+    torchrun --nproc_per_node=4 inference.py ... --batch_size 8  # several GPUs (see README)
+
+Windows of `--patch` voxels on the grid of DESIGN.md (stride patch * (1 - overlap), the last
+flush with the edge) are blended as probabilities with a Gaussian (or constant) weight and
+written as uint8 = round(255 * p) to dataset `predictions`, the scan's shape. The region is
+processed in output macro-blocks of `--block` voxels, each reading the input its windows need
+(with real context around an ROI), so the result equals one pass over the whole region.
+Windows whose input maximum is <= `--skip_max` (air) are not run and predict 0. The next
+block is read and the last one written by background threads while the model runs.
+Finished blocks are recorded in the output: `--resume true` completes the rest.
+
+Under torchrun each rank takes every world_size-th block and writes its own part file
+`<out>.rank<r>-of-<n>.h5` (HDF5 has one writer per file); when all ranks are done rank 0
+merges the parts into `<out>` and deletes them.
+"""
+
+import json
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ink3d import InputError, volume
+from ink3d.config import config_path_for, parse_config, run_main, save_config
+from ink3d.files import check_output
+from ink3d.sliding_window import WindowPredictor, plan_blocks, to_uint8
+from models import load_model
+from models.speed import autocast_dtype, prepare_model, resolve_device
+
+# --- config ---
+VOLUME = "runs/demo/scan.h5"  # scan volume (dataset scan_volume)
+CHECKPOINT = "runs/demo/train/best.pth"  # train.py checkpoint or the published model.-prefixed state_dict
+OUT = "runs/demo/predictions.h5"  # prediction volume (dataset predictions, uint8, the scan's shape)
+ROI = ""  # z0:z1,y0:y1,x0:x1 to predict; empty = the whole volume
+PATCH = 128  # window edge in voxels
+OVERLAP = 0.5  # window overlap fraction: stride = patch * (1 - overlap)
+BLEND = "gaussian"  # gaussian or constant window weights
+BATCH_SIZE = 4  # windows per forward pass
+BLOCK = 512  # output macro-block edge (a multiple of the stride): bounds memory, unit of resuming
+SKIP_MAX = 0  # windows whose input maximum is <= this (air, uint8) are not run and predict 0; -1 runs all
+TTA = False  # test-time augmentation: average the identity and a flip of each axis (4x the compute)
+DEVICE = "auto"  # auto (cuda if present), cuda, cuda:1, cpu
+AMP = "auto"  # autocast dtype: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU), bf16, fp16, fp32
+CHANNELS_LAST = True  # channels_last_3d memory format (faster 3D convolutions on CUDA and CPU)
+COMPILE = False  # torch.compile the model (slow start, faster long runs)
+TRUST_CHECKPOINT = False  # allow a checkpoint with pickled Python objects (only for files you trust)
+RESUME = False  # complete an interrupted run into the same output
+OVERWRITE = False  # replace an existing output
+
+
+PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "skip_max", "tta")
+
+
+def plan_attrs(config, shape, region) -> dict:
+    return {
+        "volume_shape": list(shape), "roi": [[s.start, s.stop] for s in region], "patch": config.patch,
+        "overlap": config.overlap, "blend": config.blend, "block": config.block, "skip_max": config.skip_max,
+        "tta": config.tta, "checkpoint": str(Path(config.checkpoint).resolve()),
+    }
+
+
+def context_region(region, shape, patch: int, stride: int):
+    """The region grown by enough whole strides that windows reaching into it see real volume."""
+    margin = -(-(patch - stride) // stride) * stride
+    return tuple(slice(max(r.start - margin, 0), min(r.stop + margin, size)) for r, size in zip(region, shape))
+
+
+def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool) -> h5py.File:
+    """The prediction file, new or (resuming) checked to hold the same plan; with its finished-block record."""
+    if resume and path.exists():
+        file = h5py.File(path, "a")
+        if volume.PREDICTIONS not in file or "finished_blocks" not in file:
+            file.close()
+            raise InputError(f"{path}: not a resumable prediction file; use --overwrite true")
+        stored = json.loads(file[volume.PREDICTIONS].attrs["plan"])
+        changed = [key for key in PLAN_KEYS if stored.get(key) != attrs[key]]
+        if changed:
+            file.close()
+            raise InputError(f"{path}: cannot resume with different {', '.join(changed)} "
+                             f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the file)")
+        return file
+    file = h5py.File(path, "w")
+    dataset = volume.create_volume(file, volume.PREDICTIONS, shape, np.uint8)
+    dataset.attrs["plan"] = json.dumps(attrs)
+    for key, value in attrs.items():
+        dataset.attrs[key] = json.dumps(value) if isinstance(value, list) else value
+    dataset.attrs["complete"] = False
+    file.create_dataset("finished_blocks", shape=(block_count,), dtype=np.uint8)
+    return file
+
+
+def _reader(scan, blocks, pin: bool, out_queue: queue.Queue, stop: threading.Event):
+    try:
+        for block in blocks:
+            if stop.is_set():
+                break
+            array = torch.from_numpy(volume.read_crop(scan, block.input_origin, block.input_shape))
+            out_queue.put((block, array.pin_memory() if pin else array))
+    except BaseException as error:  # handed to the main thread, which re-raises it
+        out_queue.put(error)
+        return
+    out_queue.put(None)
+
+
+def _writer(dataset, finished, in_queue: queue.Queue, errors: list):
+    while (item := in_queue.get()) is not None:
+        if errors:
+            continue
+        block, values = item
+        try:
+            dataset[block.output] = values
+            finished[block.index] = 1
+            dataset.file.flush()
+        except BaseException as error:
+            errors.append(error)
+
+
+def predict_blocks(scan, dataset, finished, blocks, predictor: WindowPredictor, device, bar) -> int:
+    """Predict `blocks` into `dataset`, reading ahead and writing behind; returns windows skipped."""
+    read_queue, write_queue = queue.Queue(maxsize=2), queue.Queue(maxsize=2)
+    stop, write_errors = threading.Event(), []
+    reader = threading.Thread(target=_reader, args=(scan, blocks, device.type == "cuda", read_queue, stop), daemon=True)
+    writer = threading.Thread(target=_writer, args=(dataset, finished, write_queue, write_errors), daemon=True)
+    reader.start()
+    writer.start()
+    skipped = windows = 0
+    try:
+        while (item := read_queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            if write_errors:
+                raise write_errors[0]
+            block, array = item
+            box = array.to(device, non_blocking=True)
+            probabilities, block_skipped = predictor.predict(box, block.input_origin, block.windows, block.output)
+            write_queue.put((block, to_uint8(probabilities)))
+            skipped += block_skipped
+            windows += len(block.windows)
+            bar.update(int(np.prod(probabilities.shape)))
+            bar.set_postfix_str(f"skipped {skipped / max(windows, 1):.0%} of windows")
+    finally:
+        stop.set()
+        while reader.is_alive():  # let a reader blocked on a full queue finish
+            try:
+                read_queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        write_queue.put(None)
+        writer.join()
+    if write_errors:
+        raise write_errors[0]
+    return skipped
+
+
+def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict) -> None:
+    """Copy each part file's finished blocks into `out` (rank 0, after every rank finished)."""
+    file = open_output(out, attrs["volume_shape"], attrs, len(blocks), resume=out.exists())
+    with file:
+        for part in parts:
+            with h5py.File(part, "r") as source:
+                done = source["finished_blocks"][:]
+                for block in blocks:
+                    if done[block.index] and not file["finished_blocks"][block.index]:
+                        file[volume.PREDICTIONS][block.output] = source[volume.PREDICTIONS][block.output]
+                        file["finished_blocks"][block.index] = 1
+        missing = int((file["finished_blocks"][:] == 0).sum())
+        if missing:
+            raise InputError(f"{out}: {missing} blocks are missing from the part files; rerun with --resume true")
+        file[volume.PREDICTIONS].attrs["complete"] = True
+    for part in parts:
+        part.unlink()
+
+
+def main(argv=None):
+    config = parse_config(globals(), argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = resolve_device(config.device)
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    stride = int(config.patch * (1 - config.overlap))
+    if not 0 < stride <= config.patch or config.block % stride:
+        raise InputError(f"--overlap {config.overlap} gives stride {stride}; it must be in 1..patch and divide --block {config.block}")
+    out = Path(config.out)
+    if rank == 0:
+        check_output(out, config.overwrite, config.resume, resumable=True)
+
+    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN)
+    region = volume.parse_roi(config.roi, scan.shape)
+    blocks = plan_blocks(region, context_region(region, scan.shape, config.patch, stride), config.patch, stride, config.block)
+    attrs = plan_attrs(config, scan.shape, region)
+    part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}-of-{world}.h5")
+    if rank == 0 and config.overwrite and not config.resume:
+        out.unlink(missing_ok=True)
+
+    model = load_model(config.checkpoint, "cpu", trusted=config.trust_checkpoint)
+    model = prepare_model(model, device, channels_last=config.channels_last, compile=config.compile)
+    predictor = WindowPredictor(model, config.patch, config.blend, config.batch_size, device,
+                                autocast_dtype(device, config.amp), config.channels_last, config.skip_max, config.tta)
+
+    if part != out and part.exists() and not (config.resume or config.overwrite):
+        raise InputError(f"{part} exists (an interrupted run?); pass --resume true to complete it or --overwrite true")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with scan_file, open_output(part, scan.shape, attrs, len(blocks), config.resume) as file:
+        finished = file["finished_blocks"]
+        done = finished[:]
+        mine = [b for b in blocks if b.index % world == rank]
+        todo = [b for b in mine if not done[b.index]]
+        voxels = {b.index: int(np.prod([s.stop - s.start for s in b.output])) for b in mine}
+        started = time.perf_counter()
+        with tqdm(total=sum(voxels.values()), initial=sum(voxels.values()) - sum(voxels[b.index] for b in todo),
+                  unit="vox", unit_scale=True, desc="inference", disable=rank != 0) as bar:
+            skipped = predict_blocks(scan, file[volume.PREDICTIONS], finished, todo, predictor, device, bar)
+        windows = sum(len(b.windows) for b in todo)
+        if world == 1:
+            file[volume.PREDICTIONS].attrs["complete"] = bool(finished[:].all())
+    if distributed:
+        dist.barrier()
+    if world > 1 and rank == 0:
+        merge_parts(out, [out.with_name(f"{out.name}.rank{r}-of-{world}.h5") for r in range(world)], blocks, attrs)
+    if rank == 0:
+        save_config(config, config_path_for(out))
+        seconds = time.perf_counter() - started
+        print(f"{len(todo)} blocks, {windows} windows ({skipped} skipped as air) in {seconds:.1f} s -> {out}")
+    if distributed:
+        dist.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,135 @@
+"""Sliding-window prediction over a region, split into output macro-blocks with exact results.
+
+Windows lie on the grid of DESIGN.md: along each axis they start at the region's start, step by
+`stride = patch * (1 - overlap)`, and the last one lies flush against the region's end (the grid
+of MONAI and pytorch-3dunet). Each window's sigmoid probabilities are weighted by the Gaussian
+importance map (or uniformly) and averaged. An output macro-block runs every window that
+touches it, reading the input those windows need, so its voxels get exactly the windows (in the
+same order) that one in-memory pass over the whole region would give them: no seams.
+"""
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.speed import autocast
+
+GAUSSIAN_SIGMA_SCALE = 0.125
+GAUSSIAN_FLOOR = 1e-3
+
+
+def window_starts(start: int, stop: int, patch: int, stride: int) -> list[int]:
+    """Window origins along one axis: start, start + stride, ..., and the last flush at stop - patch."""
+    if stop - start <= patch:
+        return [start]
+    starts = list(range(start, stop - patch, stride))
+    return starts + [stop - patch]
+
+
+def importance_map(patch: int, blend: str) -> np.ndarray:
+    """Per-voxel window weight: 1 everywhere ('constant'), or a product of 1D Gaussians centred on the
+    window with sigma = patch / 8, scaled to a maximum of 1 and clamped below at 1e-3 ('gaussian')."""
+    if blend == "constant":
+        return np.ones((patch,) * 3, np.float32)
+    if blend != "gaussian":
+        raise ValueError(f"blend {blend!r}: choose gaussian or constant")
+    x = torch.arange(-(patch - 1) / 2.0, (patch - 1) / 2.0 + 1, dtype=torch.float)
+    g = torch.exp(x**2 / (-2 * (patch * GAUSSIAN_SIGMA_SCALE) ** 2))
+    weights = g[:, None, None] * g[None, :, None] * g[None, None, :]
+    return weights.clamp(min=max(weights.min().item(), GAUSSIAN_FLOOR)).numpy()
+
+
+@dataclass
+class Block:
+    index: int
+    output: tuple[slice, slice, slice]  # voxels this block writes (volume coordinates)
+    input_origin: np.ndarray  # zyx origin of the input box its windows read
+    input_shape: tuple[int, int, int]
+    windows: list[tuple[int, int, int]]  # window origins, volume coordinates
+
+
+def plan_blocks(region, context, patch: int, stride: int, block: int) -> list[Block]:
+    """Output macro-blocks of `block` voxels tiling `region`, windows on the grid of `context`.
+
+    `region` and `context` are zyx slices; `context` contains `region` and is where windows may
+    read (the region plus real surrounding volume).
+    """
+    starts = [window_starts(c.start, c.stop, patch, stride) for c in context]
+    per_axis = []
+    for r, axis_starts in zip(region, starts):
+        pieces = []
+        for a in range(r.start, r.stop, block):
+            b = min(a + block, r.stop)
+            touching = [s for s in axis_starts if s < b and s + patch > a]
+            pieces.append((slice(a, b), touching))
+        per_axis.append(pieces)
+    blocks = []
+    for index, pieces in enumerate(itertools.product(*per_axis)):
+        output = tuple(piece[0] for piece in pieces)
+        origin = np.array([piece[1][0] for piece in pieces])
+        shape = tuple(int(piece[1][-1] + patch - o) for piece, o in zip(pieces, origin))
+        windows = list(itertools.product(*(piece[1] for piece in pieces)))
+        blocks.append(Block(index, output, origin, shape, windows))
+    return blocks
+
+
+FLIPS = [(), (2,), (3,), (4,)]  # test-time augmentation: identity and a flip of each axis of (N, C, D, H, W)
+
+
+class WindowPredictor:
+    """Runs a model over the windows of one input box and blends them into probabilities."""
+
+    def __init__(self, model, patch: int, blend: str, batch_size: int, device, dtype=None,
+                 channels_last: bool = False, skip_max: int = -1, tta: bool = False):
+        self.model, self.patch, self.batch_size = model, patch, batch_size
+        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
+        self.weights = torch.from_numpy(importance_map(patch, blend)).to(self.device)
+        self.skip_max = skip_max
+        self.flips = FLIPS if tta else [()]
+
+    @torch.no_grad()
+    def predict(self, box: torch.Tensor, origin: np.ndarray, windows, output) -> tuple[np.ndarray, int]:
+        """Blended probabilities (float32) of the `output` slices, and the number of windows skipped.
+
+        `box` is the uint8 input (D, H, W) on the device, read at volume position `origin`.
+        """
+        p = self.patch
+        numerator = torch.zeros(box.shape, dtype=torch.float32, device=self.device)
+        denominator = torch.zeros(box.shape, dtype=torch.float32, device=self.device)
+        local = [tuple(int(s - o) for s, o in zip(window, origin)) for window in windows]
+        run, skipped = [], 0
+        for z, y, x in local:
+            cell = (slice(z, z + p), slice(y, y + p), slice(x, x + p))
+            denominator[cell] += self.weights
+            if self.skip_max >= 0 and box[cell].max().item() <= self.skip_max:
+                skipped += 1  # air: probability 0, the model is not run
+            else:
+                run.append(cell)
+        for first in range(0, len(run), self.batch_size):
+            cells = run[first:first + self.batch_size]
+            batch = torch.stack([box[cell] for cell in cells])[:, None].float().div_(255)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
+            probabilities = self._probabilities(batch)
+            for cell, probability in zip(cells, probabilities):
+                numerator[cell] += self.weights * probability
+        inside = tuple(slice(o.start - b, o.stop - b) for o, b in zip(output, origin))
+        return (numerator[inside] / denominator[inside]).cpu().numpy(), skipped
+
+    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        total = None
+        for dims in self.flips:
+            flipped = batch.flip(dims) if dims else batch
+            with autocast(self.device, self.dtype):
+                logits = self.model(flipped)
+            probability = torch.sigmoid(logits.float())
+            probability = probability.flip(dims) if dims else probability
+            total = probability if total is None else total + probability
+        return (total / len(self.flips))[:, 0]
+
+
+def to_uint8(probabilities: np.ndarray) -> np.ndarray:
+    """round(255 * p) as uint8."""
+    return np.rint(np.clip(probabilities, 0, 1) * 255).astype(np.uint8)

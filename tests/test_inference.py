@@ -1,0 +1,190 @@
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import inference
+from ink3d import InputError, volume
+from ink3d.sliding_window import importance_map, plan_blocks, window_starts
+from models import UNet3D, save_checkpoint
+
+monai_inferers = pytest.importorskip("monai.inferers", reason="MONAI is the reference sliding-window implementation")
+from monai.data.utils import compute_importance_map  # noqa: E402
+
+PATCH = 16
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    model = UNet3D(f_maps=4, num_levels=2)
+    with torch.no_grad():  # a livelier model than the initial one, so blending differences would show
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    path = tmp_path_factory.mktemp("model") / "model.pth"
+    save_checkpoint(path, model, model.args, {}, step=0)
+    return path
+
+
+def _scan(path, values):
+    with h5py.File(path, "w") as file:
+        volume.create_volume(file, volume.SCAN, values.shape, np.uint8, chunk=16)[:] = values
+    return path
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    values = np.random.default_rng(0).integers(0, 256, (40, 35, 52)).astype(np.uint8)
+    return _scan(tmp_path_factory.mktemp("scan") / "scan.h5", values), values
+
+
+def _infer(scan_path, model_path, out, *extra):
+    inference.main(["--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(out), "--patch", str(PATCH),
+                    "--batch_size", "3", "--block", "16", "--skip_max", "-1", "--channels_last", "false", *extra])
+    with h5py.File(out) as file:
+        return file[volume.PREDICTIONS][:], dict(file[volume.PREDICTIONS].attrs)
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+def test_importance_map_equals_monai(blend):
+    ours = importance_map(24, blend)
+    theirs = compute_importance_map((24, 24, 24), mode=blend, sigma_scale=0.125).numpy()
+    assert np.allclose(ours, theirs, rtol=1e-6, atol=0) and ours.min() >= 1e-3
+
+
+@pytest.mark.parametrize("size, expected", [(100, [0, 16, 32, 48, 64, 68]), (96, [0, 16, 32, 48, 64]), (32, [0]), (20, [0])])
+def test_window_grid(size, expected):
+    assert window_starts(0, size, 32, 16) == expected
+
+
+def test_blocks_cover_the_region_once_and_read_every_window_they_need():
+    region = (slice(3, 40), slice(0, 35), slice(10, 52))
+    blocks = plan_blocks(region, region, 16, 8, 16)
+    hits = np.zeros((40, 35, 52), int)
+    for block in blocks:
+        hits[block.output] += 1
+        for window in block.windows:  # every window lies inside the block's input box
+            assert np.all(np.array(window) >= block.input_origin)
+            assert np.all(np.array(window) + 16 <= block.input_origin + block.input_shape)
+    assert np.all(hits[region] == 1) and hits.sum() == np.prod([37, 35, 42])
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+def test_parity_with_monai_sliding_window_inference(scan, model_path, tmp_path, blend):
+    scan_path, values = scan
+    ours, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--blend", blend)
+    model = torch.load(model_path, weights_only=True)
+    net = UNet3D(**model["model_args"]).eval()
+    net.load_state_dict(model["model"])
+    x = torch.from_numpy(values)[None, None].float() / 255
+    with torch.no_grad():
+        theirs = monai_inferers.sliding_window_inference(x, (PATCH,) * 3, 3, lambda w: torch.sigmoid(net(w)), overlap=0.5,
+                                                         mode=blend, sigma_scale=0.125)
+    theirs = np.rint(theirs[0, 0].numpy() * 255)
+    assert np.abs(ours.astype(int) - theirs).max() <= 2
+    assert attrs["blend"] == blend and attrs["patch"] == PATCH and attrs["complete"]
+
+
+def test_macro_blocks_equal_a_single_pass(scan, model_path, tmp_path):
+    scan_path, _ = scan
+    blocks, _ = _infer(scan_path, model_path, tmp_path / "blocks.h5", "--block", "8", "--channels_last", "false")
+    single, _ = _infer(scan_path, model_path, tmp_path / "single.h5", "--block", "64", "--channels_last", "false")
+    assert np.array_equal(blocks, single)
+    # channels_last kernels may round the last bit differently for another batch composition
+    blocks, _ = _infer(scan_path, model_path, tmp_path / "blocks_cl.h5", "--block", "8", "--channels_last", "true")
+    assert np.abs(blocks.astype(int) - single).max() <= 1
+
+
+def test_roi_interior_equals_the_full_run(scan, model_path, tmp_path):
+    scan_path, _ = scan
+    full, _ = _infer(scan_path, model_path, tmp_path / "full.h5")
+    roi, attrs = _infer(scan_path, model_path, tmp_path / "roi.h5", "--roi", "8:32,16:35,8:40")
+    assert np.array_equal(roi[8:24, 16:27, 8:32], full[8:24, 16:27, 8:32])  # away from the ROI's far edges
+    outside = np.ones(roi.shape, bool)
+    outside[8:32, 16:35, 8:40] = False
+    assert not roi[outside].any()
+    assert attrs["roi"] == "[[8, 32], [16, 35], [8, 40]]"
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_path, monkeypatch):
+    scan_path, _ = scan
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+    original = inference.WindowPredictor.predict
+    calls = []
+
+    def killed(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(inference.WindowPredictor, "predict", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _infer(scan_path, model_path, tmp_path / "pred.h5")
+    monkeypatch.setattr(inference.WindowPredictor, "predict", original)
+    with h5py.File(tmp_path / "pred.h5") as file:
+        assert file["finished_blocks"][:].sum() == 4 and not file[volume.PREDICTIONS].attrs["complete"]
+    with pytest.raises(InputError, match="exists"):
+        _infer(scan_path, model_path, tmp_path / "pred.h5")
+    with pytest.raises(InputError, match="different patch"):
+        _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true", "--patch", "8")
+    resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true")
+    assert np.array_equal(resumed, reference) and attrs["complete"]
+
+
+def test_air_is_not_run_through_the_model(model_path, tmp_path, monkeypatch):
+    values = np.zeros((32, 32, 48), np.uint8)
+    values[:, :, 32:] = np.random.default_rng(1).integers(1, 256, (32, 32, 16))
+    scan_path = _scan(tmp_path / "scan.h5", values)
+    batches = []
+    original = inference.WindowPredictor._probabilities
+    monkeypatch.setattr(inference.WindowPredictor, "_probabilities", lambda self, batch: batches.append(len(batch)) or original(self, batch))
+    pred, _ = _infer(scan_path, model_path, tmp_path / "pred.h5", "--skip_max", "0", "--block", "64")
+    assert sum(batches) == 3 * 3 * 2  # windows with x start 24 or 32 touch the non-air part; x start 0..16 are skipped
+    assert not pred[:, :, :8].any()  # covered only by skipped windows
+
+
+def test_tta_equals_the_mean_of_flipped_passes(model_path, tmp_path):
+    values = np.random.default_rng(2).integers(0, 256, (32, 24, 40)).astype(np.uint8)  # (size - 16) % 8 == 0: flips keep the grid
+    passes = []
+    for axis in (None, 0, 1, 2):
+        flipped = values if axis is None else np.flip(values, axis)
+        pred, _ = _infer(_scan(tmp_path / f"s{axis}.h5", np.ascontiguousarray(flipped)), model_path, tmp_path / f"p{axis}.h5",
+                         "--channels_last", "false")
+        passes.append(pred.astype(float) if axis is None else np.flip(pred, axis).astype(float))
+    tta, _ = _infer(_scan(tmp_path / "s.h5", values), model_path, tmp_path / "tta.h5", "--tta", "true")
+    assert np.abs(tta - np.mean(passes, axis=0)).max() <= 1  # each pass is rounded to uint8 once more
+    assert np.abs(tta - passes[0]).max() > 1  # and TTA is not just the plain pass
+
+
+def test_published_checkpoint_form(scan, model_path, tmp_path):
+    scan_path, _ = scan
+    state = torch.load(model_path, weights_only=True)["model"]
+    torch.save({"model." + key: value for key, value in state.items()}, tmp_path / "published.pth")
+    ours, _ = _infer(scan_path, model_path, tmp_path / "a.h5", "--roi", "0:16,0:16,0:16")
+    published, _ = _infer(scan_path, tmp_path / "published.pth", tmp_path / "b.h5", "--roi", "0:16,0:16,0:16")
+    assert np.array_equal(ours, published)
+
+
+def _rank_main(rank, world, port, argv):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    inference.main(argv)
+
+
+def test_two_ranks_write_parts_and_merge_into_the_single_run(scan, model_path, tmp_path):
+    import socket
+
+    scan_path, _ = scan
+    single, _ = _infer(scan_path, model_path, tmp_path / "single.h5")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "ranks.h5"), "--patch", str(PATCH),
+            "--batch_size", "3", "--block", "16", "--skip_max", "-1", "--channels_last", "false", "--device", "cpu"]
+    torch.multiprocessing.spawn(_rank_main, args=(2, port, argv), nprocs=2, join=True)
+    with h5py.File(tmp_path / "ranks.h5") as file:
+        assert np.array_equal(file[volume.PREDICTIONS][:], single) and file[volume.PREDICTIONS].attrs["complete"]
+    assert sorted(p.name for p in tmp_path.glob("ranks.h5*")) == ["ranks.h5", "ranks.h5.config.json"]
