@@ -1,0 +1,91 @@
+"""Training loader speed, and seconds per optimisation step on the CPU.
+
+    python benchmarks/bench_loader.py --volume runs/demo/scan.h5 --labels runs/demo/labels_train.h5 \\
+        --coords runs/demo/coords_train.npy
+
+Samples/s of ink3d.dataset.ScrollSamples with 1 and 2 DataLoader workers (HDF5 files opened once
+per worker) against the naive pattern of opening both HDF5 files for every sample, same
+samples, same run. Then seconds per step (forward, backward, AdamW) for the small demo model
+(f_maps 8, 4 levels, patch 64) and the default model (f_maps 32, 5 levels, patch 128).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ink3d.dataset import ScrollSamples  # noqa: E402
+from models import UNet3D  # noqa: E402
+from train import masked_loss  # noqa: E402
+
+
+class OpenPerSample(ScrollSamples):
+    """The naive pattern: both HDF5 files opened (and closed) for every sample."""
+
+    def __getitem__(self, index):
+        self._pid = None
+        try:
+            return super().__getitem__(index)
+        finally:
+            for file in self._files:
+                file.close()
+
+
+def samples_per_second(dataset, workers: int, batch: int = 2) -> float:
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=False)
+    started = time.perf_counter()
+    count = sum(len(images) for images, _, _ in loader)
+    return count / (time.perf_counter() - started)
+
+
+def seconds_per_step(f_maps: int, num_levels: int, patch: int, batch: int, steps: int) -> float:
+    torch.manual_seed(0)
+    model = UNet3D(f_maps=f_maps, num_levels=num_levels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.rand(batch, 1, patch, patch, patch)
+    labels = (torch.rand_like(images) > 0.5).float()
+    labels[:, :, : patch // 2] = -1
+
+    def step():
+        loss, _ = masked_loss(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--volume", default="runs/demo/scan.h5")
+    parser.add_argument("--labels", default="runs/demo/labels_train.h5")
+    parser.add_argument("--coords", default="runs/demo/coords_train.npy")
+    parser.add_argument("--patch", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=48)
+    args = parser.parse_args()
+    origins = np.load(args.coords)
+    common = dict(patch=args.patch, length=args.samples, train=True, block=args.patch, seed=0, min_labeled=64)
+    naive = samples_per_second(OpenPerSample(args.volume, args.labels, origins, **common), workers=0)
+    print(f"loader, patch {args.patch} (1.5x crop, augmented), {args.samples} samples:")
+    print(f"  open HDF5 per sample, in process: {naive:.2f} samples/s")
+    for workers in (0, 1, 2):
+        rate = samples_per_second(ScrollSamples(args.volume, args.labels, origins, **common), workers)
+        print(f"  ScrollSamples, {workers} worker(s):     {rate:.2f} samples/s ({rate / naive:.2f}x)")
+    for name, f_maps, levels, patch, batch, steps in (("small", 8, 4, 64, 2, 5), ("default", 32, 5, 128, 1, 1)):
+        seconds = seconds_per_step(f_maps, levels, patch, batch, steps)
+        print(f"CPU step, {name} model (f_maps {f_maps}, {levels} levels, patch {patch}, batch {batch}): {seconds:.2f} s/step")
+
+
+if __name__ == "__main__":
+    main()

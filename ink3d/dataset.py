@@ -1,0 +1,109 @@
+"""Training and validation samples: scan crops with sparse 3D labels (-1 = unlabeled).
+
+A training sample is drawn around a labeled block origin with random jitter: a crop 1.5x the
+patch is read, augmented (volumentations-3D) and ends at `patch`^3. Each sample is a pure
+function of its index and the seed, whichever worker makes it, so a resumed run sees the same
+stream. The HDF5 files are opened once per worker process.
+"""
+
+import os
+import random
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from volumentations import Compose, Flip, RandomResizedCrop, RandomRotate90, Rotate
+
+from ink3d import volume
+
+UNLABELED = -1.0
+
+
+def read_labels(ink_sum, ink_count, origin, shape) -> np.ndarray:
+    """ink_sum / ink_count over a box, -1 where nothing is labeled (or outside the volume)."""
+    total = volume.read_crop(ink_sum, origin, shape, fill=0)
+    count = volume.read_crop(ink_count, origin, shape, fill=0)
+    labels = np.full(shape, UNLABELED, np.float32)
+    np.divide(total, count, out=labels, where=count > 0)
+    return labels
+
+
+def augmentation(patch: int) -> Compose:
+    """DESIGN.md step 4. The mask (labels) is moved with nearest interpolation and filled with -1.
+
+    Flips use one fixed axis each: volumentations' Flip with a random axis draws the axis
+    separately for the image and the mask, which would misalign them.
+    """
+    return Compose([
+        Rotate((-15, 15), (-15, 15), (-15, 15), interpolation=1, border_mode="constant", value=0, mask_value=UNLABELED, p=0.5),
+        RandomRotate90(p=0.5),
+        Flip(axis=(0,), p=0.5),
+        Flip(axis=(1,), p=0.5),
+        Flip(axis=(2,), p=0.5),
+        RandomResizedCrop((patch,) * 3, scale_limit=(0.75, 1.33), interpolation=1, resize_type=0, p=1.0),
+    ], p=1.0)
+
+
+class ScrollSamples(Dataset):
+    """Samples of (image (1, P, P, P) float32 in [0, 1] (x intensity scale), label (1, P, P, P) with -1
+    unlabeled, number of re-draws it took)."""
+
+    def __init__(self, volume_path, labels_path, origins, patch: int, length: int, *, train: bool, block: int,
+                 seed: int = 0, stream: int = 0, min_labeled: int = 1, max_tries: int = 10, augment: bool = True,
+                 intensity_scale=(0.4, 2.0)):
+        self.volume_path, self.labels_path = str(volume_path), str(labels_path)
+        self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 3)
+        if len(self.origins) == 0:
+            raise ValueError(f"no block origins for {labels_path}")
+        self.patch, self.length, self.train, self.block = patch, length, train, block
+        self.seed, self.stream = seed, stream
+        self.min_labeled, self.max_tries = min_labeled, max_tries
+        self.augment = augmentation(patch) if augment and train else None
+        self.intensity_scale = intensity_scale
+        self._files = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _datasets(self):
+        """The HDF5 datasets, opened once in each process that reads."""
+        if self._pid != os.getpid():
+            self._files = (h5py.File(self.volume_path, "r"), h5py.File(self.labels_path, "r"))
+            self._pid = os.getpid()
+        scan_file, label_file = self._files
+        return scan_file[volume.SCAN], label_file[volume.INK_SUM], label_file[volume.INK_COUNT]
+
+    def __getitem__(self, index: int):
+        scan, ink_sum, ink_count = self._datasets()
+        if not self.train:
+            origin = self.origins[index % len(self.origins)]
+            image = volume.read_crop(scan, origin, (self.patch,) * 3)
+            labels = read_labels(ink_sum, ink_count, origin, (self.patch,) * 3)
+            return self._tensors(image.astype(np.float32) / 255, labels, 0)
+        rng = np.random.default_rng([self.seed, self.stream, index])
+        random.seed(int(rng.integers(2**62)))  # volumentations draws from the random module
+        crop = int(round(1.5 * self.patch))
+        inner = slice((crop - self.patch) // 2, (crop - self.patch) // 2 + self.patch)
+        for redraws in range(self.max_tries):  # bounded: after max_tries the last crop is used as it is
+            origin = self.origins[rng.integers(len(self.origins))]
+            centre = origin + self.block // 2 + rng.integers(-self.block // 2, self.block // 2 + 1, size=3)
+            corner = centre - crop // 2
+            labels = read_labels(ink_sum, ink_count, corner, (crop,) * 3)
+            if (labels[inner, inner, inner] >= 0).sum() >= self.min_labeled:
+                break
+        image = volume.read_crop(scan, corner, (crop,) * 3).astype(np.float32) / 255
+        if self.augment is not None:
+            out = self.augment(image=image, mask=labels)
+            image, labels = out["image"], out["mask"]
+        else:
+            image, labels = image[inner, inner, inner], labels[inner, inner, inner]
+        image = image * np.float32(rng.uniform(*self.intensity_scale))
+        return self._tensors(image, labels, redraws)
+
+    @staticmethod
+    def _tensors(image, labels, redraws: int):
+        image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))[None]
+        return image, labels, redraws

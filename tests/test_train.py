@@ -1,0 +1,258 @@
+import csv
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import train
+from ink3d import InputError, volume
+from ink3d.dataset import ScrollSamples, augmentation
+from models import load_model
+
+
+def test_masked_loss_hand_computed():
+    logits = torch.tensor([0.0, 2.0, -1.0, 3.0], requires_grad=True)
+    labels = torch.tensor([1.0, -1.0, 0.0, 0.5])
+    loss, count = train.masked_loss(logits, labels)
+    expected = (math.log(2) + math.log(1 + math.exp(-1)) + 0.5 * (math.log(1 + math.exp(-3)) + math.log(1 + math.exp(3)))) / 3
+    assert count == 3 and loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert logits.grad[1] == 0 and torch.all(logits.grad[[0, 2, 3]] != 0)
+
+
+def test_all_unlabeled_batch_gives_zero_not_nan():
+    logits = torch.randn(5, requires_grad=True)
+    loss, count = train.masked_loss(logits, torch.full((5,), -1.0), dice_weight=1.0)
+    assert count == 0 and loss.item() == 0.0
+    loss.backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_dice_term_adds_to_bce():
+    logits, labels = torch.tensor([2.0, -2.0, 0.5]), torch.tensor([1.0, 0.0, -1.0])
+    bce, _ = train.masked_loss(logits, labels)
+    both, _ = train.masked_loss(logits, labels, dice_weight=0.5)
+    p = torch.sigmoid(torch.tensor([2.0, -2.0]))
+    dice = 1 - (2 * p[0] + 1) / (p.sum() + 1 + 1)
+    assert both.item() == pytest.approx(bce.item() + 0.5 * dice.item(), rel=1e-6)
+
+
+def test_lr_schedule():
+    assert train.lr_factor(0, 10, 110) == pytest.approx(0.1)
+    assert train.lr_factor(9, 10, 110) == pytest.approx(1.0)
+    assert train.lr_factor(60, 10, 110) == pytest.approx(0.5)
+    assert train.lr_factor(110, 10, 110) == pytest.approx(0.0)
+
+
+def test_augmentation_keeps_unlabeled_exact_and_alignment():
+    rng = np.random.default_rng(0)
+    cells = rng.random((6, 6, 6)) > 0.5
+    image = np.kron(cells, np.ones((8, 8, 8))).astype(np.float32) * 0.6 + 0.2  # 48^3, blocks of 0.2 / 0.8
+    labels = (image > 0.5).astype(np.float32)
+    labels[:, :20] = -1
+    transform = augmentation(32)
+    agreements = []
+    for seed in range(6):
+        import random
+
+        random.seed(seed)
+        out = transform(image=image.copy(), mask=labels.copy())
+        image_out, labels_out = out["image"], out["mask"]
+        assert image_out.shape == labels_out.shape == (32, 32, 32)
+        assert set(np.unique(labels_out)) <= {-1.0, 0.0, 1.0}
+        labeled = labels_out >= 0
+        agreements.append(((image_out > 0.5) == (labels_out > 0.5))[labeled].mean())
+    assert min(agreements) > 0.9  # only interpolated voxels on block borders may disagree
+
+
+def _scene(tmp_path, unlabeled=False):
+    rng = np.random.default_rng(0)
+    scan = rng.integers(0, 256, (32, 32, 32)).astype(np.uint8)
+    count = np.zeros(scan.shape, np.uint16)
+    count[:, 8:24] = 1
+    ink = ((scan > 128) & (count > 0)).astype(np.float32)
+    if unlabeled:
+        count[:] = 0
+        ink[:] = 0
+    with h5py.File(tmp_path / "scan.h5", "w") as file:
+        volume.create_volume(file, volume.SCAN, scan.shape, np.uint8, chunk=16)[:] = scan
+    for name in ("train", "valid"):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as file:
+            volume.create_volume(file, volume.INK_SUM, scan.shape, np.float32, chunk=16)[:] = ink
+            volume.create_volume(file, volume.INK_COUNT, scan.shape, np.uint16, chunk=16)[:] = count
+    np.save(tmp_path / "train.npy", np.array([[0, 0, 0], [16, 0, 0], [0, 16, 16], [16, 16, 0]], np.int32))
+    np.save(tmp_path / "valid.npy", np.array([[16, 16, 16]], np.int32))
+    return tmp_path
+
+
+def _train(root, out, *extra):
+    return train.main(["--volume", str(root / "scan.h5"), "--train_labels", str(root / "train.h5"),
+                       "--valid_labels", str(root / "valid.h5"), "--train_coords", str(root / "train.npy"),
+                       "--valid_coords", str(root / "valid.npy"), "--out_dir", str(out), "--patch", "16",
+                       "--f_maps", "4", "--num_levels", "2", "--batch_size", "2", "--max_steps", "4", "--warmup_steps", "1",
+                       "--valid_every", "2", "--checkpoint_every", "2", "--workers", "0", "--min_labeled", "1",
+                       "--exclusion_radius", "0", "--lr", "0.01", *extra])
+
+
+def test_edge_padding_and_retry_bound(tmp_path):
+    root = _scene(tmp_path)
+    samples = ScrollSamples(root / "scan.h5", root / "train.h5", [[-8, 24, 0]], 16, 1, train=False, block=16)
+    image, labels, redraws = samples[0]
+    assert torch.all(image[0, :8] == 0) and torch.all(labels[0, :8] == -1)  # z < 0: outside the volume
+    assert torch.all(labels[0, 8:, 8:] == -1) and torch.all(image[0, 8:, 8:] == 0)  # y >= 32: outside
+    hungry = ScrollSamples(root / "scan.h5", root / "train.h5", [[0, 0, 0]], 16, 4, train=True, block=16, min_labeled=10**6, max_tries=5)
+    assert all(hungry[i][2] == 4 for i in range(4))  # gave up after 5 draws, and said so
+
+
+def test_samples_are_a_function_of_their_index(tmp_path):
+    root = _scene(tmp_path)
+    samples = ScrollSamples(root / "scan.h5", root / "train.h5", np.load(root / "train.npy"), 16, 8, train=True, block=16)
+    a, b = samples[3], samples[3]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(samples[4][0], a[0])
+
+
+class _CountingFile:
+    def __init__(self, log_path, original):
+        self.log_path, self.original = log_path, original
+
+    def __call__(self, *args, **kwargs):
+        import os
+
+        with open(self.log_path, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        return self.original(*args, **kwargs)
+
+
+def test_hdf5_files_open_once_per_worker(tmp_path, monkeypatch):
+    import ink3d.dataset
+
+    root = _scene(tmp_path)
+    monkeypatch.setattr(ink3d.dataset.h5py, "File", _CountingFile(tmp_path / "opens.txt", h5py.File))
+    samples = ScrollSamples(root / "scan.h5", root / "train.h5", np.load(root / "train.npy"), 16, 12, train=True, block=16)
+    loader = torch.utils.data.DataLoader(samples, batch_size=2, num_workers=2, multiprocessing_context="fork")
+    assert sum(len(batch[0]) for batch in loader) == 12
+    pids = (tmp_path / "opens.txt").read_text().split()
+    assert len(pids) == 4 and len(set(pids)) == 2  # scan + labels, once in each of the 2 workers
+
+
+def test_training_run_writes_checkpoints_and_metrics(tmp_path):
+    root = _scene(tmp_path)
+    _train(root, tmp_path / "run")
+    model = load_model(tmp_path / "run" / "last.pth")
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert state["step"] == 4 and {"optimizer", "scheduler", "torch_rng", "python_rng"} <= set(state)
+    assert model.args.f_maps == 4 and (tmp_path / "run" / "best.pth").exists()
+    with open(tmp_path / "run" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [r["step"] for r in rows] == ["2", "4"] and 0 <= float(rows[-1]["valid_f05"]) <= 1
+    assert (tmp_path / "run" / "valid_000004.png").exists()
+    with pytest.raises(InputError, match="--resume true"):
+        _train(root, tmp_path / "run")
+
+
+def test_exclusion_radius_drops_training_blocks(tmp_path):
+    root = _scene(tmp_path)
+    _train(root, tmp_path / "run", "--exclusion_radius", "20", "--max_steps", "2")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dropped_train_blocks"] == 2  # (0,16,16) and (16,16,0) lie 16 from (16,16,16); (16,0,0) lies 22.6
+
+
+def test_all_unlabeled_batches_are_skipped(tmp_path):
+    root = _scene(tmp_path, unlabeled=True)
+    torch.manual_seed(0)
+    _train(root, tmp_path / "run", "--max_steps", "3", "--valid_every", "3", "--checkpoint_every", "3")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_batches"] == 3
+    torch.manual_seed(0)
+    initial = train.UNet3D(f_maps=4, num_levels=2).state_dict()
+    trained = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["model"]
+    assert all(torch.equal(initial[k], trained[k]) for k in initial)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    root = _scene(tmp_path)
+    _train(root, tmp_path / "whole")
+    original, calls = train.masked_loss, []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the third training step, after last.pth at step 2 (validation calls go elsewhere)
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "masked_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _train(root, tmp_path / "halves", "--valid_every", "100")
+    monkeypatch.setattr(train, "masked_loss", original)
+    assert torch.load(tmp_path / "halves" / "last.pth", weights_only=True)["step"] == 2
+    _train(root, tmp_path / "halves", "--resume", "true")
+    whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)["model"]
+    halves = torch.load(tmp_path / "halves" / "last.pth", weights_only=True)["model"]
+    assert all(torch.allclose(whole[k], halves[k], atol=1e-6) for k in whole)
+
+
+def test_init_checkpoint_in_published_form(tmp_path):
+    root = _scene(tmp_path)
+    _train(root, tmp_path / "first", "--max_steps", "2")
+    state = torch.load(tmp_path / "first" / "last.pth", weights_only=True)["model"]
+    torch.save({"model." + k: v for k, v in state.items()}, tmp_path / "published.pth")
+    _train(root, tmp_path / "second", "--max_steps", "1", "--init_checkpoint", str(tmp_path / "published.pth"), "--lr", "0")
+    assert all(torch.equal(state[k], v) for k, v in torch.load(tmp_path / "second" / "last.pth", weights_only=True)["model"].items())
+    with pytest.raises(InputError, match="wrong shape"):
+        _train(root, tmp_path / "third", "--f_maps", "8", "--init_checkpoint", str(tmp_path / "published.pth"))
+
+
+def test_overfitting_a_fixed_batch():
+    torch.manual_seed(0)
+    model = train.UNet3D(f_maps=4, num_levels=2)
+    images = torch.rand(2, 1, 16, 16, 16)
+    labels = (images > 0.5).float()
+    labels[:, :, :8] = -1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss, _ = train.masked_loss(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def _ddp_rank(rank, world, port, argv, out):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    wrapped = []
+
+    class Recording(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module, **kwargs):
+            super().__init__(module, **kwargs)
+            wrapped.append(module)
+
+    train.DistributedDataParallel = Recording
+    train.main(argv)
+    torch.save(wrapped[0].state_dict(), f"{out}/rank{rank}.pt")
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+    import socket
+
+    root = _scene(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["--volume", str(root / "scan.h5"), "--train_labels", str(root / "train.h5"), "--valid_labels", str(root / "valid.h5"),
+            "--train_coords", str(root / "train.npy"), "--valid_coords", str(root / "valid.npy"), "--out_dir", str(tmp_path / "ddp"),
+            "--patch", "16", "--f_maps", "4", "--num_levels", "2", "--batch_size", "1", "--max_steps", "3", "--valid_every", "3",
+            "--workers", "0", "--min_labeled", "1", "--exclusion_radius", "0", "--device", "cpu"]
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+    first, second = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    initial = train.UNet3D(f_maps=4, num_levels=2).state_dict()
+    assert not all(torch.equal(initial[k], first[k]) for k in first)

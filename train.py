@@ -1,0 +1,339 @@
+"""Train the 3D UNet on sparse 3D ink labels.
+
+    python train.py --volume runs/demo/scan.h5 --train_labels runs/demo/labels_train.h5 \\
+        --valid_labels runs/demo/labels_valid.h5 --train_coords runs/demo/coords_train.npy \\
+        --valid_coords runs/demo/coords_valid.npy --out_dir runs/demo/train \\
+        --patch 64 --f_maps 8 --num_levels 4 --max_steps 300
+    python train.py ... --resume true                                   # continue from out_dir/last.pth
+    python train.py ... --init_checkpoint checkpoints/published_3d_ink.pth   # start from pretrained weights
+    torchrun --nproc_per_node=4 train.py ...                            # DistributedDataParallel
+
+Unlabeled voxels (-1) are excluded from the loss. Training block origins closer than
+`--exclusion_radius` to any validation origin are dropped, so validation measures unseen
+regions. Writes `last.pth`, `best.pth` (by validation F0.5), `metrics.csv`, validation
+pictures `valid_<step>.png` and the resolved config into `--out_dir`.
+"""
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ink3d import InputError
+from ink3d.config import parse_config, run_main, save_config
+from ink3d.coords import drop_near
+from ink3d.dataset import ScrollSamples
+from ink3d.metrics import best_fbeta, roc_auc
+from models import UNet3D, load_weights, save_checkpoint, unwrap
+from models.checkpoint import extract_state_dict, read_checkpoint
+from models.speed import autocast, autocast_dtype, prepare_model, resolve_device
+
+# --- config ---
+VOLUME = "runs/demo/scan.h5"  # scan volume
+TRAIN_LABELS = "runs/demo/labels_train.h5"  # label volume of the training segments
+VALID_LABELS = "runs/demo/labels_valid.h5"  # label volume of the validation segments
+TRAIN_COORDS = "runs/demo/coords_train.npy"  # block origins holding training labels (pred_find_coords.py)
+VALID_COORDS = "runs/demo/coords_valid.npy"  # block origins holding validation labels
+OUT_DIR = "runs/demo/train"  # checkpoints, metrics, pictures
+INIT_CHECKPOINT = ""  # start from these weights (a train.py checkpoint, or the published / LSM state_dict)
+RESUME = False  # continue from out_dir/last.pth at its step, with its optimizer and schedule
+PATCH = 128  # training patch edge (model input)
+BLOCK = 0  # block edge of the coords grid (0 = patch): samples are jittered within it
+BATCH_SIZE = 2  # samples per step (per GPU under torchrun)
+LR = 1e-3  # peak learning rate (AdamW)
+WEIGHT_DECAY = 1e-4  # AdamW weight decay
+WARMUP_STEPS = 20  # linear warmup, then cosine decay to 0 at max_steps
+MAX_STEPS = 1000  # optimisation steps
+GRAD_CLIP = 1.0  # max gradient norm (0 = off)
+DICE_WEIGHT = 0.0  # weight of a soft Dice term over labeled voxels, added to the BCE
+F_MAPS = 32  # UNet feature maps of the first level
+NUM_LEVELS = 5  # UNet levels
+NUM_GROUPS = 4  # GroupNorm groups
+MIN_LABELED = 64  # a training crop needs this many labeled voxels in its patch, else it is re-drawn
+MAX_TRIES = 10  # re-draws before a crop is taken anyway
+EXCLUSION_RADIUS = 512.0  # drop training origins closer than this (voxels) to any validation origin
+VALID_EVERY = 100  # validate every this many steps (and at the end)
+VALID_BLOCKS = 64  # validation patches (the first ones of valid_coords)
+CHECKPOINT_EVERY = 100  # write last.pth every this many steps
+WORKERS = 1  # data loader worker processes
+DEVICE = "auto"  # auto (cuda if present), cuda, cpu
+AMP = "auto"  # auto: bf16 on CUDA where supported, else fp16 with a GradScaler; fp32 on CPU
+CHANNELS_LAST = True  # channels_last_3d on CUDA
+COMPILE = False  # torch.compile the model
+SEED = 0  # seed of the weights and of the sample stream
+TRUST_CHECKPOINT = False  # allow checkpoints with pickled Python objects (only files you trust)
+WANDB = False  # log to Weights & Biases (mode from WANDB_MODE; offline unless WANDB_API_KEY is set)
+WANDB_PROJECT = "3d-ink-detection"  # W&B project
+
+
+def masked_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+    """BCE with logits averaged over labeled voxels (labels >= 0), plus an optional soft Dice term.
+
+    Returns (loss, number of labeled voxels). With no labeled voxel the loss is an exact 0 that
+    still depends on `logits` (so every DistributedDataParallel rank runs backward).
+    """
+    labeled = labels >= 0
+    count = int(labeled.sum())
+    if count == 0:
+        return logits.sum() * 0.0, 0
+    logits, targets = logits.float()[labeled], labels[labeled]
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="mean")
+    if dice_weight:
+        probabilities = torch.sigmoid(logits)
+        dice = 1 - (2 * (probabilities * targets).sum() + 1) / (probabilities.sum() + targets.sum() + 1)
+        loss = loss + dice_weight * dice
+    return loss, count
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def validation_picture(images, labels, probabilities) -> np.ndarray:
+    """Rows of middle z-slices: image | label (ink white, no ink black, unlabeled blue) | prediction."""
+    rows = []
+    for image, label, probability in zip(images, labels, probabilities):
+        middle = image.shape[-3] // 2
+        gray = np.clip(image[0, middle] * 255, 0, 255).astype(np.uint8)
+        label_rgb = np.zeros(gray.shape + (3,), np.uint8)
+        label_slice = label[0, middle]
+        label_rgb[label_slice >= 0] = (np.clip(label_slice[label_slice >= 0], 0, 1) * 255).astype(np.uint8)[:, None]
+        label_rgb[label_slice < 0] = (110, 40, 0)  # BGR: unlabeled shown dark blue
+        prediction = (probability[0, middle] * 255).astype(np.uint8)
+        rows.append(np.concatenate([cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), label_rgb,
+                                    cv2.cvtColor(prediction, cv2.COLOR_GRAY2BGR)], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+@torch.no_grad()
+def validate(model, loader, device, dtype, channels_last, dice_weight) -> tuple[dict, np.ndarray]:
+    """Loss, best-threshold F0.5, ROC AUC over labeled voxels; the intensity-threshold baseline; a picture."""
+    model.eval()
+    scores, truths, intensities, losses, weights, picture_parts = [], [], [], [], [], ([], [], [])
+    for images, labels, _ in loader:
+        batch = images.to(device)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        with autocast(device, dtype):
+            logits = model(batch)
+        logits = logits.float().cpu()
+        loss, count = masked_loss(logits, labels, dice_weight)
+        if count:
+            losses.append(loss.item() * count)
+            weights.append(count)
+        labeled = labels >= 0
+        scores.append(torch.sigmoid(logits[labeled]).numpy())
+        truths.append(labels[labeled].numpy() > 0.5)
+        intensities.append(images[labeled].numpy())
+        if len(picture_parts[0]) < 4:
+            for part, values in zip(picture_parts, (images, labels, torch.sigmoid(logits))):
+                part.extend(values.numpy()[: 4 - len(part)])
+    model.train()
+    scores, truths, intensities = (np.concatenate(a) if a else np.zeros(0) for a in (scores, truths, intensities))
+    metrics = {
+        "valid_loss": sum(losses) / max(sum(weights), 1),
+        "valid_f05": best_fbeta(scores, truths)[0],
+        "valid_auc": roc_auc(scores, truths),
+        "valid_threshold_baseline_f05": best_fbeta(intensities, truths)[0],
+        "valid_voxels": int(len(scores)),
+    }
+    return metrics, validation_picture(*picture_parts)
+
+
+class MetricsLog:
+    """metrics.csv in out_dir (one row per event), and W&B when enabled."""
+
+    FIELDS = ["step", "lr", "train_loss", "samples_per_s", "skipped_batches", "redraws", "valid_loss", "valid_f05",
+              "valid_auc", "valid_threshold_baseline_f05", "valid_voxels"]
+
+    def __init__(self, out_dir: Path, use_wandb: bool, config, resume: bool):
+        self.path = out_dir / "metrics.csv"
+        if not (resume and self.path.exists()):
+            with open(self.path, "w", newline="") as file:
+                csv.writer(file).writerow(self.FIELDS)
+        self.wandb = None
+        if use_wandb:
+            import wandb
+
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            self.wandb = wandb.init(project=config.wandb_project, config=vars(config), dir=str(out_dir), mode=mode, resume="allow")
+
+    def write(self, row: dict, picture: np.ndarray | None = None):
+        with open(self.path, "a", newline="") as file:
+            csv.writer(file).writerow([row.get(field, "") for field in self.FIELDS])
+        if self.wandb is not None:
+            import wandb
+
+            payload = {k: v for k, v in row.items() if k != "step"}
+            if picture is not None:
+                payload["valid_picture"] = wandb.Image(cv2.cvtColor(picture, cv2.COLOR_BGR2RGB))
+            self.wandb.log(payload, step=row["step"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def load_init_weights(model, path: str, trusted: bool) -> None:
+    state, _ = extract_state_dict(read_checkpoint(path, trusted), path)
+    load_weights(model, state, path)
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, resolve_device(device_name)
+    device = resolve_device(device_name)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def main(argv=None):
+    config = parse_config(globals(), argv)
+    rank, world, device = setup_distributed(config.device)
+    out_dir = Path(config.out_dir)
+    last_path = out_dir / "last.pth"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if last_path.exists() and not config.resume:
+            raise InputError(f"{last_path} exists; pass --resume true to continue that run, or choose another --out_dir")
+    block = config.block or config.patch
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    train_origins, valid_origins = np.load(config.train_coords), np.load(config.valid_coords)
+    train_origins, dropped = drop_near(train_origins, valid_origins, config.exclusion_radius)
+    if len(train_origins) == 0:
+        raise InputError(f"no training blocks left: all {dropped} lie within {config.exclusion_radius} of a validation block")
+    valid_origins = valid_origins[:config.valid_blocks]
+
+    model_args = dict(in_channels=1, out_channels=1, f_maps=config.f_maps, num_levels=config.num_levels, num_groups=config.num_groups)
+    model = UNet3D(**model_args)
+    if config.init_checkpoint and not config.resume:
+        load_init_weights(model, config.init_checkpoint, config.trust_checkpoint)
+    dtype = autocast_dtype(device, config.amp)
+    channels_last = config.channels_last and device.type == "cuda"
+    model = prepare_model(model, device, channels_last=channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    step, best_f05, skipped_batches = 0, -1.0, 0
+    if config.resume and last_path.exists():
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, best_f05, skipped_batches = state["step"], state["best_f05"], state["skipped_batches"]
+        torch.set_rng_state(state["torch_rng"])
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        model = torch.compile(model)
+
+    train_set = ScrollSamples(config.volume, config.train_labels, train_origins, config.patch, config.max_steps * config.batch_size,
+                              train=True, block=block, seed=config.seed, stream=rank, min_labeled=config.min_labeled,
+                              max_tries=config.max_tries)
+    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=range(step * config.batch_size, len(train_set)),
+                        num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
+    valid_loader = None
+    log = None
+    if rank == 0:
+        valid_set = ScrollSamples(config.volume, config.valid_labels, valid_origins, config.patch, len(valid_origins),
+                                  train=False, block=block)
+        valid_loader = DataLoader(valid_set, batch_size=config.batch_size, num_workers=0)
+        save_config(config, out_dir / "config.json")
+        log = MetricsLog(out_dir, config.wandb, config, config.resume)
+        print(f"{len(train_origins)} training blocks ({dropped} dropped within {config.exclusion_radius} voxels of "
+              f"validation), {len(valid_origins)} validation blocks; {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
+
+    def checkpoint(path: Path):
+        save_checkpoint(path, model, model_args, vars(config), step, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), best_f05=best_f05,
+                        skipped_batches=skipped_batches, torch_rng=torch.get_rng_state(), python_rng=list(random.getstate()))
+
+    def validate_and_log(train_loss: float, samples_per_s: float):
+        nonlocal best_f05
+        metrics, picture = validate(unwrap(model), valid_loader, device, dtype, channels_last, config.dice_weight)
+        cv2.imwrite(str(out_dir / f"valid_{step:06d}.png"), picture)
+        log.write({"step": step, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss, "samples_per_s": samples_per_s,
+                   "skipped_batches": skipped_batches, "redraws": redraws, **metrics}, picture)
+        if metrics["valid_f05"] > best_f05:
+            best_f05 = metrics["valid_f05"]
+            checkpoint(out_dir / "best.pth")
+        return metrics
+
+    model.train()
+    bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="train", disable=rank != 0)
+    started, samples, running = time.perf_counter(), 0, []
+    redraws = 0
+    for images, labels, sample_redraws in loader:
+        redraws += int(sample_redraws.sum())
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        labeled = torch.tensor([(labels >= 0).sum().item()], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(labeled)
+        if labeled.item() == 0:  # no rank has a labeled voxel: nothing to learn, step skipped
+            skipped_batches += 1
+        else:
+            with autocast(device, dtype):
+                logits = model(images)
+            loss, _ = masked_loss(logits, labels, config.dice_weight)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            running.append(loss.item())
+        scheduler.step()
+        step += 1
+        samples += len(images) * world
+        rate = samples / (time.perf_counter() - started)
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(running[-20:]) if running else float('nan'):.4f}", samples_per_s=f"{rate:.2f}")
+        if rank == 0 and (step % config.valid_every == 0 or step == config.max_steps):
+            metrics = validate_and_log(float(np.mean(running[-config.valid_every:])) if running else float("nan"), rate)
+            bar.write(f"step {step}: valid F0.5 {metrics['valid_f05']:.3f} (intensity threshold {metrics['valid_threshold_baseline_f05']:.3f}), "
+                      f"AUC {metrics['valid_auc']:.3f}, loss {metrics['valid_loss']:.4f}")
+        if rank == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
+            checkpoint(last_path)
+        if world > 1:
+            dist.barrier()
+    bar.close()
+    if rank == 0:
+        log.close()
+        (out_dir / "summary.json").write_text(json.dumps({
+            "step": step, "best_valid_f05": best_f05, "skipped_batches": skipped_batches,
+            "redraws": redraws, "dropped_train_blocks": dropped}, indent=2) + "\n")
+    if world > 1:
+        dist.destroy_process_group()
+    return best_f05
+
+
+if __name__ == "__main__":
+    run_main(main)
