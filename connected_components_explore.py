@@ -3,7 +3,8 @@
     python connected_components_explore.py --predictions runs/demo/predictions.h5 --volume runs/demo/scan.h5 \\
         --out_dir runs/demo/blobs --min_size 200 --max_size 200000
 
-The prediction is thresholded block by block and labeled with connected-components-3d
+The prediction is thresholded block by block (with `--volume` and `--min_scan`, voxels of air are
+left out: ink needs material) and labeled with connected-components-3d
 (26-connectivity); labels are joined across block faces, so a blob crossing block borders is
 one blob (ink3d/components.py). Writes `blobs.csv` (id, voxels, bbox, centroid, mean and max
 probability; ids by decreasing size), for each blob with min_size <= voxels <= max_size a PNG of
@@ -33,6 +34,7 @@ DATASET = "predictions"  # dataset to threshold
 VOLUME = ""  # optional scan volume: its views are shown beside the prediction's
 OUT_DIR = "runs/demo/blobs"  # blobs.csv, PNGs and index.html go here
 THRESHOLD = 0.5  # ink probability at or above which a voxel is ink
+MIN_SCAN = 0  # with --volume: only voxels whose scan value exceeds this (air level, uint8) can be ink
 MIN_SIZE = 100  # smallest blob (voxels) that gets a picture
 MAX_SIZE = 1000000  # largest blob (voxels) that gets a picture
 MAX_VIEWS = 500  # pictures for at most this many blobs (largest first)
@@ -114,7 +116,7 @@ def main(argv=None):
     level = config.threshold * 255 if predictions.dtype == np.uint8 else config.threshold
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch_dir, h5py.File(Path(scratch_dir) / "labels.h5", "w") as scratch:
-        blobs = label_blocks(predictions, level, config.block, scratch, roi)
+        blobs = label_blocks(predictions, level, config.block, scratch, roi, scan, config.min_scan)
         if config.keep_labels:
             with h5py.File(out_dir / "blob_labels.h5", "w") as labels_file:
                 labels = write_blob_labels(scratch["labels"], blobs.label_to_blob, labels_file, config.block)

@@ -1,49 +1,198 @@
-"""Run every stage of the pipeline on the synthetic scroll, through each stage's own `main`.
+"""Run the whole pipeline on the synthetic scroll, each stage through its own `main`.
 
-    python demo.py                 # reuses finished stages
-    python demo.py --fresh true    # starts over
+    python demo.py                 # ~5 minutes on 2 CPU cores; uses CUDA when present
+    python demo.py --fresh true    # redo every stage
 
-Writes everything under `runs/demo/`.
+make_synthetic_scroll -> volume_to_hdf -> all_labels_to_hdf (validation segment held out) ->
+pred_find_coords -> train (a small UNet) -> inference -> flatten_3d (held-out segment) ->
+connected_components_explore, all into `runs/demo/`. Finished stages are reused on a re-run
+(an interrupted training or inference is resumed). The run ends with a table of stage times and,
+as its last line, the F0.5 of the flattened prediction on the held-out segment against its ink
+labels, beside the best global threshold on the flattened scan. `runs/demo/summary.png` shows
+flattened scan | ink label | flattened prediction, and the largest 3D ink blob.
 """
 
+import json
+import shutil
 import time
 from pathlib import Path
 
+import cv2
+import h5py
+import numpy as np
+
+import all_labels_to_hdf
+import connected_components_explore
+import flatten_3d
+import inference
 import make_synthetic_scroll
+import pred_find_coords
+import train
 import volume_to_hdf
+from ink3d import volume
 from ink3d.config import parse_config, run_main
+from ink3d.metrics import best_fbeta
 
 # --- config ---
 OUT_DIR = "runs/demo"  # where every output of the demo goes
 FRESH = False  # redo every stage even where its output exists
-SEED = 0  # seed of the synthetic scroll
+SEED = 0  # seed of the synthetic scroll and of training
+DEPTH = 160  # slices of the synthetic scroll
+PATCH = 64  # training and inference patch
+F_MAPS = 8  # UNet feature maps (a model sized for the CPU)
+NUM_LEVELS = 4  # UNet levels
+MAX_STEPS = 150  # training steps
+BATCH_SIZE = 2  # training batch
+DEVICE = "auto"  # auto (cuda if present) or cpu
+SUMMARY_COPY = ""  # also copy summary.png here (e.g. docs/summary.png)
 
 
-def run_stage(name: str, output: Path, fresh: bool, stage, argv: list[str], timings: list):
-    """Run one stage unless its output already exists (and `fresh` is off)."""
-    started = time.perf_counter()
-    if fresh or not output.exists():
-        stage(argv)
-        timings.append((name, time.perf_counter() - started, output))
-    else:
-        timings.append((name, 0.0, output))
+AIR_LEVEL = 60  # uint8 scan value below which the synthetic scroll is air (air is ~20 +- 13)
+
+
+class Stages:
+    """Runs stages in order, timing them; a stage whose output is complete is reused."""
+
+    def __init__(self, fresh: bool):
+        self.fresh, self.rows = fresh, []
+
+    def run(self, name: str, output: Path, stage, argv: list[str], done=None):
+        finished = (done or Path.exists)(output)
+        started = time.perf_counter()
+        if self.fresh or not finished:
+            stage(argv)
+        self.rows.append((name, time.perf_counter() - started, output, not (self.fresh or not finished)))
+
+    def table(self) -> str:
+        lines = [f"{'stage':<32} {'seconds':>8}  main output"]
+        for name, seconds, output, reused in self.rows:
+            lines.append(f"{name:<32} {seconds:>8.1f}  {output}" + ("  (reused)" if reused else ""))
+        return "\n".join(lines)
+
+
+def _complete(path: Path, dataset: str) -> bool:
+    if not path.exists():
+        return False
+    with h5py.File(path, "r") as file:
+        return dataset in file and bool(file[dataset].attrs.get("complete", False))
+
+
+def _trained(out_dir: Path, max_steps: int) -> bool:
+    summary = out_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text())["step"] >= max_steps
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise FileNotFoundError(path)
+    return image
+
+
+def held_out_scores(scroll: Path, flat: Path, segment_id: str) -> tuple[float, float]:
+    """F0.5 (best threshold) of the flattened prediction and of the best global threshold on the flattened
+    scan (either direction), over the segment's labeled pixels."""
+    label = _read_gray(scroll / "labels" / f"{segment_id}_inklabels.png") > 127
+    mask = _read_gray(scroll / "paths" / segment_id / f"{segment_id}_mask.png") > 0
+    prediction = _read_gray(flat / f"{segment_id}_prediction.png")
+    surface = _read_gray(flat / f"{segment_id}_scan.png").astype(np.float64)
+    model = best_fbeta(prediction[mask], label[mask])[0]
+    baseline = max(best_fbeta(surface[mask], label[mask])[0], best_fbeta(-surface[mask], label[mask])[0])
+    return model, baseline
+
+
+def summary_picture(scroll: Path, flat: Path, blobs: Path, segment_id: str) -> np.ndarray:
+    """flattened scan | ink label | flattened prediction, then the largest blob's views, with titles."""
+    panels = [_read_gray(flat / f"{segment_id}_scan.png"), _read_gray(scroll / "labels" / f"{segment_id}_inklabels.png"),
+              _read_gray(flat / f"{segment_id}_prediction.png")]
+    titles = ["flattened scan", "ink label (held out)", "flattened 3D prediction"]
+    scale = max(1, round(300 / panels[0].shape[0]))
+    tiles = []
+    for panel, title in zip(panels, titles):
+        panel = cv2.resize(panel, (panel.shape[1] * scale, panel.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
+        tiles.append(_titled(panel, title))
+    row = _hstack(tiles)
+    blob_pictures = sorted(blobs.glob("blob_*.png"))
+    if blob_pictures:
+        blob = _read_gray(blob_pictures[0])
+        blob = cv2.resize(blob, (blob.shape[1] * 2, blob.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+        row = _vstack([row, _titled(blob, "largest 3D blob of p >= 0.8 in the scroll: max projections along z, y, x; scan slices below")])
+    return row
+
+
+def _titled(image: np.ndarray, title: str) -> np.ndarray:
+    band = np.zeros((28, image.shape[1]), np.uint8)
+    cv2.putText(band, title, (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 255, 1, cv2.LINE_AA)
+    return np.concatenate([band, image], axis=0)
+
+
+def _hstack(images):
+    height = max(i.shape[0] for i in images)
+    return np.concatenate([np.pad(i, ((0, height - i.shape[0]), (0, 8))) for i in images], axis=1)
+
+
+def _vstack(images):
+    width = max(i.shape[1] for i in images)
+    return np.concatenate([np.pad(i, ((0, 8), (0, width - i.shape[1]))) for i in images], axis=0)
 
 
 def main(argv=None):
     config = parse_config(globals(), argv)
     out = Path(config.out_dir)
-    scroll = out / "scroll"
-    scan = out / "scan.h5"
-    fresh = ["--overwrite", "true"] if config.fresh else []
-    timings = []
-    run_stage("make_synthetic_scroll", scroll / "scroll.json", config.fresh, make_synthetic_scroll.main,
-              ["--out_dir", str(scroll), "--seed", str(config.seed), *fresh], timings)
-    run_stage("volume_to_hdf", scan, config.fresh, volume_to_hdf.main,
-              ["--tiff_dir", str(scroll / "volume"), "--out", str(scan), *fresh], timings)
-    print(f"\n{'stage':<24} {'seconds':>8}  output")
-    for name, seconds, output in timings:
-        print(f"{name:<24} {seconds:>8.1f}  {output}" + ("" if seconds else "  (reused)"))
-    return timings
+    if config.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scroll, scan, flat, blobs = out / "scroll", out / "scan.h5", out / "flat", out / "blobs"
+    stages = Stages(config.fresh)
+    stages.run("make_synthetic_scroll", scroll / "scroll.json", make_synthetic_scroll.main,
+               ["--out_dir", str(scroll), "--seed", str(config.seed), "--depth", str(config.depth), "--overwrite", "true"])
+    held_out = json.loads((scroll / "scroll.json").read_text())["valid_segments"][0]
+    stages.run("volume_to_hdf", scan, volume_to_hdf.main,
+               ["--tiff_dir", str(scroll / "volume"), "--out", str(scan), "--resume", "true"],
+               done=lambda path: _complete(path, volume.SCAN))
+    labels = {"train": out / "labels_train.h5", "valid": out / "labels_valid.h5"}
+    stages.run("all_labels_to_hdf", labels["valid"], all_labels_to_hdf.main,
+               ["--ppm_dir", str(scroll / "paths"), "--labels_dir", str(scroll / "labels"), "--volume", str(scan),
+                "--out_train", str(labels["train"]), "--out_valid", str(labels["valid"]), "--valid_segments", held_out,
+                "--overwrite", "true"])
+    coords = {split: out / f"coords_{split}.npy" for split in labels}
+    for split in labels:
+        stages.run(f"pred_find_coords ({split})", coords[split], pred_find_coords.main,
+                   ["--labels", str(labels[split]), "--out", str(coords[split]), "--block", str(config.patch), "--overwrite", "true"])
+    train_dir = out / "train"
+    stages.run("train", train_dir / "best.pth", train.main,
+               ["--volume", str(scan), "--train_labels", str(labels["train"]), "--valid_labels", str(labels["valid"]),
+                "--train_coords", str(coords["train"]), "--valid_coords", str(coords["valid"]), "--out_dir", str(train_dir),
+                "--patch", str(config.patch), "--f_maps", str(config.f_maps), "--num_levels", str(config.num_levels),
+                "--batch_size", str(config.batch_size), "--max_steps", str(config.max_steps),
+                "--valid_every", str(max(1, config.max_steps // 3)), "--checkpoint_every", str(max(1, config.max_steps // 3)),
+                "--exclusion_radius", str(config.patch), "--seed", str(config.seed), "--device", config.device,
+                "--resume", "true"],
+               done=lambda path: _trained(train_dir, config.max_steps))
+    predictions = out / "predictions.h5"
+    stages.run("inference", predictions, inference.main,
+               ["--volume", str(scan), "--checkpoint", str(train_dir / "best.pth"), "--out", str(predictions),
+                "--patch", str(config.patch), "--block", str(2 * config.patch), "--device", config.device, "--resume", "true"],
+               done=lambda path: _complete(path, volume.PREDICTIONS))
+    stages.run("flatten_3d (prediction)", flat / f"{held_out}_prediction.png", flatten_3d.main,
+               ["--predictions", str(predictions), "--ppm_dir", str(scroll / "paths"), "--out_dir", str(flat),
+                "--segments", held_out, "--overwrite", "true"])
+    stages.run("flatten_3d (scan)", flat / f"{held_out}_scan.png", flatten_3d.main,
+               ["--predictions", str(scan), "--dataset", volume.SCAN, "--name", "scan", "--ppm_dir", str(scroll / "paths"),
+                "--out_dir", str(flat), "--segments", held_out, "--overwrite", "true"])
+    stages.run("connected_components_explore", blobs / "index.html", connected_components_explore.main,
+               ["--predictions", str(predictions), "--volume", str(scan), "--out_dir", str(blobs), "--threshold", "0.8",
+                "--min_scan", str(AIR_LEVEL), "--min_size", "100", "--max_size", "20000", "--overwrite", "true"])
+    summary = summary_picture(scroll, flat, blobs, held_out)
+    cv2.imwrite(str(out / "summary.png"), summary)
+    if config.summary_copy:
+        Path(config.summary_copy).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "summary.png", config.summary_copy)
+    model_f05, baseline_f05 = held_out_scores(scroll, flat, held_out)
+    print("\n" + stages.table())
+    print(f"summary picture: {out / 'summary.png'}")
+    print(f"held-out segment {held_out}: F0.5 model={model_f05:.3f} threshold-baseline={baseline_f05:.3f}")
+    return model_f05, baseline_f05
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
 A papyrus sheet rolled into an Archimedean spiral (in y/x, its centre drifting slowly with z)
 is written as uint16 TIFF slices like a real scan. Letter-like strokes of ink lie on the outer
 face of the sheet as a thin layer, denser than the papyrus under it but not brighter than the
-papyrus elsewhere (papyrus brightness and thickness vary slowly across the scroll), so a
-global intensity threshold cannot find the ink while a model that sees 3D context can.
+papyrus elsewhere (papyrus brightness and thickness vary across the scroll). Where there is no
+ink, loose fibres cover the face instead: as dense on average as ink, but speckled. So neither
+a global intensity threshold nor the mean along the normal finds the ink, while a model that
+sees the 3D texture can.
 Segments are patches of the sheet surface written as real .ppm files, with their 2D ink labels.
 
 Writes `volume/00000.tif...`, `paths/<id>/<id>.ppm` (+ `<id>_mask.png`),
@@ -46,6 +48,7 @@ INK_THICKNESS = 3.0  # ink layer on the outer face of the sheet
 SURFACE_ABOVE_FACE = 1.5  # segments trace the middle of the ink layer (layer 32 of a surface volume)
 LINE_HEIGHT = 30  # text lines, in slices
 AIR, NOISE = 0.08, 0.05
+DEBRIS_CONTRAST = 0.35  # relative intensity spread of the loose fibres on the face where there is no ink
 
 
 @dataclass
@@ -78,7 +81,7 @@ class Scroll:
         depth = shape[0]
         length = int(np.ceil(self.arc_length(self.phi_max))) + 2
         canvas = (depth, length)
-        self.brightness = 0.6 + 0.28 * _smooth_field(rng, canvas, 24)
+        self.brightness = 0.6 + 0.3 * _smooth_field(rng, canvas, 7)
         self.thickness = 8.0 + 2.0 * _smooth_field(rng, canvas, 20)
         self.fibres_along_u = 0.14 * _smooth_field(rng, canvas, (0.8, 25))
         self.fibres_along_z = 0.14 * _smooth_field(rng, canvas, (25, 0.8))
@@ -119,7 +122,12 @@ class Scroll:
         fibres = np.where(depth_from_centre < 0, self.field(self.fibres_along_u, zz, u), self.field(self.fibres_along_z, zz, u))
         intensity = np.full(radius.shape, AIR)
         intensity[sheet] = (brightness * (0.82 + fibres))[sheet]
-        intensity[ink] = (brightness * (1.0 + self.field(self.ink_grain, zz, u)))[ink]
+        intensity[ink] = (brightness * (0.95 + self.field(self.ink_grain, zz, u)))[ink]
+        # loose surface fibres where there is no ink: as dense on average as ink, but coarse and speckled,
+        # so the mean along a normal (a flattened scan) does not tell ink from no ink
+        debris = ink_layer & ~ink
+        speckle = ndimage.gaussian_filter(rng.standard_normal(radius.shape), 0.8)
+        intensity[debris] = (brightness * (0.95 + DEBRIS_CONTRAST * speckle / speckle.std()))[debris]
         intensity = ndimage.gaussian_filter(intensity, 0.6) + rng.normal(0, NOISE, intensity.shape)
         return np.clip(intensity, 0, 1), ink
 

@@ -55,8 +55,12 @@ def _block_stats(labels: np.ndarray, values: np.ndarray, count: int, origin) -> 
     return dict(voxels=voxels, value_sum=value_sum, maximum=maximum, coords_sum=coords_sum, low=low, high=high, index=index)
 
 
-def label_blocks(dataset, threshold: float, block: int, scratch: h5py.File, roi=None) -> Blobs:
-    """Blobs of `dataset >= threshold` within `roi` (zyx slices); pass-1 labels stored in `scratch[LABELS]`."""
+def label_blocks(dataset, threshold: float, block: int, scratch: h5py.File, roi=None, scan=None, min_scan: int = 0) -> Blobs:
+    """Blobs of `dataset >= threshold` within `roi` (zyx slices); pass-1 labels stored in `scratch[LABELS]`.
+
+    With a `scan` (same shape), only voxels whose scan value exceeds `min_scan` count: ink needs
+    material, and a model trained on sparse labels is never told that air holds no ink.
+    """
     roi = roi or tuple(slice(0, size) for size in dataset.shape)
     origin = np.array([s.start for s in roi])
     shape = tuple(s.stop - s.start for s in roi)
@@ -64,8 +68,12 @@ def label_blocks(dataset, threshold: float, block: int, scratch: h5py.File, roi=
     boxes = list(volume.iter_blocks(shape, block))
     stats, offset = [], 0
     for box in tqdm(boxes, unit="block", desc="components: label"):
-        values = dataset[tuple(slice(b.start + o, b.stop + o) for b, o in zip(box, origin))]
-        labels, count = cc3d.connected_components(values >= threshold, connectivity=26, return_N=True, out_dtype=np.uint64)
+        where = tuple(slice(b.start + o, b.stop + o) for b, o in zip(box, origin))
+        values = dataset[where]
+        foreground = values >= threshold
+        if scan is not None:
+            foreground &= scan[where] > min_scan
+        labels, count = cc3d.connected_components(foreground, connectivity=26, return_N=True, out_dtype=np.uint64)
         if count == 0:
             continue
         if offset + count >= np.iinfo(np.uint32).max:

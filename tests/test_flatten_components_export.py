@@ -182,3 +182,17 @@ def test_export_roi_round_trip(tmp_path, axis):
     assert np.array_equal(stack, values[2:11, 3:, :9])
     with pytest.raises(InputError, match="already holds"):
         export_slices.main(["--volume", str(tmp_path / "v.h5"), "--dataset", volume.SCAN, "--out_dir", str(tmp_path / "s")])
+
+
+def test_air_in_the_scan_is_not_ink(tmp_path):
+    values = np.zeros((12, 12, 12), np.uint8)
+    values[2:10, 4:6, 4:6] = 255  # one bar of high probability...
+    scan = np.full(values.shape, 200, np.uint8)
+    scan[5:7] = 10  # ...crossing two slices of air, which split it in two
+    with h5py.File(tmp_path / "scan.h5", "w") as file:
+        volume.create_volume(file, volume.SCAN, scan.shape, np.uint8, chunk=8)[:] = scan
+    rows, _ = _components(tmp_path, values, "--block", "8", "--min_size", "1", "--volume", str(tmp_path / "scan.h5"),
+                          "--min_scan", "50")
+    assert sorted(int(r["voxels"]) for r in rows) == [12, 12]
+    rows, _ = _components(tmp_path, values, "--block", "8", "--min_size", "1")
+    assert [int(r["voxels"]) for r in rows] == [32]

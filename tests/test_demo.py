@@ -1,0 +1,47 @@
+import csv
+import re
+
+import cv2
+import h5py
+import numpy as np
+
+import demo
+from ink3d import volume
+from models import load_model
+
+
+def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["--out_dir", str(out), "--depth", "32", "--patch", "32", "--f_maps", "4", "--num_levels", "2", "--max_steps", "4",
+            "--device", "cpu", "--summary_copy", str(tmp_path / "docs" / "summary.png")]
+    model_f05, baseline_f05 = demo.main(argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    held_out = "20231022170901"
+    assert re.fullmatch(rf"held-out segment {held_out}: F0\.5 model=\d\.\d{{3}} threshold-baseline=\d\.\d{{3}}", lines[-1])
+    assert 0 <= model_f05 <= 1 and 0 < baseline_f05 <= 1
+
+    with h5py.File(out / "scan.h5") as file:
+        scan = file[volume.SCAN]
+        assert scan.shape == (32, 256, 256) and scan.dtype == np.uint8 and scan.attrs["complete"]
+    for split in ("train", "valid"):
+        with h5py.File(out / f"labels_{split}.h5") as file:
+            assert file[volume.INK_COUNT][:].any() and file[volume.INK_SUM].dtype == np.float32
+        coords = np.load(out / f"coords_{split}.npy")
+        assert coords.dtype == np.int32 and coords.shape[1] == 3 and len(coords) > 0 and not (coords % 32).any()
+    assert load_model(out / "train" / "best.pth").args.f_maps == 4
+    with h5py.File(out / "predictions.h5") as file:
+        predictions = file[volume.PREDICTIONS]
+        assert predictions.shape == (32, 256, 256) and predictions.dtype == np.uint8 and predictions.attrs["complete"]
+    label = cv2.imread(str(out / "scroll" / "labels" / f"{held_out}_inklabels.png"), cv2.IMREAD_GRAYSCALE)
+    for name in ("prediction", "scan"):
+        assert cv2.imread(str(out / "flat" / f"{held_out}_{name}.png"), cv2.IMREAD_GRAYSCALE).shape == label.shape
+    with open(out / "blobs" / "blobs.csv") as file:
+        assert next(csv.reader(file))[:2] == ["id", "voxels"]
+    assert "<html>" in (out / "blobs" / "index.html").read_text()
+    summary = cv2.imread(str(out / "summary.png"))
+    assert summary is not None and summary.shape[1] > 3 * label.shape[1]
+    assert (tmp_path / "docs" / "summary.png").read_bytes() == (out / "summary.png").read_bytes()
+
+    demo.main(argv)  # a re-run reuses every stage
+    table = capsys.readouterr().out
+    assert table.count("(reused)") == 10
