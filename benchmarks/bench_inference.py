@@ -52,7 +52,6 @@ def run_monai(values: np.ndarray, model, patch: int, overlap: float, batch: int,
 
 
 def gpu_report(tmp: Path) -> None:
-    device = torch.device("cuda")
     model = UNet3D().eval()
     checkpoint = tmp / "default.pth"
     save_checkpoint(checkpoint, model, model.args, {}, 0)

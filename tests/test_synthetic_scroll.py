@@ -3,11 +3,18 @@ import filecmp
 import cv2
 import h5py
 import numpy as np
+import pytest
 import tifffile
 
 import make_synthetic_scroll
 from ink3d import volume
 from ink3d.ppm import positions_along_normals, read_ppm, valid_mask
+
+
+@pytest.fixture(scope="module")
+def truth(synthetic_scroll) -> np.ndarray:
+    with h5py.File(synthetic_scroll / "ground_truth.h5") as file:
+        return file[volume.GROUND_TRUTH][:]
 
 
 def _segment(scroll_dir, segment_id):
@@ -46,10 +53,9 @@ def test_other_seed_differs(synthetic_scroll, tmp_path):
     assert not filecmp.cmp(synthetic_scroll / "volume/00080.tif", tmp_path / "volume/00080.tif", shallow=False)
 
 
-def test_ppm_points_lie_in_the_volume_on_papyrus_with_unit_normals(synthetic_scroll, scroll_info):
+def test_ppm_points_lie_in_the_volume_on_papyrus_with_unit_normals(synthetic_scroll, scroll_info, truth):
     shape = np.array(scroll_info["shape"])
-    with h5py.File(synthetic_scroll / "ground_truth.h5") as file:
-        truth = file[volume.GROUND_TRUTH][:]
+    scan = np.stack([tifffile.imread(synthetic_scroll / "volume" / f"{z:05d}.tif") for z in range(shape[0])])
     for segment_id in scroll_info["segments"]:
         ppm, _, _ = _segment(synthetic_scroll, segment_id)
         data = np.asarray(ppm.data)
@@ -60,15 +66,12 @@ def test_ppm_points_lie_in_the_volume_on_papyrus_with_unit_normals(synthetic_scr
         assert np.allclose(np.linalg.norm(data[valid][:, 3:], axis=1), 1.0)
         # the surface is the middle of the ink layer: papyrus lies 2-4 voxels inward along the normal
         inward = np.round(positions_along_normals(data[valid], [-4.0])[:, 0]).astype(int)
-        scan = np.stack([tifffile.imread(synthetic_scroll / "volume" / f"{z:05d}.tif") for z in range(shape[0])])
         papyrus = scan[tuple(inward.T)] / 65535
         assert np.median(papyrus) > 0.3  # papyrus, not air (air is ~0.08)
         assert not truth[tuple(inward.T)].any()
 
 
-def test_flattening_ground_truth_reproduces_the_labels(synthetic_scroll, scroll_info):
-    with h5py.File(synthetic_scroll / "ground_truth.h5") as file:
-        truth = file[volume.GROUND_TRUTH][:]
+def test_flattening_ground_truth_reproduces_the_labels(synthetic_scroll, scroll_info, truth):
     for segment_id in scroll_info["segments"]:
         ppm, label, _ = _segment(synthetic_scroll, segment_id)
         data = np.asarray(ppm.data)
@@ -79,10 +82,9 @@ def test_flattening_ground_truth_reproduces_the_labels(synthetic_scroll, scroll_
         assert (ink & labelled).sum() / (ink | labelled).sum() > 0.95
 
 
-def test_ink_is_not_separable_by_a_global_threshold(synthetic_scroll):
+def test_ink_is_not_separable_by_a_global_threshold(synthetic_scroll, truth):
     """Ink voxels overlap papyrus voxels in intensity: the best threshold's F0.5 stays low."""
-    with h5py.File(synthetic_scroll / "ground_truth.h5") as file:
-        truth = file[volume.GROUND_TRUTH][40:120] > 0
+    truth = truth[40:120] > 0
     scan = np.stack([tifffile.imread(synthetic_scroll / "volume" / f"{z:05d}.tif") for z in range(40, 120)])
     thresholds = np.quantile(scan, np.linspace(0.5, 0.999, 60))
     best = 0.0
