@@ -122,7 +122,7 @@ def main(argv=None):
             check_output(_layers_path(path), config.overwrite)
     volume.open_dataset(config.predictions, config.dataset)[0].close()
     cache = config.cache_mb * 1024 * 1024
-    total = sum(read_ppm(path).height * read_ppm(path).width for path in ppms.values())
+    total = sum(int(np.prod(read_ppm(path).data.shape[:2])) for path in ppms.values())
     with h5py.File(config.predictions, "r", rdcc_nbytes=cache, rdcc_nslots=cache // 65536 * 10 + 1) as file, \
             tqdm(total=total, unit="px", unit_scale=True, desc="flatten_3d") as bar:
         dataset = file[config.dataset]

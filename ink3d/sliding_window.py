@@ -98,22 +98,22 @@ class WindowPredictor:
         p = self.patch
         numerator = torch.zeros(box.shape, dtype=torch.float32, device=self.device)
         denominator = torch.zeros(box.shape, dtype=torch.float32, device=self.device)
-        local = [tuple(int(s - o) for s, o in zip(window, origin)) for window in windows]
-        run, skipped = [], 0
-        for z, y, x in local:
-            cell = (slice(z, z + p), slice(y, y + p), slice(x, x + p))
+        cells = [tuple(slice(int(w - o), int(w - o) + p) for w, o in zip(window, origin)) for window in windows]
+        for cell in cells:
             denominator[cell] += self.weights
-            if self.skip_max >= 0 and box[cell].max().item() <= self.skip_max:
-                skipped += 1  # air: probability 0, the model is not run
-            else:
-                run.append(cell)
+        if self.skip_max >= 0:  # air: probability 0, the model is not run; one device sync for all windows
+            maxima = torch.stack([box[cell].amax() for cell in cells]).tolist()
+            run = [cell for cell, maximum in zip(cells, maxima) if maximum > self.skip_max]
+        else:
+            run = cells
+        skipped = len(cells) - len(run)
         for first in range(0, len(run), self.batch_size):
-            cells = run[first:first + self.batch_size]
-            batch = torch.stack([box[cell] for cell in cells])[:, None].float().div_(255)
+            batch_cells = run[first:first + self.batch_size]
+            batch = torch.stack([box[cell] for cell in batch_cells])[:, None].float().div_(255)
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
             probabilities = self._probabilities(batch)
-            for cell, probability in zip(cells, probabilities):
+            for cell, probability in zip(batch_cells, probabilities):
                 numerator[cell] += self.weights * probability
         inside = tuple(slice(o.start - b, o.stop - b) for o, b in zip(output, origin))
         return (numerator[inside] / denominator[inside]).cpu().numpy(), skipped
