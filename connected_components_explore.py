@@ -119,7 +119,7 @@ def main(argv=None):
         blobs = label_blocks(predictions, level, config.block, scratch, roi, scan, config.min_scan)
         if config.keep_labels:
             with h5py.File(out_dir / "blob_labels.h5", "w") as labels_file:
-                labels = write_blob_labels(scratch["labels"], blobs.label_to_blob, labels_file, config.block)
+                labels = write_blob_labels(scratch[volume.BLOB_LABELS], blobs.label_to_blob, labels_file, config.block)
                 labels.attrs["roi_origin"] = [s.start for s in roi]
     write_csv(out_dir / "blobs.csv", blobs)
     in_range = [i for i in range(len(blobs)) if config.min_size <= blobs.voxels[i] <= config.max_size]

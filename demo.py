@@ -139,10 +139,12 @@ def _vstack(images):
 def main(argv=None):
     config = parse_config(globals(), argv)
     out = Path(config.out_dir)
-    if config.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     scroll, scan, flat, blobs = out / "scroll", out / "scan.h5", out / "flat", out / "blobs"
+    train_dir, predictions = out / "train", out / "predictions.h5"
+    if config.fresh:  # only what the demo itself makes, in case out_dir holds anything else
+        for path in (scroll, scan, flat, blobs, train_dir, predictions, out / "summary.png", *out.glob("labels_*.h5"), *out.glob("coords_*.npy")):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     stages = Stages(config.fresh)
     stages.run("make_synthetic_scroll", scroll / "scroll.json", make_synthetic_scroll.main,
                ["--out_dir", str(scroll), "--seed", str(config.seed), "--depth", str(config.depth), "--overwrite", "true"])
@@ -159,7 +161,6 @@ def main(argv=None):
     for split in labels:
         stages.run(f"pred_find_coords ({split})", coords[split], pred_find_coords.main,
                    ["--labels", str(labels[split]), "--out", str(coords[split]), "--block", str(config.patch), "--overwrite", "true"])
-    train_dir = out / "train"
     stages.run("train", train_dir / "best.pth", train.main,
                ["--volume", str(scan), "--train_labels", str(labels["train"]), "--valid_labels", str(labels["valid"]),
                 "--train_coords", str(coords["train"]), "--valid_coords", str(coords["valid"]), "--out_dir", str(train_dir),
@@ -169,7 +170,6 @@ def main(argv=None):
                 "--exclusion_radius", str(config.patch), "--seed", str(config.seed), "--device", config.device,
                 "--resume", "true"],
                done=lambda path: _trained(train_dir, config.max_steps))
-    predictions = out / "predictions.h5"
     stages.run("inference", predictions, inference.main,
                ["--volume", str(scan), "--checkpoint", str(train_dir / "best.pth"), "--out", str(predictions),
                 "--patch", str(config.patch), "--block", str(2 * config.patch), "--device", config.device, "--resume", "true"],

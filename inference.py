@@ -82,7 +82,7 @@ def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool) 
     """The prediction file, new or (resuming) checked to hold the same plan; with its finished-block record."""
     if resume and path.exists():
         file = h5py.File(path, "a")
-        if volume.PREDICTIONS not in file or "finished_blocks" not in file:
+        if volume.PREDICTIONS not in file or volume.FINISHED_BLOCKS not in file:
             file.close()
             raise InputError(f"{path}: not a resumable prediction file; use --overwrite true")
         stored = json.loads(file[volume.PREDICTIONS].attrs["plan"])
@@ -98,7 +98,7 @@ def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool) 
     for key, value in attrs.items():
         dataset.attrs[key] = json.dumps(value) if isinstance(value, list) else value
     dataset.attrs["complete"] = False
-    file.create_dataset("finished_blocks", shape=(block_count,), dtype=np.uint8)
+    file.create_dataset(volume.FINISHED_BLOCKS, shape=(block_count,), dtype=np.uint8)
     return file
 
 
@@ -171,12 +171,12 @@ def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict) -> None:
     with file:
         for part in parts:
             with h5py.File(part, "r") as source:
-                done = source["finished_blocks"][:]
+                done = source[volume.FINISHED_BLOCKS][:]
                 for block in blocks:
-                    if done[block.index] and not file["finished_blocks"][block.index]:
+                    if done[block.index] and not file[volume.FINISHED_BLOCKS][block.index]:
                         file[volume.PREDICTIONS][block.output] = source[volume.PREDICTIONS][block.output]
-                        file["finished_blocks"][block.index] = 1
-        missing = int((file["finished_blocks"][:] == 0).sum())
+                        file[volume.FINISHED_BLOCKS][block.index] = 1
+        missing = int((file[volume.FINISHED_BLOCKS][:] == 0).sum())
         if missing:
             raise InputError(f"{out}: {missing} blocks are missing from the part files; rerun with --resume true")
         file[volume.PREDICTIONS].attrs["complete"] = True
@@ -218,7 +218,7 @@ def main(argv=None):
         raise InputError(f"{part} exists (an interrupted run?); pass --resume true to complete it or --overwrite true")
     out.parent.mkdir(parents=True, exist_ok=True)
     with scan_file, open_output(part, scan.shape, attrs, len(blocks), config.resume) as file:
-        finished = file["finished_blocks"]
+        finished = file[volume.FINISHED_BLOCKS]
         done = finished[:]
         mine = [b for b in blocks if b.index % world == rank]
         todo = [b for b in mine if not done[b.index]]

@@ -20,8 +20,6 @@ from tqdm import tqdm
 
 from ink3d import volume
 
-LABELS = "labels"
-
 
 @dataclass
 class Blobs:
@@ -56,7 +54,7 @@ def _block_stats(labels: np.ndarray, values: np.ndarray, count: int, origin) -> 
 
 
 def label_blocks(dataset, threshold: float, block: int, scratch: h5py.File, roi=None, scan=None, min_scan: int = 0) -> Blobs:
-    """Blobs of `dataset >= threshold` within `roi` (zyx slices); pass-1 labels stored in `scratch[LABELS]`.
+    """Blobs of `dataset >= threshold` within `roi` (zyx slices); pass-1 labels stored in `scratch[volume.BLOB_LABELS]`.
 
     With a `scan` (same shape), only voxels whose scan value exceeds `min_scan` count: ink needs
     material, and a model trained on sparse labels is never told that air holds no ink.
@@ -64,7 +62,7 @@ def label_blocks(dataset, threshold: float, block: int, scratch: h5py.File, roi=
     roi = roi or tuple(slice(0, size) for size in dataset.shape)
     origin = np.array([s.start for s in roi])
     shape = tuple(s.stop - s.start for s in roi)
-    labels_out = volume.create_volume(scratch, LABELS, shape, np.uint32, chunk=min(block, volume.DEFAULT_CHUNK))
+    labels_out = volume.create_volume(scratch, volume.BLOB_LABELS, shape, np.uint32, chunk=min(block, volume.DEFAULT_CHUNK))
     boxes = list(volume.iter_blocks(shape, block))
     stats, offset = [], 0
     for box in tqdm(boxes, unit="block", desc="components: label"):
@@ -148,7 +146,7 @@ def _merge(stats: list[dict], groups: np.ndarray, count: int, origin: np.ndarray
 def write_blob_labels(scratch_labels, label_to_blob: np.ndarray, out: h5py.File, block: int) -> h5py.Dataset:
     """The final labels volume (blob ids as in the blob table), block by block."""
     dtype = np.uint32 if len(label_to_blob) < np.iinfo(np.uint32).max else np.uint64
-    dataset = volume.create_volume(out, LABELS, scratch_labels.shape, dtype, chunk=min(block, volume.DEFAULT_CHUNK))
+    dataset = volume.create_volume(out, volume.BLOB_LABELS, scratch_labels.shape, dtype, chunk=min(block, volume.DEFAULT_CHUNK))
     for box in volume.iter_blocks(scratch_labels.shape, block):
         dataset[box] = label_to_blob[scratch_labels[box]].astype(dtype)
     return dataset

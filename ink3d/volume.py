@@ -15,6 +15,8 @@ INK_SUM = "ink_sum"
 INK_COUNT = "ink_count"
 PREDICTIONS = "predictions"
 GROUND_TRUTH = "ink"
+BLOB_LABELS = "labels"  # connected_components_explore.py: blob id per voxel
+FINISHED_BLOCKS = "finished_blocks"  # prediction file: 1 per finished macro-block (resuming)
 
 AXES = "zyx"
 DEFAULT_CHUNK = 128

@@ -45,3 +45,8 @@ def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
     demo.main(argv)  # a re-run reuses every stage
     table = capsys.readouterr().out
     assert table.count("(reused)") == 10
+
+    (out / "keep.txt").write_text("not the demo's")
+    demo.main(argv + ["--fresh", "true"])  # every stage again; other files in out_dir stay
+    assert "(reused)" not in capsys.readouterr().out
+    assert (out / "keep.txt").read_text() == "not the demo's"

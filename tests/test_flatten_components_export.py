@@ -111,7 +111,7 @@ def _components(tmp_path, values, *extra):
     with open(tmp_path / "blobs" / "blobs.csv") as file:
         rows = list(csv.DictReader(file))
     with h5py.File(tmp_path / "blobs" / "blob_labels.h5") as file:
-        labels = file["labels"][:]
+        labels = file[volume.BLOB_LABELS][:]
     return rows, labels
 
 

@@ -123,7 +123,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_p
         _infer(scan_path, model_path, tmp_path / "pred.h5")
     monkeypatch.setattr(inference.WindowPredictor, "predict", original)
     with h5py.File(tmp_path / "pred.h5") as file:
-        assert file["finished_blocks"][:].sum() == 4 and not file[volume.PREDICTIONS].attrs["complete"]
+        assert file[volume.FINISHED_BLOCKS][:].sum() == 4 and not file[volume.PREDICTIONS].attrs["complete"]
     with pytest.raises(InputError, match="exists"):
         _infer(scan_path, model_path, tmp_path / "pred.h5")
     with pytest.raises(InputError, match="different patch"):
