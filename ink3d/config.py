@@ -9,7 +9,8 @@ two blank lines, such as::
 
 `parse_config(globals(), argv)` builds an argparse parser with one flag per constant
 (`--volume`, `--band`), typed from the default and documented by the trailing comment,
-and returns the resolved values as a namespace with lower-case names.
+and returns the resolved values as a namespace with lower-case names. Booleans take
+`true`/`false`; a boolean flag alone (`--overwrite`) means true.
 """
 
 import argparse
@@ -88,12 +89,14 @@ def build_parser(script_globals: dict) -> argparse.ArgumentParser:
             kind, metavar = type(default), type(default).__name__.upper()
         else:
             raise TypeError(f"constant {name} must be a bool, int, float or str, not {type(default).__name__}")
+        flag_alone = {"nargs": "?", "const": True} if kind is str_to_bool else {}  # `--resume` means `--resume true`
         parser.add_argument(
             f"--{name.lower()}",
             type=kind,
             default=default,
             metavar=metavar,
             help=f"{comment} (default: {default!r})" if comment else f"(default: {default!r})",
+            **flag_alone,
         )
     return parser
 

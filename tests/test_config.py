@@ -46,6 +46,11 @@ def test_booleans_parse_true_and_false(script_globals, text, value):
     assert parse_config(script_globals, ["--resume", text]).resume is value
 
 
+def test_a_boolean_flag_alone_means_true(script_globals):
+    config = parse_config(script_globals, ["--resume", "--band", "3"])
+    assert config.resume is True and config.band == 3
+
+
 @pytest.mark.parametrize("argv", [["--unknown", "1"], ["--band", "four"], ["--resume", "maybe"], ["--derived", "x"], ["--limits", "1"]])
 def test_bad_flags_are_rejected(script_globals, argv):
     with pytest.raises(SystemExit):
