@@ -61,7 +61,7 @@ RESUME = False  # complete an interrupted run into the same output
 OVERWRITE = False  # replace an existing output
 
 
-PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "skip_max", "tta")
+PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "skip_max", "tta", "checkpoint")
 
 
 def plan_attrs(config, shape, region) -> dict:

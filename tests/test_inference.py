@@ -128,6 +128,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_p
         _infer(scan_path, model_path, tmp_path / "pred.h5")
     with pytest.raises(InputError, match="different patch"):
         _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true", "--patch", "8")
+    other = tmp_path / "other.pth"
+    other.write_bytes(model_path.read_bytes())
+    with pytest.raises(InputError, match="different checkpoint"):  # two models' blocks must not mix
+        _infer(scan_path, other, tmp_path / "pred.h5", "--resume", "true")
     resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
 
