@@ -78,6 +78,11 @@ WANDB = False  # log to Weights & Biases (mode from WANDB_MODE; offline unless W
 WANDB_PROJECT = "3d-ink-detection"  # W&B project
 
 
+# settings a resumed run must keep: they define the model, the sample stream and the schedule
+RESUME_KEYS = ("patch", "block", "batch_size", "lr", "weight_decay", "warmup_steps", "max_steps", "f_maps", "num_levels",
+               "num_groups", "seed", "dice_weight", "min_labeled", "max_tries", "exclusion_radius")
+
+
 def masked_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 0.0) -> tuple[torch.Tensor, int]:
     """BCE with logits averaged over labeled voxels (labels >= 0), plus an optional soft Dice term.
 
@@ -239,6 +244,11 @@ def main(argv=None):
     step, best_f05, skipped_batches = 0, -1.0, 0
     if config.resume and last_path.exists():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
+        stored = state["config"]
+        changed = [key for key in RESUME_KEYS if stored.get(key) != getattr(config, key)]
+        if changed:
+            raise InputError(f"{last_path}: cannot resume with different {', '.join(changed)} "
+                             f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the checkpoint)")
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

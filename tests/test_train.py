@@ -189,6 +189,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         _train(root, tmp_path / "halves", "--valid_every", "100")
     monkeypatch.setattr(train, "masked_loss", original)
     assert torch.load(tmp_path / "halves" / "last.pth", weights_only=True)["step"] == 2
+    with pytest.raises(InputError, match="different max_steps"):
+        _train(root, tmp_path / "halves", "--resume", "true", "--max_steps", "8")
     _train(root, tmp_path / "halves", "--resume", "true")
     whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)["model"]
     halves = torch.load(tmp_path / "halves" / "last.pth", weights_only=True)["model"]
