@@ -150,8 +150,11 @@ def _reopen(out: Path, file: h5py.File, shape, source: dict, config):
     stored = json.loads(dataset.attrs["source"])
     if stored != source or dataset.shape != shape:
         raise InputError(f"{out}: cannot resume, it was made from another stack ({stored}); use --overwrite true")
-    if dataset.chunks[0] != min(config.chunk, shape[0]):
-        raise InputError(f"{out}: cannot resume with --chunk {config.chunk}, the file has chunks {dataset.chunks}")
+    stored_config = json.loads(dataset.attrs["config"])
+    changed = [key for key in ("chunk", "compression", "window") if stored_config[key] != getattr(config, key)]
+    if changed:
+        raise InputError(f"{out}: cannot resume with different {', '.join(changed)} "
+                         f"({', '.join(f'{k}={stored_config[k]!r}' for k in changed)} in the file)")
     window = json.loads(dataset.attrs["window"])
     return dataset, (tuple(window) if window else None), int(dataset.attrs["slabs_done"])
 

@@ -75,6 +75,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
         assert file["scan_volume"].attrs["slabs_done"] == 1 and not file["scan_volume"].attrs["complete"]
     with pytest.raises(InputError, match="exists"):
         _convert(folder, tmp_path / "scan.h5")
+    with pytest.raises(InputError, match="different window"):
+        _convert(folder, tmp_path / "scan.h5", "--resume", "true", "--window", "1,99")
     calls.clear()
     monkeypatch.setattr(volume_to_hdf, "read_slice", lambda path: calls.append(path.name) or original(path))
     resumed, attrs = _convert(folder, tmp_path / "scan.h5", "--resume", "true")
