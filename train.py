@@ -36,8 +36,7 @@ from ink3d.config import parse_config, run_main, save_config
 from ink3d.coords import drop_near
 from ink3d.dataset import ScrollSamples
 from ink3d.metrics import best_fbeta, roc_auc
-from models import UNet3D, load_weights, save_checkpoint, unwrap
-from models.checkpoint import extract_state_dict, read_checkpoint
+from models import UNet3D, load_weights, read_state_dict, save_checkpoint, unwrap
 from models.speed import autocast, autocast_dtype, prepare_model, resolve_device
 
 # --- config ---
@@ -195,11 +194,6 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def load_init_weights(model, path: str, trusted: bool) -> None:
-    state, _ = extract_state_dict(read_checkpoint(path, trusted), path)
-    load_weights(model, state, path)
-
-
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, resolve_device(device_name)
@@ -234,7 +228,7 @@ def main(argv=None):
     model_args = dict(in_channels=1, out_channels=1, f_maps=config.f_maps, num_levels=config.num_levels, num_groups=config.num_groups)
     model = UNet3D(**model_args)
     if config.init_checkpoint and not config.resume:
-        load_init_weights(model, config.init_checkpoint, config.trust_checkpoint)
+        load_weights(model, read_state_dict(config.init_checkpoint, config.trust_checkpoint)[0], config.init_checkpoint)
     dtype = autocast_dtype(device, config.amp)
     channels_last = config.channels_last and device.type == "cuda"
     model = prepare_model(model, device, channels_last=channels_last)

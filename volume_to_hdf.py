@@ -80,9 +80,9 @@ def intensity_lut(dtype: np.dtype, window: tuple[float, float] | None) -> np.nda
     """Lookup table from the input dtype to uint8 (None for uint8 input, which is copied)."""
     if dtype == np.uint8:
         return None
-    values = np.arange(65536, dtype=np.float64)
+    values = np.arange(65536, dtype=np.uint32)
     if window is None:
-        return ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)  # = round(v * 255 / 65535)
+        return ((values + 128) // 257).astype(np.uint8)  # = round(v * 255 / 65535)
     low, high = window
     return np.clip(np.round((values - low) * 255 / max(high - low, 1)), 0, 255).astype(np.uint8)
 

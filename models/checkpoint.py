@@ -7,7 +7,6 @@ a bare state_dict, and keys prefixed `model.` (the published 3D ink checkpoint),
 shapes; `num_groups` is invisible in the weights and defaults to 4 (the published model's).
 """
 
-import os
 import pickle
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ink3d import InputError
+from ink3d.files import atomic_output
 from models.unet3d import UNet3D, UNetArgs
 
 PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -34,14 +34,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_checkpoint(path, model, model_args, config, step, **extra) -> None:
     """Write `{"model", "model_args", "config", "step", **extra}`; a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(model_args, UNetArgs):
         model_args = model_args.to_dict()
     payload = {"model": unwrap(model).state_dict(), "model_args": dict(model_args), "config": dict(config), "step": int(step), **extra}
-    temporary = path.with_name(path.name + ".partial")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    with atomic_output(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def read_checkpoint(path, trusted: bool = False) -> dict:
@@ -113,9 +110,14 @@ def load_weights(model: torch.nn.Module, state: dict, path="checkpoint") -> None
     unwrap(model).load_state_dict(state, strict=True)
 
 
+def read_state_dict(path, trusted: bool = False) -> tuple[dict, dict | None]:
+    """(state_dict, model_args or None) of a checkpoint file in any accepted form."""
+    return extract_state_dict(read_checkpoint(path, trusted), path)
+
+
 def load_model(path, device="cpu", trusted: bool = False, num_groups: int | None = None) -> UNet3D:
     """Rebuild the network from a checkpoint file alone, in eval mode on `device`."""
-    state, model_args = extract_state_dict(read_checkpoint(path, trusted), path)
+    state, model_args = read_state_dict(path, trusted)
     args = UNetArgs(**model_args) if model_args else infer_model_args(state)
     if num_groups is not None:
         args.num_groups = num_groups
