@@ -1,7 +1,16 @@
-"""Ink metrics over labeled voxels or pixels: F0.5 at the best threshold, ROC AUC."""
+"""Ink metrics: F0.5 at the best threshold and ROC AUC over labeled voxels or pixels, and the 3D
+score of a whole prediction volume against a ground-truth ink volume.
+
+The 3D score streams: predictions and scan are uint8, so per-value counts (histograms) of each
+class give the exact best-threshold F0.5, AUC and quantiles without holding the volume.
+"""
+
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.stats import rankdata
+
+from ink3d import volume
 
 
 def best_fbeta(scores: np.ndarray, truth: np.ndarray, beta: float = 0.5) -> tuple[float, float]:
@@ -34,3 +43,83 @@ def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(scores)
     return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def histogram_fbeta(positives: np.ndarray, negatives: np.ndarray, beta: float = 0.5) -> tuple[float, int]:
+    """Best F-beta over thresholds `value >= t` for integer values given as per-value counts of the
+    positive and the negative class; returns (F-beta, t). Exact, as `best_fbeta` on the values."""
+    true_positives = np.cumsum(np.asarray(positives, np.float64)[::-1])[::-1]
+    predicted = true_positives + np.cumsum(np.asarray(negatives, np.float64)[::-1])[::-1]
+    total = true_positives[0] if len(true_positives) else 0.0
+    if total == 0:
+        return 0.0, -1
+    b2 = beta * beta
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision, recall = true_positives / predicted, true_positives / total
+        f = np.where(true_positives > 0, (1 + b2) * precision * recall / (b2 * precision + recall), 0.0)
+    best = int(np.argmax(f))
+    return float(f[best]), best
+
+
+def histogram_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """ROC AUC from per-value counts (ties count one half), as `roc_auc` on the values."""
+    positives, negatives = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
+    if positives.sum() == 0 or negatives.sum() == 0:
+        return float("nan")
+    below = np.cumsum(negatives) - negatives
+    return float((positives * (below + 0.5 * negatives)).sum() / (positives.sum() * negatives.sum()))
+
+
+def histogram_quantile(counts: np.ndarray, q: float) -> int:
+    """The smallest value whose cumulative count reaches q of the total (numpy's 'inverted_cdf')."""
+    cumulative = np.cumsum(counts)
+    return int(np.searchsorted(cumulative, q * cumulative[-1])) if cumulative[-1] else -1
+
+
+LEVELS = 256
+CLASSES = ("air", "papyrus", "ink")  # air: scan <= air level and no ink; papyrus: material without ink
+
+
+@dataclass
+class VoxelCounts:
+    """Per-value counts of uint8 predictions in each class of CLASSES, and of scan values without / with ink."""
+
+    prediction: np.ndarray = field(default_factory=lambda: np.zeros((len(CLASSES), LEVELS), np.int64))
+    scan: np.ndarray = field(default_factory=lambda: np.zeros((2, LEVELS), np.int64))
+
+    def add(self, prediction: np.ndarray, ink: np.ndarray, scan: np.ndarray, air_level: int) -> None:
+        """Count one box: uint8 `prediction` and `scan`, boolean `ink`, all of the same shape."""
+        ink = np.asarray(ink, bool).ravel()
+        scan = np.asarray(scan, np.uint8).ravel()
+        category = np.where(ink, 2, np.where(scan <= air_level, 0, 1))
+        keys = category * LEVELS + np.asarray(prediction, np.uint8).ravel()
+        self.prediction += np.bincount(keys, minlength=len(CLASSES) * LEVELS).reshape(len(CLASSES), LEVELS)
+        self.scan += np.bincount(ink * LEVELS + scan, minlength=2 * LEVELS).reshape(2, LEVELS)
+
+    def summary(self) -> dict:
+        """Best-threshold F0.5 (threshold as a probability) and AUC of the prediction and of the scan
+        intensity (ink denser), the share of each class, and the prediction's median and 95th
+        percentile in each class."""
+        ink = self.prediction[2]
+        no_ink = self.prediction[0] + self.prediction[1]
+        f05, level = histogram_fbeta(ink, no_ink)
+        scan_f05, scan_level = histogram_fbeta(self.scan[1], self.scan[0])
+        voxels = int(self.prediction.sum())
+        result = {"voxels": voxels, "f05": f05, "threshold": level / 255, "auc": histogram_auc(ink, no_ink),
+                  "scan_f05": scan_f05, "scan_threshold": scan_level, "scan_auc": histogram_auc(self.scan[1], self.scan[0])}
+        for name, counts in zip(CLASSES, self.prediction):
+            result[f"{name}_fraction"] = float(counts.sum() / max(voxels, 1))
+            result[f"{name}_median"] = histogram_quantile(counts, 0.5) / 255
+            result[f"{name}_p95"] = histogram_quantile(counts, 0.95) / 255
+        return result
+
+
+def score_volume(predictions, truth, scan, air_level: int, region=None, block: int = volume.DEFAULT_CHUNK) -> dict:
+    """The 3D score (VoxelCounts.summary) of a uint8 prediction volume against a ground-truth ink volume
+    (> 0 = ink) with the scan beside it, over `region` (zyx slices; the whole volume when None), block by block."""
+    region = region or tuple(slice(0, size) for size in predictions.shape)
+    counts = VoxelCounts()
+    for box in volume.iter_blocks([r.stop - r.start for r in region], block):
+        box = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, box))
+        counts.add(predictions[box], truth[box] > 0, scan[box], air_level)
+    return counts.summary()

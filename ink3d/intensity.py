@@ -1,0 +1,85 @@
+"""Scan intensity: a histogram sampled from the volume, the air level, and the model's input normalisation.
+
+Real scans differ in brightness and contrast, so two things are read off the volume itself:
+the air level (Otsu's threshold of the histogram; scan values at or below it are air, which
+holds no ink) and, optionally, a percentile window that maps the papyrus' range onto [0, 1].
+Both come from a bounded sample of chunks, so they cost the same on a 1 TB scan as on the demo.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ink3d import volume
+
+LEVELS = 256  # the scan volume is uint8
+
+
+def scan_histogram(dataset, max_blocks: int = 64, block: int = volume.DEFAULT_CHUNK, seed: int = 0) -> np.ndarray:
+    """Counts of each uint8 value over at most `max_blocks` blocks of the volume (all blocks when it has fewer)."""
+    blocks = list(volume.iter_blocks(dataset.shape, block))
+    if len(blocks) > max_blocks:
+        chosen = np.random.default_rng(seed).choice(len(blocks), max_blocks, replace=False)
+        blocks = [blocks[i] for i in sorted(chosen)]
+    counts = np.zeros(LEVELS, np.int64)
+    for box in blocks:
+        counts += np.bincount(np.asarray(dataset[box]).ravel(), minlength=LEVELS)[:LEVELS]
+    return counts
+
+
+def otsu_level(counts: np.ndarray) -> int:
+    """Otsu's threshold of a histogram: the level t maximising the between-class variance of
+    {values <= t} and {values > t}."""
+    counts = np.asarray(counts, np.float64)
+    levels = np.arange(len(counts))
+    weight_low = np.cumsum(counts)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(counts * levels)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_low = sum_low / weight_low
+        mean_high = (sum_low[-1] - sum_low) / weight_high
+        between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return int(np.argmax(np.nan_to_num(between[:-1], nan=-1.0)))
+
+
+def percentile_level(counts: np.ndarray, percent: float) -> int:
+    """The smallest level at or below which `percent` % of the counted values lie."""
+    cumulative = np.cumsum(counts)
+    return int(np.searchsorted(cumulative, percent / 100 * cumulative[-1]))
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Model input = clip((scan - low) / (high - low), 0, 1). `low=0, high=255` is plain `scan / 255`."""
+
+    low: float = 0.0
+    high: float = 255.0
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "Normalization":
+        """The normalisation a checkpoint's config records (`/255` for checkpoints that record none)."""
+        values = (config or {}).get("normalization")
+        return cls(*values) if values else cls()
+
+    @classmethod
+    def of_volume(cls, counts: np.ndarray, mode: str, low_percent: float, high_percent: float) -> "Normalization":
+        """`scale`: /255; `percentile`: the window between two percentiles of the material above the air
+        level (air dominates a scroll's bounding box and would otherwise set the low end)."""
+        if mode == "scale":
+            return cls()
+        if mode != "percentile":
+            raise ValueError(f"normalization {mode!r}: choose scale or percentile")
+        material = np.array(counts, copy=True)
+        material[:otsu_level(counts) + 1] = 0
+        low, high = percentile_level(material, low_percent), percentile_level(material, high_percent)
+        return cls(float(low), float(max(high, low + 1)))
+
+    def to_config(self) -> list[float]:
+        return [self.low, self.high]
+
+    def __call__(self, scan):
+        """Float input of the model from uint8 scan values (a numpy array or a torch tensor)."""
+        if isinstance(scan, torch.Tensor):
+            return ((scan.float() - self.low) / (self.high - self.low)).clamp_(0, 1)
+        return np.clip((np.asarray(scan, np.float32) - np.float32(self.low)) / np.float32(self.high - self.low), 0, 1)

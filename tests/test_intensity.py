@@ -1,0 +1,62 @@
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ink3d import volume
+from ink3d.intensity import Normalization, otsu_level, percentile_level, scan_histogram
+
+skimage_filters = pytest.importorskip("skimage.filters", reason="scikit-image is the reference Otsu threshold")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_otsu_level_equals_scikit_image(seed):
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([rng.normal(20, 12, 7000), rng.normal(120 + 20 * seed, 30, 3000)])
+    values = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    counts = np.bincount(values, minlength=256)
+    assert otsu_level(counts) == skimage_filters.threshold_otsu(hist=(counts, np.arange(256)))
+
+
+def test_percentile_level_is_numpys_inverted_cdf():
+    values = np.random.default_rng(0).integers(0, 256, 1001)
+    counts = np.bincount(values, minlength=256)
+    for percent in (0.5, 10, 50, 99.5):
+        assert percentile_level(counts, percent) == np.percentile(values, percent, method="inverted_cdf")
+
+
+def test_scan_histogram_counts_every_voxel_or_a_bounded_sample(tmp_path):
+    values = np.random.default_rng(0).integers(0, 256, (20, 30, 25)).astype(np.uint8)
+    with h5py.File(tmp_path / "s.h5", "w") as file:
+        scan = volume.create_volume(file, volume.SCAN, values.shape, np.uint8, chunk=8)
+        scan[:] = values
+        assert np.array_equal(scan_histogram(scan, block=8), np.bincount(values.ravel(), minlength=256))
+        sample = scan_histogram(scan, max_blocks=5, block=8)
+        assert 5 * 8**3 >= sample.sum() >= 5 * 4 * 6 * 1 and np.all(sample <= np.bincount(values.ravel(), minlength=256))
+
+
+def test_normalization_scale_is_division_by_255_and_numpy_equals_torch():
+    values = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(Normalization()(values), values.astype(np.float32) / 255)
+    assert torch.equal(Normalization()(torch.from_numpy(values)), torch.from_numpy(values).float().div_(255))
+    window = Normalization(50.0, 150.0)
+    expected = np.clip((values.astype(np.float32) - 50) / 100, 0, 1)
+    assert np.array_equal(window(values), expected)
+    assert np.array_equal(window(torch.from_numpy(values)).numpy(), expected)
+
+
+def test_normalization_of_a_volume_windows_the_material_and_round_trips_through_a_config():
+    rng = np.random.default_rng(0)
+    air = np.clip(rng.normal(20, 8, 9000), 0, 255)
+    material = np.clip(rng.normal(150, 20, 3000), 0, 255)
+    values = np.rint(np.concatenate([air, material])).astype(int)
+    counts = np.bincount(values, minlength=256)
+    window = Normalization.of_volume(counts, "percentile", 1, 99)
+    above_air = values[values > otsu_level(counts)]
+    assert len(above_air) == pytest.approx(3000, rel=0.01)
+    assert window.low == np.percentile(above_air, 1, method="inverted_cdf")
+    assert window.high == np.percentile(above_air, 99, method="inverted_cdf")
+    assert Normalization.from_config({"normalization": window.to_config()}) == window
+    assert Normalization.from_config({}) == Normalization() == Normalization.of_volume(counts, "scale", 1, 99)
+    with pytest.raises(ValueError, match="scale or percentile"):
+        Normalization.of_volume(counts, "zscore", 1, 99)
