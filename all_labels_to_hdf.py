@@ -7,7 +7,8 @@
 Every `<labels_dir>/<id>_inklabels.png` with a `<ppm_dir>/<id>/<id>.ppm` is used. When ids
 differ only in the last character, only the highest (the newest version) is used. Pixels with
 a valid ppm point, inside `<id>_mask.png` when it exists, label the voxels within `--band`
-of the surface along the normal (see ink3d/labels.py). Validation segments, and every version
+of the surface along the normal: those from `--ink_back` behind to `--ink_front` in front of the
+surface get the pixel's label, the rest of the band 0 (see ink3d/labels.py). Validation segments, and every version
 of them, go to `--out_train`'s sibling `--out_valid`, never into training.
 
 Outputs are written under a temporary name and renamed when complete. `--update true` adds
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output, partial_path
-from ink3d.labels import VoxelizeStats, voxelize_tile
+from ink3d.labels import VoxelizeStats, ink_range_within, voxelize_tile
 from ink3d.ppm import read_ppm, valid_mask
 
 # --- config ---
@@ -40,6 +41,8 @@ OUT_TRAIN = "runs/demo/labels_train.h5"  # label volume of the training segments
 OUT_VALID = "runs/demo/labels_valid.h5"  # label volume of the validation segments
 VALID_SEGMENTS = "20231022170901"  # comma-separated validation segment ids (Scroll 1: 20230904135535)
 BAND = 4.0  # half-width of the labeled band along the normal, in voxels
+INK_FRONT = 4.0  # of the band, voxels up to this far in front of the surface (the normal's side) take the pixel's label
+INK_BACK = 4.0  # ... and up to this far behind it; the rest of the band is labeled 0 (no ink). Both clipped to the band
 KEEP_ALL_VERSIONS = False  # use every version of a segment instead of only the newest
 SKIP_BAD = False  # skip (and report) segments with a missing or malformed ppm, label or mask
 CHUNK = 128  # HDF5 chunk edge of the label volumes
@@ -114,7 +117,7 @@ def _read_png(path: Path, shape, what: str, segment_id: str) -> np.ndarray:
     return image
 
 
-def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, tile_pixels: int, bar) -> VoxelizeStats:
+def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, ink_range, tile_pixels: int, bar) -> VoxelizeStats:
     ppm = read_ppm(segment.ppm_path)
     shape = (ppm.height, ppm.width)
     labels = _read_png(segment.label_path, shape, "ink label", segment.segment_id)
@@ -126,7 +129,7 @@ def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, tile_pix
         use = valid_mask(data)
         if mask is not None:
             use &= mask[row:row + rows] > 0
-        stats.add(voxelize_tile(data, labels[row:row + rows] / np.float32(255), use, band, ink_sum, ink_count))
+        stats.add(voxelize_tile(data, labels[row:row + rows] / np.float32(255), use, band, ink_sum, ink_count, ink_range))
         bar.update(data.shape[0] * data.shape[1])
     return stats
 
@@ -140,15 +143,26 @@ def _open_output(path: Path, shape, config, update: bool) -> tuple[h5py.File, li
         file = h5py.File(temporary, "a")
         if file[volume.INK_SUM].shape != tuple(shape):
             raise InputError(f"{path}: shape {file[volume.INK_SUM].shape} differs from the scan's {tuple(shape)}")
-        if float(file.attrs["band"]) != config.band:
-            raise InputError(f"{path}: made with band {file.attrs['band']}, not {config.band}")
+        stored = (float(file.attrs["band"]), *json.loads(file.attrs.get("ink_range", json.dumps([-config.band, config.band]))))
+        wanted = (config.band, *ink_range_of(config))
+        if stored != wanted:
+            raise InputError(f"{path}: made with band {stored[0]} and ink range {stored[1]}..{stored[2]}, "
+                             f"not {wanted[0]} and {wanted[1]}..{wanted[2]}")
         return file, json.loads(file.attrs["segments"])
     file = h5py.File(temporary, "w")
     volume.create_volume(file, volume.INK_SUM, shape, np.float32, config.chunk)
     volume.create_volume(file, volume.INK_COUNT, shape, np.uint16, config.chunk)
     file.attrs["band"] = config.band
+    file.attrs["ink_range"] = json.dumps(list(ink_range_of(config)))
     file.attrs["segments"] = "[]"
     return file, []
+
+
+def ink_range_of(config) -> tuple[float, float]:
+    try:
+        return ink_range_within(config.band, config.ink_back, config.ink_front)
+    except ValueError as error:
+        raise InputError(f"--band {config.band} --ink_back {config.ink_back} --ink_front {config.ink_front}: {error}") from None
 
 
 def write_label_volume(path: Path, segments: list[Segment], shape, config, bar) -> list[str]:
@@ -162,7 +176,7 @@ def write_label_volume(path: Path, segments: list[Segment], shape, config, bar) 
                 bar.update(segment.pixels)
                 continue
             try:
-                stats = voxelize_segment(segment, file[volume.INK_SUM], file[volume.INK_COUNT], config.band, config.tile_pixels, bar)
+                stats = voxelize_segment(segment, file[volume.INK_SUM], file[volume.INK_COUNT], config.band, ink_range_of(config), config.tile_pixels, bar)
             except InputError as error:
                 if not config.skip_bad:
                     raise
@@ -183,6 +197,7 @@ def main(argv=None):
     for out in outputs:
         if not config.update:
             check_output(out, config.overwrite)
+    ink_range_of(config)
     valid_ids = {s.strip() for s in config.valid_segments.split(",") if s.strip()}
     plan = plan_segments(Path(config.ppm_dir), Path(config.labels_dir), valid_ids, config.keep_all_versions, config.skip_bad)
     scan_file, scan = volume.open_dataset(config.volume, volume.SCAN)

@@ -81,7 +81,7 @@ def per_pixel_reference(root: Path, rows: int, band: float, out: Path) -> float:
                 pixel = np.asarray(ppm.data[row, col])
                 if not valid_mask(pixel):
                     continue
-                flat, _, _ = band_voxels(pixel[None, 2::-1], pixel[None, 5:2:-1], band, shape)
+                flat, _, _, _ = band_voxels(pixel[None, 2::-1], pixel[None, 5:2:-1], band, shape)
                 zyx = np.stack(np.unravel_index(flat, shape), axis=1)
                 low, high = zyx.min(axis=0), zyx.max(axis=0) + 1
                 box = tuple(slice(a, b) for a, b in zip(low, high))

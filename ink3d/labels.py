@@ -1,8 +1,10 @@
 """Sparse 2D ink labels into 3D: voxelize a segment's labeled pixels along their normals.
 
 For each labeled pixel, the voxels `round(p + t * n)` for t over [-band, band] in steps of at
-most half a voxel get the pixel's label added to `ink_sum` and 1 added to `ink_count`, each voxel
-once per pixel. Contributions of a tile of pixels are grouped by HDF5 chunk and added with one
+most half a voxel are labeled, each voxel once per pixel: those with t in the ink range
+[-ink_back, ink_front] get the pixel's label added to `ink_sum`, the rest of the band 0 (ink is a
+thin layer on the written face: the papyrus under it and beside it is not ink), and every one 1
+added to `ink_count`. A voxel reached from both parts keeps the pixel's label. Contributions of a tile of pixels are grouped by HDF5 chunk and added with one
 read-modify-write per touched chunk, so memory is bounded by the tile.
 """
 
@@ -28,19 +30,32 @@ class VoxelizeStats:
         self.dropped_outside += other.dropped_outside
 
 
-def band_offsets(band: float) -> np.ndarray:
-    """Offsets along the normal from -band to +band, at most 0.5 voxel apart."""
+def band_offsets(band: float, ink_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Offsets along the normal from -band to +band, at most 0.5 voxel apart, with the ends of the ink range."""
     steps = max(1, int(np.ceil(2 * band / 0.5)))
-    return np.linspace(-band, band, steps + 1)
+    offsets = np.linspace(-band, band, steps + 1)
+    return offsets if ink_range is None else np.union1d(offsets, ink_range)
 
 
-def band_voxels(points_zyx: np.ndarray, normals_zyx: np.ndarray, band: float, shape) -> tuple[np.ndarray, np.ndarray, int]:
+def ink_range_within(band: float, ink_back: float, ink_front: float) -> tuple[float, float]:
+    """The ink range [-ink_back, ink_front] along the normal, clipped to the band [-band, band]."""
+    if min(band, ink_back, ink_front) < 0:
+        raise ValueError(f"band {band}, ink_back {ink_back} and ink_front {ink_front} must be >= 0")
+    return -min(ink_back, band), min(ink_front, band)
+
+
+def band_voxels(points_zyx: np.ndarray, normals_zyx: np.ndarray, band: float, shape,
+                ink_range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Voxels of every pixel's band, each voxel once per pixel.
 
-    Returns (flat voxel indices, index of the pixel each came from, distinct (pixel, voxel)
-    pairs dropped because the voxel lies outside the volume).
+    Returns (flat voxel indices, index of the pixel each came from, whether it lies in the ink
+    range (all true without one), distinct (pixel, voxel) pairs dropped because the voxel lies
+    outside the volume).
     """
-    offsets = band_offsets(band)
+    offsets = band_offsets(band, ink_range)
+    in_ink = np.ones(len(offsets), bool) if ink_range is None else (offsets >= ink_range[0]) & (offsets <= ink_range[1])
+    first_ink = np.argsort(~in_ink, kind="stable")  # ink offsets first: of equal voxels the first one is kept
+    offsets, in_ink = offsets[first_ink], in_ink[first_ink]
     voxels = np.rint(points_zyx[:, None, :] + offsets[None, :, None] * normals_zyx[:, None, :]).astype(np.int64)
     inside = np.all((voxels >= 0) & (voxels < np.asarray(shape)), axis=-1)
     flat = np.ravel_multi_index(tuple(np.moveaxis(np.where(inside[..., None], voxels, 0), -1, 0)), shape)
@@ -48,12 +63,17 @@ def band_voxels(points_zyx: np.ndarray, normals_zyx: np.ndarray, band: float, sh
     wide = np.clip(voxels, -(1 << 20), (1 << 20) - 1) + (1 << 20)
     outside_key = -1 - ((wide[..., 0] << 42) | (wide[..., 1] << 21) | wide[..., 2])
     keys = np.where(inside, flat, outside_key)
-    keys.sort(axis=1)
+    if in_ink.all():
+        keys.sort(axis=1)
+        ink = np.ones(keys.shape, bool)
+    else:
+        order = np.argsort(keys, axis=1, kind="stable")
+        keys, ink = np.take_along_axis(keys, order, axis=1), in_ink[order]
     first = np.ones(keys.shape, bool)
     first[:, 1:] = keys[:, 1:] != keys[:, :-1]
     keep = first & (keys >= 0)
     pixel_index = np.broadcast_to(np.arange(len(keys))[:, None], keys.shape)
-    return keys[keep], pixel_index[keep], int((first & (keys < 0)).sum())
+    return keys[keep], pixel_index[keep], ink[keep], int((first & (keys < 0)).sum())
 
 
 def add_contributions(ink_sum: h5py.Dataset, ink_count: h5py.Dataset, flat: np.ndarray, values: np.ndarray) -> int:
@@ -85,11 +105,13 @@ def add_contributions(ink_sum: h5py.Dataset, ink_count: h5py.Dataset, flat: np.n
     return len(keys)
 
 
-def voxelize_tile(data: np.ndarray, labels: np.ndarray, use: np.ndarray, band: float, ink_sum, ink_count) -> VoxelizeStats:
-    """Add one tile of a segment: ppm `data` (rows, cols, 6), `labels` in [0, 1], pixels to `use`."""
+def voxelize_tile(data: np.ndarray, labels: np.ndarray, use: np.ndarray, band: float, ink_sum, ink_count,
+                  ink_range: tuple[float, float] | None = None) -> VoxelizeStats:
+    """Add one tile of a segment: ppm `data` (rows, cols, 6), `labels` in [0, 1], pixels to `use`; the
+    pixel's label goes to the voxels of `ink_range` (the whole band when None), 0 to the rest."""
     pixels = data[use]
     values = labels[use].astype(np.float64)
     points_zyx, normals_zyx = pixels[:, 2::-1], pixels[:, 5:2:-1]
-    flat, pixel_index, dropped = band_voxels(points_zyx, normals_zyx, band, ink_sum.shape)
-    add_contributions(ink_sum, ink_count, flat, values[pixel_index])
+    flat, pixel_index, ink, dropped = band_voxels(points_zyx, normals_zyx, band, ink_sum.shape, ink_range)
+    add_contributions(ink_sum, ink_count, flat, values[pixel_index] * ink)
     return VoxelizeStats(pixels=len(values), ink_pixels=float(values.sum()), contributions=len(flat), dropped_outside=dropped)

@@ -76,6 +76,31 @@ def test_flat_surface_gives_the_exact_band(scene):
     assert read(scene / "valid.h5")[1].sum() == 0
 
 
+@pytest.mark.parametrize("ink_back, ink_front, ink_z", [("0", "1", slice(10, 12)), ("1.5", "0.5", slice(8, 11)),
+                                                     ("0", "0", slice(10, 11)), ("9", "9", slice(8, 13))])
+def test_ink_range_gives_the_pixel_label_only_on_its_side_of_the_surface(scene, ink_back, ink_front, ink_z):
+    data, label = flat_segment()  # surface at z = 10, normal +z: in front of it means larger z
+    add_segment(scene, "20230101000000", data, label)
+    run(scene, "--ink_back", ink_back, "--ink_front", ink_front)
+    ink_sum, ink_count, attrs = read(scene / "train.h5")
+    expected_count = np.zeros(SHAPE, np.uint16)
+    expected_count[8:13, 7:17, 5:17] = 1  # the whole band is labeled ...
+    expected_sum = np.zeros(SHAPE, np.float32)
+    expected_sum[ink_z, 7:17, 5:11] = 1.0  # ... ink only within the ink range (clipped to the band), the rest 0
+    assert np.array_equal(ink_count, expected_count)
+    assert np.array_equal(ink_sum, expected_sum)
+    assert json.loads(attrs["ink_range"]) == [-min(float(ink_back), 2.0), min(float(ink_front), 2.0)]
+
+
+def test_update_refuses_another_ink_range(scene):
+    data, label = flat_segment()
+    add_segment(scene, "20230101000000", data, label)
+    run(scene, "--ink_back", "0")
+    add_segment(scene, "20230202000000", data, label)
+    with pytest.raises(InputError, match="ink range"):
+        run(scene, "--update", "true", "--ink_back", "1")
+
+
 def test_overlapping_pixels_average(scene):
     data, label = flat_segment()
     add_segment(scene, "20230101000000", data, label)
