@@ -11,7 +11,8 @@ flush with the edge) are blended as probabilities with a Gaussian (or constant) 
 written as uint8 = round(255 * p) to dataset `predictions`, the scan's shape. The region is
 processed in output macro-blocks of `--block` voxels, each reading the input its windows need
 (with real context around an ROI), so the result equals one pass over the whole region.
-Windows whose input maximum is <= `--skip_max` (air) are not run and predict 0. The next
+Windows whose input maximum is <= `--skip_max` (air) are not run and predict 0. The scan is
+normalised as the checkpoint records (`scan / 255` when it records nothing). The next
 block is read and the last one written by background threads while the model runs.
 Finished blocks are recorded in the output: `--resume true` completes the rest.
 
@@ -37,7 +38,8 @@ from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output
 from ink3d.sliding_window import WindowPredictor, plan_blocks, to_uint8
-from models import load_model
+from ink3d.intensity import Normalization
+from models import model_from_checkpoint, read_checkpoint
 from models.speed import autocast_dtype, prepare_model, resolve_device
 
 # --- config ---
@@ -57,18 +59,20 @@ AMP = "auto"  # autocast dtype: auto (bf16 on CUDA where supported, else fp16; f
 CHANNELS_LAST = True  # channels_last_3d memory format (faster 3D convolutions on CUDA and CPU)
 COMPILE = False  # torch.compile the model (slow start, faster long runs)
 TRUST_CHECKPOINT = False  # allow a checkpoint with pickled Python objects (only for files you trust)
+WEIGHTS = "ema"  # ema: the checkpoint's moving average of the weights where it has one; raw: the trained weights
 RESUME = False  # complete an interrupted run into the same output
 OVERWRITE = False  # replace an existing output
 
 
-PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "skip_max", "tta", "checkpoint")
+PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "skip_max", "tta", "checkpoint", "weights", "normalization")
 
 
-def plan_attrs(config, shape, region) -> dict:
+def plan_attrs(config, shape, region, normalization: Normalization) -> dict:
     return {
         "volume_shape": list(shape), "roi": [[s.start, s.stop] for s in region], "patch": config.patch,
         "overlap": config.overlap, "blend": config.blend, "block": config.block, "skip_max": config.skip_max,
-        "tta": config.tta, "checkpoint": str(Path(config.checkpoint).resolve()),
+        "tta": config.tta, "checkpoint": str(Path(config.checkpoint).resolve()), "weights": config.weights,
+        "normalization": normalization.to_config(),
     }
 
 
@@ -204,15 +208,18 @@ def main(argv=None):
     scan_file, scan = volume.open_dataset(config.volume, volume.SCAN)
     region = volume.parse_roi(config.roi, scan.shape)
     blocks = plan_blocks(region, context_region(region, scan.shape, config.patch, stride), config.patch, stride, config.block)
-    attrs = plan_attrs(config, scan.shape, region)
+    checkpoint = read_checkpoint(config.checkpoint, config.trust_checkpoint)
+    normalization = Normalization.from_config(checkpoint.get("config") if isinstance(checkpoint, dict) else None)
+    attrs = plan_attrs(config, scan.shape, region, normalization)
     part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}-of-{world}.h5")
     if rank == 0 and config.overwrite and not config.resume:
         out.unlink(missing_ok=True)
 
-    model = load_model(config.checkpoint, "cpu", trusted=config.trust_checkpoint)
+    model = model_from_checkpoint(checkpoint, config.checkpoint, weights=config.weights)
     model = prepare_model(model, device, channels_last=config.channels_last, compile=config.compile)
     predictor = WindowPredictor(model, config.patch, config.blend, config.batch_size, device,
-                                autocast_dtype(device, config.amp), config.channels_last, config.skip_max, config.tta)
+                                autocast_dtype(device, config.amp), config.channels_last, config.skip_max, config.tta,
+                                normalization)
 
     if part != out and part.exists() and not (config.resume or config.overwrite):
         raise InputError(f"{part} exists (an interrupted run?); pass --resume true to complete it or --overwrite true")

@@ -8,10 +8,16 @@
     python train.py ... --init_checkpoint checkpoints/published_3d_ink.pth   # start from pretrained weights
     torchrun --nproc_per_node=4 train.py ...                            # DistributedDataParallel
 
-Unlabeled voxels (-1) are excluded from the loss. Training block origins closer than
-`--exclusion_radius` to any validation origin are dropped, so validation measures unseen
-regions. Writes `last.pth`, `best.pth` (by validation F0.5), `metrics.csv`, validation
-pictures `valid_<step>.png` and the resolved config into `--out_dir`.
+Unlabeled voxels (-1) are excluded from the loss. Air (scan at or below `--air_level`, by default
+Otsu's threshold of the scan's histogram) holds no ink: labeled air voxels count as 0, and the
+other air voxels of a crop are a background term of the loss weighed by `--background_weight`.
+Training block origins closer than `--exclusion_radius` to any validation origin are dropped, so
+validation measures unseen regions. An exponential moving average of the weights (`--ema_decay`)
+is what validation runs, what `best.pth` is chosen by and what loaders return by default. The
+input normalisation (`--input_normalization`) is recorded in every checkpoint and applied by
+inference. With `--ground_truth` (the synthetic scroll's), validation also scores every voxel of
+its blocks against the true ink. Writes `last.pth`, `best.pth` (by validation F0.5),
+`metrics.csv`, validation pictures `valid_<step>.png` and the resolved config into `--out_dir`.
 """
 
 import csv
@@ -31,12 +37,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ink3d import InputError
+from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main, save_config
 from ink3d.coords import drop_near
-from ink3d.dataset import ScrollSamples
-from ink3d.metrics import best_fbeta, roc_auc
+from ink3d.dataset import BACKGROUND, ScrollSamples
+from ink3d.intensity import Normalization, otsu_level, scan_histogram
+from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
+from ink3d.sliding_window import to_uint8
 from models import UNet3D, load_weights, read_state_dict, save_checkpoint, unwrap
+from models.ema import EMA
 from models.speed import autocast, autocast_dtype, prepare_model, resolve_device
 
 # --- config ---
@@ -57,6 +66,13 @@ WARMUP_STEPS = 20  # linear warmup, then cosine decay to 0 at max_steps
 MAX_STEPS = 1000  # optimisation steps
 GRAD_CLIP = 1.0  # max gradient norm (0 = off)
 DICE_WEIGHT = 0.0  # weight of a soft Dice term over labeled voxels, added to the BCE
+LABEL_SMOOTHING = 0.0  # BCE targets t * (1 - s) + s / 2
+AIR_LEVEL = "otsu"  # scan values (uint8) at or below this are air, never ink: a number, otsu (from the scan), or none
+BACKGROUND_WEIGHT = 1.0  # weight of the BCE over a crop's unlabeled air voxels (target 0) beside the labeled voxels' BCE
+EMA_DECAY = 0.999  # decay of the moving average of the weights (0 = none); lower early in a run (models/ema.py)
+INPUT_NORMALIZATION = "scale"  # model input: scale (scan / 255) or percentile (window of the material's percentiles)
+PERCENTILES = "0.5,99.5"  # low,high percentiles of the material above the air level (input_normalization percentile)
+GROUND_TRUTH = ""  # optional ground-truth ink volume (the synthetic scroll's): 3D score of the validation blocks
 F_MAPS = 32  # UNet feature maps of the first level
 NUM_LEVELS = 5  # UNet levels
 NUM_GROUPS = 4  # GroupNorm groups
@@ -79,26 +95,62 @@ WANDB_PROJECT = "3d-ink-detection"  # W&B project
 
 # settings a resumed run must keep: they define the model, the sample stream and the schedule
 RESUME_KEYS = ("patch", "block", "batch_size", "lr", "weight_decay", "warmup_steps", "max_steps", "f_maps", "num_levels",
-               "num_groups", "seed", "dice_weight", "min_labeled", "max_tries", "exclusion_radius")
+               "num_groups", "seed", "dice_weight", "min_labeled", "max_tries", "exclusion_radius", "label_smoothing",
+               "air_level", "background_weight", "ema_decay", "input_normalization", "percentiles")
 
 
-def masked_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 0.0) -> tuple[torch.Tensor, int]:
-    """BCE with logits averaged over labeled voxels (labels >= 0), plus an optional soft Dice term.
+def masked_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 0.0, background_weight: float = 0.0,
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """BCE with logits averaged over labeled voxels (labels >= 0), plus an optional soft Dice term over
+    them, plus `background_weight` x the BCE (target 0) averaged over BACKGROUND voxels. Each mean
+    is over its own voxels, so the many air voxels of a crop do not drown the few labeled ones.
 
-    Returns (loss, number of labeled voxels). With no labeled voxel the loss is an exact 0 that
-    still depends on `logits` (so every DistributedDataParallel rank runs backward).
+    Returns (loss, number of labeled voxels). With nothing to learn from the loss is an exact 0
+    that still depends on `logits` (so every DistributedDataParallel rank runs backward).
     """
+    logits = logits.float()
+    loss = logits.sum() * 0.0
     labeled = labels >= 0
     count = int(labeled.sum())
-    if count == 0:
-        return logits.sum() * 0.0, 0
-    logits, targets = logits.float()[labeled], labels[labeled]
-    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="mean")
-    if dice_weight:
-        probabilities = torch.sigmoid(logits)
-        dice = 1 - (2 * (probabilities * targets).sum() + 1) / (probabilities.sum() + targets.sum() + 1)
-        loss = loss + dice_weight * dice
+    if count:
+        targets = labels[labeled]
+        loss = loss + F.binary_cross_entropy_with_logits(logits[labeled], targets * (1 - label_smoothing) + label_smoothing / 2)
+        if dice_weight:
+            probabilities = torch.sigmoid(logits[labeled])
+            dice = 1 - (2 * (probabilities * targets).sum() + 1) / (probabilities.sum() + targets.sum() + 1)
+            loss = loss + dice_weight * dice
+    background = labels == BACKGROUND
+    if background_weight and bool(background.any()):
+        air_logits = logits[background]
+        loss = loss + background_weight * F.binary_cross_entropy_with_logits(air_logits, torch.full_like(air_logits, label_smoothing / 2))
     return loss, count
+
+
+def resolve_intensity(config) -> tuple[int | None, Normalization, int]:
+    """The air level and the input normalisation the flags ask for, and Otsu's threshold of the scan (the
+    air level of the 3D score), read off the scan's histogram."""
+    try:
+        low, high = (float(p) for p in config.percentiles.split(","))
+    except ValueError:
+        raise InputError(f"--percentiles {config.percentiles!r}: expected two numbers, low,high") from None
+    file, scan = volume.open_dataset(config.volume, volume.SCAN)
+    with file:
+        counts = scan_histogram(scan)
+    otsu = otsu_level(counts)
+    if config.air_level == "none":
+        air_level = None
+    elif config.air_level == "otsu":
+        air_level = otsu
+    else:
+        try:
+            air_level = int(config.air_level)
+        except ValueError:
+            raise InputError(f"--air_level {config.air_level!r}: expected a number, otsu or none") from None
+    try:
+        normalization = Normalization.of_volume(counts, config.input_normalization, low, high)
+    except ValueError as error:
+        raise InputError(f"--input_normalization: {error}") from None
+    return air_level, normalization, otsu
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -125,11 +177,34 @@ def validation_picture(images, labels, probabilities) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
+class ValidationTruth:
+    """The true ink and the scan of the validation blocks (a synthetic scroll's ground truth), for the 3D score."""
+
+    def __init__(self, truth_path, volume_path, origins: np.ndarray, patch: int, air_level: int):
+        self.truth_file, self.truth = volume.open_dataset(truth_path, volume.GROUND_TRUTH)
+        self.scan_file, self.scan = volume.open_dataset(volume_path, volume.SCAN)
+        if self.truth.shape != self.scan.shape:
+            raise InputError(f"{truth_path}: shape {self.truth.shape} differs from the scan's {self.scan.shape}")
+        self.origins, self.patch, self.air_level = origins, patch, air_level
+
+    def add(self, counts: VoxelCounts, index: int, probabilities: np.ndarray) -> None:
+        """Count validation block `index` (in the order of the validation loader) with its predicted probabilities."""
+        origin, shape = self.origins[index % len(self.origins)], (self.patch,) * 3
+        ink = volume.read_crop(self.truth, origin, shape) > 0
+        counts.add(to_uint8(probabilities), ink, volume.read_crop(self.scan, origin, shape), self.air_level)
+
+    def close(self):
+        self.truth_file.close()
+        self.scan_file.close()
+
+
 @torch.no_grad()
-def validate(model, loader, device, dtype, channels_last, dice_weight) -> tuple[dict, np.ndarray]:
-    """Loss, best-threshold F0.5, ROC AUC over labeled voxels; the intensity-threshold baseline; a picture."""
+def validate(model, loader, device, dtype, channels_last, dice_weight, truth: ValidationTruth | None = None) -> tuple[dict, np.ndarray]:
+    """Loss, best-threshold F0.5, ROC AUC over labeled voxels; the intensity-threshold baseline; a picture;
+    with `truth`, the 3D score of every voxel of the validation blocks."""
     model.eval()
     scores, truths, intensities, losses, weights, picture_parts = [], [], [], [], [], ([], [], [])
+    counts, index = VoxelCounts(), 0
     for images, labels, _ in loader:
         batch = images.to(device)
         if channels_last:
@@ -141,6 +216,10 @@ def validate(model, loader, device, dtype, channels_last, dice_weight) -> tuple[
         if count:
             losses.append(loss.item() * count)
             weights.append(count)
+        if truth is not None:
+            for probabilities in torch.sigmoid(logits)[:, 0].numpy():
+                truth.add(counts, index, probabilities)
+                index += 1
         labeled = labels >= 0
         scores.append(torch.sigmoid(logits[labeled]).numpy())
         truths.append(labels[labeled].numpy() > 0.5)
@@ -157,6 +236,9 @@ def validate(model, loader, device, dtype, channels_last, dice_weight) -> tuple[
         "valid_threshold_baseline_f05": best_fbeta(intensities, truths)[0],
         "valid_voxels": int(len(scores)),
     }
+    if truth is not None:
+        score = counts.summary()
+        metrics.update(valid_3d_f05=score["f05"], valid_3d_auc=score["auc"], valid_3d_scan_f05=score["scan_f05"])
     return metrics, validation_picture(*picture_parts)
 
 
@@ -164,7 +246,7 @@ class MetricsLog:
     """metrics.csv in out_dir (one row per event), and W&B when enabled."""
 
     FIELDS = ["step", "lr", "train_loss", "samples_per_s", "skipped_batches", "redraws", "valid_loss", "valid_f05",
-              "valid_auc", "valid_threshold_baseline_f05", "valid_voxels"]
+              "valid_auc", "valid_threshold_baseline_f05", "valid_voxels", "valid_3d_f05", "valid_3d_auc", "valid_3d_scan_f05"]
 
     def __init__(self, out_dir: Path, use_wandb: bool, config, resume: bool):
         self.path = out_dir / "metrics.csv"
@@ -216,6 +298,9 @@ def main(argv=None):
         if last_path.exists() and not config.resume:
             raise InputError(f"{last_path} exists; pass --resume true to continue that run, or choose another --out_dir")
     block = config.block or config.patch
+    air_level, normalization, otsu = resolve_intensity(config)
+    # what inference and later stages need to treat the scan as training did
+    recorded_config = {**vars(config), "normalization": normalization.to_config(), "air_level_value": air_level}
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
@@ -232,6 +317,7 @@ def main(argv=None):
     dtype = autocast_dtype(device, config.amp)
     channels_last = config.channels_last and device.type == "cuda"
     model = prepare_model(model, device, channels_last=channels_last)
+    ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -244,6 +330,8 @@ def main(argv=None):
             raise InputError(f"{last_path}: cannot resume with different {', '.join(changed)} "
                              f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the checkpoint)")
         unwrap(model).load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"], state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -258,28 +346,36 @@ def main(argv=None):
 
     train_set = ScrollSamples(config.volume, config.train_labels, train_origins, config.patch, config.max_steps * config.batch_size,
                               train=True, block=block, seed=config.seed, stream=rank, min_labeled=config.min_labeled,
-                              max_tries=config.max_tries)
+                              max_tries=config.max_tries, normalization=normalization, air_level=air_level)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=range(step * config.batch_size, len(train_set)),
                         num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
     valid_loader = None
     log = None
+    truth = None
     if rank == 0:
         valid_set = ScrollSamples(config.volume, config.valid_labels, valid_origins, config.patch, len(valid_origins),
-                                  train=False, block=block)
+                                  train=False, block=block, normalization=normalization, air_level=air_level)
         valid_loader = DataLoader(valid_set, batch_size=config.batch_size, num_workers=0)
+        if config.ground_truth:
+            truth = ValidationTruth(config.ground_truth, config.volume, valid_origins, config.patch,
+                                    otsu if air_level is None else air_level)
         save_config(config, out_dir / "config.json")
         log = MetricsLog(out_dir, config.wandb, config, config.resume)
         print(f"{len(train_origins)} training blocks ({dropped} dropped within {config.exclusion_radius} voxels of "
-              f"validation), {len(valid_origins)} validation blocks; {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
+              f"validation), {len(valid_origins)} validation blocks; {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
+              f"air level {air_level}, input window {normalization.low:g}..{normalization.high:g}")
 
     def checkpoint(path: Path):
-        save_checkpoint(path, model, model_args, vars(config), step, optimizer=optimizer.state_dict(),
+        weights = {"ema": ema.state_dict(), "ema_updates": ema.updates} if ema is not None else {}
+        save_checkpoint(path, model, model_args, recorded_config, step, optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), best_f05=best_f05,
-                        skipped_batches=skipped_batches, torch_rng=torch.get_rng_state(), python_rng=list(random.getstate()))
+                        skipped_batches=skipped_batches, torch_rng=torch.get_rng_state(), python_rng=list(random.getstate()),
+                        **weights)
 
     def validate_and_log(train_loss: float, samples_per_s: float):
         nonlocal best_f05
-        metrics, picture = validate(unwrap(model), valid_loader, device, dtype, channels_last, config.dice_weight)
+        network = ema.model if ema is not None else unwrap(model)
+        metrics, picture = validate(network, valid_loader, device, dtype, channels_last, config.dice_weight, truth)
         cv2.imwrite(str(out_dir / f"valid_{step:06d}.png"), picture)
         log.write({"step": step, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss, "samples_per_s": samples_per_s,
                    "skipped_batches": skipped_batches, "redraws": redraws, **metrics}, picture)
@@ -305,7 +401,7 @@ def main(argv=None):
         else:
             with autocast(device, dtype):
                 logits = model(images)
-            loss, _ = masked_loss(logits, labels, config.dice_weight)
+            loss, _ = masked_loss(logits, labels, config.dice_weight, config.background_weight, config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip:
@@ -313,6 +409,8 @@ def main(argv=None):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update(model)
             running.append(loss.item())
         scheduler.step()
         step += 1
@@ -323,7 +421,8 @@ def main(argv=None):
         if rank == 0 and (step % config.valid_every == 0 or step == config.max_steps):
             metrics = validate_and_log(float(np.mean(running[-config.valid_every:])) if running else float("nan"), rate)
             bar.write(f"step {step}: valid F0.5 {metrics['valid_f05']:.3f} (intensity threshold {metrics['valid_threshold_baseline_f05']:.3f}), "
-                      f"AUC {metrics['valid_auc']:.3f}, loss {metrics['valid_loss']:.4f}")
+                      f"AUC {metrics['valid_auc']:.3f}, loss {metrics['valid_loss']:.4f}"
+                      + (f"; 3D F0.5 {metrics['valid_3d_f05']:.3f} (scan {metrics['valid_3d_scan_f05']:.3f})" if truth else ""))
         if rank == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
             checkpoint(last_path)
         if world > 1:
@@ -331,6 +430,8 @@ def main(argv=None):
     bar.close()
     if rank == 0:
         log.close()
+        if truth is not None:
+            truth.close()
         (out_dir / "summary.json").write_text(json.dumps({
             "step": step, "best_valid_f05": best_f05, "skipped_batches": skipped_batches,
             "redraws": redraws, "dropped_train_blocks": dropped}, indent=2) + "\n")

@@ -4,6 +4,10 @@ A training sample is drawn around a labeled block origin with random jitter: a c
 patch is read, augmented (volumentations-3D) and ends at `patch`^3. Each sample is a pure
 function of its index and the seed, whichever worker makes it, so a resumed run sees the same
 stream. The HDF5 files are opened once per worker process.
+
+Air holds no ink. With an air level, labeled voxels whose scan value is at or below it are
+labeled 0 whatever their segment pixel says, and in training crops every other air voxel is
+marked BACKGROUND (-2): known not to be ink, weighed in the loss apart from the labeled band.
 """
 
 import os
@@ -16,8 +20,22 @@ from torch.utils.data import Dataset
 from volumentations import Compose, Flip, RandomResizedCrop, RandomRotate90, Rotate
 
 from ink3d import volume
+from ink3d.intensity import Normalization
 
 UNLABELED = -1.0
+BACKGROUND = -2.0
+
+
+def label_air(labels: np.ndarray, scan: np.ndarray, air_level: int | None, background: bool) -> np.ndarray:
+    """Labels with air (scan <= air_level) set to 0 where labeled and, with `background`, to BACKGROUND elsewhere."""
+    if air_level is None:
+        return labels
+    air = scan <= air_level
+    labeled = labels >= 0
+    labels[air & labeled] = 0
+    if background:
+        labels[air & ~labeled] = BACKGROUND
+    return labels
 
 
 def read_labels(ink_sum, ink_count, origin, shape) -> np.ndarray:
@@ -47,11 +65,11 @@ def augmentation(patch: int) -> Compose:
 
 class ScrollSamples(Dataset):
     """Samples of (image (1, P, P, P) float32 in [0, 1] (x intensity scale), label (1, P, P, P) with -1
-    unlabeled, number of re-draws it took)."""
+    unlabeled and BACKGROUND air, number of re-draws it took)."""
 
     def __init__(self, volume_path, labels_path, origins, patch: int, length: int, *, train: bool, block: int,
                  seed: int = 0, stream: int = 0, min_labeled: int = 1, max_tries: int = 10, augment: bool = True,
-                 intensity_scale=(0.4, 2.0)):
+                 intensity_scale=(0.4, 2.0), normalization: Normalization = Normalization(), air_level: int | None = None):
         self.volume_path, self.labels_path = str(volume_path), str(labels_path)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 3)
         if len(self.origins) == 0:
@@ -61,6 +79,7 @@ class ScrollSamples(Dataset):
         self.min_labeled, self.max_tries = min_labeled, max_tries
         self.augment = augmentation(patch) if augment and train else None
         self.intensity_scale = intensity_scale
+        self.normalization, self.air_level = normalization, air_level
         self._files = None
         self._pid = None
 
@@ -80,8 +99,8 @@ class ScrollSamples(Dataset):
         if not self.train:
             origin = self.origins[index % len(self.origins)]
             image = volume.read_crop(scan, origin, (self.patch,) * 3)
-            labels = read_labels(ink_sum, ink_count, origin, (self.patch,) * 3)
-            return self._tensors(image.astype(np.float32) / 255, labels, 0)
+            labels = label_air(read_labels(ink_sum, ink_count, origin, (self.patch,) * 3), image, self.air_level, background=False)
+            return self._tensors(self.normalization(image), labels, 0)
         rng = np.random.default_rng([self.seed, self.stream, index])
         random.seed(int(rng.integers(2**62)))  # volumentations draws from the random module
         crop = int(round(1.5 * self.patch))
@@ -93,7 +112,9 @@ class ScrollSamples(Dataset):
             labels = read_labels(ink_sum, ink_count, corner, (crop,) * 3)
             if (labels[inner, inner, inner] >= 0).sum() >= self.min_labeled:
                 break
-        image = volume.read_crop(scan, corner, (crop,) * 3).astype(np.float32) / 255
+        image = volume.read_crop(scan, corner, (crop,) * 3)
+        labels = label_air(labels, image, self.air_level, background=True)
+        image = self.normalization(image)
         if self.augment is not None:
             out = self.augment(image=image, mask=labels)
             image, labels = out["image"], out["mask"]

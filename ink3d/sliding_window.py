@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ink3d.intensity import Normalization
 from models.speed import autocast
 
 GAUSSIAN_SIGMA_SCALE = 0.125
@@ -82,12 +83,13 @@ class WindowPredictor:
     """Runs a model over the windows of one input box and blends them into probabilities."""
 
     def __init__(self, model, patch: int, blend: str, batch_size: int, device, dtype=None,
-                 channels_last: bool = False, skip_max: int = -1, tta: bool = False):
+                 channels_last: bool = False, skip_max: int = -1, tta: bool = False, normalization: Normalization = Normalization()):
         self.model, self.patch, self.batch_size = model, patch, batch_size
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
         self.weights = torch.from_numpy(importance_map(patch, blend)).to(self.device)
         self.skip_max = skip_max
         self.flips = FLIPS if tta else [()]
+        self.normalization = normalization
 
     @torch.no_grad()
     def predict(self, box: torch.Tensor, origin: np.ndarray, windows, output) -> tuple[np.ndarray, int]:
@@ -109,7 +111,7 @@ class WindowPredictor:
         skipped = len(cells) - len(run)
         for first in range(0, len(run), self.batch_size):
             batch_cells = run[first:first + self.batch_size]
-            batch = torch.stack([box[cell] for cell in batch_cells])[:, None].float().div_(255)
+            batch = self.normalization(torch.stack([box[cell] for cell in batch_cells])[:, None])
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
             probabilities = self._probabilities(batch)

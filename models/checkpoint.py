@@ -1,6 +1,7 @@
 """Checkpoints: save in the pipeline's format, load any accepted form and rebuild the network.
 
-Accepted: `{"model": state_dict, "model_args": {...}, ...}` (ours), `{"state_dict": ...}`,
+Accepted: `{"model": state_dict, "model_args": {...}, ...}` (ours, optionally with `"ema"`: the EMA
+of the weights, which loaders return unless asked for the raw weights), `{"state_dict": ...}`,
 a bare state_dict, and keys prefixed `model.` (the published 3D ink checkpoint),
 `module.` or `module.model.` (DataParallel / DistributedDataParallel) or `_orig_mod.`
 (torch.compile). Without `model_args`, `f_maps` and `num_levels` are read off the tensor
@@ -58,13 +59,19 @@ def read_checkpoint(path, trusted: bool = False) -> dict:
         raise InputError(f"{path}: not a readable torch checkpoint ({error})") from None
 
 
-def extract_state_dict(checkpoint, path="checkpoint") -> tuple[dict, dict | None]:
-    """(state_dict with wrapper prefixes removed, model_args or None) from any accepted form."""
+WEIGHTS = ("ema", "raw")  # which weights of a checkpoint with both: the EMA (default) or the raw trained ones
+
+
+def extract_state_dict(checkpoint, path="checkpoint", weights: str = "ema") -> tuple[dict, dict | None]:
+    """(state_dict with wrapper prefixes removed, model_args or None) from any accepted form; `weights`
+    picks the EMA or the raw weights of a checkpoint that holds both."""
+    if weights not in WEIGHTS:
+        raise InputError(f"weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
     if not isinstance(checkpoint, dict):
         raise InputError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(checkpoint).__name__}")
     model_args = checkpoint.get("model_args")
     state = checkpoint
-    for key in ("model", "state_dict"):
+    for key in ("ema", "model", "state_dict") if weights == "ema" else ("model", "state_dict"):
         if isinstance(checkpoint.get(key), dict):
             state = checkpoint[key]
             break
@@ -110,14 +117,20 @@ def load_weights(model: torch.nn.Module, state: dict, path="checkpoint") -> None
     unwrap(model).load_state_dict(state, strict=True)
 
 
-def read_state_dict(path, trusted: bool = False) -> tuple[dict, dict | None]:
+def read_state_dict(path, trusted: bool = False, weights: str = "ema") -> tuple[dict, dict | None]:
     """(state_dict, model_args or None) of a checkpoint file in any accepted form."""
-    return extract_state_dict(read_checkpoint(path, trusted), path)
+    return extract_state_dict(read_checkpoint(path, trusted), path, weights)
 
 
-def load_model(path, device="cpu", trusted: bool = False, num_groups: int | None = None) -> UNet3D:
+def load_model(path, device="cpu", trusted: bool = False, num_groups: int | None = None, weights: str = "ema") -> UNet3D:
     """Rebuild the network from a checkpoint file alone, in eval mode on `device`."""
-    state, model_args = read_state_dict(path, trusted)
+    return model_from_checkpoint(read_checkpoint(path, trusted), path, device, num_groups, weights)
+
+
+def model_from_checkpoint(checkpoint, path="checkpoint", device="cpu", num_groups: int | None = None,
+                          weights: str = "ema") -> UNet3D:
+    """The network of an already read checkpoint object, in eval mode on `device`."""
+    state, model_args = extract_state_dict(checkpoint, path, weights)
     args = UNetArgs(**model_args) if model_args else infer_model_args(state)
     if num_groups is not None:
         args.num_groups = num_groups

@@ -1,3 +1,5 @@
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -83,6 +85,27 @@ def test_parity_with_monai_sliding_window_inference(scan, model_path, tmp_path, 
     theirs = np.rint(theirs[0, 0].numpy() * 255)
     assert np.abs(ours.astype(int) - theirs).max() <= 2
     assert attrs["blend"] == blend and attrs["patch"] == PATCH and attrs["complete"]
+
+
+def test_the_checkpoints_input_normalization_and_ema_weights_are_applied(scan, model_path, tmp_path):
+    scan_path, values = scan
+    state = torch.load(model_path, weights_only=True)
+    net = UNet3D(**state["model_args"]).eval()
+    net.load_state_dict(state["model"])
+    raw = {k: v.clone() for k, v in state["model"].items()}
+    ema = {k: v * 0.9 for k, v in state["model"].items()}  # other weights, stored as the moving average
+    save_checkpoint(tmp_path / "windowed.pth", net, state["model_args"], {"normalization": [50.0, 150.0]}, step=1, ema=ema)
+    ours, attrs = _infer(scan_path, tmp_path / "windowed.pth", tmp_path / "pred.h5")
+    raw_ours, _ = _infer(scan_path, tmp_path / "windowed.pth", tmp_path / "raw.h5", "--weights", "raw")
+    x = torch.from_numpy(values)[None, None].float()
+    for weights, result in ((ema, ours), (raw, raw_ours)):
+        net.load_state_dict(weights)
+        with torch.no_grad():
+            theirs = monai_inferers.sliding_window_inference(((x - 50) / 100).clamp(0, 1), (PATCH,) * 3, 3,
+                                                             lambda w: torch.sigmoid(net(w)), overlap=0.5, mode="gaussian", sigma_scale=0.125)
+        assert np.abs(result.astype(int) - np.rint(theirs[0, 0].numpy() * 255)).max() <= 2
+    assert np.abs(ours.astype(int) - raw_ours).max() > 10
+    assert json.loads(attrs["plan"])["normalization"] == [50.0, 150.0]
 
 
 def test_macro_blocks_equal_a_single_pass(scan, model_path, tmp_path):

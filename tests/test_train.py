@@ -9,8 +9,10 @@ import torch
 
 import train
 from ink3d import InputError, volume
-from ink3d.dataset import ScrollSamples, augmentation
-from models import load_model
+from ink3d.dataset import BACKGROUND, ScrollSamples, augmentation, label_air
+from ink3d.intensity import Normalization, scan_histogram
+from models import UNet3D, load_model
+from models.ema import EMA
 
 
 def test_masked_loss_hand_computed():
@@ -38,6 +40,94 @@ def test_dice_term_adds_to_bce():
     p = torch.sigmoid(torch.tensor([2.0, -2.0]))
     dice = 1 - (2 * p[0] + 1) / (p.sum() + 1 + 1)
     assert both.item() == pytest.approx(bce.item() + 0.5 * dice.item(), rel=1e-6)
+
+
+def test_background_term_and_label_smoothing_hand_computed():
+    logits = torch.tensor([0.0, 2.0, -1.0, 3.0, 1.0])
+    labels = torch.tensor([1.0, BACKGROUND, 0.0, BACKGROUND, -1.0])
+
+    def bce(x, t):
+        return math.log(1 + math.exp(x)) - t * x
+
+    loss, count = train.masked_loss(logits, labels, background_weight=0.5, label_smoothing=0.1)
+    expected = (bce(0.0, 0.95) + bce(-1.0, 0.05)) / 2 + 0.5 * (bce(2.0, 0.05) + bce(3.0, 0.05)) / 2
+    assert count == 2 and loss.item() == pytest.approx(expected, rel=1e-6)
+    only_air, count = train.masked_loss(logits, torch.tensor([-1.0, BACKGROUND, -1.0, -1.0, -1.0]), background_weight=2.0)
+    assert count == 0 and only_air.item() == pytest.approx(2 * bce(2.0, 0.0), rel=1e-6)
+    assert train.masked_loss(logits, labels)[0].item() == pytest.approx((bce(0.0, 1) + bce(-1.0, 0)) / 2, rel=1e-6)
+
+
+def test_label_air_never_labels_air_as_ink():
+    scan = np.array([10, 10, 10, 200, 200, 200, 60, 61], np.uint8)
+    labels = np.array([1.0, 0.25, -1.0, 1.0, 0.0, -1.0, 0.5, 0.5], np.float32)
+    assert label_air(labels.copy(), scan, 60, background=True).tolist() == [0, 0, BACKGROUND, 1, 0, -1, 0, 0.5]
+    assert label_air(labels.copy(), scan, 60, background=False).tolist() == [0, 0, -1, 1, 0, -1, 0, 0.5]
+    assert label_air(labels.copy(), scan, None, background=True).tolist() == labels.tolist()
+
+
+def test_training_crops_mark_air_as_background_and_never_as_ink(tmp_path):
+    root = _scene(tmp_path)
+    samples = ScrollSamples(root / "scan.h5", root / "train.h5", np.load(root / "train.npy"), 16, 6, train=True, block=16,
+                            augment=False, intensity_scale=(1, 1), air_level=100)
+    plain = ScrollSamples(root / "scan.h5", root / "train.h5", np.load(root / "train.npy"), 16, 6, train=True, block=16,
+                          augment=False, intensity_scale=(1, 1))
+    for index in range(6):
+        image, labels, _ = samples[index]
+        original = plain[index][1]
+        scan = torch.round(image * 255)
+        air = scan <= 100
+        assert torch.equal(labels[air & (original >= 0)], torch.zeros(int((air & (original >= 0)).sum())))
+        assert torch.all(labels[air & (original < 0)] == BACKGROUND)
+        assert torch.equal(labels[~air], original[~air])
+        assert air.any() and (~air & (original > 0)).any()
+
+
+def test_ema_equals_its_definition():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.8)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for n in range(1, 13):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+            model.train()(torch.randn(4, 3))  # moves the BatchNorm statistics and counts a batch
+        ema.update(model)
+        decay = min(0.8, (1 + n) / (10 + n))
+        for name, value in model.state_dict().items():
+            expected[name] = decay * expected[name] + (1 - decay) * value if value.is_floating_point() else value.clone()
+    assert ema.updates == 12
+    for name, value in ema.state_dict().items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name
+    assert ema.state_dict()["1.num_batches_tracked"] == 12
+
+
+def test_checkpoints_hold_ema_and_normalization_that_loaders_use(tmp_path):
+    root = _scene(tmp_path)
+    _train(root, tmp_path / "run", "--ema_decay", "0.5", "--input_normalization", "percentile", "--percentiles", "2,98")
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    with h5py.File(root / "scan.h5") as file:
+        expected = Normalization.of_volume(scan_histogram(file[volume.SCAN]), "percentile", 2, 98)
+    assert state["config"]["normalization"] == expected.to_config() and expected != Normalization()
+    assert state["ema_updates"] == 4 and not all(torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    ema, raw = load_model(tmp_path / "run" / "last.pth").state_dict(), load_model(tmp_path / "run" / "last.pth", weights="raw").state_dict()
+    assert all(torch.equal(ema[k], state["ema"][k]) and torch.equal(raw[k], state["model"][k]) for k in ema)
+    with pytest.raises(InputError, match="different input_normalization"):
+        _train(root, tmp_path / "run", "--resume", "true", "--ema_decay", "0.5", "--percentiles", "2,98")
+
+
+def test_validation_scores_the_blocks_against_the_ground_truth(tmp_path):
+    root = _scene(tmp_path)
+    with h5py.File(root / "scan.h5") as file:
+        scan = file[volume.SCAN][:]
+    with h5py.File(root / "truth.h5", "w") as file:
+        volume.create_volume(file, volume.GROUND_TRUTH, scan.shape, np.uint8, chunk=16)[:] = (scan > 200) * 255
+    _train(root, tmp_path / "run", "--ground_truth", str(root / "truth.h5"))
+    with open(tmp_path / "run" / "metrics.csv") as file:
+        row = list(csv.DictReader(file))[-1]
+    block = scan[16:32, 16:32, 16:32]  # the validation block: ink is exactly its brightest voxels
+    assert float(row["valid_3d_scan_f05"]) == pytest.approx(1.0) and 0 < float(row["valid_3d_f05"]) <= 1
+    assert (block > 200).any()
 
 
 def test_lr_schedule():
