@@ -7,7 +7,7 @@ The prediction is thresholded block by block (with `--volume` and `--min_scan`, 
 left out: ink needs material) and labeled with connected-components-3d
 (26-connectivity); labels are joined across block faces, so a blob crossing block borders is
 one blob (ink3d/components.py). Writes `blobs.csv` (id, voxels, bbox, centroid, mean and max
-probability; ids by decreasing size), for each blob with min_size <= voxels <= max_size a PNG of
+probability, and with `--ground_truth` the blob's voxels that are true ink; ids by decreasing size), for each blob with min_size <= voxels <= max_size a PNG of
 three orthogonal maximum projections of the prediction over its bounding box (plus margin),
 beside the scan's slices through the blob's centroid when `--volume` is given, and
 `index.html`, a contact sheet of those PNGs sorted by size.
@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ink3d import InputError, volume
-from ink3d.components import Blobs, label_blocks, write_blob_labels
+from ink3d.components import Blobs, blob_overlap, label_blocks, write_blob_labels
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output
 
@@ -43,21 +43,23 @@ ROI = ""  # z0:z1,y0:y1,x0:x1 to explore; empty = the whole volume
 MARGIN = 8  # voxels around a blob's bounding box in its pictures
 VIEW_SIZE = 160  # each view is scaled to about this many pixels
 KEEP_LABELS = False  # also write out_dir/blob_labels.h5 (dataset labels: blob ids of blobs.csv)
+GROUND_TRUTH = ""  # optional ground-truth ink volume (the synthetic scroll's): each blob's share of true ink voxels
 OVERWRITE = False  # replace existing outputs
 
 
 CSV_FIELDS = ["id", "voxels", "z0", "y0", "x0", "z1", "y1", "x1", "centroid_z", "centroid_y", "centroid_x",
-              "mean_probability", "max_probability"]
+              "mean_probability", "max_probability", "true_ink_voxels"]
 
 
-def write_csv(path: Path, blobs: Blobs) -> None:
+def write_csv(path: Path, blobs: Blobs, true_ink: np.ndarray | None) -> None:
     with open(path, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(CSV_FIELDS)
         for i in range(len(blobs)):
             writer.writerow([i + 1, int(blobs.voxels[i]), *blobs.bbox_low[i].tolist(), *blobs.bbox_high[i].tolist(),
                              *(f"{c:.2f}" for c in blobs.centroid[i]),
-                             f"{blobs.mean_value[i] / 255:.4f}", f"{blobs.max_value[i] / 255:.4f}"])
+                             f"{blobs.mean_value[i] / 255:.4f}", f"{blobs.max_value[i] / 255:.4f}",
+                             "" if true_ink is None else int(true_ink[i])])
 
 
 def _fit(image: np.ndarray, size: int) -> np.ndarray:
@@ -85,12 +87,14 @@ def blob_picture(predictions, scan, low, high, centroid, size: int) -> np.ndarra
     return np.concatenate([np.pad(row, ((0, 4), (0, width - row.shape[1]))) for row in rows], axis=0)
 
 
-def write_index(path: Path, blobs: Blobs, shown: list[int], pictures: dict[int, str]) -> None:
+def write_index(path: Path, blobs: Blobs, shown: list[int], pictures: dict[int, str], true_ink: np.ndarray | None) -> None:
     figures = []
     for i in shown:
         c = blobs.centroid[i]
         caption = (f"#{i + 1}: {int(blobs.voxels[i])} voxels, centre z {c[0]:.0f} y {c[1]:.0f} x {c[2]:.0f}, "
                    f"max p {blobs.max_value[i] / 255:.2f}")
+        if true_ink is not None:
+            caption += f", {true_ink[i] / blobs.voxels[i]:.0%} true ink"
         figures.append(f'<figure><img src="{html.escape(pictures[i])}" loading="lazy"><figcaption>{html.escape(caption)}</figcaption></figure>')
     path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>ink blobs</title><style>"
@@ -112,6 +116,9 @@ def main(argv=None):
     scan_file, scan = volume.open_dataset(config.volume, volume.SCAN) if config.volume else (None, None)
     if scan is not None and scan.shape != predictions.shape:
         raise InputError(f"{config.volume}: scan shape {scan.shape} differs from the prediction's {predictions.shape}")
+    truth_file, truth = volume.open_dataset(config.ground_truth, volume.GROUND_TRUTH) if config.ground_truth else (None, None)
+    if truth is not None and truth.shape != predictions.shape:
+        raise InputError(f"{config.ground_truth}: shape {truth.shape} differs from the prediction's {predictions.shape}")
     roi = volume.parse_roi(config.roi, predictions.shape)
     level = config.threshold * 255 if predictions.dtype == np.uint8 else config.threshold
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +128,12 @@ def main(argv=None):
             with h5py.File(out_dir / "blob_labels.h5", "w") as labels_file:
                 labels = write_blob_labels(scratch[volume.BLOB_LABELS], blobs.label_to_blob, labels_file, config.block)
                 labels.attrs["roi_origin"] = [s.start for s in roi]
-    write_csv(out_dir / "blobs.csv", blobs)
+        true_ink = None
+        if truth is not None:
+            with truth_file:
+                true_ink = blob_overlap(scratch[volume.BLOB_LABELS], blobs.label_to_blob, len(blobs), truth,
+                                        [s.start for s in roi], config.block)
+    write_csv(out_dir / "blobs.csv", blobs, true_ink)
     in_range = [i for i in range(len(blobs)) if config.min_size <= blobs.voxels[i] <= config.max_size]
     shown = in_range[:config.max_views]
     pictures = {}
@@ -132,7 +144,7 @@ def main(argv=None):
         picture = blob_picture(predictions, scan, low, high, blobs.centroid[i], config.view_size)
         pictures[i] = f"blob_{i + 1:06d}.png"
         cv2.imwrite(str(out_dir / pictures[i]), picture)
-    write_index(out_dir / "index.html", blobs, shown, pictures)
+    write_index(out_dir / "index.html", blobs, shown, pictures, true_ink)
     pred_file.close()
     if scan_file is not None:
         scan_file.close()

@@ -150,3 +150,14 @@ def write_blob_labels(scratch_labels, label_to_blob: np.ndarray, out: h5py.File,
     for box in volume.iter_blocks(scratch_labels.shape, block):
         dataset[box] = label_to_blob[scratch_labels[box]].astype(dtype)
     return dataset
+
+
+def blob_overlap(scratch_labels, label_to_blob: np.ndarray, count: int, other, origin, block: int) -> np.ndarray:
+    """Per blob (in the order of the blob table), its voxels where `other` (a volume the size of the whole
+    prediction, e.g. the true ink) is > 0; `origin` is the zyx position of the labels' region in it."""
+    totals = np.zeros(count + 1, np.int64)
+    for box in volume.iter_blocks(scratch_labels.shape, block):
+        ids = label_to_blob[scratch_labels[box]]
+        inside = other[tuple(slice(o + b.start, o + b.stop) for o, b in zip(origin, box))] > 0
+        totals += np.bincount(ids[inside], minlength=count + 1)
+    return totals[1:]

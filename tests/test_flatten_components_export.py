@@ -196,3 +196,22 @@ def test_air_in_the_scan_is_not_ink(tmp_path):
     assert sorted(int(r["voxels"]) for r in rows) == [12, 12]
     rows, _ = _components(tmp_path, values, "--block", "8", "--min_size", "1")
     assert [int(r["voxels"]) for r in rows] == [32]
+
+
+@pytest.mark.parametrize("roi", ["", "2:20,0:20,0:20"])
+def test_true_ink_of_each_blob_equals_a_count_over_its_voxels(tmp_path, roi):
+    values = _blob_volume()
+    truth = np.zeros(values.shape, np.uint8)
+    truth[::2] = 255  # every other slice is "ink"
+    truth[14:] = 255
+    with h5py.File(tmp_path / "truth.h5", "w") as file:
+        volume.create_volume(file, volume.GROUND_TRUTH, truth.shape, np.uint8, chunk=8)[:] = truth
+    rows, labels = _components(tmp_path, values, "--block", "5", "--min_size", "1", "--ground_truth", str(tmp_path / "truth.h5"),
+                               *(["--roi", roi] if roi else []))
+    origin = [int(part.split(":")[0]) for part in roi.split(",")] if roi else [0, 0, 0]
+    region = truth[origin[0]:origin[0] + labels.shape[0], origin[1]:origin[1] + labels.shape[1], origin[2]:origin[2] + labels.shape[2]]
+    for row in rows:
+        inside = labels == int(row["id"])
+        assert int(row["true_ink_voxels"]) == int((region[inside] > 0).sum())
+    assert {int(r["voxels"]): int(r["true_ink_voxels"]) for r in rows}[72] == 7 * 9  # slices 12..19 but 13
+    assert "true ink" in (tmp_path / "blobs" / "index.html").read_text()
