@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main, save_config
 from ink3d.coords import drop_near
-from ink3d.dataset import BACKGROUND, ScrollSamples
+from ink3d.dataset import AUGMENTATIONS, BACKGROUND, ScrollSamples
 from ink3d.intensity import Normalization, otsu_level, scan_histogram
 from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
 from ink3d.sliding_window import to_uint8
@@ -65,13 +65,14 @@ WEIGHT_DECAY = 1e-4  # AdamW weight decay
 WARMUP_STEPS = 20  # linear warmup, then cosine decay to 0 at max_steps
 MAX_STEPS = 1000  # optimisation steps
 GRAD_CLIP = 1.0  # max gradient norm (0 = off)
-DICE_WEIGHT = 0.0  # weight of a soft Dice term over labeled voxels, added to the BCE
+DICE_WEIGHT = 3.0  # weight of a soft Dice term over labeled voxels, added to the BCE
 LABEL_SMOOTHING = 0.0  # BCE targets t * (1 - s) + s / 2
 AIR_LEVEL = "otsu"  # scan values (uint8) at or below this are air, never ink: a number, otsu (from the scan), or none
 BACKGROUND_WEIGHT = 1.0  # weight of the BCE over a crop's unlabeled air voxels (target 0) beside the labeled voxels' BCE
 EMA_DECAY = 0.999  # decay of the moving average of the weights (0 = none); lower early in a run (models/ema.py)
 INPUT_NORMALIZATION = "scale"  # model input: scale (scan / 255) or percentile (window of the material's percentiles)
 PERCENTILES = "0.5,99.5"  # low,high percentiles of the material above the air level (input_normalization percentile)
+AUGMENTATION = "full"  # full (rotations, flips, 90-degree turns, resized crop), exact (turns, flips, crop: no resampling), none
 GROUND_TRUTH = ""  # optional ground-truth ink volume (the synthetic scroll's): 3D score of the validation blocks
 F_MAPS = 32  # UNet feature maps of the first level
 NUM_LEVELS = 5  # UNet levels
@@ -96,7 +97,7 @@ WANDB_PROJECT = "3d-ink-detection"  # W&B project
 # settings a resumed run must keep: they define the model, the sample stream and the schedule
 RESUME_KEYS = ("patch", "block", "batch_size", "lr", "weight_decay", "warmup_steps", "max_steps", "f_maps", "num_levels",
                "num_groups", "seed", "dice_weight", "min_labeled", "max_tries", "exclusion_radius", "label_smoothing",
-               "air_level", "background_weight", "ema_decay", "input_normalization", "percentiles")
+               "air_level", "background_weight", "ema_decay", "input_normalization", "percentiles", "augmentation")
 
 
 def masked_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 0.0, background_weight: float = 0.0,
@@ -298,6 +299,8 @@ def main(argv=None):
         if last_path.exists() and not config.resume:
             raise InputError(f"{last_path} exists; pass --resume true to continue that run, or choose another --out_dir")
     block = config.block or config.patch
+    if config.augmentation not in AUGMENTATIONS:
+        raise InputError(f"--augmentation {config.augmentation!r}: choose one of {', '.join(AUGMENTATIONS)}")
     air_level, normalization, otsu = resolve_intensity(config)
     # what inference and later stages need to treat the scan as training did
     recorded_config = {**vars(config), "normalization": normalization.to_config(), "air_level_value": air_level}
@@ -346,7 +349,7 @@ def main(argv=None):
 
     train_set = ScrollSamples(config.volume, config.train_labels, train_origins, config.patch, config.max_steps * config.batch_size,
                               train=True, block=block, seed=config.seed, stream=rank, min_labeled=config.min_labeled,
-                              max_tries=config.max_tries, normalization=normalization, air_level=air_level)
+                              max_tries=config.max_tries, normalization=normalization, air_level=air_level, augment=config.augmentation)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=range(step * config.batch_size, len(train_set)),
                         num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
     valid_loader = None

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from volumentations import Compose, Flip, RandomResizedCrop, RandomRotate90, Rotate
+from volumentations import Compose, Flip, RandomCrop, RandomResizedCrop, RandomRotate90, Rotate
 
 from ink3d import volume
 from ink3d.intensity import Normalization
@@ -47,18 +47,27 @@ def read_labels(ink_sum, ink_count, origin, shape) -> np.ndarray:
     return labels
 
 
-def augmentation(patch: int) -> Compose:
-    """DESIGN.md step 4. The mask (labels) is moved with nearest interpolation and filled with -1.
+AUGMENTATIONS = ("full", "exact", "none")
+
+
+def augmentation(patch: int, kind: str = "full") -> Compose | None:
+    """`full`: DESIGN.md step 4. The mask (labels) is moved with nearest interpolation and filled with -1.
+    `exact`: 90-degree turns, flips and a random crop only, which move voxels without resampling
+    them, so the scan's finest texture survives. `none`: no augmentation (None).
 
     Flips use one fixed axis each: volumentations' Flip with a random axis draws the axis
     separately for the image and the mask, which would misalign them.
     """
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"augmentation {kind!r}: choose one of {', '.join(AUGMENTATIONS)}")
+    if kind == "none":
+        return None
+    exact = [RandomRotate90(p=0.5), Flip(axis=(0,), p=0.5), Flip(axis=(1,), p=0.5), Flip(axis=(2,), p=0.5)]
+    if kind == "exact":
+        return Compose(exact + [RandomCrop((patch,) * 3, p=1.0)], p=1.0)
     return Compose([
         Rotate((-15, 15), (-15, 15), (-15, 15), interpolation=1, border_mode="constant", value=0, mask_value=UNLABELED, p=0.5),
-        RandomRotate90(p=0.5),
-        Flip(axis=(0,), p=0.5),
-        Flip(axis=(1,), p=0.5),
-        Flip(axis=(2,), p=0.5),
+        *exact,
         RandomResizedCrop((patch,) * 3, scale_limit=(0.75, 1.33), interpolation=1, resize_type=0, p=1.0),
     ], p=1.0)
 
@@ -68,7 +77,7 @@ class ScrollSamples(Dataset):
     unlabeled and BACKGROUND air, number of re-draws it took)."""
 
     def __init__(self, volume_path, labels_path, origins, patch: int, length: int, *, train: bool, block: int,
-                 seed: int = 0, stream: int = 0, min_labeled: int = 1, max_tries: int = 10, augment: bool = True,
+                 seed: int = 0, stream: int = 0, min_labeled: int = 1, max_tries: int = 10, augment: str = "full",
                  intensity_scale=(0.4, 2.0), normalization: Normalization = Normalization(), air_level: int | None = None):
         self.volume_path, self.labels_path = str(volume_path), str(labels_path)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 3)
@@ -77,7 +86,7 @@ class ScrollSamples(Dataset):
         self.patch, self.length, self.train, self.block = patch, length, train, block
         self.seed, self.stream = seed, stream
         self.min_labeled, self.max_tries = min_labeled, max_tries
-        self.augment = augmentation(patch) if augment and train else None
+        self.augment = augmentation(patch, augment) if train else None
         self.intensity_scale = intensity_scale
         self.normalization, self.air_level = normalization, air_level
         self._files = None

@@ -44,9 +44,10 @@ def flat_segment(height=10, width=12, z=10.0, x0=5, y0=7):
 
 
 def run(root, *extra, valid="", band="2"):
+    """all_labels_to_hdf on the scene; the ink range covers the whole band unless `extra` narrows it."""
     argv = ["--ppm_dir", str(root / "paths"), "--labels_dir", str(root / "labels"), "--volume", str(root / "scan.h5"),
             "--out_train", str(root / "train.h5"), "--out_valid", str(root / "valid.h5"),
-            "--valid_segments", valid, "--band", band, "--chunk", "8", *extra]
+            "--valid_segments", valid, "--band", band, "--chunk", "8", "--ink_back", "99", "--ink_front", "99", *extra]
     return all_labels_to_hdf.main(argv)
 
 

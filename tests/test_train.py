@@ -68,9 +68,9 @@ def test_label_air_never_labels_air_as_ink():
 def test_training_crops_mark_air_as_background_and_never_as_ink(tmp_path):
     root = _scene(tmp_path)
     samples = ScrollSamples(root / "scan.h5", root / "train.h5", np.load(root / "train.npy"), 16, 6, train=True, block=16,
-                            augment=False, intensity_scale=(1, 1), air_level=100)
+                            augment="none", intensity_scale=(1, 1), air_level=100)
     plain = ScrollSamples(root / "scan.h5", root / "train.h5", np.load(root / "train.npy"), 16, 6, train=True, block=16,
-                          augment=False, intensity_scale=(1, 1))
+                          augment="none", intensity_scale=(1, 1))
     for index in range(6):
         image, labels, _ = samples[index]
         original = plain[index][1]
@@ -137,13 +137,14 @@ def test_lr_schedule():
     assert train.lr_factor(110, 10, 110) == pytest.approx(0.0)
 
 
-def test_augmentation_keeps_unlabeled_exact_and_alignment():
+@pytest.mark.parametrize("kind", ["full", "exact"])
+def test_augmentation_keeps_unlabeled_exact_and_alignment(kind):
     rng = np.random.default_rng(0)
     cells = rng.random((6, 6, 6)) > 0.5
     image = np.kron(cells, np.ones((8, 8, 8))).astype(np.float32) * 0.6 + 0.2  # 48^3, blocks of 0.2 / 0.8
     labels = (image > 0.5).astype(np.float32)
     labels[:, :20] = -1
-    transform = augmentation(32)
+    transform = augmentation(32, kind)
     agreements = []
     for seed in range(6):
         import random
@@ -155,7 +156,10 @@ def test_augmentation_keeps_unlabeled_exact_and_alignment():
         assert set(np.unique(labels_out)) <= {-1.0, 0.0, 1.0}
         labeled = labels_out >= 0
         agreements.append(((image_out > 0.5) == (labels_out > 0.5))[labeled].mean())
-    assert min(agreements) > 0.9  # only interpolated voxels on block borders may disagree
+        if kind == "exact":  # voxels are moved, never resampled
+            assert set(np.unique(image_out)) <= {np.float32(0.2), np.float32(0.8)}
+    assert min(agreements) == 1.0 if kind == "exact" else min(agreements) > 0.9  # full: border voxels are interpolated
+    assert augmentation(32, "none") is None
 
 
 def _scene(tmp_path, unlabeled=False):
