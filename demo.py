@@ -1,17 +1,20 @@
 """Run the whole pipeline on the synthetic scroll, each stage through its own `main`.
 
-    python demo.py                 # ~5 minutes on 2 CPU cores; uses CUDA when present
+    python demo.py                 # ~8 minutes on 2 CPU cores; uses CUDA when present
     python demo.py --fresh true    # redo every stage
 
 make_synthetic_scroll -> volume_to_hdf -> all_labels_to_hdf (validation segment held out) ->
-pred_find_coords -> train (a small UNet) -> inference -> flatten_3d (held-out segment) ->
+pred_find_coords -> train (a small UNet) -> inference -> score_3d (every voxel, and the held-out
+segment's region, against the scroll's true ink) -> flatten_3d (held-out segment) ->
 connected_components_explore, all into `runs/demo/`. Finished stages are reused on a re-run
-(an interrupted training or inference is resumed). The run ends with a table of stage times and,
-as its last line, the F0.5 of the flattened prediction on the held-out segment against its ink
-labels, beside the best global threshold on the flattened scan. `runs/demo/summary.png` shows
-flattened scan | ink label | flattened prediction, and the largest 3D ink blob.
+(an interrupted training or inference is resumed). The run ends with a table of stage times, the
+3D score and the share of true ink in the largest blobs, and, as its last line, the F0.5 of the
+flattened prediction on the held-out segment against its ink labels, beside the best global
+threshold on the flattened scan. `runs/demo/summary.png` shows flattened scan | ink label |
+flattened prediction, and the largest 3D ink blob.
 """
 
+import csv
 import json
 import shutil
 import time
@@ -27,6 +30,7 @@ import flatten_3d
 import inference
 import make_synthetic_scroll
 import pred_find_coords
+import score_3d
 import train
 import volume_to_hdf
 from ink3d import volume
@@ -41,13 +45,16 @@ DEPTH = 160  # slices of the synthetic scroll
 PATCH = 64  # training and inference patch
 F_MAPS = 8  # UNet feature maps (a model sized for the CPU)
 NUM_LEVELS = 4  # UNet levels
-MAX_STEPS = 150  # training steps
+MAX_STEPS = 600  # training steps
+AUGMENTATION = "exact"  # training augmentation (train.py --augmentation): exact keeps the texture that tells ink from loose fibres
 BATCH_SIZE = 2  # training batch
 DEVICE = "auto"  # auto (cuda if present) or cpu
 SUMMARY_COPY = ""  # also copy summary.png here (e.g. docs/summary.png)
 
 
 AIR_LEVEL = 60  # uint8 scan value below which the synthetic scroll is air (air is ~20 +- 13)
+LARGEST_BLOBS = 10  # the blob gallery's largest blobs whose true-ink share the demo reports
+BLOB_THRESHOLD, BLOB_MIN_SIZE, BLOB_MAX_SIZE = 0.8, 100, 20000  # the blob gallery: probability, voxels
 
 
 class Stages:
@@ -101,8 +108,23 @@ def held_out_scores(scroll: Path, flat: Path, segment_id: str) -> tuple[float, f
     return model, baseline
 
 
-def summary_picture(scroll: Path, flat: Path, blobs: Path, segment_id: str) -> np.ndarray:
-    """flattened scan | ink label | flattened prediction, then the largest blob's views, with titles."""
+def held_out_region(coords: Path, patch: int, shape) -> str:
+    """The ROI (z0:z1,y0:y1,x0:x1) spanned by the validation blocks: the held-out segment's part of the scroll."""
+    origins = np.load(coords)
+    low, high = origins.min(axis=0), np.minimum(origins.max(axis=0) + patch, shape)
+    return ",".join(f"{a}:{b}" for a, b in zip(low, high))
+
+
+def largest_blobs_true_ink(blobs_csv: Path, count: int, min_size: int, max_size: int) -> tuple[float, int]:
+    """Share of true ink among the voxels of the gallery's `count` largest blobs, and how many there are."""
+    with open(blobs_csv) as file:
+        rows = [row for row in csv.DictReader(file) if min_size <= int(row["voxels"]) <= max_size][:count]
+    voxels = sum(int(row["voxels"]) for row in rows)
+    return (sum(int(row["true_ink_voxels"]) for row in rows) / voxels if voxels else float("nan")), len(rows)
+
+
+def summary_picture(scroll: Path, flat: Path, blobs: Path, segment_id: str, caption: str) -> np.ndarray:
+    """The scores, then flattened scan | ink label | flattened prediction, then the largest blob's views, with titles."""
     panels = [_read_gray(flat / f"{segment_id}_scan.png"), _read_gray(scroll / "labels" / f"{segment_id}_inklabels.png"),
               _read_gray(flat / f"{segment_id}_prediction.png")]
     titles = ["flattened scan", "ink label (held out)", "flattened 3D prediction"]
@@ -111,13 +133,14 @@ def summary_picture(scroll: Path, flat: Path, blobs: Path, segment_id: str) -> n
     for panel, title in zip(panels, titles):
         panel = cv2.resize(panel, (panel.shape[1] * scale, panel.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
         tiles.append(_titled(panel, title))
-    row = _hstack(tiles)
+    row = _titled(_hstack(tiles), caption)
     blob_pictures = sorted(blobs.glob("blob_*.png"))
     if blob_pictures:
         blob = _read_gray(blob_pictures[0])
         blob = cv2.resize(blob, (blob.shape[1] * 2, blob.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
-        row = _vstack([row, _titled(blob, "largest 3D blob of p >= 0.8 in the scroll: max projections along z, y, x; scan slices below")])
-    return row
+        return _vstack([row, _titled(blob, f"largest 3D blob of p >= {BLOB_THRESHOLD} in the scroll: max projections along z, y, x; "
+                                           "scan slices below")])
+    return _vstack([row, _titled(np.zeros((8, row.shape[1]), np.uint8), f"no 3D blob of p >= {BLOB_THRESHOLD} in the gallery's size range")])
 
 
 def _titled(image: np.ndarray, title: str) -> np.ndarray:
@@ -142,7 +165,8 @@ def main(argv=None):
     scroll, scan, flat, blobs = out / "scroll", out / "scan.h5", out / "flat", out / "blobs"
     train_dir, predictions = out / "train", out / "predictions.h5"
     if config.fresh:  # only what the demo itself makes, in case out_dir holds anything else
-        for path in (scroll, scan, flat, blobs, train_dir, predictions, out / "summary.png", *out.glob("labels_*.h5"), *out.glob("coords_*.npy")):
+        for path in (scroll, scan, flat, blobs, train_dir, predictions, out / "summary.png", *out.glob("labels_*.h5"), *out.glob("coords_*.npy"),
+                     *out.glob("score_3d*.json")):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(config.fresh)
@@ -168,12 +192,18 @@ def main(argv=None):
                 "--batch_size", str(config.batch_size), "--max_steps", str(config.max_steps),
                 "--valid_every", str(max(1, config.max_steps // 3)), "--checkpoint_every", str(max(1, config.max_steps // 3)),
                 "--exclusion_radius", str(config.patch), "--seed", str(config.seed), "--device", config.device,
-                "--resume", "true"],
+                "--augmentation", config.augmentation, "--ground_truth", str(scroll / "ground_truth.h5"), "--resume", "true"],
                done=lambda path: _trained(train_dir, config.max_steps))
     stages.run("inference", predictions, inference.main,
                ["--volume", str(scan), "--checkpoint", str(train_dir / "best.pth"), "--out", str(predictions),
                 "--patch", str(config.patch), "--block", str(2 * config.patch), "--device", config.device, "--resume", "true"],
                done=lambda path: _complete(path, volume.PREDICTIONS))
+    shape = json.loads((scroll / "scroll.json").read_text())["shape"]
+    scores = {"every voxel": out / "score_3d.json", "held-out region": out / "score_3d_held_out.json"}
+    for (name, path), roi in zip(scores.items(), ("", held_out_region(coords["valid"], config.patch, shape))):
+        stages.run(f"score_3d ({name})", path, score_3d.main,
+                   ["--predictions", str(predictions), "--ground_truth", str(scroll / "ground_truth.h5"), "--volume", str(scan),
+                    "--roi", roi, "--air_level", str(AIR_LEVEL), "--out", str(path), "--overwrite", "true"])
     stages.run("flatten_3d (prediction)", flat / f"{held_out}_prediction.png", flatten_3d.main,
                ["--predictions", str(predictions), "--ppm_dir", str(scroll / "paths"), "--out_dir", str(flat),
                 "--segments", held_out, "--overwrite", "true"])
@@ -181,16 +211,24 @@ def main(argv=None):
                ["--predictions", str(scan), "--dataset", volume.SCAN, "--name", "scan", "--ppm_dir", str(scroll / "paths"),
                 "--out_dir", str(flat), "--segments", held_out, "--overwrite", "true"])
     stages.run("connected_components_explore", blobs / "index.html", connected_components_explore.main,
-               ["--predictions", str(predictions), "--volume", str(scan), "--out_dir", str(blobs), "--threshold", "0.8",
-                "--min_scan", str(AIR_LEVEL), "--min_size", "100", "--max_size", "20000", "--overwrite", "true"])
-    summary = summary_picture(scroll, flat, blobs, held_out)
-    cv2.imwrite(str(out / "summary.png"), summary)
+               ["--predictions", str(predictions), "--volume", str(scan), "--out_dir", str(blobs), "--threshold", str(BLOB_THRESHOLD),
+                "--min_scan", str(AIR_LEVEL), "--min_size", str(BLOB_MIN_SIZE), "--max_size", str(BLOB_MAX_SIZE),
+                "--ground_truth", str(scroll / "ground_truth.h5"), "--overwrite", "true"])
+    model_f05, baseline_f05 = held_out_scores(scroll, flat, held_out)
+    whole, region = (json.loads(path.read_text()) for path in scores.values())
+    blob_ink, blob_count = largest_blobs_true_ink(blobs / "blobs.csv", LARGEST_BLOBS, BLOB_MIN_SIZE, BLOB_MAX_SIZE)
+    caption = (f"held-out segment F0.5: model {model_f05:.3f}, flattened-scan threshold {baseline_f05:.3f}   |   "
+               f"3D voxel F0.5: model {whole['f05']:.3f}, scan threshold {whole['scan_f05']:.3f}")
+    cv2.imwrite(str(out / "summary.png"), summary_picture(scroll, flat, blobs, held_out, caption))
     if config.summary_copy:
         Path(config.summary_copy).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "summary.png", config.summary_copy)
-    model_f05, baseline_f05 = held_out_scores(scroll, flat, held_out)
     print("\n" + stages.table())
     print(f"summary picture: {out / 'summary.png'}")
+    print(f"3D voxel F0.5 (true ink of the whole scroll): model={whole['f05']:.3f} scan-threshold={whole['scan_f05']:.3f}; "
+          f"held-out region: model={region['f05']:.3f} scan-threshold={region['scan_f05']:.3f}; median prediction "
+          f"air {whole['air_median']:.2f}, papyrus {whole['papyrus_median']:.2f}, ink {whole['ink_median']:.2f}")
+    print(f"largest {blob_count} blobs of the gallery: {blob_ink:.0%} of their voxels are true ink")
     print(f"held-out segment {held_out}: F0.5 model={model_f05:.3f} threshold-baseline={baseline_f05:.3f}")
     return model_f05, baseline_f05
 

@@ -1,4 +1,5 @@
 import csv
+import json
 import re
 
 import cv2
@@ -19,6 +20,11 @@ def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
     held_out = "20231022170901"
     assert re.fullmatch(rf"held-out segment {held_out}: F0\.5 model=\d\.\d{{3}} threshold-baseline=\d\.\d{{3}}", lines[-1])
     assert 0 <= model_f05 <= 1 and 0 < baseline_f05 <= 1
+    assert lines[-3].startswith("3D voxel F0.5 (true ink of the whole scroll): model=")
+    assert re.fullmatch(r"largest \d+ blobs of the gallery: (\d+%|nan%) of their voxels are true ink", lines[-2])
+    whole = json.loads((out / "score_3d.json").read_text())
+    assert f"model={whole['f05']:.3f} scan-threshold={whole['scan_f05']:.3f}" in lines[-3]
+    assert whole["voxels"] == 32 * 256 * 256 and json.loads((out / "score_3d_held_out.json").read_text())["voxels"] < whole["voxels"]
 
     with h5py.File(out / "scan.h5") as file:
         scan = file[volume.SCAN]
@@ -44,7 +50,7 @@ def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
 
     demo.main(argv)  # a re-run reuses every stage
     table = capsys.readouterr().out
-    assert table.count("(reused)") == 10
+    assert table.count("(reused)") == 12
 
     (out / "keep.txt").write_text("not the demo's")
     demo.main(argv + ["--fresh", "true"])  # every stage again; other files in out_dir stay
