@@ -11,7 +11,7 @@ import train
 from ink3d import InputError, volume
 from ink3d.dataset import BACKGROUND, ScrollSamples, augmentation, label_air
 from ink3d.intensity import Normalization, scan_histogram
-from models import UNet3D, load_model
+from models import load_model
 from models.ema import EMA
 
 
