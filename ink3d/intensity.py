@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from ink3d import volume
-
-LEVELS = 256  # the scan volume is uint8
+from ink3d.metrics import LEVELS, histogram_quantile
 
 
 def scan_histogram(dataset, max_blocks: int = 64, block: int = volume.DEFAULT_CHUNK, seed: int = 0) -> np.ndarray:
@@ -43,12 +42,6 @@ def otsu_level(counts: np.ndarray) -> int:
     return int(np.argmax(np.nan_to_num(between[:-1], nan=-1.0)))
 
 
-def percentile_level(counts: np.ndarray, percent: float) -> int:
-    """The smallest level at or below which `percent` % of the counted values lie."""
-    cumulative = np.cumsum(counts)
-    return int(np.searchsorted(cumulative, percent / 100 * cumulative[-1]))
-
-
 @dataclass(frozen=True)
 class Normalization:
     """Model input = clip((scan - low) / (high - low), 0, 1). `low=0, high=255` is plain `scan / 255`."""
@@ -72,7 +65,7 @@ class Normalization:
             raise ValueError(f"normalization {mode!r}: choose scale or percentile")
         material = np.array(counts, copy=True)
         material[:otsu_level(counts) + 1] = 0
-        low, high = percentile_level(material, low_percent), percentile_level(material, high_percent)
+        low, high = histogram_quantile(material, low_percent / 100), histogram_quantile(material, high_percent / 100)
         return cls(float(low), float(max(high, low + 1)))
 
     def to_config(self) -> list[float]:

@@ -12,6 +12,8 @@ from scipy.stats import rankdata
 
 from ink3d import volume
 
+LEVELS = 256  # predictions and the scan are uint8
+
 
 def best_fbeta(scores: np.ndarray, truth: np.ndarray, beta: float = 0.5) -> tuple[float, float]:
     """(best F-beta over all thresholds `score >= t`, that threshold); exact, by sorting."""
@@ -76,7 +78,6 @@ def histogram_quantile(counts: np.ndarray, q: float) -> int:
     return int(np.searchsorted(cumulative, q * cumulative[-1])) if cumulative[-1] else -1
 
 
-LEVELS = 256
 CLASSES = ("air", "papyrus", "ink")  # air: scan <= air level and no ink; papyrus: material without ink
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ink3d import volume
-from ink3d.intensity import Normalization, otsu_level, percentile_level, scan_histogram
+from ink3d.intensity import Normalization, otsu_level, scan_histogram
+from ink3d.metrics import histogram_quantile
 
 skimage_filters = pytest.importorskip("skimage.filters", reason="scikit-image is the reference Otsu threshold")
 
@@ -18,11 +19,11 @@ def test_otsu_level_equals_scikit_image(seed):
     assert otsu_level(counts) == skimage_filters.threshold_otsu(hist=(counts, np.arange(256)))
 
 
-def test_percentile_level_is_numpys_inverted_cdf():
+def test_histogram_percentile_is_numpys_inverted_cdf():
     values = np.random.default_rng(0).integers(0, 256, 1001)
     counts = np.bincount(values, minlength=256)
     for percent in (0.5, 10, 50, 99.5):
-        assert percentile_level(counts, percent) == np.percentile(values, percent, method="inverted_cdf")
+        assert histogram_quantile(counts, percent / 100) == np.percentile(values, percent, method="inverted_cdf")
 
 
 def test_scan_histogram_counts_every_voxel_or_a_bounded_sample(tmp_path):
