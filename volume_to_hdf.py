@@ -8,10 +8,13 @@ numbered without gaps. uint8 slices are copied; uint16 slices are mapped by
 `round(v * 255 / 65535)`, or linearly between two percentiles of a sample of slices
 with `--window 0.5,99.5`. The volume is written one slab of `chunk` slices at a time
 (slices of a slab are read in parallel); memory holds one slab, whatever the number of
-slices. A run that stops can be continued with `--resume true`: finished slabs are kept.
+slices. The file is written as `<out>.partial` and renamed to `<out>` when complete. A run
+that stops (killed, disk full) is continued with `--resume true`: each finished slab is
+recorded with a checksum of its bytes, verified on resume, and redone if damaged.
 """
 
 import json
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,16 +27,17 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import check_output
+from ink3d.files import (WriteError, checksum, close_output, finish_output, open_interrupted, resumable_output,
+                         warn_if_short_of_space, writing)
 
 # --- config ---
 TIFF_DIR = "runs/demo/scroll/volume"  # folder of numbered TIFF slices (z order = number in the name)
 OUT = "runs/demo/scan.h5"  # output HDF5 file, dataset scan_volume (uint8, z, y, x)
 CHUNK = 128  # HDF5 chunk edge; also the slab depth written at once
-COMPRESSION = "blosc-lz4"  # blosc-zstd, blosc-lz4, gzip, lzf or none (see README: codec choice)
+COMPRESSION = "blosc-lz4"  # blosc-zstd, blosc-lz4, gzip, lzf or none (see README: Codec)
 WINDOW = ""  # uint16 only: 'low,high' percentiles mapped to 0..255 (e.g. 0.5,99.5); empty = fixed v*255/65535
 WINDOW_SAMPLE_SLICES = 32  # slices sampled (evenly spaced) to estimate the window percentiles
-WORKERS = 8  # threads reading slices in parallel
+WORKERS = 0  # threads reading slices in parallel; 0 = one per CPU core
 OVERWRITE = False  # replace an existing output
 RESUME = False  # continue an interrupted conversion of the same stack
 
@@ -106,13 +110,20 @@ def parse_window(text: str) -> tuple[float, float] | None:
     return low, high
 
 
-def convert(config) -> None:
+def convert(config) -> list[str]:
+    """Write the scan volume; returns report lines."""
+    out = Path(config.out)
+    target = resumable_output(out, config.overwrite, config.resume)
+    if target is None:
+        return [f"{out} is complete; nothing to resume (--overwrite true redoes it)"]
+    partial, resuming = target
     files = list_slices(Path(config.tiff_dir))
     first = read_slice(files[0])
     if first.ndim != 2 or first.dtype not in (np.uint8, np.uint16):
         raise InputError(f"{files[0]}: slices must be 2D uint8 or uint16, got {first.dtype} {first.shape}")
     shape = (len(files),) + first.shape
     percentiles = parse_window(config.window)
+    volume.compression_options(config.compression)
     source = {
         "tiff_dir": str(Path(config.tiff_dir).resolve()),
         "slices": len(files),
@@ -120,48 +131,88 @@ def convert(config) -> None:
         "last": files[-1].name,
         "input_dtype": str(first.dtype),
     }
-    out = Path(config.out)
-    check_output(out, config.overwrite, config.resume, resumable=True)
-    resuming = config.resume and out.exists() and not config.overwrite
-    with h5py.File(out, "a" if resuming else "w") as file:
-        if resuming:
-            dataset, window, done = _reopen(out, file, shape, source, config)
-        else:
-            window = None
-            if percentiles and first.dtype == np.uint16:
-                window = estimate_window(files, percentiles, config.window_sample_slices)
+    warn_if_short_of_space(partial, int(np.prod(shape)))
+    report = []
+    if resuming:
+        file = open_interrupted(partial)
+        dataset, window = _reopen(partial, file, shape, source, config)
+    else:
+        window = None
+        if percentiles and first.dtype == np.uint16:
+            window = estimate_window(files, percentiles, config.window_sample_slices)
+        with writing(partial):
+            file = h5py.File(partial, "w")
             dataset = volume.create_volume(file, volume.SCAN, shape, np.uint8, config.chunk, config.compression)
             dataset.attrs["source"] = json.dumps(source)
             dataset.attrs["window"] = json.dumps(window)
+            dataset.attrs["slab_checksums"] = json.dumps([None] * len(range(0, len(files), dataset.chunks[0])))
             dataset.attrs["slabs_done"] = 0
             dataset.attrs["complete"] = False
             dataset.attrs["config"] = json.dumps(vars(config))
-            done = 0
-        _write_slabs(files, dataset, first.shape, first.dtype, intensity_lut(first.dtype, window), done, config.workers)
-        dataset.attrs["complete"] = True
+            file.flush()  # from here on the file can be reopened to resume
+    failed = False
+    try:
+        with writing(partial):
+            if resuming:
+                report.append(_verify_slabs(dataset))
+            _write_slabs(files, dataset, first.shape, first.dtype, intensity_lut(first.dtype, window), config.workers)
+            dataset.attrs["complete"] = True
+            file.flush()
+    except WriteError:
+        failed = True
+        raise
+    finally:
+        close_output(file, failed)
+    finish_output(partial, out)
     save_config(config, config_path_for(out))
+    return report + [f"{config.tiff_dir} -> {out} [{volume.SCAN}]"]
 
 
-def _reopen(out: Path, file: h5py.File, shape, source: dict, config):
+def _reopen(path: Path, file: h5py.File, shape, source: dict, config):
     """The dataset of an interrupted run, checked to belong to the same stack and settings."""
-    if volume.SCAN not in file:
-        raise InputError(f"{out}: cannot resume, it holds no '{volume.SCAN}' dataset; use --overwrite true")
+    if volume.SCAN not in file or "slab_checksums" not in file[volume.SCAN].attrs:
+        file.close()
+        raise InputError(f"{path}: cannot resume, it holds no '{volume.SCAN}' with a record of finished slabs; use --overwrite true")
     dataset = file[volume.SCAN]
     stored = json.loads(dataset.attrs["source"])
     if stored != source or dataset.shape != shape:
-        raise InputError(f"{out}: cannot resume, it was made from another stack ({stored}); use --overwrite true")
+        file.close()
+        raise InputError(f"{path}: cannot resume, it was made from another stack ({stored}); use --overwrite true")
     stored_config = json.loads(dataset.attrs["config"])
     changed = [key for key in ("chunk", "compression", "window") if stored_config[key] != getattr(config, key)]
     if changed:
-        raise InputError(f"{out}: cannot resume with different {', '.join(changed)} "
+        file.close()
+        raise InputError(f"{path}: cannot resume with different {', '.join(changed)} "
                          f"({', '.join(f'{k}={stored_config[k]!r}' for k in changed)} in the file)")
     window = json.loads(dataset.attrs["window"])
-    return dataset, (tuple(window) if window else None), int(dataset.attrs["slabs_done"])
+    return dataset, (tuple(window) if window else None)
 
 
-def _write_slabs(files, dataset, slice_shape, dtype, lut, slabs_done: int, workers: int) -> None:
+def _slabs(dataset) -> list[slice]:
     depth = dataset.chunks[0]
-    slab_starts = range(0, len(files), depth)
+    return [slice(start, min(start + depth, dataset.shape[0])) for start in range(0, dataset.shape[0], depth)]
+
+
+def _verify_slabs(dataset) -> str:
+    """Re-read the slabs recorded as finished; forget those whose bytes differ from their checksum."""
+    checksums = json.loads(dataset.attrs["slab_checksums"])
+    finished = [index for index, value in enumerate(checksums) if value is not None]
+    damaged = 0
+    for index in tqdm(finished, unit="slab", desc="verifying finished slabs", leave=False):
+        try:
+            intact = checksum(dataset[_slabs(dataset)[index]]) == checksums[index]
+        except (OSError, RuntimeError):  # an unreadable chunk
+            intact = False
+        if not intact:
+            checksums[index] = None
+            damaged += 1
+    dataset.attrs["slab_checksums"] = json.dumps(checksums)
+    return f"resuming: {len(finished) - damaged} finished slabs verified" + (f", {damaged} damaged ones redone" if damaged else "")
+
+
+def _write_slabs(files, dataset, slice_shape, dtype, lut, workers: int) -> None:
+    """Write every slab not yet recorded, each recorded with its checksum once its data is flushed."""
+    checksums = json.loads(dataset.attrs["slab_checksums"])
     slice_bytes = int(np.prod(slice_shape)) * np.dtype(dtype).itemsize
 
     def load(index: int) -> np.ndarray:
@@ -170,17 +221,22 @@ def _write_slabs(files, dataset, slice_shape, dtype, lut, slabs_done: int, worke
             raise InputError(f"{files[index]}: slice is {image.dtype} {image.shape}, the stack is {dtype} {slice_shape}")
         return image if lut is None else lut[image]
 
+    slabs = _slabs(dataset)
     started = time.perf_counter()
-    bar = tqdm(total=len(files), initial=min(slabs_done * depth, len(files)), unit="slice", desc="volume_to_hdf")
-    with ThreadPoolExecutor(workers) as pool:
-        for slab_index, start in enumerate(slab_starts):
-            if slab_index < slabs_done:
+    done_slices = sum(s.stop - s.start for s, value in zip(slabs, checksums) if value is not None)
+    bar = tqdm(total=len(files), initial=done_slices, unit="slice", desc="volume_to_hdf")
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        for index, slab in enumerate(slabs):
+            if checksums[index] is not None:
                 continue
-            stop = min(start + depth, len(files))
-            dataset[start:stop] = np.stack(list(pool.map(load, range(start, stop))))
-            dataset.attrs["slabs_done"] = slab_index + 1
+            data = np.stack(list(pool.map(load, range(slab.start, slab.stop))))
+            dataset[slab] = data
             dataset.file.flush()
-            bar.update(stop - start)
+            checksums[index] = checksum(data)
+            dataset.attrs["slab_checksums"] = json.dumps(checksums)
+            dataset.attrs["slabs_done"] = sum(value is not None for value in checksums)
+            dataset.file.flush()
+            bar.update(slab.stop - slab.start)
             elapsed = time.perf_counter() - started
             bar.set_postfix_str(f"{(bar.n - bar.initial) * slice_bytes / 1e6 / elapsed:.0f} MB/s read")
     bar.close()
@@ -188,8 +244,7 @@ def _write_slabs(files, dataset, slice_shape, dtype, lut, slabs_done: int, worke
 
 def main(argv=None):
     config = parse_config(globals(), argv)
-    convert(config)
-    print(f"{config.tiff_dir} -> {config.out} [{volume.SCAN}]")
+    print("\n".join(convert(config)))
 
 
 if __name__ == "__main__":

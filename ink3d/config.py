@@ -10,18 +10,22 @@ two blank lines, such as::
 `parse_config(globals(), argv)` builds an argparse parser with one flag per constant
 (`--volume`, `--band`), typed from the default and documented by the trailing comment,
 and returns the resolved values as a namespace with lower-case names. Booleans take
-`true`/`false`; a boolean flag alone (`--overwrite`) means true.
+`true`/`false`; a boolean flag alone (`--overwrite`) means true. Flags must be spelled out in
+full, and numbers must lie in the range `LIMITS` declares for their name.
 """
 
 import argparse
 import ast
 import json
+import os
 import re
 import sys
 from pathlib import Path
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 from ink3d import InputError
+from ink3d.files import WriteError
 
 _CONSTANT = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -35,6 +39,55 @@ def str_to_bool(text: str) -> bool:
     if lowered in _FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A closed or half-open range of valid values; None = unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Bounds(0, low_open=True)
+NON_NEGATIVE = Bounds(0)
+FRACTION = Bounds(0, 1, high_open=True)
+
+# Valid values of every numeric setting, by flag name; `script.py:name` where one script means something else by it.
+LIMITS = {
+    **dict.fromkeys(("batch_size", "chunk", "patch", "f_maps", "num_levels", "num_groups", "max_steps", "max_tries",
+                     "valid_blocks", "valid_every", "checkpoint_every", "workers", "window_sample_slices", "tile",
+                     "tile_pixels", "cache_mb", "view_size", "max_views", "largest_blobs", "line_height", "depth",
+                     "height", "width", "max_size", "lr", "band"), POSITIVE),
+    **dict.fromkeys(("block", "warmup_steps", "min_labeled", "margin", "min_size", "exclusion_radius", "grad_clip",
+                     "dice_weight", "background_weight", "weight_decay", "min_scan", "ink_front", "ink_back", "ink_thickness",
+                     "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "flatten_3d.py:band"), NON_NEGATIVE),
+    **dict.fromkeys(("overlap", "label_smoothing", "ema_decay"), FRACTION),
+    "threshold": Bounds(0, 1),
+    "jpeg_quality": Bounds(1, 100),
+    "skip_max": Bounds(-1, 255),
+    "air_level": Bounds(-1, 255),
+}
+
+
+def check_limits(script: str, config: SimpleNamespace) -> None:
+    """Refuse, by flag name, a numeric setting outside its `LIMITS`."""
+    for name, value in vars(config).items():
+        bounds = LIMITS.get(f"{script}:{name}", LIMITS.get(name))
+        if bounds is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value not in bounds:
+            raise InputError(f"--{name} {value}: must be {bounds}")
 
 
 CONFIG_MARKER = "# --- config ---"
@@ -80,6 +133,7 @@ def build_parser(script_globals: dict) -> argparse.ArgumentParser:
         prog=Path(script_globals["__file__"]).name,
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     for name, comment in _declared_constants(source).items():
         default = script_globals[name]
@@ -102,10 +156,11 @@ def build_parser(script_globals: dict) -> argparse.ArgumentParser:
 
 
 def parse_config(script_globals: dict, argv: list[str] | None = None) -> SimpleNamespace:
-    """Resolved settings of a script: its constants, overridden by `argv` (default sys.argv)."""
+    """Resolved settings of a script: its constants, overridden by `argv` (default sys.argv), checked against `LIMITS`."""
     parser = build_parser(script_globals)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return SimpleNamespace(**vars(args))
+    config = SimpleNamespace(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
+    check_limits(Path(script_globals["__file__"]).name, config)
+    return config
 
 
 def save_config(config: SimpleNamespace, path: str | Path) -> Path:
@@ -123,9 +178,17 @@ def config_path_for(output: str | Path) -> Path:
 
 
 def run_main(main) -> None:
-    """Call a stage's `main()`, turning an `InputError` into a one-line message and exit code 2."""
+    """Call a stage's `main()`, turning an `InputError` into a one-line message and exit code 2.
+
+    After a failed write the process exits at once: releasing an HDF5 file whose write failed can
+    crash the interpreter, and everything finished is already on disk.
+    """
     try:
         main()
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, WriteError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         raise SystemExit(2) from None

@@ -71,9 +71,14 @@ def open_dataset(path: str | Path, name: str, mode: str = "r") -> tuple[h5py.Fil
         file.close()
         raise InputError(f"{path}: no dataset '{name}' (datasets: {names})")
     dataset = file[name]
-    if dataset.ndim != 3:
+    if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 3:
+        found = f"shape {dataset.shape}" if isinstance(dataset, h5py.Dataset) else "a group"
         file.close()
-        raise InputError(f"{path}: dataset '{name}' has shape {dataset.shape}, expected 3 axes (z, y, x)")
+        raise InputError(f"{path}: '{name}' is {found}, expected a dataset with 3 axes (z, y, x)")
+    if not dataset.attrs.get("complete", True):
+        file.close()
+        raise InputError(f"{path}: dataset '{name}' is not complete (its run was interrupted); "
+                         "finish it with --resume true before using it")
     return file, dataset
 
 

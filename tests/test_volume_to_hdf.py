@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -71,9 +75,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         _convert(folder, tmp_path / "scan.h5")
     monkeypatch.setattr(volume_to_hdf, "read_slice", original)
-    with h5py.File(tmp_path / "scan.h5") as file:
+    assert not (tmp_path / "scan.h5").exists()  # the output name only ever holds a complete volume
+    with h5py.File(tmp_path / "scan.h5.partial") as file:
         assert file["scan_volume"].attrs["slabs_done"] == 1 and not file["scan_volume"].attrs["complete"]
-    with pytest.raises(InputError, match="exists"):
+    with pytest.raises(InputError, match="interrupted run; pass --resume true"):
         _convert(folder, tmp_path / "scan.h5")
     with pytest.raises(InputError, match="different window"):
         _convert(folder, tmp_path / "scan.h5", "--resume", "true", "--window", "1,99")
@@ -83,6 +88,66 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
     finished_slab = {f"{z}.tif" for z in range(2, 17)}  # 1.tif is read again only for the stack's shape
     assert not finished_slab & set(calls)
     assert np.array_equal(resumed, reference) and attrs["complete"]
+    assert not (tmp_path / "scan.h5.partial").exists()
+    assert volume_to_hdf.convert(volume_to_hdf.parse_config(vars(volume_to_hdf), [
+        "--tiff_dir", str(folder), "--out", str(tmp_path / "scan.h5"), "--resume", "true"]))[0].endswith("nothing to resume (--overwrite true redoes it)")
+
+
+def test_a_damaged_finished_slab_is_found_and_redone(tmp_path, monkeypatch):
+    folder, _ = _stack(tmp_path, np.uint8)
+    reference, _ = _convert(folder, tmp_path / "reference.h5")
+    original = volume_to_hdf.read_slice
+    monkeypatch.setattr(volume_to_hdf, "read_slice", lambda path: original(path) if path.name != "36.tif" else (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _convert(folder, tmp_path / "scan.h5")
+    monkeypatch.setattr(volume_to_hdf, "read_slice", original)
+    with h5py.File(tmp_path / "scan.h5.partial", "a") as file:  # finished slabs 0 and 1; one voxel of slab 1 lost
+        assert file["scan_volume"].attrs["slabs_done"] == 2
+        file["scan_volume"][20, 5, 5] ^= 1
+    report = volume_to_hdf.convert(volume_to_hdf.parse_config(vars(volume_to_hdf), [
+        "--tiff_dir", str(folder), "--out", str(tmp_path / "scan.h5"), "--chunk", "16", "--resume", "true"]))
+    assert report[0] == "resuming: 1 finished slabs verified, 1 damaged ones redone"
+    with h5py.File(tmp_path / "scan.h5") as file:
+        assert np.array_equal(file["scan_volume"][:], reference)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89HDF\r\n\x1a\n" + bytes(40), "cannot be opened to resume.*start over with --overwrite true"),  # killed mid-superblock
+    (b"", "holds no 'scan_volume' with a record of finished slabs; use --overwrite true"),  # killed before any write
+])
+def test_a_partial_file_that_cannot_be_opened_gets_a_named_error(tmp_path, content, message):
+    folder, _ = _stack(tmp_path, np.uint8)
+    (tmp_path / "scan.h5.partial").write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        _convert(folder, tmp_path / "scan.h5", "--resume", "true")
+    converted, _ = _convert(folder, tmp_path / "scan.h5", "--overwrite", "true")
+    assert converted.shape == SHAPE and not (tmp_path / "scan.h5.partial").exists()
+
+
+DISK_FULL = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+sys.argv = ["volume_to_hdf.py"] + sys.argv[2:]
+runpy.run_path("volume_to_hdf.py", run_name="__main__")
+"""
+
+
+def test_a_full_disk_stops_cleanly_and_resume_completes_the_volume(tmp_path):
+    root = Path(volume_to_hdf.__file__).parent
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, (64, 96, 96), dtype=np.uint8)  # noise: 147 KB per 16-slice slab, whatever the codec
+    folder = tmp_path / "tiffs"
+    folder.mkdir()
+    for z, image in enumerate(data):
+        tifffile.imwrite(folder / f"{z}.tif", image)
+    argv = ["--tiff_dir", str(folder), "--out", str(tmp_path / "scan.h5"), "--chunk", "16"]
+    run = subprocess.run([sys.executable, "-c", DISK_FULL, "400000", *argv], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "scan.h5.partial: writing failed (File too large); what was finished is kept" in run.stderr
+    assert not (tmp_path / "scan.h5").exists()
+    resumed, attrs = _convert(folder, tmp_path / "scan.h5", "--resume", "true")
+    assert np.array_equal(resumed, data) and attrs["complete"]
 
 
 def test_existing_output_is_not_overwritten(tmp_path):
@@ -92,8 +157,21 @@ def test_existing_output_is_not_overwritten(tmp_path):
     with pytest.raises(InputError, match="exists"):
         _convert(folder, out)
     assert out.read_bytes() == b"precious"
+    tifffile.imwrite(folder / "30.tif", np.zeros((53, 60), np.uint8))
+    with pytest.raises(InputError, match=r"30\.tif"):
+        _convert(folder, out, "--overwrite", "true")
+    assert out.read_bytes() == b"precious"  # a failed overwrite leaves the previous output as it was
+    tifffile.imwrite(folder / "30.tif", np.zeros(SHAPE[1:], np.uint8))
     converted, _ = _convert(folder, out, "--overwrite", "true")
     assert converted.shape == SHAPE
+
+
+@pytest.mark.parametrize("flag, value", [("--chunk", "0"), ("--workers", "-1"), ("--window_sample_slices", "0")])
+def test_settings_out_of_range_are_refused_before_any_output(tmp_path, flag, value):
+    folder, _ = _stack(tmp_path, np.uint8)
+    with pytest.raises(InputError, match=f"{flag} {value}: must be"):
+        _convert(folder, tmp_path / "scan.h5", flag, value)
+    assert list(tmp_path.iterdir()) == [folder]
 
 
 def test_wrong_shaped_slice_is_named(tmp_path):
