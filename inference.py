@@ -6,15 +6,22 @@
     python inference.py ... --resume true                       # after an interruption
     torchrun --nproc_per_node=4 inference.py ... --batch_size 8  # several GPUs (see README)
 
-Windows of `--patch` voxels on the grid of DESIGN.md (stride patch * (1 - overlap), the last
-flush with the edge) are blended as probabilities with a Gaussian (or constant) weight and
-written as uint8 = round(255 * p) to dataset `predictions`, the scan's shape. The region is
-processed in output macro-blocks of `--block` voxels, each reading the input its windows need
-(with real context around an ROI), so the result equals one pass over the whole region.
-Windows whose input maximum is <= `--skip_max` (air) are not run and predict 0. The scan is
-normalised as the checkpoint records (`scan / 255` when it records nothing). The next
-block is read and the last one written by background threads while the model runs.
-Finished blocks are recorded in the output: `--resume true` completes the rest.
+Windows of `--patch` voxels on the volume's window grid (docs/DESIGN.md: stride
+patch * (1 - overlap) from the volume's origin, the last window flush with its far edge) are
+blended as probabilities with a Gaussian (or constant) weight and written as
+uint8 = round(255 * p) to dataset `predictions`, the scan's shape. The grid belongs to the
+volume, not to the region: an `--roi` result is the same voxels' result of a whole-volume run.
+The region is processed in output macro-blocks of `--block` voxels, each reading the input its
+windows need, so the result equals one pass over the whole region. Windows whose input maximum
+is <= `--skip_max` (air) are not run and predict 0. The scan is normalised as the checkpoint
+records (`scan / 255` when it records nothing). The next block is read and the last one
+written by background threads while the model runs.
+
+The output is written as `<out>.partial` and renamed to `<out>` when complete. Each finished
+block is recorded, with a checksum of its bytes, after its data is flushed: `--resume true`
+verifies the finished blocks (redoing damaged ones) and completes the rest, with the same
+settings and the same weights (the plan records their SHA-256). A full disk stops the run with
+a named error; free space and resume.
 
 Under torchrun each rank takes every world_size-th block and writes its own part file
 `<out>.rank<r>-of-<n>.h5` (HDF5 has one writer per file); when all ranks are done rank 0
@@ -36,10 +43,11 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import check_output
+from ink3d.files import (WriteError, checksum, close_output, finish_output, open_interrupted, partial_path, resumable_output,
+                         warn_if_short_of_space, writing)
 from ink3d.sliding_window import WindowPredictor, plan_blocks, to_uint8
 from ink3d.intensity import Normalization
-from models import model_from_checkpoint, read_checkpoint
+from models import model_from_checkpoint, read_checkpoint, weights_digest
 from models.speed import autocast_dtype, prepare_model, resolve_device
 
 # --- config ---
@@ -64,31 +72,27 @@ RESUME = False  # complete an interrupted run into the same output
 OVERWRITE = False  # replace an existing output
 
 
-PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "skip_max", "tta", "checkpoint", "weights", "normalization")
+# what a resumed run must share with the interrupted one: the windows, their blending and the model
+PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "skip_max", "tta", "weights", "weights_sha256",
+             "normalization")
 
 
-def plan_attrs(config, shape, region, normalization: Normalization) -> dict:
+def plan_attrs(config, shape, region, normalization: Normalization, weights_sha256: str) -> dict:
     return {
         "volume_shape": list(shape), "roi": [[s.start, s.stop] for s in region], "patch": config.patch,
         "overlap": config.overlap, "blend": config.blend, "block": config.block, "skip_max": config.skip_max,
         "tta": config.tta, "checkpoint": str(Path(config.checkpoint).resolve()), "weights": config.weights,
-        "normalization": normalization.to_config(),
+        "weights_sha256": weights_sha256, "normalization": normalization.to_config(),
     }
-
-
-def context_region(region, shape, patch: int, stride: int):
-    """The region grown by enough whole strides that windows reaching into it see real volume."""
-    margin = -(-(patch - stride) // stride) * stride
-    return tuple(slice(max(r.start - margin, 0), min(r.stop + margin, size)) for r, size in zip(region, shape))
 
 
 def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool) -> h5py.File:
     """The prediction file, new or (resuming) checked to hold the same plan; with its finished-block record."""
-    if resume and path.exists():
-        file = h5py.File(path, "a")
-        if volume.PREDICTIONS not in file or volume.FINISHED_BLOCKS not in file:
+    if resume:
+        file = open_interrupted(path)
+        if not {volume.PREDICTIONS, volume.FINISHED_BLOCKS, volume.BLOCK_CHECKSUMS} <= set(file):
             file.close()
-            raise InputError(f"{path}: not a resumable prediction file; use --overwrite true")
+            raise InputError(f"{path}: not a resumable prediction file (no record of finished blocks); use --overwrite true")
         stored = json.loads(file[volume.PREDICTIONS].attrs["plan"])
         changed = [key for key in PLAN_KEYS if stored.get(key) != attrs[key]]
         if changed:
@@ -96,14 +100,38 @@ def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool) 
             raise InputError(f"{path}: cannot resume with different {', '.join(changed)} "
                              f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the file)")
         return file
-    file = h5py.File(path, "w")
-    dataset = volume.create_volume(file, volume.PREDICTIONS, shape, np.uint8)
-    dataset.attrs["plan"] = json.dumps(attrs)
-    for key, value in attrs.items():
-        dataset.attrs[key] = json.dumps(value) if isinstance(value, list) else value
-    dataset.attrs["complete"] = False
-    file.create_dataset(volume.FINISHED_BLOCKS, shape=(block_count,), dtype=np.uint8)
+    with writing(path):
+        file = h5py.File(path, "w")
+        dataset = volume.create_volume(file, volume.PREDICTIONS, shape, np.uint8)
+        dataset.attrs["plan"] = json.dumps(attrs)
+        for key, value in attrs.items():
+            dataset.attrs[key] = json.dumps(value) if isinstance(value, list) else value
+        dataset.attrs["complete"] = False
+        file.create_dataset(volume.FINISHED_BLOCKS, shape=(block_count,), dtype=np.uint8)
+        file.create_dataset(volume.BLOCK_CHECKSUMS, shape=(block_count,), dtype=np.uint32)
+        file.flush()  # from here on the file can be reopened to resume
     return file
+
+
+def verify_blocks(file: h5py.File, blocks) -> tuple[int, int]:
+    """Re-read the blocks recorded as finished and unmark those whose bytes differ from their checksum;
+    reset chunks the blocks to do cannot read (and unmark finished blocks sharing them). Returns
+    (verified, damaged)."""
+    dataset, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS][:]
+    done = finished[:].astype(bool)
+    recorded = int(done[[b.index for b in blocks]].sum())
+    for block in tqdm([b for b in blocks if done[b.index]], unit="block", desc="verifying finished blocks", leave=False):
+        try:
+            done[block.index] = checksum(dataset[block.output]) == checksums[block.index]
+        except (OSError, RuntimeError):  # an unreadable chunk
+            done[block.index] = False
+    reset = volume.reset_unreadable_chunks(dataset, [b.output for b in blocks if not done[b.index]])
+    for block in blocks:
+        if done[block.index] and any(volume.overlaps(block.output, chunk) for chunk in reset):
+            done[block.index] = False
+    finished[:] = done
+    verified = int(done[[b.index for b in blocks]].sum())
+    return verified, recorded - verified
 
 
 def _reader(scan, blocks, pin: bool, out_queue: queue.Queue, stop: threading.Event):
@@ -119,25 +147,28 @@ def _reader(scan, blocks, pin: bool, out_queue: queue.Queue, stop: threading.Eve
     out_queue.put(None)
 
 
-def _writer(dataset, finished, in_queue: queue.Queue, errors: list):
+def _writer(dataset, finished, checksums, in_queue: queue.Queue, errors: list):
     while (item := in_queue.get()) is not None:
         if errors:
             continue
         block, values = item
         try:
             dataset[block.output] = values
+            dataset.file.flush()  # the data first: a block is recorded finished only once its bytes are saved
+            checksums[block.index] = checksum(values)
             finished[block.index] = 1
             dataset.file.flush()
         except BaseException as error:
             errors.append(error)
 
 
-def predict_blocks(scan, dataset, finished, blocks, predictor: WindowPredictor, device, bar) -> int:
-    """Predict `blocks` into `dataset`, reading ahead and writing behind; returns windows skipped."""
+def predict_blocks(scan, file, blocks, predictor: WindowPredictor, device, bar) -> int:
+    """Predict `blocks` into the prediction `file`, reading ahead and writing behind; returns windows skipped."""
+    dataset, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
     read_queue, write_queue = queue.Queue(maxsize=2), queue.Queue(maxsize=2)
     stop, write_errors = threading.Event(), []
     reader = threading.Thread(target=_reader, args=(scan, blocks, device.type == "cuda", read_queue, stop), daemon=True)
-    writer = threading.Thread(target=_writer, args=(dataset, finished, write_queue, write_errors), daemon=True)
+    writer = threading.Thread(target=_writer, args=(dataset, finished, checksums, write_queue, write_errors), daemon=True)
     reader.start()
     writer.start()
     skipped = windows = 0
@@ -171,19 +202,32 @@ def predict_blocks(scan, dataset, finished, blocks, predictor: WindowPredictor, 
 
 def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict) -> None:
     """Copy each part file's finished blocks into `out` (rank 0, after every rank finished)."""
-    file = open_output(out, attrs["volume_shape"], attrs, len(blocks), resume=out.exists())
-    with file:
-        for part in parts:
-            with h5py.File(part, "r") as source:
-                done = source[volume.FINISHED_BLOCKS][:]
-                for block in blocks:
-                    if done[block.index] and not file[volume.FINISHED_BLOCKS][block.index]:
-                        file[volume.PREDICTIONS][block.output] = source[volume.PREDICTIONS][block.output]
-                        file[volume.FINISHED_BLOCKS][block.index] = 1
-        missing = int((file[volume.FINISHED_BLOCKS][:] == 0).sum())
-        if missing:
-            raise InputError(f"{out}: {missing} blocks are missing from the part files; rerun with --resume true")
-        file[volume.PREDICTIONS].attrs["complete"] = True
+    partial = partial_path(out)
+    file = open_output(partial, attrs["volume_shape"], attrs, len(blocks), resume=partial.exists())
+    failed = False
+    try:
+        with writing(partial):
+            target, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
+            for part in parts:
+                with h5py.File(part, "r") as source:
+                    done, sums = source[volume.FINISHED_BLOCKS][:], source[volume.BLOCK_CHECKSUMS][:]
+                    for block in blocks:
+                        if done[block.index] and not finished[block.index]:
+                            target[block.output] = source[volume.PREDICTIONS][block.output]
+                            file.flush()
+                            checksums[block.index] = sums[block.index]
+                            finished[block.index] = 1
+            missing = int((finished[:] == 0).sum())
+            if missing:
+                raise InputError(f"{out}: {missing} blocks are missing from the part files; rerun with --resume true")
+            target.attrs["complete"] = True
+            file.flush()
+    except WriteError:
+        failed = True
+        raise
+    finally:
+        close_output(file, failed)
+    finish_output(partial, out)
     for part in parts:
         part.unlink()
 
@@ -202,41 +246,56 @@ def main(argv=None):
     if not 0 < stride <= config.patch or config.block % stride:
         raise InputError(f"--overlap {config.overlap} gives stride {stride}; it must be in 1..patch and divide --block {config.block}")
     out = Path(config.out)
-    if rank == 0:
-        check_output(out, config.overwrite, config.resume, resumable=True)
+    target = resumable_output(out, config.overwrite, config.resume)
+    if target is None:
+        print(f"{out} is complete; nothing to resume (--overwrite true redoes it)")
+        return out
+    part = target[0] if world == 1 else out.with_name(f"{out.name}.rank{rank}-of-{world}.h5")
+    if world > 1 and part.exists() and not (config.resume or config.overwrite):
+        raise InputError(f"{part} exists (an interrupted run?); pass --resume true to complete it or --overwrite true")
+    resuming = config.resume and not config.overwrite and part.exists()
 
     scan_file, scan = volume.open_dataset(config.volume, volume.SCAN)
     region = volume.parse_roi(config.roi, scan.shape)
-    blocks = plan_blocks(region, context_region(region, scan.shape, config.patch, stride), config.patch, stride, config.block)
+    blocks = plan_blocks(region, tuple(slice(0, size) for size in scan.shape), config.patch, stride, config.block)
     checkpoint = read_checkpoint(config.checkpoint, config.trust_checkpoint)
     normalization = Normalization.from_config(checkpoint.get("config") if isinstance(checkpoint, dict) else None)
-    attrs = plan_attrs(config, scan.shape, region, normalization)
-    part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}-of-{world}.h5")
-    if rank == 0 and config.overwrite and not config.resume:
-        out.unlink(missing_ok=True)
-
     model = model_from_checkpoint(checkpoint, config.checkpoint, weights=config.weights)
+    attrs = plan_attrs(config, scan.shape, region, normalization, weights_digest(model))
     model = prepare_model(model, device, channels_last=config.channels_last, compile=config.compile)
     predictor = WindowPredictor(model, config.patch, config.blend, config.batch_size, device,
                                 autocast_dtype(device, config.amp), config.channels_last, config.skip_max, config.tta,
                                 normalization)
+    if rank == 0:
+        warn_if_short_of_space(out, int(np.prod([r.stop - r.start for r in region])))
 
-    if part != out and part.exists() and not (config.resume or config.overwrite):
-        raise InputError(f"{part} exists (an interrupted run?); pass --resume true to complete it or --overwrite true")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with scan_file, open_output(part, scan.shape, attrs, len(blocks), config.resume) as file:
-        finished = file[volume.FINISHED_BLOCKS]
-        done = finished[:]
-        mine = [b for b in blocks if b.index % world == rank]
-        todo = [b for b in mine if not done[b.index]]
-        voxels = {b.index: int(np.prod([s.stop - s.start for s in b.output])) for b in mine}
-        started = time.perf_counter()
-        with tqdm(total=sum(voxels.values()), initial=sum(voxels.values()) - sum(voxels[b.index] for b in todo),
-                  unit="vox", unit_scale=True, desc="inference", disable=rank != 0) as bar:
-            skipped = predict_blocks(scan, file[volume.PREDICTIONS], finished, todo, predictor, device, bar)
-        windows = sum(len(b.windows) for b in todo)
-        if world == 1:
-            file[volume.PREDICTIONS].attrs["complete"] = bool(finished[:].all())
+    file = open_output(part, scan.shape, attrs, len(blocks), resuming)
+    failed = False
+    try:
+        with scan_file, writing(part):
+            mine = [b for b in blocks if b.index % world == rank]
+            if resuming:
+                verified, damaged = verify_blocks(file, mine)
+                if rank == 0:
+                    print(f"resuming: {verified} finished blocks verified" + (f", {damaged} damaged ones redone" if damaged else ""))
+            done = file[volume.FINISHED_BLOCKS][:]
+            todo = [b for b in mine if not done[b.index]]
+            voxels = {b.index: int(np.prod([s.stop - s.start for s in b.output])) for b in mine}
+            started = time.perf_counter()
+            with tqdm(total=sum(voxels.values()), initial=sum(voxels.values()) - sum(voxels[b.index] for b in todo),
+                      unit="vox", unit_scale=True, desc="inference", disable=rank != 0) as bar:
+                skipped = predict_blocks(scan, file, todo, predictor, device, bar)
+            windows = sum(len(b.windows) for b in todo)
+            if world == 1:
+                file[volume.PREDICTIONS].attrs["complete"] = True
+                file.flush()
+    except WriteError:
+        failed = True
+        raise
+    finally:
+        close_output(file, failed)
+    if world == 1:
+        finish_output(part, out)
     if distributed:
         dist.barrier()
     if world > 1 and rank == 0:

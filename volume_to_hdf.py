@@ -188,9 +188,11 @@ def _reopen(path: Path, file: h5py.File, shape, source: dict, config):
     return dataset, (tuple(window) if window else None)
 
 
-def _slabs(dataset) -> list[slice]:
-    depth = dataset.chunks[0]
-    return [slice(start, min(start + depth, dataset.shape[0])) for start in range(0, dataset.shape[0], depth)]
+def _slabs(dataset) -> list[tuple[slice, slice, slice]]:
+    """zyx boxes of the slabs: `chunk` slices each, the whole y, x extent."""
+    depth, (_, height, width) = dataset.chunks[0], dataset.shape
+    return [(slice(start, min(start + depth, dataset.shape[0])), slice(0, height), slice(0, width))
+            for start in range(0, dataset.shape[0], depth)]
 
 
 def _verify_slabs(dataset) -> str:
@@ -206,6 +208,7 @@ def _verify_slabs(dataset) -> str:
         if not intact:
             checksums[index] = None
             damaged += 1
+    volume.reset_unreadable_chunks(dataset, [slab for slab, value in zip(_slabs(dataset), checksums) if value is None])
     dataset.attrs["slab_checksums"] = json.dumps(checksums)
     return f"resuming: {len(finished) - damaged} finished slabs verified" + (f", {damaged} damaged ones redone" if damaged else "")
 
@@ -223,20 +226,20 @@ def _write_slabs(files, dataset, slice_shape, dtype, lut, workers: int) -> None:
 
     slabs = _slabs(dataset)
     started = time.perf_counter()
-    done_slices = sum(s.stop - s.start for s, value in zip(slabs, checksums) if value is not None)
+    done_slices = sum(s[0].stop - s[0].start for s, value in zip(slabs, checksums) if value is not None)
     bar = tqdm(total=len(files), initial=done_slices, unit="slice", desc="volume_to_hdf")
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         for index, slab in enumerate(slabs):
             if checksums[index] is not None:
                 continue
-            data = np.stack(list(pool.map(load, range(slab.start, slab.stop))))
+            data = np.stack(list(pool.map(load, range(slab[0].start, slab[0].stop))))
             dataset[slab] = data
             dataset.file.flush()
             checksums[index] = checksum(data)
             dataset.attrs["slab_checksums"] = json.dumps(checksums)
             dataset.attrs["slabs_done"] = sum(value is not None for value in checksums)
             dataset.file.flush()
-            bar.update(slab.stop - slab.start)
+            bar.update(slab[0].stop - slab[0].start)
             elapsed = time.perf_counter() - started
             bar.set_postfix_str(f"{(bar.n - bar.initial) * slice_bytes / 1e6 / elapsed:.0f} MB/s read")
     bar.close()

@@ -17,6 +17,7 @@ PREDICTIONS = "predictions"
 GROUND_TRUTH = "ink"
 BLOB_LABELS = "labels"  # connected_components_explore.py: blob id per voxel
 FINISHED_BLOCKS = "finished_blocks"  # prediction file: 1 per finished macro-block (resuming)
+BLOCK_CHECKSUMS = "block_checksums"  # prediction file: CRC-32 of each finished macro-block's bytes
 
 AXES = "zyx"
 DEFAULT_CHUNK = 128
@@ -126,3 +127,36 @@ def parse_roi(text: str, shape) -> tuple[slice, slice, slice]:
             raise InputError(f"roi {text!r}: axis {AXES[axis]} range {start}:{stop} is empty or outside 0:{size}")
         slices.append(slice(start, stop))
     return tuple(slices)
+
+
+def chunks_of(dataset, box) -> list[tuple[slice, slice, slice]]:
+    """The dataset's chunks (zyx slices, clipped to the shape) that a box of zyx slices touches."""
+    ranges = [range(b.start // c * c, b.stop, c) for b, c in zip(box, dataset.chunks)]
+    return [tuple(slice(o, min(o + c, size)) for o, c, size in zip(origin, dataset.chunks, dataset.shape))
+            for origin in itertools.product(*ranges)]
+
+
+def reset_unreadable_chunks(dataset, boxes) -> list[tuple[slice, slice, slice]]:
+    """Overwrite with the fill value every chunk touched by `boxes` that cannot be read (its bytes were lost
+    when a write failed), so that blocks sharing it can be written again; returns those chunks.
+
+    A write that covers a whole chunk does not read it, so the reset itself never fails on the damage.
+    """
+    seen, reset = set(), []
+    for box in boxes:
+        for chunk in chunks_of(dataset, box):
+            key = tuple(s.start for s in chunk)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                dataset[chunk]
+            except (OSError, RuntimeError):
+                dataset[chunk] = np.full([s.stop - s.start for s in chunk], dataset.fillvalue, dataset.dtype)
+                reset.append(chunk)
+    return reset
+
+
+def overlaps(a, b) -> bool:
+    """Whether two boxes of zyx slices share a voxel."""
+    return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b))

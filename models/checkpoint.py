@@ -8,6 +8,7 @@ a bare state_dict, and keys prefixed `model.` (the published 3D ink checkpoint),
 shapes; `num_groups` is invisible in the weights and defaults to 4 (the published model's).
 """
 
+import hashlib
 import pickle
 import re
 from pathlib import Path
@@ -31,6 +32,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a network's weights (names and bytes, in name order): identifies the model whatever its file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unwrap(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_checkpoint(path, model, model_args, config, step, **extra) -> None:

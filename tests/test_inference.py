@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import inference
+from conftest import run_on_a_full_disk
 from ink3d import InputError, volume
+from ink3d.files import WriteError, partial_path
 from ink3d.sliding_window import importance_map, plan_blocks, window_starts
 from models import UNet3D, save_checkpoint
 
@@ -118,45 +120,119 @@ def test_macro_blocks_equal_a_single_pass(scan, model_path, tmp_path):
     assert np.abs(blocks.astype(int) - single).max() <= 1
 
 
-def test_roi_interior_equals_the_full_run(scan, model_path, tmp_path):
+@pytest.mark.parametrize("roi", ["8:32,16:35,8:40", "5:29,3:30,7:45", "13:14,0:35,51:52"])
+def test_an_roi_is_a_crop_of_the_full_run(scan, model_path, tmp_path, roi):
     scan_path, _ = scan
     full, _ = _infer(scan_path, model_path, tmp_path / "full.h5")
-    roi, attrs = _infer(scan_path, model_path, tmp_path / "roi.h5", "--roi", "8:32,16:35,8:40")
-    assert np.array_equal(roi[8:24, 16:27, 8:32], full[8:24, 16:27, 8:32])  # away from the ROI's far edges
-    outside = np.ones(roi.shape, bool)
-    outside[8:32, 16:35, 8:40] = False
-    assert not roi[outside].any()
-    assert attrs["roi"] == "[[8, 32], [16, 35], [8, 40]]"
+    result, attrs = _infer(scan_path, model_path, tmp_path / "roi.h5", "--roi", roi)
+    region = volume.parse_roi(roi, full.shape)
+    assert np.array_equal(result[region], full[region])  # the window grid is the volume's, wherever the region lies
+    outside = np.ones(result.shape, bool)
+    outside[region] = False
+    assert not result[outside].any()
+    assert json.loads(attrs["roi"]) == [[s.start, s.stop] for s in region]
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_path, monkeypatch):
-    scan_path, _ = scan
-    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+def _kill_at_block(monkeypatch, number):
     original = inference.WindowPredictor.predict
     calls = []
 
     def killed(self, *args):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == number:
             raise KeyboardInterrupt
         return original(self, *args)
 
     monkeypatch.setattr(inference.WindowPredictor, "predict", killed)
+    return lambda: monkeypatch.setattr(inference.WindowPredictor, "predict", original)
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_path, monkeypatch):
+    scan_path, _ = scan
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+    restore = _kill_at_block(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         _infer(scan_path, model_path, tmp_path / "pred.h5")
-    monkeypatch.setattr(inference.WindowPredictor, "predict", original)
-    with h5py.File(tmp_path / "pred.h5") as file:
+    restore()
+    assert not (tmp_path / "pred.h5").exists()  # the output name only ever holds a complete prediction
+    with h5py.File(tmp_path / "pred.h5.partial") as file:
         assert file[volume.FINISHED_BLOCKS][:].sum() == 4 and not file[volume.PREDICTIONS].attrs["complete"]
-    with pytest.raises(InputError, match="exists"):
+    with pytest.raises(InputError, match="interrupted run; pass --resume true"):
         _infer(scan_path, model_path, tmp_path / "pred.h5")
     with pytest.raises(InputError, match="different patch"):
         _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true", "--patch", "8")
     other = tmp_path / "other.pth"
-    other.write_bytes(model_path.read_bytes())
-    with pytest.raises(InputError, match="different checkpoint"):  # two models' blocks must not mix
+    torch.manual_seed(1)
+    save_checkpoint(other, UNet3D(f_maps=4, num_levels=2), UNet3D(f_maps=4, num_levels=2).args, {}, step=0)
+    with pytest.raises(InputError, match="different weights_sha256"):  # two models' blocks must not mix
         _infer(scan_path, other, tmp_path / "pred.h5", "--resume", "true")
+    moved = tmp_path / "moved.pth"  # the same weights under another name may continue the run
+    moved.write_bytes(model_path.read_bytes())
+    resumed, attrs = _infer(scan_path, moved, tmp_path / "pred.h5", "--resume", "true")
+    assert np.array_equal(resumed, reference) and attrs["complete"]
+    assert not (tmp_path / "pred.h5.partial").exists()
+
+
+def test_a_damaged_finished_block_is_found_and_redone(scan, model_path, tmp_path, monkeypatch, capsys):
+    scan_path, _ = scan
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+    restore = _kill_at_block(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        _infer(scan_path, model_path, tmp_path / "pred.h5")
+    restore()
+    with h5py.File(tmp_path / "pred.h5.partial", "a") as file:  # finished: the first 4 blocks; one voxel of block 1 lost
+        file[volume.PREDICTIONS][0, 0, 20] ^= 0xFF
+    resumed, _ = _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true")
+    assert "resuming: 3 finished blocks verified, 1 damaged ones redone" in capsys.readouterr().out
+    assert np.array_equal(resumed, reference)
+
+
+def test_a_failed_write_stops_cleanly_and_resume_completes_the_run(scan, model_path, tmp_path, monkeypatch):
+    scan_path, _ = scan
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+    original, writes = inference.checksum, []
+
+    def disk_full(values):  # the writer checksums each block right after writing and flushing it
+        writes.append(1)
+        if len(writes) == 6:
+            raise OSError(28, "No space left on device")
+        return original(values)
+
+    monkeypatch.setattr(inference, "checksum", disk_full)
+    with pytest.raises(WriteError, match=r"pred\.h5\.partial: writing failed .*No space left on device.*--resume true"):
+        _infer(scan_path, model_path, tmp_path / "pred.h5")
+    monkeypatch.setattr(inference, "checksum", original)
+    with h5py.File(tmp_path / "pred.h5.partial") as file:  # what was finished before is readable and recorded
+        finished = file[volume.FINISHED_BLOCKS][:]
+        assert finished.sum() == 5 and np.array_equal(file[volume.PREDICTIONS][0:16, 0:16, 0:16], reference[0:16, 0:16, 0:16])
     resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
+
+
+def test_a_full_disk_stops_cleanly_and_resume_completes_the_run(model_path, tmp_path):
+    values = np.random.default_rng(4).integers(0, 256, (64, 128, 128)).astype(np.uint8)
+    scan_path = _scan(tmp_path / "scan.h5", values)
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--block", "32")
+    argv = ["--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"), "--patch", str(PATCH),
+            "--block", "32", "--skip_max", "-1", "--channels_last", "false"]
+    for file_bytes in (300_000, 600_000):  # the disk fills, space is freed, it fills again
+        run = run_on_a_full_disk("inference.py", file_bytes, argv + (["--resume", "true"] if file_bytes > 300_000 else []))
+        assert run.returncode == 2 and "pred.h5.partial: writing failed (File too large)" in run.stderr, run.stderr[-2000:]
+    resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--block", "32", "--resume", "true")
+    assert np.array_equal(resumed, reference) and attrs["complete"]
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(scan, model_path, tmp_path):
+    scan_path, _ = scan
+    out = tmp_path / "pred.h5"
+    old, _ = _infer(scan_path, model_path, out, "--roi", "0:16,0:16,0:16")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(InputError, match="garbage.pth"):
+        _infer(scan_path, garbage, out, "--overwrite", "true")
+    with h5py.File(out) as file:
+        assert np.array_equal(file[volume.PREDICTIONS][:], old)
+    assert not partial_path(out).exists()
 
 
 def test_air_is_not_run_through_the_model(model_path, tmp_path, monkeypatch):

@@ -1,13 +1,10 @@
-import subprocess
-import sys
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pytest
 import tifffile
 
 import volume_to_hdf
+from conftest import run_on_a_full_disk
 from ink3d import InputError
 
 SHAPE = (37, 53, 61)
@@ -124,17 +121,7 @@ def test_a_partial_file_that_cannot_be_opened_gets_a_named_error(tmp_path, conte
     assert converted.shape == SHAPE and not (tmp_path / "scan.h5.partial").exists()
 
 
-DISK_FULL = """
-import resource, runpy, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
-resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
-sys.argv = ["volume_to_hdf.py"] + sys.argv[2:]
-runpy.run_path("volume_to_hdf.py", run_name="__main__")
-"""
-
-
 def test_a_full_disk_stops_cleanly_and_resume_completes_the_volume(tmp_path):
-    root = Path(volume_to_hdf.__file__).parent
     rng = np.random.default_rng(3)
     data = rng.integers(0, 256, (64, 96, 96), dtype=np.uint8)  # noise: 147 KB per 16-slice slab, whatever the codec
     folder = tmp_path / "tiffs"
@@ -142,7 +129,7 @@ def test_a_full_disk_stops_cleanly_and_resume_completes_the_volume(tmp_path):
     for z, image in enumerate(data):
         tifffile.imwrite(folder / f"{z}.tif", image)
     argv = ["--tiff_dir", str(folder), "--out", str(tmp_path / "scan.h5"), "--chunk", "16"]
-    run = subprocess.run([sys.executable, "-c", DISK_FULL, "400000", *argv], cwd=root, capture_output=True, text=True)
+    run = run_on_a_full_disk("volume_to_hdf.py", 400_000, argv)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "scan.h5.partial: writing failed (File too large); what was finished is kept" in run.stderr
     assert not (tmp_path / "scan.h5").exists()
