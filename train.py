@@ -18,6 +18,11 @@ input normalisation (`--input_normalization`) is recorded in every checkpoint an
 inference. With `--ground_truth` (the synthetic scroll's), validation also scores every voxel of
 its blocks against the true ink. Writes `last.pth`, `best.pth` (by validation F0.5),
 `metrics.csv`, validation pictures `valid_<step>.png` and the resolved config into `--out_dir`.
+
+Every input is opened and checked before anything is written. `last.pth` is saved every
+`--checkpoint_every` steps, before that step's validation; `--resume true` continues from it
+exactly (weights, optimizer, sample stream, counters, metrics.csv cut back to its step) and
+refuses other data files unless `--allow_new_data true`.
 """
 
 import csv
@@ -44,6 +49,7 @@ from ink3d.dataset import AUGMENTATIONS, BACKGROUND, ScrollSamples
 from ink3d.intensity import Normalization, otsu_level, scan_histogram
 from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
 from ink3d.sliding_window import to_uint8
+from ink3d.files import atomic_output, check_output
 from models import UNet3D, load_weights, read_state_dict, save_checkpoint, unwrap
 from models.ema import EMA
 from models.speed import autocast, autocast_dtype, prepare_model, resolve_device
@@ -57,6 +63,7 @@ VALID_COORDS = "runs/demo/coords_valid.npy"  # block origins holding validation 
 OUT_DIR = "runs/demo/train"  # checkpoints, metrics, pictures
 INIT_CHECKPOINT = ""  # start from these weights (a train.py checkpoint, or the published / LSM state_dict)
 RESUME = False  # continue from out_dir/last.pth at its step, with its optimizer and schedule
+ALLOW_NEW_DATA = False  # let a resumed run read other scan / label / coords files than the checkpoint's
 PATCH = 128  # training patch edge (model input)
 BLOCK = 0  # block edge of the coords grid (0 = patch): samples are jittered within it
 BATCH_SIZE = 2  # samples per step (per GPU under torchrun)
@@ -80,6 +87,7 @@ NUM_GROUPS = 4  # GroupNorm groups
 MIN_LABELED = 64  # a training crop needs this many labeled voxels in its patch, else it is re-drawn
 MAX_TRIES = 10  # re-draws before a crop is taken anyway
 EXCLUSION_RADIUS = 512.0  # drop training origins closer than this (voxels) to any validation origin
+LOG_EVERY = 20  # print a line with the mean training loss every this many steps
 VALID_EVERY = 100  # validate every this many steps (and at the end)
 VALID_BLOCKS = 64  # validation patches (the first ones of valid_coords)
 CHECKPOINT_EVERY = 100  # write last.pth every this many steps
@@ -94,7 +102,9 @@ WANDB = False  # log to Weights & Biases (mode from WANDB_MODE; offline unless W
 WANDB_PROJECT = "3d-ink-detection"  # W&B project
 
 
-# settings a resumed run must keep: they define the model, the sample stream and the schedule
+# a resumed run reads the same data (unless --allow_new_data) and keeps the settings that define the model,
+# the sample stream and the schedule
+DATA_KEYS = ("volume", "train_labels", "valid_labels", "train_coords", "valid_coords")
 RESUME_KEYS = ("patch", "block", "batch_size", "lr", "weight_decay", "warmup_steps", "max_steps", "f_maps", "num_levels",
                "num_groups", "seed", "dice_weight", "min_labeled", "max_tries", "exclusion_radius", "label_smoothing",
                "air_level", "background_weight", "ema_decay", "input_normalization", "percentiles", "augmentation")
@@ -152,6 +162,62 @@ def resolve_intensity(config) -> tuple[int | None, Normalization, int]:
     except ValueError as error:
         raise InputError(f"--input_normalization: {error}") from None
     return air_level, normalization, otsu
+
+
+def load_origins(path: str) -> np.ndarray:
+    """Block origins (N, 3) of a coords file, with a named error for anything else."""
+    try:
+        origins = np.load(path)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: cannot read block origins ({str(error).splitlines()[0]})") from None
+    if origins.ndim != 2 or origins.shape[1] != 3 or len(origins) == 0 or not np.issubdtype(origins.dtype, np.integer):
+        raise InputError(f"{path}: expected a non-empty (N, 3) integer array of zyx block origins, got {origins.dtype} {origins.shape}")
+    return origins
+
+
+def check_inputs(config, resuming: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Open every input the run reads, before anything is written; returns the train and validation origins."""
+    file, scan = volume.open_dataset(config.volume, volume.SCAN)
+    shape = scan.shape
+    file.close()
+    datasets = [(config.train_labels, volume.INK_SUM), (config.train_labels, volume.INK_COUNT),
+                (config.valid_labels, volume.INK_SUM), (config.valid_labels, volume.INK_COUNT)]
+    if config.ground_truth:
+        datasets.append((config.ground_truth, volume.GROUND_TRUTH))
+    for path, name in datasets:
+        file, dataset = volume.open_dataset(path, name)
+        found = dataset.shape
+        file.close()
+        if found != shape:
+            raise InputError(f"{path}: dataset '{name}' has shape {found}, the scan {config.volume} has {shape}")
+    if config.init_checkpoint and not resuming:
+        read_state_dict(config.init_checkpoint, config.trust_checkpoint)
+    return load_origins(config.train_coords), load_origins(config.valid_coords)
+
+
+RESUME_STATE = ("model", "config", "optimizer", "scaler", "step", "best_f05", "skipped_batches", "redraws", "torch_rng", "python_rng")
+
+
+def read_resume_state(path: Path, config) -> dict:
+    """last.pth, checked to be a readable train.py checkpoint of a run these settings may continue."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, garbage or foreign files fail in many ways; all mean the same here
+        raise InputError(f"{path}: cannot be read as a checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                         "resume from a good copy of it, or start a new run in another --out_dir") from None
+    missing = [key for key in RESUME_STATE if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise InputError(f"{path}: not a train.py checkpoint to resume from (no {', '.join(missing)})")
+    stored = state["config"]
+    changed = [key for key in RESUME_KEYS if stored.get(key) != getattr(config, key)]
+    if changed:
+        raise InputError(f"{path}: cannot resume with different {', '.join(changed)} "
+                         f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the checkpoint)")
+    moved = [key for key in DATA_KEYS if Path(stored.get(key, "")).resolve() != Path(getattr(config, key)).resolve()]
+    if moved and not config.allow_new_data:
+        raise InputError(f"{path}: the run was trained on other data ({', '.join(f'{k}={stored.get(k)}' for k in moved)}); "
+                         "pass --allow_new_data true to continue it on the new files")
+    return state
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -249,11 +315,20 @@ class MetricsLog:
     FIELDS = ["step", "lr", "train_loss", "samples_per_s", "skipped_batches", "redraws", "valid_loss", "valid_f05",
               "valid_auc", "valid_threshold_baseline_f05", "valid_voxels", "valid_3d_f05", "valid_3d_auc", "valid_3d_scan_f05"]
 
-    def __init__(self, out_dir: Path, use_wandb: bool, config, resume: bool):
+    def __init__(self, out_dir: Path, use_wandb: bool, config, resume_step: int | None):
+        """A new metrics.csv, or (resuming from `resume_step`) the old one without rows of later steps,
+        which the resumed run writes again."""
         self.path = out_dir / "metrics.csv"
-        if not (resume and self.path.exists()):
-            with open(self.path, "w", newline="") as file:
-                csv.writer(file).writerow(self.FIELDS)
+        rows = []
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as file:
+                rows = [row for row in csv.DictReader(file) if int(row["step"]) <= resume_step]
+        with atomic_output(self.path) as temporary, open(temporary, "w", newline="") as file:
+            writer = csv.DictWriter(file, self.FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        self.best_f05 = max((float(row["valid_f05"]) for row in rows if row.get("valid_f05")), default=-1.0)
+        self.steps = {int(row["step"]) for row in rows}
         self.wandb = None
         if use_wandb:
             import wandb
@@ -261,7 +336,11 @@ class MetricsLog:
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb.init(project=config.wandb_project, config=vars(config), dir=str(out_dir), mode=mode, resume="allow")
 
+    def has_step(self, step: int) -> bool:
+        return step in self.steps
+
     def write(self, row: dict, picture: np.ndarray | None = None):
+        self.steps.add(row["step"])
         with open(self.path, "a", newline="") as file:
             csv.writer(file).writerow([row.get(field, "") for field in self.FIELDS])
         if self.wandb is not None:
@@ -294,20 +373,24 @@ def main(argv=None):
     rank, world, device = setup_distributed(config.device)
     out_dir = Path(config.out_dir)
     last_path = out_dir / "last.pth"
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if last_path.exists() and not config.resume:
-            raise InputError(f"{last_path} exists; pass --resume true to continue that run, or choose another --out_dir")
+    if last_path.exists() and not config.resume:
+        raise InputError(f"{last_path} exists; pass --resume true to continue that run, or choose another --out_dir")
+    resuming = config.resume and last_path.exists()
+    if config.resume and not resuming and rank == 0:
+        print(f"--resume: {last_path} does not exist; starting a new run")
     block = config.block or config.patch
     if config.augmentation not in AUGMENTATIONS:
         raise InputError(f"--augmentation {config.augmentation!r}: choose one of {', '.join(AUGMENTATIONS)}")
+    train_origins, valid_origins = check_inputs(config, resuming)
+    state = read_resume_state(last_path, config) if resuming else None
+    if rank == 0:
+        check_output(out_dir / "metrics.csv", overwrite=True)
     air_level, normalization, otsu = resolve_intensity(config)
     # what inference and later stages need to treat the scan as training did
     recorded_config = {**vars(config), "normalization": normalization.to_config(), "air_level_value": air_level}
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
-    train_origins, valid_origins = np.load(config.train_coords), np.load(config.valid_coords)
     train_origins, dropped = drop_near(train_origins, valid_origins, config.exclusion_radius)
     if len(train_origins) == 0:
         raise InputError(f"no training blocks left: all {dropped} lie within {config.exclusion_radius} of a validation block")
@@ -315,30 +398,22 @@ def main(argv=None):
 
     model_args = dict(in_channels=1, out_channels=1, f_maps=config.f_maps, num_levels=config.num_levels, num_groups=config.num_groups)
     model = UNet3D(**model_args)
-    if config.init_checkpoint and not config.resume:
+    if config.init_checkpoint and not resuming:
         load_weights(model, read_state_dict(config.init_checkpoint, config.trust_checkpoint)[0], config.init_checkpoint)
     dtype = autocast_dtype(device, config.amp)
     channels_last = config.channels_last and device.type == "cuda"
     model = prepare_model(model, device, channels_last=channels_last)
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    step, best_f05, skipped_batches = 0, -1.0, 0
-    if config.resume and last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        stored = state["config"]
-        changed = [key for key in RESUME_KEYS if stored.get(key) != getattr(config, key)]
-        if changed:
-            raise InputError(f"{last_path}: cannot resume with different {', '.join(changed)} "
-                             f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the checkpoint)")
+    step, best_f05, skipped_batches, redraws = 0, -1.0, 0, 0
+    if state is not None:
         unwrap(model).load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"], state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        step, best_f05, skipped_batches = state["step"], state["best_f05"], state["skipped_batches"]
+        step, best_f05, skipped_batches, redraws = state["step"], state["best_f05"], state["skipped_batches"], state["redraws"]
         torch.set_rng_state(state["torch_rng"])
         version, internal, gauss = state["python_rng"]
         random.setstate((version, tuple(internal), gauss))
@@ -363,7 +438,8 @@ def main(argv=None):
             truth = ValidationTruth(config.ground_truth, config.volume, valid_origins, config.patch,
                                     otsu if air_level is None else air_level)
         save_config(config, out_dir / "config.json")
-        log = MetricsLog(out_dir, config.wandb, config, config.resume)
+        log = MetricsLog(out_dir, config.wandb, config, step if resuming else None)
+        best_f05 = max(best_f05, log.best_f05)  # a validation logged after the last checkpoint, whose best.pth was written
         print(f"{len(train_origins)} training blocks ({dropped} dropped within {config.exclusion_radius} voxels of "
               f"validation), {len(valid_origins)} validation blocks; {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
               f"air level {air_level}, input window {normalization.low:g}..{normalization.high:g}")
@@ -371,27 +447,31 @@ def main(argv=None):
     def checkpoint(path: Path):
         weights = {"ema": ema.state_dict(), "ema_updates": ema.updates} if ema is not None else {}
         save_checkpoint(path, model, model_args, recorded_config, step, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), best_f05=best_f05,
-                        skipped_batches=skipped_batches, torch_rng=torch.get_rng_state(), python_rng=list(random.getstate()),
-                        **weights)
+                        scaler=scaler.state_dict(), best_f05=best_f05, skipped_batches=skipped_batches, redraws=redraws,
+                        torch_rng=torch.get_rng_state(), python_rng=list(random.getstate()), **weights)
 
     def validate_and_log(train_loss: float, samples_per_s: float):
         nonlocal best_f05
+        learning_rate = config.lr * lr_factor(step - 1, config.warmup_steps, config.max_steps)
         network = ema.model if ema is not None else unwrap(model)
         metrics, picture = validate(network, valid_loader, device, dtype, channels_last, config.dice_weight, truth)
         cv2.imwrite(str(out_dir / f"valid_{step:06d}.png"), picture)
-        log.write({"step": step, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss, "samples_per_s": samples_per_s,
+        log.write({"step": step, "lr": learning_rate, "train_loss": train_loss, "samples_per_s": samples_per_s,
                    "skipped_batches": skipped_batches, "redraws": redraws, **metrics}, picture)
         if metrics["valid_f05"] > best_f05:
             best_f05 = metrics["valid_f05"]
             checkpoint(out_dir / "best.pth")
         return metrics
 
+    if rank == 0 and resuming and (step % config.valid_every == 0 or step == config.max_steps) and not log.has_step(step):
+        validate_and_log(float("nan"), float("nan"))  # the run stopped during the validation that follows its checkpoint
     model.train()
     bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="train", disable=rank != 0)
     started, samples, running = time.perf_counter(), 0, []
-    redraws = 0
     for images, labels, sample_redraws in loader:
+        learning_rate = config.lr * lr_factor(step, config.warmup_steps, config.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
         redraws += int(sample_redraws.sum())
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if channels_last:
@@ -415,19 +495,21 @@ def main(argv=None):
             if ema is not None:
                 ema.update(model)
             running.append(loss.item())
-        scheduler.step()
         step += 1
         samples += len(images) * world
         rate = samples / (time.perf_counter() - started)
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(running[-20:]) if running else float('nan'):.4f}", samples_per_s=f"{rate:.2f}")
+        if rank == 0 and step % config.log_every == 0:
+            bar.write(f"step {step}: train loss {np.mean(running[-config.log_every:]) if running else float('nan'):.4f}, "
+                      f"lr {learning_rate:.2e}, {rate:.2f} samples/s, {skipped_batches} skipped batches, {redraws} redraws")
+        if rank == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
+            checkpoint(last_path)  # before validation: a failing validation loses no training
         if rank == 0 and (step % config.valid_every == 0 or step == config.max_steps):
             metrics = validate_and_log(float(np.mean(running[-config.valid_every:])) if running else float("nan"), rate)
             bar.write(f"step {step}: valid F0.5 {metrics['valid_f05']:.3f} (intensity threshold {metrics['valid_threshold_baseline_f05']:.3f}), "
                       f"AUC {metrics['valid_auc']:.3f}, loss {metrics['valid_loss']:.4f}"
                       + (f"; 3D F0.5 {metrics['valid_3d_f05']:.3f} (scan {metrics['valid_3d_scan_f05']:.3f})" if truth else ""))
-        if rank == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
-            checkpoint(last_path)
         if world > 1:
             dist.barrier()
     bar.close()

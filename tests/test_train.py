@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import shutil
 
 import h5py
 import numpy as np
@@ -238,7 +239,7 @@ def test_training_run_writes_checkpoints_and_metrics(tmp_path):
     _train(root, tmp_path / "run")
     model = load_model(tmp_path / "run" / "last.pth")
     state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
-    assert state["step"] == 4 and {"optimizer", "scheduler", "torch_rng", "python_rng"} <= set(state)
+    assert state["step"] == 4 and {"optimizer", "redraws", "torch_rng", "python_rng"} <= set(state)
     assert model.args.f_maps == 4 and (tmp_path / "run" / "best.pth").exists()
     with open(tmp_path / "run" / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
@@ -352,3 +353,117 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     initial = train.UNet3D(f_maps=4, num_levels=2).state_dict()
     assert not all(torch.equal(initial[k], first[k]) for k in first)
+
+
+def _rows(path):
+    with open(path, newline="") as file:
+        return [{k: v for k, v in row.items() if k != "samples_per_s"} for row in csv.DictReader(file)]
+
+
+def test_resume_rewrites_the_metrics_the_checkpoint_does_not_hold(tmp_path, monkeypatch):
+    root = _scene(tmp_path)
+    flags = ("--valid_every", "1", "--checkpoint_every", "2")
+    _train(root, tmp_path / "whole", *flags)
+    original, calls = train.masked_loss, []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4 + 3:  # training step 4 (validations at steps 1-3 call it too): last.pth is at step 2
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "masked_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _train(root, tmp_path / "halves", *flags)
+    monkeypatch.setattr(train, "masked_loss", original)
+    assert [row["step"] for row in _rows(tmp_path / "halves" / "metrics.csv")] == ["1", "2", "3"]
+    _train(root, tmp_path / "halves", *flags, "--resume", "true")
+    whole, halves = _rows(tmp_path / "whole" / "metrics.csv"), _rows(tmp_path / "halves" / "metrics.csv")
+    assert [row["step"] for row in halves] == ["1", "2", "3", "4"]
+    assert halves == whole  # the redraws counter and the losses continue, no row twice
+
+
+def test_checkpoint_precedes_validation_and_resume_redoes_an_interrupted_one(tmp_path, monkeypatch):
+    root = _scene(tmp_path)
+    _train(root, tmp_path / "whole")
+    original = train.validate
+    monkeypatch.setattr(train, "validate", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _train(root, tmp_path / "halves")
+    monkeypatch.setattr(train, "validate", original)
+    assert torch.load(tmp_path / "halves" / "last.pth", weights_only=True)["step"] == 2
+    _train(root, tmp_path / "halves", "--resume", "true")
+    whole, halves = _rows(tmp_path / "whole" / "metrics.csv"), _rows(tmp_path / "halves" / "metrics.csv")
+    assert [row["step"] for row in halves] == ["2", "4"] and halves[0]["train_loss"] == "nan"
+    assert [{**row, "train_loss": ""} for row in halves] == [{**row, "train_loss": ""} for row in whole]
+
+
+def test_resume_without_last_checkpoint_starts_a_new_log(tmp_path, capsys):
+    root = _scene(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("step,lr\n99,0.1\n")
+    _train(root, tmp_path / "run", "--resume", "true")
+    assert "does not exist; starting a new run" in capsys.readouterr().out
+    assert [row["step"] for row in _rows(tmp_path / "run" / "metrics.csv")] == ["2", "4"]
+
+
+def test_resume_refuses_other_data_unless_allowed(tmp_path):
+    root = _scene(tmp_path)
+    _train(root, tmp_path / "run", "--max_steps", "2")
+    shutil.copy(root / "train.npy", root / "other.npy")
+    moved = ("--resume", "true", "--max_steps", "2", "--train_coords", str(root / "other.npy"))
+    with pytest.raises(InputError, match="trained on other data \\(train_coords=.*train.npy\\).*--allow_new_data true"):
+        _train(root, tmp_path / "run", *moved)
+    _train(root, tmp_path / "run", *moved, "--allow_new_data", "true")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_coords"] == str(root / "other.npy")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00\x01garbage", "cannot be read as a checkpoint"),
+    ("truncated", "cannot be read as a checkpoint"),
+    ("bare", "not a train.py checkpoint to resume from \\(no model, config"),
+])
+def test_a_bad_last_checkpoint_gets_a_named_error(tmp_path, content, message):
+    root = _scene(tmp_path)
+    _train(root, tmp_path / "run", "--max_steps", "2")
+    last = tmp_path / "run" / "last.pth"
+    if content == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    elif content == "bare":
+        torch.save(torch.load(last, weights_only=True)["model"], last)
+    else:
+        last.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        _train(root, tmp_path / "run", "--resume", "true", "--max_steps", "2")
+
+
+def _misnamed_labels(root):
+    with h5py.File(root / "valid.h5", "a") as file:
+        file.move(volume.INK_COUNT, "counts")
+
+
+def _wrong_coords(root):
+    np.save(root / "train.npy", np.zeros((4, 2), np.int32))
+
+
+def _small_truth(root):
+    with h5py.File(root / "truth.h5", "w") as file:
+        volume.create_volume(file, volume.GROUND_TRUTH, (8, 8, 8), np.uint8)
+    return ["--ground_truth", str(root / "truth.h5")]
+
+
+@pytest.mark.parametrize("breaks, message", [
+    (lambda root: (root / "valid.h5").unlink(), "valid.h5: file not found"),
+    (_misnamed_labels, "valid.h5: no dataset 'ink_count' \\(datasets: counts, ink_sum\\)"),
+    (lambda root: (root / "valid.npy").unlink(), "valid.npy: cannot read block origins"),
+    (_wrong_coords, "train.npy: expected a non-empty \\(N, 3\\) integer array"),
+    (_small_truth, "truth.h5: dataset 'ink' has shape \\(8, 8, 8\\), the scan"),
+    (lambda root: ["--batch_size", "0"], "--batch_size 0: must be > 0"),
+    (lambda root: ["--ema_decay", "1.0"], "--ema_decay 1.0: must be in \\[0, 1\\)"),
+])
+def test_bad_inputs_are_named_before_anything_is_written(tmp_path, breaks, message):
+    root = _scene(tmp_path)
+    extra = breaks(root) or []
+    with pytest.raises(InputError, match=message):
+        _train(root, tmp_path / "run", *extra)
+    assert not (tmp_path / "run").exists()
