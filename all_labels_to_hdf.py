@@ -81,8 +81,13 @@ def plan_segments(ppm_dir: Path, labels_dir: Path, valid_ids: set[str], keep_all
         family = segment_id[:-1]
         newest[family] = max(newest.get(family, segment_id), segment_id)
     valid_families = {segment_id[:-1] for segment_id in valid_ids}
+    families = {segment_id[:-1] for segment_id in ids}
+    unknown = sorted(segment_id for segment_id in valid_ids if segment_id[:-1] not in families)
+    if unknown:  # a typo would silently put the real validation segment into training
+        raise InputError(f"--valid_segments {', '.join(unknown)}: no such segment (nor a version of one) has ink labels in "
+                         f"{labels_dir}; segments there: {', '.join(ids)}")
     for missing in sorted(valid_ids - set(ids)):
-        plan.report.append(f"{missing}: validation segment has no ink labels in {labels_dir}")
+        plan.report.append(f"{missing}: validation segment has no ink labels in {labels_dir}; its family's versions are used")
     for segment_id in ids:
         family = segment_id[:-1]
         if not keep_all_versions and newest[family] != segment_id:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main, save_config
+from ink3d.files import check_output
 
 # --- config ---
 VOLUME = "runs/demo/predictions.h5"  # HDF5 volume to export
@@ -39,6 +40,7 @@ def main(argv=None):
     out_dir = Path(config.out_dir)
     if out_dir.is_dir() and any(out_dir.glob(f"*.{config.format}")) and not config.overwrite:
         raise InputError(f"{out_dir} already holds .{config.format} images; pass --overwrite true to write over them")
+    check_output(out_dir / "export.json", overwrite=True)  # a folder that can be written
     file, dataset = volume.open_dataset(config.volume, config.dataset)
     if config.format == "jpg" and dataset.dtype != np.uint8:
         file.close()

@@ -9,8 +9,10 @@
 For every pixel with a valid ppm point, the volume is sampled at `p + t * n` for integer t in
 [-band, band] with trilinear interpolation and reduced along t (mean or max) into
 `<out_dir>/<id>_<name>.png` (uint8, values as they are: no contrast stretch, so images of
-different runs compare). `--layers true` also writes the `(2 * band + 1)`-page stack
-`<id>_<name>_layers.tif`. Off-surface pixels are 0.
+different runs compare). Only samples inside the volume count; `<id>_<name>_mask.png` is 255
+where a pixel has at least one, 0 where it has none or lies off the surface (such pixels are 0
+in the image). `--layers true` also writes the `(2 * band + 1)`-page stack
+`<id>_<name>_layers.tif` (0 for samples outside the volume).
 
 Work goes in square tiles of pixels; each tile reads only the bounding box of its samples, in
 an order that keeps neighbouring tiles' HDF5 chunks in the chunk cache.
@@ -46,45 +48,62 @@ CACHE_MB = 512  # HDF5 chunk cache: neighbouring tiles reuse decompressed chunks
 OVERWRITE = False  # replace existing images
 
 
-REDUCERS = {"mean": np.mean, "max": np.max}
+REDUCERS = ("mean", "max")
 
 
-def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Samples (rows, cols, len(offsets)) float32 of `dataset` along the normals of a ppm tile; 0 off-surface."""
+def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Samples (rows, cols, len(offsets)) float32 of `dataset` along the normals of a ppm tile, and where
+    they lie inside the volume (bool, same shape; an interpolated sample needs all its 8 voxels inside).
+    Samples off the surface or outside the volume are 0."""
     valid = valid_mask(data)
     samples = np.zeros(data.shape[:2] + (len(offsets),), np.float32)
+    inside = np.zeros(samples.shape, bool)
     if not valid.any():
-        return samples
+        return samples, inside
     positions = positions_along_normals(data[valid], offsets)  # (n, T, 3) zyx
+    within = np.all((positions >= 0) & (positions <= np.array(dataset.shape) - 1), axis=-1)
     low = np.floor(positions.reshape(-1, 3).min(axis=0)).astype(np.int64)
     high = np.floor(positions.reshape(-1, 3).max(axis=0)).astype(np.int64) + 2
     box = volume.read_crop(dataset, low, high - low, fill=0).astype(np.float32)
     local = (positions - low).reshape(-1, 3).T
     values = ndimage.map_coordinates(box, local, order=1, mode="constant", cval=0.0, prefilter=False)
-    samples[valid] = values.reshape(-1, len(offsets))
-    return samples
+    samples[valid] = np.where(within, values.reshape(-1, len(offsets)), 0)
+    inside[valid] = within
+    return samples, inside
 
 
-def flatten_segment(dataset, ppm_path: Path, band: int, reduce: str, tile: int, bar, layers_path: Path | None) -> np.ndarray:
-    """The reduced uint8 image of one segment; the layer stack goes straight into `layers_path` if given."""
+def reduce_samples(samples: np.ndarray, inside: np.ndarray, reduce: str) -> np.ndarray:
+    """Mean or max along the last axis over the samples inside the volume; 0 where there is none."""
+    count = inside.sum(axis=-1)
+    if reduce == "mean":
+        return np.divide(samples.sum(axis=-1), count, out=np.zeros(count.shape, np.float32), where=count > 0)
+    return np.where(count > 0, np.where(inside, samples, -np.inf).max(axis=-1), 0)
+
+
+def flatten_segment(dataset, ppm_path: Path, band: int, reduce: str, tile: int, bar,
+                    layers_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The reduced uint8 image of one segment and its mask (255: sampled inside the volume); the layer
+    stack goes straight into `layers_path` if given."""
     ppm = read_ppm(ppm_path)
     offsets = np.arange(-band, band + 1, dtype=np.float64)
     image = np.zeros((ppm.height, ppm.width), np.uint8)
+    mask = np.zeros((ppm.height, ppm.width), np.uint8)
     layers = None
     if layers_path is not None:
         layers = tifffile.memmap(layers_path, shape=(len(offsets), ppm.height, ppm.width), dtype=np.uint8)
     for row in range(0, ppm.height, tile):
         for col in range(0, ppm.width, tile):
             data = np.asarray(ppm.data[row:row + tile, col:col + tile])
-            samples = sample_tile(dataset, data, offsets)
-            image[row:row + tile, col:col + tile] = _to_uint8(REDUCERS[reduce](samples, axis=-1))
+            samples, inside = sample_tile(dataset, data, offsets)
+            image[row:row + tile, col:col + tile] = _to_uint8(reduce_samples(samples, inside, reduce))
+            mask[row:row + tile, col:col + tile] = np.where(inside.any(axis=-1), 255, 0)
             if layers is not None:
                 layers[:, row:row + tile, col:col + tile] = np.moveaxis(_to_uint8(samples), -1, 0)
             bar.update(data.shape[0] * data.shape[1])
     if layers is not None:
         layers.flush()
         del layers
-    return image
+    return image, mask
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -93,6 +112,10 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 
 def _layers_path(image_path: Path) -> Path:
     return image_path.with_name(image_path.stem + "_layers.tif")
+
+
+def _mask_path(image_path: Path) -> Path:
+    return image_path.with_name(image_path.stem + "_mask.png")
 
 
 def segment_ppms(ppm_dir: Path, segments: str) -> dict[str, Path]:
@@ -118,6 +141,7 @@ def main(argv=None):
     outputs = {segment_id: out_dir / f"{segment_id}_{config.name}.png" for segment_id in ppms}
     for path in outputs.values():
         check_output(path, config.overwrite)
+        check_output(_mask_path(path), config.overwrite)
         if config.layers:
             check_output(_layers_path(path), config.overwrite)
     volume.open_dataset(config.predictions, config.dataset)[0].close()
@@ -128,9 +152,11 @@ def main(argv=None):
         dataset = file[config.dataset]
         for segment_id, ppm_path in ppms.items():
             layers = atomic_output(_layers_path(outputs[segment_id])) if config.layers else contextlib.nullcontext()
-            with atomic_output(outputs[segment_id]) as temporary, layers as temporary_layers:
-                image = flatten_segment(dataset, ppm_path, config.band, config.reduce, config.tile, bar, temporary_layers)
+            with atomic_output(outputs[segment_id]) as temporary, atomic_output(_mask_path(outputs[segment_id])) as temporary_mask, \
+                    layers as temporary_layers:
+                image, mask = flatten_segment(dataset, ppm_path, config.band, config.reduce, config.tile, bar, temporary_layers)
                 temporary.write_bytes(cv2.imencode(".png", image)[1].tobytes())
+                temporary_mask.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
             save_config(config, config_path_for(outputs[segment_id]))
     print(f"flattened {len(ppms)} segment(s) of {config.predictions}[{config.dataset}] -> {out_dir}")
     return outputs

@@ -7,14 +7,13 @@ Writes zyx block origins (int32, shape (N, 3), on the `--block` grid) of blocks 
 (label > 0.5). The label volume is read once, chunk by chunk.
 """
 
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ink3d import volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import check_output
+from ink3d.files import atomic_output, check_output
 
 # --- config ---
 LABELS = "runs/demo/labels_train.h5"  # label volume (ink_sum, ink_count)
@@ -54,14 +53,15 @@ def main(argv=None):
     if config.out_ink:
         check_output(config.out_ink, config.overwrite)
     file, ink_count = volume.open_dataset(config.labels, volume.INK_COUNT)
-    with file:
-        labeled, ink = count_per_block(file[volume.INK_SUM], ink_count, config.block)
+    sum_file, ink_sum = volume.open_dataset(config.labels, volume.INK_SUM)
+    with file, sum_file:
+        labeled, ink = count_per_block(ink_sum, ink_count, config.block)
     coords = origins(labeled, config.min_labeled, config.block)
-    Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-    np.save(config.out, coords)
     ink_blocks = origins(ink, 1, config.block)
-    if config.out_ink:
-        np.save(config.out_ink, ink_blocks)
+    for path, values in ((config.out, coords), (config.out_ink, ink_blocks)):
+        if path:
+            with atomic_output(path) as temporary, open(temporary, "wb") as stream:
+                np.save(stream, values)
     save_config(config, config_path_for(config.out))
     print(f"{len(coords)} blocks of {config.block}^3 hold >= {config.min_labeled} labeled voxels, "
           f"{len(ink_blocks)} hold ink -> {config.out}")

@@ -86,12 +86,12 @@ def main():
                 reference_rates[cache_mb] = rows.shape[0] * rows.shape[1] / (time.perf_counter() - started)
         with h5py.File(path, "r", rdcc_nbytes=512 << 20, rdcc_nslots=80000) as file:  # as flatten_3d.py opens it
             dataset = file[volume.PREDICTIONS]
-            tiled = np.concatenate([sample_tile(dataset, rows[:, c:c + args.tile], offsets) for c in range(0, args.size, args.tile)], axis=1)
+            tiled = np.concatenate([sample_tile(dataset, rows[:, c:c + args.tile], offsets)[0] for c in range(0, args.size, args.tile)], axis=1)
             assert np.array_equal(reference, tiled), "tiled sampling differs from the per-pixel loop"
             started = time.perf_counter()
             for row in tqdm(range(0, args.size, args.tile), desc="tiles", unit="row band"):
                 for col in range(0, args.size, args.tile):
-                    sample_tile(dataset, data[row:row + args.tile, col:col + args.tile], offsets).mean(axis=-1)
+                    sample_tile(dataset, data[row:row + args.tile, col:col + args.tile], offsets)[0].mean(axis=-1)
             rate = args.size**2 / (time.perf_counter() - started)
         print(f"segment {args.size} x {args.size}, band {args.band} ({len(offsets)} samples per pixel)")
         print(f"flatten_3d tiles of {args.tile}: {rate:,.0f} px/s on {args.size**2:,} pixels")

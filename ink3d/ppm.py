@@ -102,8 +102,8 @@ def write_ppm(path: str | Path, data: np.ndarray, rows_per_write: int = 256) -> 
 
 
 def valid_mask(data: np.ndarray) -> np.ndarray:
-    """True where a pixel lies on the surface (its six values are not all zero)."""
-    return np.any(data != 0, axis=-1)
+    """True where a pixel lies on the surface: its six values are finite and not all zero."""
+    return np.any(data != 0, axis=-1) & np.all(np.isfinite(data), axis=-1)
 
 
 def positions_along_normals(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ shapes; `num_groups` is invisible in the weights and defaults to 4 (the publishe
 import hashlib
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -57,9 +58,15 @@ def read_checkpoint(path, trusted: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
+    with open(path, "rb") as stream:
+        pickled = stream.read(1) == b"\x80"  # a pickle's protocol opcode; torch's zip format is checked below
+    if not (pickled or zipfile.is_zipfile(path)):
+        raise InputError(f"{path}: not a torch checkpoint (neither torch's zip format nor a pickle); the file is damaged or of another kind")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as error:
+        if trusted:
+            raise InputError(f"{path}: not a readable torch checkpoint ({str(error).splitlines()[0]})") from None
         raise InputError(
             f"{path}: the checkpoint holds Python objects beyond tensors and plain values, which are not loaded "
             f"by default because unpickling can run code ({str(error).splitlines()[0]}). If you trust the file, "
@@ -144,6 +151,10 @@ def model_from_checkpoint(checkpoint, path="checkpoint", device="cpu", num_group
     args = UNetArgs(**model_args) if model_args else infer_model_args(state)
     if num_groups is not None:
         args.num_groups = num_groups
-    model = UNet3D(**args.to_dict())
+    try:
+        model = UNet3D(**args.to_dict())
+    except ValueError as error:  # GroupNorm: channels not divisible by the groups
+        recorded = "" if model_args else " (the checkpoint does not record num_groups, so the default 4 was assumed)"
+        raise InputError(f"{path}: cannot build its network with {args.to_dict()}: {error}{recorded}") from None
     load_weights(model, state, path)
     return model.to(device).eval()

@@ -72,6 +72,23 @@ def test_flatten_tiles_equal_one_pass_and_layers(tmp_path, linear_volume):
         assert np.array_equal(layers[layer], expected)
 
 
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_flatten_counts_only_samples_inside_the_volume(tmp_path, linear_volume, reduce):
+    data = np.zeros((2, 6, 6))
+    data[..., 0], data[..., 1], data[..., 2], data[..., 5] = np.arange(6) + 3, 5, 2.0, 1.0  # a plane at z = 2, normal +z
+    data[1, :3, 2] = -20.0  # these pixels' samples all lie below the volume
+    write_ppm(tmp_path / "paths" / "20230101000000" / "20230101000000.ppm", data)
+    image = _flatten(tmp_path, "--band", "4", "--reduce", reduce)
+    mask = cv2.imread(str(tmp_path / "flat" / "20230101000000_prediction_mask.png"), cv2.IMREAD_UNCHANGED)
+    x = np.arange(6) + 3
+    inside_z = np.arange(0, 7)  # samples at z = -2..6; those at z < 0 lie outside
+    values = GRADIENT[0] * inside_z[:, None] + GRADIENT[1] * 5 + GRADIENT[2] * x + 1
+    expected = np.rint(values.mean(axis=0) if reduce == "mean" else values.max(axis=0)).astype(np.uint8)
+    assert np.array_equal(image[0], expected)
+    assert np.array_equal(image[1], np.r_[np.zeros(3, np.uint8), expected[3:]])
+    assert np.array_equal(mask, np.array([[255] * 6, [0, 0, 0, 255, 255, 255]], np.uint8))
+
+
 def test_flatten_refuses_to_overwrite(tmp_path, linear_volume):
     _tilted_segment(tmp_path)
     _flatten(tmp_path)

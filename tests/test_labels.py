@@ -178,17 +178,37 @@ def test_versions_validation_split_and_report(scene):
     assert json.loads(read(scene / "train.h5")[2]["segments"]) == ["20230101000000", "20230101000001", "20230303000000", "20230303000002"]
 
 
-def test_mask_and_invalid_pixels_are_not_labeled(scene):
+def test_a_mistyped_validation_segment_is_an_error(scene):
+    data, label = flat_segment()
+    add_segment(scene, "20230101000000", data, label)
+    add_segment(scene, "20230303000000", data, label)
+    with pytest.raises(InputError, match="--valid_segments 20230330000000: no such segment .*20230101000000, 20230303000000"):
+        run(scene, valid="20230330000000")  # two digits swapped
+    assert sorted(path.name for path in scene.glob("*.h5*")) == ["scan.h5"]  # nothing written
+    run(scene, valid="20230303000001")  # another version of an existing segment names its family
+    assert json.loads(read(scene / "valid.h5")[2]["segments"]) == ["20230303000000"]
+
+
+@pytest.mark.parametrize("band", ["-2", "0"])
+def test_a_band_that_is_not_positive_is_refused(scene, band):
+    with pytest.raises(InputError, match=f"--band {float(band)}: must be > 0"):
+        run(scene, band=band)
+
+
+def test_mask_and_invalid_pixels_are_not_labeled(scene, recwarn):
     data, label = flat_segment()
     data[0, 0] = 0  # off the surface
+    data[0, 1, 0] = np.nan  # points and normals that are not finite are invalid too
+    data[0, 2, 4] = np.inf
     mask = np.full(label.shape, 255, np.uint8)
     mask[:, 9:] = 0
     add_segment(scene, "20230101000000", data, label, mask)
     run(scene)
     _, ink_count, _ = read(scene / "train.h5")
     assert ink_count[:, 7:17, 14:17].sum() == 0  # masked columns 9..11
-    assert ink_count[:, 7, 5].sum() == 0  # the off-surface pixel
-    assert ink_count[:, 7, 6].sum() == 5
+    assert ink_count[:, 7, 5:8].sum() == 0  # the off-surface and the non-finite pixels
+    assert ink_count[:, 7, 8].sum() == 5
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_points_outside_the_volume_are_dropped_and_counted(scene):

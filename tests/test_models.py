@@ -5,7 +5,11 @@ from ink3d import InputError
 from models import UNet3D, infer_model_args, load_model, save_checkpoint
 from models.unet3d import UNetArgs
 
-reference = pytest.importorskip("pytorch3dunet.unet3d.model", reason="pytorch3dunet is the reference UNet (pip install --no-deps pytorch3dunet)")
+try:
+    from pytorch3dunet.unet3d import model as reference
+except ImportError:
+    reference = None
+needs_reference = pytest.mark.skipif(reference is None, reason="pytorch3dunet is the reference UNet (pip install --no-deps pytorch3dunet)")
 
 CONFIGS = [
     dict(f_maps=32, num_levels=5, num_groups=4),
@@ -18,11 +22,13 @@ def _reference(f_maps, num_levels, num_groups):
     return reference.UNet3D(1, 1, f_maps=f_maps, num_levels=num_levels, num_groups=num_groups, is_segmentation=False)
 
 
+@needs_reference
 def test_default_has_the_published_parameter_count():
     assert sum(p.numel() for p in UNet3D().parameters()) == 16_470_643
     assert sum(p.numel() for p in _reference(32, 5, 4).parameters()) == 16_470_643
 
 
+@needs_reference
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("direction", ["ours_to_reference", "reference_to_ours"])
 def test_parity_with_pytorch3dunet(config, direction):
@@ -70,6 +76,7 @@ def test_every_checkpoint_form_loads_identically(tmp_path, small_model, form):
         assert torch.equal(loaded(x), small_model(x))
 
 
+@needs_reference
 def test_published_form_from_pytorch3dunet_loads(tmp_path):
     published = _reference(32, 5, 4)
     torch.save({"model." + k: v for k, v in published.state_dict().items()}, tmp_path / "published.pth")
@@ -98,6 +105,21 @@ def test_pickled_objects_are_refused_unless_trusted(tmp_path, small_model):
     with pytest.raises(InputError, match="--trust_checkpoint true"):
         load_model(tmp_path / "legacy.pth")
     assert load_model(tmp_path / "legacy.pth", trusted=True).args.f_maps == 8
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_a_file_of_random_bytes_is_not_taken_for_pickled_objects(tmp_path, trusted):
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(InputError, match="random.pth: not a torch checkpoint") as error:
+        load_model(tmp_path / "random.pth", trusted=trusted)
+    assert "--trust_checkpoint" not in str(error.value)
+
+
+def test_a_bare_state_dict_that_does_not_fit_the_default_groups_is_named(tmp_path):
+    torch.save(UNet3D(f_maps=6, num_levels=2, num_groups=3).state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(InputError, match="bare.pth: cannot build its network .*'f_maps': 6.* does not record num_groups"):
+        load_model(tmp_path / "bare.pth")
+    assert load_model(tmp_path / "bare.pth", num_groups=3).args.f_maps == 6
 
 
 @pytest.mark.parametrize("f_maps, num_levels", [(4, 2), (8, 4), (16, 3), (32, 5)])
