@@ -35,6 +35,7 @@ import train
 import volume_to_hdf
 from ink3d import volume
 from ink3d.config import parse_config, run_main
+from ink3d.files import partial_path
 from ink3d.metrics import best_fbeta
 
 # --- config ---
@@ -165,8 +166,8 @@ def main(argv=None):
     scroll, scan, flat, blobs = out / "scroll", out / "scan.h5", out / "flat", out / "blobs"
     train_dir, predictions = out / "train", out / "predictions.h5"
     if config.fresh:  # only what the demo itself makes, in case out_dir holds anything else
-        for path in (scroll, scan, flat, blobs, train_dir, predictions, out / "summary.png", *out.glob("labels_*.h5"), *out.glob("coords_*.npy"),
-                     *out.glob("score_3d*.json")):
+        for path in (scroll, scan, flat, blobs, train_dir, predictions, partial_path(scan), partial_path(predictions), out / "summary.png",
+                     *out.glob("labels_*.h5"), *out.glob("coords_*.npy"), *out.glob("score_3d*.json")):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(config.fresh)

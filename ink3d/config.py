@@ -68,7 +68,7 @@ FRACTION = Bounds(0, 1, high_open=True)
 # Valid values of every numeric setting, by flag name; `script.py:name` where one script means something else by it.
 LIMITS = {
     **dict.fromkeys(("batch_size", "chunk", "patch", "f_maps", "num_levels", "num_groups", "max_steps", "max_tries",
-                     "valid_blocks", "valid_every", "checkpoint_every", "workers", "window_sample_slices", "tile",
+                     "valid_blocks", "valid_every", "log_every", "checkpoint_every", "workers", "window_sample_slices", "tile",
                      "tile_pixels", "cache_mb", "view_size", "max_views", "largest_blobs", "line_height", "depth",
                      "height", "width", "max_size", "band", "block"), POSITIVE),
     **dict.fromkeys(("lr", "train.py:block", "warmup_steps", "min_labeled", "margin", "min_size", "exclusion_radius", "grad_clip",

@@ -1,9 +1,12 @@
+import ast
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from ink3d.config import config_path_for, parse_config, save_config
+from ink3d import InputError
+from ink3d.config import FRACTION, LIMITS, NON_NEGATIVE, POSITIVE, Bounds, _declared_constants, config_path_for, parse_config, save_config
 
 SCRIPT = textwrap.dedent('''
     """A stage."""
@@ -69,3 +72,43 @@ def test_config_is_saved_beside_the_output(script_globals, tmp_path):
     path = save_config(config, config_path_for(tmp_path / "out.h5"))
     assert path.name == "out.h5.config.json"
     assert json.loads(path.read_text())["band"] == 2
+
+
+def test_abbreviated_flags_are_rejected(script_globals):
+    with pytest.raises(SystemExit):
+        parse_config(script_globals, ["--thresh", "0.2"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--band", "0"], "--band 0: must be > 0"),
+    (["--band", "-2"], "--band -2: must be > 0"),
+    (["--threshold", "1.5"], "--threshold 1.5: must be in \\[0, 1\\]"),
+    (["--threshold", "-0.1"], "--threshold -0.1: must be in \\[0, 1\\]"),
+])
+def test_settings_outside_their_limits_are_refused_by_name(script_globals, argv, message):
+    with pytest.raises(InputError, match=message):
+        parse_config(script_globals, argv)
+
+
+@pytest.mark.parametrize("bounds, inside, outside", [
+    (POSITIVE, [1e-9, 3], [0, -1]),
+    (NON_NEGATIVE, [0, 5], [-1e-9]),
+    (FRACTION, [0, 0.999], [1, -0.1]),
+    (Bounds(-1, 255), [-1, 255], [-2, 256]),
+])
+def test_bounds(bounds, inside, outside):
+    assert all(value in bounds for value in inside) and not any(value in bounds for value in outside)
+
+
+def test_every_numeric_setting_of_every_stage_has_limits():
+    unbounded = []
+    for script in sorted(Path(__file__).resolve().parents[1].glob("*.py")):
+        source = script.read_text()
+        names = _declared_constants(source)
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in names:
+                value, name = ast.literal_eval(node.value), node.targets[0].id.lower()
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if numeric and name != "seed" and f"{script.name}:{name}" not in LIMITS and name not in LIMITS:
+                    unbounded.append(f"{script.name}:{name}")
+    assert unbounded == []

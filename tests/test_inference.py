@@ -1,4 +1,8 @@
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import h5py
 import numpy as np
@@ -6,7 +10,7 @@ import pytest
 import torch
 
 import inference
-from conftest import run_on_a_full_disk
+from conftest import ROOT, run_on_a_full_disk
 from ink3d import InputError, volume
 from ink3d.files import WriteError, partial_path
 from ink3d.sliding_window import importance_map, plan_blocks, window_starts
@@ -219,6 +223,49 @@ def test_a_full_disk_stops_cleanly_and_resume_completes_the_run(model_path, tmp_
         run = run_on_a_full_disk("inference.py", file_bytes, argv + (["--resume", "true"] if file_bytes > 300_000 else []))
         assert run.returncode == 2 and "pred.h5.partial: writing failed (File too large)" in run.stderr, run.stderr[-2000:]
     resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--block", "32", "--resume", "true")
+    assert np.array_equal(resumed, reference) and attrs["complete"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "-1"], "--batch_size -1: must be > 0"),
+    (["--batch_size", "0"], "--batch_size 0: must be > 0"),
+    (["--block", "0"], "--block 0: must be > 0"),
+    (["--overlap", "1"], "--overlap 1.0: must be in \\[0, 1\\)"),
+    (["--skip_max", "-5"], "--skip_max -5: must be in \\[-1, 255\\]"),
+])
+def test_bad_settings_are_refused_before_any_output(scan, model_path, tmp_path, flags, message):
+    scan_path, _ = scan
+    with pytest.raises(InputError, match=message):
+        _infer(scan_path, model_path, tmp_path / "pred.h5", *flags)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unfinished_scan_volume_is_refused(model_path, tmp_path):
+    scan_path = _scan(tmp_path / "scan.h5", np.ones((16, 16, 16), np.uint8))
+    with h5py.File(scan_path, "a") as file:
+        file[volume.SCAN].attrs["complete"] = False  # as volume_to_hdf leaves it until its last slab
+    with pytest.raises(InputError, match="scan.h5: dataset 'scan_volume' is not complete"):
+        _infer(scan_path, model_path, tmp_path / "pred.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.h5"]
+
+
+def test_kill_9_at_any_moment_then_resume_equals_the_uninterrupted_run(model_path, tmp_path):
+    values = np.random.default_rng(5).integers(0, 256, (48, 96, 96)).astype(np.uint8)
+    scan_path = _scan(tmp_path / "scan.h5", values)
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--block", "16")
+    argv = ["inference.py", "--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"),
+            "--patch", str(PATCH), "--batch_size", "3", "--block", "16", "--skip_max", "-1", "--channels_last", "false"]
+    partial = tmp_path / "pred.h5.partial"
+    for delay in (0.0, 0.3, 0.6):  # seconds after the run starts writing: at its start, then further into the blocks
+        written = partial.stat().st_mtime_ns if partial.exists() else None
+        process = subprocess.Popen([sys.executable, *argv, "--resume", "true"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while (partial.stat().st_mtime_ns if partial.exists() else None) == written and process.poll() is None:
+            time.sleep(0.005)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (tmp_path / "pred.h5").exists()
+    resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--block", "16", "--resume", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
 
 

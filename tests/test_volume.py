@@ -1,9 +1,12 @@
+import shutil
+
 import h5py
 import numpy as np
 import pytest
 
 from ink3d import InputError
-from ink3d.volume import create_volume, iter_blocks, open_dataset, parse_roi, read_crop
+from ink3d.files import check_output, warn_if_short_of_space
+from ink3d.volume import chunks_of, create_volume, iter_blocks, open_dataset, parse_roi, read_crop, reset_unreadable_chunks
 
 
 @pytest.fixture
@@ -56,3 +59,55 @@ def test_open_dataset_names_the_missing_dataset(dataset, tmp_path):
         open_dataset(tmp_path / "v.h5", "predictions")
     with pytest.raises(InputError, match="not found"):
         open_dataset(tmp_path / "none.h5", "scan_volume")
+
+
+def test_open_dataset_refuses_an_incomplete_or_flat_volume(tmp_path):
+    with h5py.File(tmp_path / "v.h5", "w") as file:
+        create_volume(file, "scan_volume", (4, 4, 4), np.uint8).attrs["complete"] = False
+        file.create_dataset("flat", data=np.zeros((4, 4), np.uint8))
+        file.create_group("group")
+    with pytest.raises(InputError, match="v.h5: dataset 'scan_volume' is not complete .*--resume true"):
+        open_dataset(tmp_path / "v.h5", "scan_volume")
+    with pytest.raises(InputError, match="v.h5: 'flat' is shape \\(4, 4\\), expected a dataset with 3 axes"):
+        open_dataset(tmp_path / "v.h5", "flat")
+    with pytest.raises(InputError, match="'group' is a group"):
+        open_dataset(tmp_path / "v.h5", "group")
+
+
+def test_chunks_of_a_box():
+    class Dataset:
+        shape, chunks = (10, 9, 8), (4, 4, 4)
+
+    chunks = chunks_of(Dataset, (slice(3, 5), slice(0, 4), slice(7, 8)))
+    assert chunks == [(slice(0, 4), slice(0, 4), slice(4, 8)), (slice(4, 8), slice(0, 4), slice(4, 8))]
+
+
+def test_unreadable_chunks_are_reset_and_the_rest_kept(tmp_path):
+    data = (np.arange(32**3).reshape(32, 32, 32) // 97).astype(np.uint8)  # compressible: chunks go through blosc
+    with h5py.File(tmp_path / "v.h5", "w") as file:
+        create_volume(file, "scan_volume", data.shape, np.uint8, chunk=16)[:] = data
+        info = file["scan_volume"].id.get_chunk_info_by_coord((16, 0, 0))
+    with open(tmp_path / "v.h5", "r+b") as raw:  # the bytes of chunk (16, 0, 0) are lost
+        raw.seek(info.byte_offset)
+        raw.write(bytes(info.size))
+    with h5py.File(tmp_path / "v.h5", "r+") as file:
+        dataset = file["scan_volume"]
+        with pytest.raises(OSError):
+            dataset[16:32, 0:16, 0:16]
+        reset = reset_unreadable_chunks(dataset, [(slice(0, 32), slice(0, 32), slice(0, 20))])
+        assert reset == [(slice(16, 32), slice(0, 16), slice(0, 16))]
+        expected = data.copy()
+        expected[16:32, 0:16, 0:16] = 0
+        assert np.array_equal(dataset[:], expected)
+
+
+def test_an_output_whose_folder_cannot_be_made_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="file/out.h5: cannot create its folder"):
+        check_output(tmp_path / "file" / "out.h5", overwrite=False)
+
+
+def test_a_short_disk_is_warned_about(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 90, 10**9))
+    with pytest.warns(UserWarning, match="1.0 GB free, the output holds up to 2.0 GB before compression"):
+        warn_if_short_of_space(tmp_path / "out.h5", 2 * 10**9)
