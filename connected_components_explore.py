@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.components import Blobs, blob_overlap, label_blocks, write_blob_labels
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import check_output
+from ink3d.files import atomic_output, check_output
 
 # --- config ---
 PREDICTIONS = "runs/demo/predictions.h5"  # prediction volume (uint8, 255 = ink probability 1)
@@ -52,7 +52,7 @@ CSV_FIELDS = ["id", "voxels", "z0", "y0", "x0", "z1", "y1", "x1", "centroid_z", 
 
 
 def write_csv(path: Path, blobs: Blobs, true_ink: np.ndarray | None) -> None:
-    with open(path, "w", newline="") as file:
+    with atomic_output(path) as temporary, open(temporary, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(CSV_FIELDS)
         for i in range(len(blobs)):
@@ -125,7 +125,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch_dir, h5py.File(Path(scratch_dir) / "labels.h5", "w") as scratch:
         blobs = label_blocks(predictions, level, config.block, scratch, roi, scan, config.min_scan)
         if config.keep_labels:
-            with h5py.File(out_dir / "blob_labels.h5", "w") as labels_file:
+            with atomic_output(out_dir / "blob_labels.h5") as temporary, h5py.File(temporary, "w") as labels_file:
                 labels = write_blob_labels(scratch[volume.BLOB_LABELS], blobs.label_to_blob, labels_file, config.block)
                 labels.attrs["roi_origin"] = [s.start for s in roi]
         true_ink = None

@@ -11,11 +11,10 @@ the air level), papyrus without ink, and ink. Read block by block: the volumes s
 """
 
 import json
-from pathlib import Path
 
 from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main
-from ink3d.files import check_output
+from ink3d.files import atomic_output, check_output
 from ink3d.intensity import otsu_level, scan_histogram
 from ink3d.metrics import score_volume
 
@@ -52,8 +51,8 @@ def main(argv=None):
     score.update(air_level=air_level, roi=config.roi)
     print(f"3D score{' of ' + config.roi if config.roi else ''}: {summary_line(score)}")
     if config.out:
-        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.out).write_text(json.dumps(score, indent=2) + "\n")
+        with atomic_output(config.out) as temporary:
+            temporary.write_text(json.dumps(score, indent=2) + "\n")
     return score
 
 

@@ -51,7 +51,7 @@ AUGMENTATIONS = ("full", "exact", "none")
 
 
 def augmentation(patch: int, kind: str = "full") -> Compose | None:
-    """`full`: DESIGN.md step 4. The mask (labels) is moved with nearest interpolation and filled with -1.
+    """`full`: step 4 of the method in docs/DESIGN.md. The mask (labels) is moved with nearest interpolation and filled with -1.
     `exact`: 90-degree turns, flips and a random crop only, which move voxels without resampling
     them, so the scan's finest texture survives. `none`: no augmentation (None).
 

@@ -1,8 +1,8 @@
 """Sliding-window prediction over a region, split into output macro-blocks with exact results.
 
-Windows lie on the grid of DESIGN.md: along each axis they start at the region's start, step by
-`stride = patch * (1 - overlap)`, and the last one lies flush against the region's end (the grid
-of MONAI and pytorch-3dunet). Each window's sigmoid probabilities are weighted by the Gaussian
+Windows lie on the grid of docs/DESIGN.md: along each axis they start at the volume's start, step
+by `stride = patch * (1 - overlap)`, and the last one lies flush against the volume's end (the grid
+of MONAI and pytorch-3dunet); a region runs the windows of that grid that touch it. Each window's sigmoid probabilities are weighted by the Gaussian
 importance map (or uniformly) and averaged. An output macro-block runs every window that
 touches it, reading the input those windows need, so its voxels get exactly the windows (in the
 same order) that one in-memory pass over the whole region would give them: no seams.
