@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
+from ink3d.files import check_output
 from ink3d.ppm import write_ppm
 
 # --- config ---
@@ -248,7 +249,7 @@ def main(argv=None):
         for name in ("volume", "paths", "labels", "ground_truth.h5", "scroll.json"):
             target = out_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output(out_dir / "scroll.json", overwrite=True)  # a folder that can be written
     description = make_scroll(out_dir, config.seed, (config.depth, config.height, config.width))
     (out_dir / "scroll.json").write_text(json.dumps(description, indent=2) + "\n")
     save_config(config, config_path_for(out_dir / "scroll.json"))
