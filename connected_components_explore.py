@@ -68,23 +68,36 @@ def _fit(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, shape, interpolation=cv2.INTER_NEAREST if scale >= 1 else cv2.INTER_AREA)
 
 
-def _row(views: list[np.ndarray], size: int) -> np.ndarray:
-    fitted = [_fit(view, size) for view in views]
-    height = max(view.shape[0] for view in fitted)
-    padded = [np.pad(view, ((0, height - view.shape[0]), (0, 4))) for view in fitted]
-    return np.concatenate(padded, axis=1)
+OUTLINE = (0, 140, 255)  # BGR orange: the blob's outline on its scan slices
 
 
-def blob_picture(predictions, scan, low, high, centroid, size: int) -> np.ndarray:
-    """Max projections along z, y, x of the prediction; under them, the scan's slices through the centroid."""
+def _outlined(image: np.ndarray, mask: np.ndarray | None, size: int) -> np.ndarray:
+    """A grey view fitted to `size`, in colour, with the outline of `mask` (the blob's voxels in it) drawn on it."""
+    fitted = cv2.cvtColor(_fit(image, size), cv2.COLOR_GRAY2BGR)
+    if mask is not None and mask.any():
+        fitted_mask = cv2.resize(mask.astype(np.uint8), fitted.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(fitted_mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(fitted, contours, -1, OUTLINE, 1)
+    return fitted
+
+
+def _row(views: list[np.ndarray]) -> np.ndarray:
+    height = max(view.shape[0] for view in views)
+    return np.concatenate([np.pad(view, ((0, height - view.shape[0]), (0, 4), (0, 0))) for view in views], axis=1)
+
+
+def blob_picture(predictions, scan, low, high, centroid, size: int, blob_mask: np.ndarray | None = None) -> np.ndarray:
+    """Max projections along z, y, x of the prediction; under them, the scan's slices through the centroid,
+    with the outline of the blob (`blob_mask`, its voxels in the box) where the slice cuts it. BGR."""
     box = volume.read_crop(predictions, low, high - low)
-    rows = [_row([box.max(axis=0), box.max(axis=1), box.max(axis=2)], size)]
+    rows = [_row([_outlined(box.max(axis=axis), None, size) for axis in range(3)])]
     if scan is not None:
         crop = volume.read_crop(scan, low, high - low)
         middle = np.clip(np.round(centroid).astype(int) - low, 0, np.array(crop.shape) - 1)
-        rows.append(_row([crop[middle[0]], crop[:, middle[1]], crop[:, :, middle[2]]], size))
+        cuts = [(middle[0],), (slice(None), middle[1]), (slice(None), slice(None), middle[2])]
+        rows.append(_row([_outlined(crop[cut], None if blob_mask is None else blob_mask[cut], size) for cut in cuts]))
     width = max(row.shape[1] for row in rows)
-    return np.concatenate([np.pad(row, ((0, 4), (0, width - row.shape[1]))) for row in rows], axis=0)
+    return np.concatenate([np.pad(row, ((0, 4), (0, width - row.shape[1]), (0, 0))) for row in rows], axis=0)
 
 
 def write_index(path: Path, blobs: Blobs, shown: list[int], pictures: dict[int, str], true_ink: np.ndarray | None) -> None:
@@ -102,7 +115,7 @@ def write_index(path: Path, blobs: Blobs, shown: list[int], pictures: dict[int, 
         "img{image-rendering:pixelated;max-width:520px}figcaption{font-size:12px}</style></head><body>"
         f"<h1>{len(shown)} blobs (of {len(blobs)}), largest first</h1>"
         "<p>Top row: maximum projections of the prediction along z, y, x. Bottom row (with a scan): "
-        "scan slices through the blob's centre.</p>" + "\n".join(figures) + "</body></html>\n"
+        "scan slices through the blob's centre, the blob outlined in orange.</p>" + "\n".join(figures) + "</body></html>\n"
     )
 
 
@@ -133,17 +146,18 @@ def main(argv=None):
             with truth_file:
                 true_ink = blob_overlap(scratch[volume.BLOB_LABELS], blobs.label_to_blob, len(blobs), truth,
                                         [s.start for s in roi], config.block)
+        in_range = [i for i in range(len(blobs)) if config.min_size <= blobs.voxels[i] <= config.max_size]
+        shown = in_range[:config.max_views]
+        pictures = {}
+        shape, roi_origin = np.array(predictions.shape), np.array([s.start for s in roi])
+        for i in tqdm(shown, unit="blob", desc="components: views"):
+            low = np.maximum(blobs.bbox_low[i] - config.margin, 0)
+            high = np.minimum(blobs.bbox_high[i] + config.margin, shape)
+            blob_mask = blobs.label_to_blob[volume.read_crop(scratch[volume.BLOB_LABELS], low - roi_origin, high - low)] == i + 1
+            picture = blob_picture(predictions, scan, low, high, blobs.centroid[i], config.view_size, blob_mask)
+            pictures[i] = f"blob_{i + 1:06d}.png"
+            cv2.imwrite(str(out_dir / pictures[i]), picture)
     write_csv(out_dir / "blobs.csv", blobs, true_ink)
-    in_range = [i for i in range(len(blobs)) if config.min_size <= blobs.voxels[i] <= config.max_size]
-    shown = in_range[:config.max_views]
-    pictures = {}
-    shape = np.array(predictions.shape)
-    for i in tqdm(shown, unit="blob", desc="components: views"):
-        low = np.maximum(blobs.bbox_low[i] - config.margin, 0)
-        high = np.minimum(blobs.bbox_high[i] + config.margin, shape)
-        picture = blob_picture(predictions, scan, low, high, blobs.centroid[i], config.view_size)
-        pictures[i] = f"blob_{i + 1:06d}.png"
-        cv2.imwrite(str(out_dir / pictures[i]), picture)
     write_index(out_dir / "index.html", blobs, shown, pictures, true_ink)
     pred_file.close()
     if scan_file is not None:

@@ -126,8 +126,8 @@ def largest_blobs_true_ink(blobs_csv: Path, count: int, min_size: int, max_size:
 
 def summary_picture(scroll: Path, flat: Path, blobs: Path, segment_id: str, caption: str) -> np.ndarray:
     """The scores, then flattened scan | ink label | flattened prediction, then the largest blob's views, with titles."""
-    panels = [_read_gray(flat / f"{segment_id}_scan.png"), _read_gray(scroll / "labels" / f"{segment_id}_inklabels.png"),
-              _read_gray(flat / f"{segment_id}_prediction.png")]
+    panels = [cv2.cvtColor(_read_gray(path), cv2.COLOR_GRAY2BGR) for path in (
+        flat / f"{segment_id}_scan.png", scroll / "labels" / f"{segment_id}_inklabels.png", flat / f"{segment_id}_prediction.png")]
     titles = ["flattened scan", "ink label (held out)", "flattened 3D prediction"]
     scale = max(1, round(300 / panels[0].shape[0]))
     tiles = []
@@ -137,27 +137,27 @@ def summary_picture(scroll: Path, flat: Path, blobs: Path, segment_id: str, capt
     row = _titled(_hstack(tiles), caption)
     blob_pictures = sorted(blobs.glob("blob_*.png"))
     if blob_pictures:
-        blob = _read_gray(blob_pictures[0])
+        blob = cv2.imread(str(blob_pictures[0]))
         blob = cv2.resize(blob, (blob.shape[1] * 2, blob.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
         return _vstack([row, _titled(blob, f"largest 3D blob of p >= {BLOB_THRESHOLD} in the scroll: max projections along z, y, x; "
-                                           "scan slices below")])
-    return _vstack([row, _titled(np.zeros((8, row.shape[1]), np.uint8), f"no 3D blob of p >= {BLOB_THRESHOLD} in the gallery's size range")])
+                                           "scan slices below, the blob outlined")])
+    return _vstack([row, _titled(np.zeros((8, row.shape[1], 3), np.uint8), f"no 3D blob of p >= {BLOB_THRESHOLD} in the gallery's size range")])
 
 
 def _titled(image: np.ndarray, title: str) -> np.ndarray:
-    band = np.zeros((28, image.shape[1]), np.uint8)
-    cv2.putText(band, title, (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 255, 1, cv2.LINE_AA)
+    band = np.zeros((28,) + image.shape[1:], np.uint8)
+    cv2.putText(band, title, (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
     return np.concatenate([band, image], axis=0)
 
 
 def _hstack(images):
     height = max(i.shape[0] for i in images)
-    return np.concatenate([np.pad(i, ((0, height - i.shape[0]), (0, 8))) for i in images], axis=1)
+    return np.concatenate([np.pad(i, ((0, height - i.shape[0]), (0, 8), (0, 0))) for i in images], axis=1)
 
 
 def _vstack(images):
     width = max(i.shape[1] for i in images)
-    return np.concatenate([np.pad(i, ((0, 8), (0, width - i.shape[1]))) for i in images], axis=0)
+    return np.concatenate([np.pad(i, ((0, 8), (0, width - i.shape[1]), (0, 0))) for i in images], axis=0)
 
 
 def main(argv=None):

@@ -228,20 +228,35 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def validation_picture(images, labels, probabilities) -> np.ndarray:
-    """Rows of middle z-slices: image | label (ink white, no ink black, unlabeled blue) | prediction."""
+UNLABELED_GREY = 128  # labels in the validation picture: ink 255, no ink 0, unlabeled this grey
+PICTURE_COLUMN = 160  # minimum width of a column of the validation picture, pixels (patches are enlarged to it)
+
+
+def _text_band(width: int, texts: list[tuple[int, str]], height: int = 18) -> np.ndarray:
+    """A black band with white texts at the given x positions."""
+    band = np.zeros((height, width), np.uint8)
+    for x, text in texts:
+        cv2.putText(band, text, (x + 3, height - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1, cv2.LINE_AA)
+    return band
+
+
+def validation_picture(images, labels, probabilities, title: str) -> np.ndarray:
+    """Under `title` and column captions, a row per validation block of its middle z-slice: the model's input,
+    the label (ink white, no ink black, unlabeled grey) and the predicted probability (black 0, white 1)."""
     rows = []
     for image, label, probability in zip(images, labels, probabilities):
         middle = image.shape[-3] // 2
-        gray = np.clip(image[0, middle] * 255, 0, 255).astype(np.uint8)
-        label_rgb = np.zeros(gray.shape + (3,), np.uint8)
         label_slice = label[0, middle]
-        label_rgb[label_slice >= 0] = (np.clip(label_slice[label_slice >= 0], 0, 1) * 255).astype(np.uint8)[:, None]
-        label_rgb[label_slice < 0] = (110, 40, 0)  # BGR: unlabeled shown dark blue
-        prediction = (probability[0, middle] * 255).astype(np.uint8)
-        rows.append(np.concatenate([cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), label_rgb,
-                                    cv2.cvtColor(prediction, cv2.COLOR_GRAY2BGR)], axis=1))
-    return np.concatenate(rows, axis=0)
+        columns = [image[0, middle] * 255, np.where(label_slice >= 0, np.clip(label_slice, 0, 1) * 255, UNLABELED_GREY),
+                   probability[0, middle] * 255]
+        scale = max(1, -(-PICTURE_COLUMN // label_slice.shape[1]))
+        columns = [cv2.resize(np.clip(np.rint(c), 0, 255).astype(np.uint8), None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+                   for c in columns]
+        rows.append(np.concatenate([np.pad(c, ((0, 2), (0, 2))) for c in columns], axis=1))
+    body = np.concatenate(rows, axis=0)
+    column = body.shape[1] // 3
+    captions = [(0, "model input"), (column, "label (grey: none)"), (2 * column, "prediction")]
+    return np.concatenate([_text_band(body.shape[1], [(0, title)]), _text_band(body.shape[1], captions), body], axis=0)
 
 
 class ValidationTruth:
@@ -266,9 +281,10 @@ class ValidationTruth:
 
 
 @torch.no_grad()
-def validate(model, loader, device, dtype, channels_last, dice_weight, truth: ValidationTruth | None = None) -> tuple[dict, np.ndarray]:
-    """Loss, best-threshold F0.5, ROC AUC over labeled voxels; the intensity-threshold baseline; a picture;
-    with `truth`, the 3D score of every voxel of the validation blocks."""
+def validate(model, loader, device, dtype, channels_last, dice_weight, truth: ValidationTruth | None = None) -> tuple[dict, tuple]:
+    """Loss, best-threshold F0.5, ROC AUC over labeled voxels; the intensity-threshold baseline; with `truth`, the
+    3D score of every voxel of the validation blocks. Also the images, labels and probabilities of the first 4
+    blocks, for the validation picture."""
     model.eval()
     scores, truths, intensities, losses, weights, picture_parts = [], [], [], [], [], ([], [], [])
     counts, index = VoxelCounts(), 0
@@ -306,7 +322,7 @@ def validate(model, loader, device, dtype, channels_last, dice_weight, truth: Va
     if truth is not None:
         score = counts.summary()
         metrics.update(valid_3d_f05=score["f05"], valid_3d_auc=score["auc"], valid_3d_scan_f05=score["scan_f05"])
-    return metrics, validation_picture(*picture_parts)
+    return metrics, picture_parts
 
 
 class MetricsLog:
@@ -348,7 +364,7 @@ class MetricsLog:
 
             payload = {k: v for k, v in row.items() if k != "step"}
             if picture is not None:
-                payload["valid_picture"] = wandb.Image(cv2.cvtColor(picture, cv2.COLOR_BGR2RGB))
+                payload["valid_picture"] = wandb.Image(picture)
             self.wandb.log(payload, step=row["step"])
 
     def close(self):
@@ -454,7 +470,9 @@ def main(argv=None):
         nonlocal best_f05
         learning_rate = config.lr * lr_factor(step - 1, config.warmup_steps, config.max_steps)
         network = ema.model if ema is not None else unwrap(model)
-        metrics, picture = validate(network, valid_loader, device, dtype, channels_last, config.dice_weight, truth)
+        metrics, picture_parts = validate(network, valid_loader, device, dtype, channels_last, config.dice_weight, truth)
+        picture = validation_picture(*picture_parts, title=f"step {step}: F0.5 {metrics['valid_f05']:.3f} "
+                                                         f"(threshold {metrics['valid_threshold_baseline_f05']:.3f})")
         cv2.imwrite(str(out_dir / f"valid_{step:06d}.png"), picture)
         log.write({"step": step, "lr": learning_rate, "train_loss": train_loss, "samples_per_s": samples_per_s,
                    "skipped_batches": skipped_batches, "redraws": redraws, **metrics}, picture)

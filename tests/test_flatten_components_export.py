@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
+from scipy import ndimage
 
 import connected_components_explore
 import export_slices
@@ -168,6 +169,32 @@ def test_csv_fields_and_size_filter(tmp_path):
     assert pictures == ["blob_000002.png", "blob_000003.png"]  # 34 and 16 voxels lie in 10..40
     page = (tmp_path / "blobs" / "index.html").read_text()
     assert page.index("blob_000002.png") < page.index("blob_000003.png")
+
+
+def test_outline_is_the_border_of_the_mask():
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 3:7] = True
+    picture = connected_components_explore._outlined(np.full((8, 8), 90, np.uint8), mask, 8)
+    orange = np.all(picture == connected_components_explore.OUTLINE, axis=-1)
+    assert np.array_equal(orange, mask & ~ndimage.binary_erosion(mask))
+    assert np.all(picture[~orange] == 90)
+
+
+def test_the_blob_is_outlined_on_its_scan_slices_only(tmp_path):
+    values = np.zeros((20, 20, 20), np.uint8)
+    values[6:12, 6:12, 6:12] = 255  # the blob: a 6^3 cube
+    values[6:12, 6:12, 14:16] = 100  # beside it, below the threshold: in the picture's box, not the blob
+    with h5py.File(tmp_path / "scan.h5", "w") as file:
+        volume.create_volume(file, volume.SCAN, values.shape, np.uint8)[:] = 90
+    _components(tmp_path, values, "--volume", str(tmp_path / "scan.h5"), "--min_size", "1", "--margin", "4", "--view_size", "17")
+    picture = cv2.imread(str(tmp_path / "blobs" / "blob_000001.png"))
+    orange = np.all(picture == connected_components_explore.OUTLINE, axis=-1)
+    assert not orange[:17 + 4].any()  # the prediction's projections (17 rows, then a gap) carry no outline
+    # the box is 2..16 on each axis (the cube 6..11 and a margin of 4), drawn 17 / 14 larger, each view followed by a
+    # 4-pixel gap; the cube's voxels 4..9 of the box cover pixels 5..12 (nearest: pixel i shows voxel floor(i * 14 / 17))
+    for view in (orange[21:, 0:17], orange[21:, 21:38], orange[21:, 42:59]):
+        rows, cols = np.nonzero(view)
+        assert (rows.min(), rows.max(), cols.min(), cols.max()) == (5, 12, 5, 12)
 
 
 def test_empty_volume(tmp_path):

@@ -131,6 +131,25 @@ def test_validation_scores_the_blocks_against_the_ground_truth(tmp_path):
     assert (block > 200).any()
 
 
+def test_validation_picture_columns_and_captions():
+    image = np.zeros((1, 1, 3, 4, 4), np.float32)
+    image[0, 0, 1] = np.arange(16).reshape(4, 4) / 15
+    label = np.full((1, 1, 3, 4, 4), -1, np.float32)
+    label[0, 0, 1, 0] = [0, 1, 0.5, -2]
+    probability = np.full((1, 1, 3, 4, 4), 0.25, np.float32)
+    picture = train.validation_picture(image, label, probability, title="step 7: F0.5 0.500")
+    scale = -(-train.PICTURE_COLUMN // 4)
+    column = 4 * scale + 2
+    assert picture.shape == (18 + 18 + column, 3 * column) and picture.dtype == np.uint8
+    body = picture[36:]
+    assert np.array_equal(body[:4 * scale:scale, :4 * scale:scale], np.rint(np.arange(16).reshape(4, 4) * 17))
+    assert body[0, column:column + 4 * scale:scale].tolist() == [0, 255, 128, train.UNLABELED_GREY]  # 0.5 rounds to 128
+    assert body[scale, column] == train.UNLABELED_GREY and train.UNLABELED_GREY not in (0, 255)
+    assert np.all(body[:4 * scale, 2 * column:2 * column + 4 * scale] == 64)
+    assert picture[:18, :40].any() and not picture[:18, column:].any()  # the title, short, at the left
+    assert all(picture[18:36, c * column:c * column + 40].any() for c in range(3))  # a caption over each column
+
+
 def test_lr_schedule():
     assert train.lr_factor(0, 10, 110) == pytest.approx(0.1)
     assert train.lr_factor(9, 10, 110) == pytest.approx(1.0)
