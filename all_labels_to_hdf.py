@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output, partial_path
-from ink3d.labels import VoxelizeStats, ink_range_within, voxelize_tile
+from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, voxelize_tile
 from ink3d.ppm import read_ppm, valid_mask
 
 # --- config ---
@@ -46,7 +46,8 @@ INK_BACK = 1.5  # ... and up to this far behind it; the rest of the band is labe
 KEEP_ALL_VERSIONS = False  # use every version of a segment instead of only the newest
 SKIP_BAD = False  # skip (and report) segments with a missing or malformed ppm, label or mask
 CHUNK = 128  # HDF5 chunk edge of the label volumes
-TILE_PIXELS = 65536  # pixels voxelized at once: bounds memory
+TILE_PIXELS = 65536  # pixels voxelized at once (rows of the segment): bounds the memory of one step
+CACHE_MB = 1024  # label chunks held in memory while a segment is voxelized, each read and written once when it leaves
 OVERWRITE = False  # replace existing outputs
 UPDATE = False  # add new segments to existing outputs
 
@@ -122,20 +123,23 @@ def _read_png(path: Path, shape, what: str, segment_id: str) -> np.ndarray:
     return image
 
 
-def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, ink_range, tile_pixels: int, bar) -> VoxelizeStats:
+def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, ink_range, tile_pixels: int, cache_bytes: int,
+                     bar) -> VoxelizeStats:
     ppm = read_ppm(segment.ppm_path)
     shape = (ppm.height, ppm.width)
     labels = _read_png(segment.label_path, shape, "ink label", segment.segment_id)
     mask = _read_png(segment.mask_path, shape, "mask", segment.segment_id) if segment.mask_path else None
     rows = max(1, tile_pixels // ppm.width)
     stats = VoxelizeStats()
+    accumulator = ChunkAccumulator(ink_sum, ink_count, cache_bytes)
     for row in range(0, ppm.height, rows):
         data = np.asarray(ppm.data[row:row + rows])
         use = valid_mask(data)
         if mask is not None:
             use &= mask[row:row + rows] > 0
-        stats.add(voxelize_tile(data, labels[row:row + rows] / np.float32(255), use, band, ink_sum, ink_count, ink_range))
+        stats.add(voxelize_tile(data, labels[row:row + rows] / np.float32(255), use, band, accumulator, ink_range))
         bar.update(data.shape[0] * data.shape[1])
+    accumulator.flush()
     return stats
 
 
@@ -181,7 +185,8 @@ def write_label_volume(path: Path, segments: list[Segment], shape, config, bar) 
                 bar.update(segment.pixels)
                 continue
             try:
-                stats = voxelize_segment(segment, file[volume.INK_SUM], file[volume.INK_COUNT], config.band, ink_range_of(config), config.tile_pixels, bar)
+                stats = voxelize_segment(segment, file[volume.INK_SUM], file[volume.INK_COUNT], config.band, ink_range_of(config),
+                                         config.tile_pixels, config.cache_mb << 20, bar)
             except InputError as error:
                 if not config.skip_bad:
                     raise

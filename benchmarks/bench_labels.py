@@ -1,13 +1,21 @@
-"""all_labels_to_hdf.py vs a plain per-pixel loop: pixels/s, identical output, peak memory.
+"""all_labels_to_hdf.py on a large curved segment: pixels/s against an original-style box fill, identical output
+to a plain per-pixel loop, peak memory.
 
-    python benchmarks/bench_labels.py                   # a 2000 x 2000 curved segment
-    python benchmarks/bench_labels.py --size 1000 --reference_rows 40
+    python benchmarks/bench_labels.py                          # 2560 x 2560 pixels on a cylinder of radius 1500
+    python benchmarks/bench_labels.py --size 1000 --radius 400
 
-The per-pixel loop applies the same voxelization (ink3d.labels.band_voxels on one pixel) and
-adds each pixel's band into the HDF5 datasets with a read-modify-write of its bounding box.
-It is too slow for the whole segment, so both run on the first `--reference_rows` rows of the
-segment (outputs asserted identical); the pipeline then runs on the whole segment in its own
-process, which reports its peak RSS.
+The segment is a cylinder patch (its rows along z), labeled with letter-like strokes covering
+`--ink` of its pixels, at real label density. A row strip of such a segment reaches chunks all
+along the arc, which is what makes the chunk I/O matter.
+
+1. Exactness: a plain per-pixel loop (the same voxels per pixel, each pixel's box of the HDF5
+   datasets read, added to and written back) and all_labels_to_hdf on the first
+   `--reference_rows` rows: identical label volumes.
+2. Baseline: the original pipeline's method, a per-pixel box fill (every voxel of the
+   axis-aligned box between the two ends of the pixel's band gets its label), into chunks held in
+   memory and written once: on the first `--box_rows` rows (the loop is too slow for the whole
+   segment), in pixels/s.
+3. all_labels_to_hdf on the whole segment, in its own process for its peak RSS.
 """
 
 import argparse
@@ -31,35 +39,34 @@ from ink3d.ppm import read_ppm, valid_mask, write_ppm  # noqa: E402
 
 SEGMENT = "20240101000000"
 RUN = """
-import resource, sys
+import resource, sys, time
 sys.path.insert(0, {root!r})
 import all_labels_to_hdf
+started = time.perf_counter()
 all_labels_to_hdf.main({argv!r})
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def make_scene(root: Path, size: int, band: float) -> tuple[int, int, int]:
-    """A cylinder patch (radius 1.2 * size / pi, so the arc spans ~0.8 pi) with letter-like labels."""
-    radius = 1.2 * size / np.pi
+def make_scene(root: Path, size: int, radius: float, band: float, ink: float) -> tuple[int, int, int]:
+    """A `size` x `size` cylinder patch of `radius` (rows along z, the arc along the columns) with strokes on `ink` of it."""
     extent = int(2 * radius + 4 * band + 8)
     shape = (size + 8, extent, extent)
     theta = np.arange(size) / radius + 0.1
-    rows = np.arange(size, dtype=np.float64)
-    data = np.zeros((size, size, 6))
     centre = extent / 2
+    data = np.zeros((size, size, 6))
     data[..., 0] = centre + radius * np.cos(theta)[None]
     data[..., 1] = centre + radius * np.sin(theta)[None]
-    data[..., 2] = 4 + rows[:, None]
+    data[..., 2] = 4 + np.arange(size, dtype=np.float64)[:, None]
     data[..., 3] = np.cos(theta)[None]
     data[..., 4] = np.sin(theta)[None]
     (root / "paths" / SEGMENT).mkdir(parents=True)
     write_ppm(root / "paths" / SEGMENT / f"{SEGMENT}.ppm", data)
     label = np.zeros((size, size), np.uint8)
     rng = np.random.default_rng(0)
-    for _ in range(size * size // 2000):
-        y, x = rng.integers(0, size, 2)
-        cv2.line(label, (int(x), int(y)), (int(x) + 12, int(y) + 18), 255, 3)
+    while np.count_nonzero(label) < ink * label.size:
+        for y, x in rng.integers(0, size, (size, 2)):
+            cv2.line(label, (int(x), int(y)), (int(x) + 12, int(y) + 18), 255, 3)
     (root / "labels").mkdir()
     cv2.imwrite(str(root / "labels" / f"{SEGMENT}_inklabels.png"), label)
     with h5py.File(root / "scan.h5", "w") as file:
@@ -67,12 +74,17 @@ def make_scene(root: Path, size: int, band: float) -> tuple[int, int, int]:
     return shape
 
 
-def per_pixel_reference(root: Path, rows: int, band: float, out: Path) -> float:
+def _segment(root: Path):
     ppm = read_ppm(root / "paths" / SEGMENT / f"{SEGMENT}.ppm")
     label = cv2.imread(str(root / "labels" / f"{SEGMENT}_inklabels.png"), cv2.IMREAD_GRAYSCALE) / np.float32(255)
     with h5py.File(root / "scan.h5") as scan_file:
         shape = scan_file[volume.SCAN].shape
-    started = time.perf_counter()
+    return ppm, label, shape
+
+
+def per_pixel_reference(root: Path, rows: int, band: float, out: Path) -> None:
+    """Each pixel's band voxels added into the HDF5 datasets with a read-modify-write of their bounding box."""
+    ppm, label, shape = _segment(root)
     with h5py.File(out, "w") as file:
         ink_sum = volume.create_volume(file, volume.INK_SUM, shape, np.float32)
         ink_count = volume.create_volume(file, volume.INK_COUNT, shape, np.uint16)
@@ -81,8 +93,8 @@ def per_pixel_reference(root: Path, rows: int, band: float, out: Path) -> float:
                 pixel = np.asarray(ppm.data[row, col])
                 if not valid_mask(pixel):
                     continue
-                flat, _, _, _ = band_voxels(pixel[None, 2::-1], pixel[None, 5:2:-1], band, shape)
-                zyx = np.stack(np.unravel_index(flat, shape), axis=1)
+                z, y, x, _, _, _ = band_voxels(pixel[None, 2::-1], pixel[None, 5:2:-1], band, shape)
+                zyx = np.stack([z, y, x], axis=1)
                 low, high = zyx.min(axis=0), zyx.max(axis=0) + 1
                 box = tuple(slice(a, b) for a, b in zip(low, high))
                 sums, counts = ink_sum[box], ink_count[box]
@@ -90,52 +102,85 @@ def per_pixel_reference(root: Path, rows: int, band: float, out: Path) -> float:
                 sums[local] += label[row, col]
                 counts[local] += 1
                 ink_sum[box], ink_count[box] = sums, counts
+
+
+def box_fill(root: Path, rows: int, band: float, out: Path) -> float:
+    """The original pipeline's per-pixel box fill into chunks held in memory, each written once; seconds taken."""
+    ppm, label, shape = _segment(root)
+    chunk = volume.DEFAULT_CHUNK
+    started = time.perf_counter()
+    held = {}
+    for row in range(rows):
+        data = np.asarray(ppm.data[row])
+        ends = np.rint(np.stack([data[:, 2::-1] - band * data[:, 5:2:-1], data[:, 2::-1] + band * data[:, 5:2:-1]])).astype(np.int64)
+        lows = np.clip(ends.min(axis=0), 0, shape)
+        highs = np.clip(ends.max(axis=0) + 1, 0, shape)
+        for col in np.flatnonzero(valid_mask(data)):
+            low, high = lows[col], highs[col]
+            for origin in np.stack(np.meshgrid(*[range(a // chunk * chunk, b, chunk) for a, b in zip(low, high)], indexing="ij"), -1).reshape(-1, 3):
+                key = tuple(origin)
+                if key not in held:
+                    held[key] = (np.zeros((chunk,) * 3, np.float32), np.zeros((chunk,) * 3, np.uint16))
+                box = tuple(slice(max(a, o) - o, min(b, o + chunk) - o) for a, b, o in zip(low, high, origin))
+                held[key][0][box] += label[row, col]
+                held[key][1][box] += 1
+    with h5py.File(out, "w") as file:
+        ink_sum = volume.create_volume(file, volume.INK_SUM, shape, np.float32)
+        ink_count = volume.create_volume(file, volume.INK_COUNT, shape, np.uint16)
+        for origin, (sums, counts) in held.items():
+            box = tuple(slice(o, min(o + chunk, s)) for o, s in zip(origin, shape))
+            ink_sum[box] = sums[tuple(slice(0, b.stop - b.start) for b in box)]
+            ink_count[box] = counts[tuple(slice(0, b.stop - b.start) for b in box)]
     return time.perf_counter() - started
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=2000)
-    parser.add_argument("--reference_rows", type=int, default=10)
+    parser.add_argument("--size", type=int, default=2560)
+    parser.add_argument("--radius", type=float, default=1500.0)
     parser.add_argument("--band", type=float, default=4.0)
+    parser.add_argument("--ink", type=float, default=0.07, help="fraction of the segment's pixels labeled ink")
+    parser.add_argument("--reference_rows", type=int, default=4)
+    parser.add_argument("--box_rows", type=int, default=64)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        shape = make_scene(root, args.size, args.band)
-        print(f"segment {args.size} x {args.size} pixels on a cylinder, volume {shape}, band {args.band}")
+        shape = make_scene(root, args.size, args.radius, args.band, args.ink)
+        print(f"segment {args.size} x {args.size} pixels on a cylinder of radius {args.radius:g}, volume {shape}, "
+              f"band {args.band}, {args.ink:.0%} ink")
         common = ["--ppm_dir", str(root / "paths"), "--labels_dir", str(root / "labels"), "--volume", str(root / "scan.h5"),
-                  "--out_valid", str(root / "valid.h5"), "--valid_segments", "", "--band", str(args.band), "--overwrite", "true"]
+                  "--out_valid", str(root / "valid.h5"), "--valid_segments", "", "--band", str(args.band),
+                  "--ink_back", str(args.band), "--ink_front", str(args.band), "--overwrite", "true"]
 
-        # 1. same rows, both methods: identical output
-        rows = args.reference_rows
-        reference_seconds = per_pixel_reference(root, rows, args.band, root / "reference.h5")
+        # 1. the first rows, per-pixel loop and pipeline: identical output
         ppm_path = root / "paths" / SEGMENT / f"{SEGMENT}.ppm"
         full_ppm = ppm_path.read_bytes()
+        per_pixel_reference(root, args.reference_rows, args.band, root / "reference.h5")
         partial = np.asarray(read_ppm(ppm_path).data).copy()
-        partial[rows:] = 0
+        partial[args.reference_rows:] = 0
         write_ppm(ppm_path, partial)
-        started = time.perf_counter()
         all_labels_to_hdf.main(common + ["--out_train", str(root / "fast.h5")])
-        fast_seconds = time.perf_counter() - started
-        touched = slice(0, int(4 + rows + args.band + 2))  # the rows' bands lie in these slices; the rest is empty
+        touched = slice(0, int(4 + args.reference_rows + args.band + 2))  # the rows' bands lie in these slices
         with h5py.File(root / "reference.h5") as a, h5py.File(root / "fast.h5") as b:
             for name in (volume.INK_SUM, volume.INK_COUNT):
                 assert np.array_equal(a[name][touched], b[name][touched]), f"{name} differs"
                 assert not b[name][touched.stop:touched.stop + 16].any()
-        pixels = rows * args.size
-        print(f"first {rows} rows ({pixels} pixels), identical output: per-pixel loop {pixels / reference_seconds:,.0f} px/s, "
-              f"all_labels_to_hdf {pixels / fast_seconds:,.0f} px/s (whole run, including file setup)")
-
-        # 2. the whole segment, in its own process for its peak RSS
+        print(f"first {args.reference_rows} rows: identical to the per-pixel loop")
         ppm_path.write_bytes(full_ppm)
-        started = time.perf_counter()
+
+        # 2. the original-style box fill on the first rows
+        seconds = box_fill(root, args.box_rows, args.band, root / "box.h5")
+        box_rate = args.box_rows * args.size / seconds
+        print(f"box fill (the original's method), first {args.box_rows} rows: {box_rate:,.0f} px/s")
+
+        # 3. the whole segment, in its own process for its peak RSS
         result = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), argv=common + ["--out_train", str(root / "full.h5")])],
                                 check=True, capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-        rss = int(result.stdout.strip().splitlines()[-1]) / 1024
+        seconds, rss = (float(value) for value in result.stdout.strip().splitlines()[-1].split())
         rate = args.size**2 / seconds
-        print(f"whole segment: {args.size**2:,} pixels in {seconds:.1f} s = {rate:,.0f} px/s, peak RSS {rss:.0f} MB")
-        print(f"speed-up over the per-pixel loop: {rate / (pixels / reference_seconds):.0f}x")
+        print(f"all_labels_to_hdf, whole segment: {args.size**2:,} pixels in {seconds:.1f} s = {rate:,.0f} px/s, "
+              f"peak RSS {rss / 1024:.0f} MB")
+        print(f"all_labels_to_hdf / box fill: {rate / box_rate:.1f}x")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import all_labels_to_hdf
 import pred_find_coords
 from ink3d import InputError, volume
 from ink3d.coords import drop_near
-from ink3d.labels import band_offsets
+from ink3d.labels import ChunkAccumulator, band_offsets
 from ink3d.ppm import write_ppm
 
 SHAPE = (20, 30, 40)
@@ -149,6 +149,40 @@ def test_oblique_surfaces_are_labeled_within_the_band_without_gaps(scene, surfac
     samples = np.rint(points[:, None] + band_offsets(band)[None, :, None] * normals[:, None]).astype(int)
     assert np.all(ink_count[samples[..., 2], samples[..., 1], samples[..., 0]] > 0)
     assert np.abs(np.diff(samples, axis=1)).max() <= 1
+
+
+def _per_pixel_reference(data, label, band, ink_range, shape):
+    """A plain loop: each pixel's set of voxels rint(p + t n) over the band offsets, ink where any of its t is in range."""
+    ink_sum, ink_count = np.zeros(shape, np.float64), np.zeros(shape, np.int64)
+    for (row, col), pixel in np.ndenumerate(data[..., 0]):
+        point, normal = data[row, col, 2::-1], data[row, col, 5:2:-1]
+        voxels = {}
+        for t in band_offsets(band, ink_range):
+            voxel = tuple(int(v) for v in np.rint(point + t * normal))
+            voxels[voxel] = voxels.get(voxel, False) or bool(ink_range[0] <= t <= ink_range[1])
+        for voxel, ink in voxels.items():
+            if all(0 <= v < s for v, s in zip(voxel, shape)):
+                ink_sum[voxel] += np.float32(label[row, col]) / np.float32(255) if ink else 0.0
+                ink_count[voxel] += 1
+    return ink_sum, ink_count
+
+
+@pytest.mark.parametrize("cache_mb, tile_pixels", [("1024", "65536"), ("1", "7")])
+def test_labels_equal_a_per_pixel_loop_whatever_the_tiles_and_cache(scene, cache_mb, tile_pixels, monkeypatch):
+    data = _cylinder(radius=11.0, centre_xy=(21.0, 16.0), z0=3)
+    data[..., 2] += np.linspace(0, 6, data.shape[1])[None]  # a helix: no two rows alike
+    label = np.random.default_rng(3).choice(np.array([0, 255, 128, 37], np.uint8), data.shape[:2])
+    add_segment(scene, "20230101000000", data, label)
+    add_segment(scene, "20230202000000", data[::-1], label[::-1])  # the same surface again: chunks already hold labels
+    if cache_mb == "1":  # a cache of one chunk: every other chunk is written early and read back when reached again
+        monkeypatch.setattr(all_labels_to_hdf, "ChunkAccumulator",
+                            lambda ink_sum, ink_count, max_bytes: ChunkAccumulator(ink_sum, ink_count, 8**3 * 8))
+    run(scene, "--ink_back", "1", "--ink_front", "2", "--tile_pixels", tile_pixels, band="3.5")
+    ink_sum, ink_count, _ = read(scene / "train.h5")
+    first = _per_pixel_reference(data, label, 3.5, (-1.0, 2.0), SHAPE)
+    second = _per_pixel_reference(data[::-1], label[::-1], 3.5, (-1.0, 2.0), SHAPE)
+    assert np.array_equal(ink_count, first[1] + second[1]) and ink_count.max() == 2
+    assert np.allclose(ink_sum, first[0] + second[0], rtol=1e-6, atol=0)  # float32 sums of grey labels: one rounding apart
 
 
 def test_each_voxel_counts_once_per_pixel(scene):
