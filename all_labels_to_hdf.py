@@ -46,7 +46,7 @@ INK_BACK = 1.5  # ... and up to this far behind it; the rest of the band is labe
 KEEP_ALL_VERSIONS = False  # use every version of a segment instead of only the newest
 SKIP_BAD = False  # skip (and report) segments with a missing or malformed ppm, label or mask
 CHUNK = 128  # HDF5 chunk edge of the label volumes
-TILE_PIXELS = 65536  # pixels voxelized at once (rows of the segment): bounds the memory of one step
+TILE_PIXELS = 32768  # pixels voxelized at once (rows of the segment): bounds the memory of one step
 CACHE_MB = 1024  # label chunks held in memory while a segment is voxelized, each read and written once when it leaves
 OVERWRITE = False  # replace existing outputs
 UPDATE = False  # add new segments to existing outputs
@@ -131,15 +131,16 @@ def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, ink_rang
     mask = _read_png(segment.mask_path, shape, "mask", segment.segment_id) if segment.mask_path else None
     rows = max(1, tile_pixels // ppm.width)
     stats = VoxelizeStats()
-    accumulator = ChunkAccumulator(ink_sum, ink_count, cache_bytes)
-    for row in range(0, ppm.height, rows):
-        data = np.asarray(ppm.data[row:row + rows])
-        use = valid_mask(data)
-        if mask is not None:
-            use &= mask[row:row + rows] > 0
-        stats.add(voxelize_tile(data, labels[row:row + rows] / np.float32(255), use, band, accumulator, ink_range))
-        bar.update(data.shape[0] * data.shape[1])
-    accumulator.flush()
+    with ChunkAccumulator(ink_sum, ink_count, cache_bytes) as accumulator:
+        for row in range(0, ppm.height, rows):
+            data = np.asarray(ppm.data[row:row + rows])
+            use = valid_mask(data)
+            if mask is not None:
+                use &= mask[row:row + rows] > 0
+            tile_stats, groups = voxelize_tile(data, labels[row:row + rows] / np.float32(255), use, band, accumulator, ink_range)
+            accumulator.add(groups)
+            stats.add(tile_stats)
+            bar.update(data.shape[0] * data.shape[1])
     return stats
 
 
@@ -159,8 +160,8 @@ def _open_output(path: Path, shape, config, update: bool) -> tuple[h5py.File, li
                              f"not {wanted[0]} and {wanted[1]}..{wanted[2]}")
         return file, json.loads(file.attrs["segments"])
     file = h5py.File(temporary, "w")
-    volume.create_volume(file, volume.INK_SUM, shape, np.float32, config.chunk)
-    volume.create_volume(file, volume.INK_COUNT, shape, np.uint16, config.chunk)
+    volume.create_volume(file, volume.INK_SUM, shape, np.float32, config.chunk, volume.LABEL_COMPRESSION)
+    volume.create_volume(file, volume.INK_COUNT, shape, np.uint16, config.chunk, volume.LABEL_COMPRESSION)
     file.attrs["band"] = config.band
     file.attrs["ink_range"] = json.dumps(list(ink_range_of(config)))
     file.attrs["segments"] = "[]"

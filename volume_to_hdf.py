@@ -34,7 +34,7 @@ from ink3d.files import (WriteError, checksum, close_output, finish_output, open
 TIFF_DIR = "runs/demo/scroll/volume"  # folder of numbered TIFF slices (z order = number in the name)
 OUT = "runs/demo/scan.h5"  # output HDF5 file, dataset scan_volume (uint8, z, y, x)
 CHUNK = 128  # HDF5 chunk edge; also the slab depth written at once
-COMPRESSION = "blosc-lz4"  # blosc-zstd, blosc-lz4, gzip, lzf or none (see README: Codec)
+COMPRESSION = "blosc-lz4"  # blosc-zstd, blosc-lz4, blosc-lz4-byteshuffle, gzip, lzf or none (see README: Codec)
 WINDOW = ""  # uint16 only: 'low,high' percentiles mapped to 0..255 (e.g. 0.5,99.5); empty = fixed v*255/65535
 WINDOW_SAMPLE_SLICES = 32  # slices sampled (evenly spaced) to estimate the window percentiles
 WORKERS = 0  # threads reading slices in parallel; 0 = one per CPU core

@@ -1,6 +1,7 @@
 """HDF5 volumes, stored (z, y, x): the one place that knows dataset names and storage options."""
 
 import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +20,14 @@ BLOB_LABELS = "labels"  # connected_components_explore.py: blob id per voxel
 FINISHED_BLOCKS = "finished_blocks"  # prediction file: 1 per finished macro-block (resuming)
 BLOCK_CHECKSUMS = "block_checksums"  # prediction file: CRC-32 of each finished macro-block's bytes
 
+# c-blosc reads this at every call: (de)compress each chunk's blocks on all cores unless the user says otherwise
+os.environ.setdefault("BLOSC_NTHREADS", str(os.cpu_count() or 1))
+
 AXES = "zyx"
 DEFAULT_CHUNK = 128
-COMPRESSIONS = ("blosc-zstd", "blosc-lz4", "gzip", "lzf", "none")
+COMPRESSIONS = ("blosc-zstd", "blosc-lz4", "blosc-lz4-byteshuffle", "gzip", "lzf", "none")
 DEFAULT_COMPRESSION = "blosc-lz4"
+LABEL_COMPRESSION = "blosc-lz4-byteshuffle"  # sparse label volumes: bitshuffle halves the write speed for little size
 
 
 def compression_options(name: str) -> dict:
@@ -31,6 +36,8 @@ def compression_options(name: str) -> dict:
         return dict(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.BITSHUFFLE))
     if name == "blosc-lz4":
         return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.BITSHUFFLE))
+    if name == "blosc-lz4-byteshuffle":
+        return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
     if name == "gzip":
         return {"compression": "gzip", "compression_opts": 4}
     if name == "lzf":
