@@ -37,6 +37,7 @@ from ink3d.ppm import read_ppm, valid_mask
 PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm and optional <id>_mask.png
 LABELS_DIR = "runs/demo/scroll/labels"  # ink labels: <labels_dir>/<id>_inklabels.png (0 none .. 255 ink)
 VOLUME = "runs/demo/scan.h5"  # scan volume: gives the label volumes' shape
+LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 OUT_TRAIN = "runs/demo/labels_train.h5"  # label volume of the training segments
 OUT_VALID = "runs/demo/labels_valid.h5"  # label volume of the validation segments
 VALID_SEGMENTS = "20231022170901"  # comma-separated validation segment ids (Scroll 1: 20230904135535)
@@ -211,7 +212,7 @@ def main(argv=None):
     ink_range_of(config)
     valid_ids = {s.strip() for s in config.valid_segments.split(",") if s.strip()}
     plan = plan_segments(Path(config.ppm_dir), Path(config.labels_dir), valid_ids, config.keep_all_versions, config.skip_bad)
-    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN)
+    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
     shape = scan.shape
     scan_file.close()
     total = sum(segment.pixels for segment in plan.train + plan.valid)

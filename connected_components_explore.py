@@ -30,6 +30,7 @@ from ink3d.files import atomic_output, check_output
 
 # --- config ---
 PREDICTIONS = "runs/demo/predictions.h5"  # prediction volume (uint8, 255 = ink probability 1)
+LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 DATASET = "predictions"  # dataset to threshold
 VOLUME = ""  # optional scan volume: its views are shown beside the prediction's
 OUT_DIR = "runs/demo/blobs"  # blobs.csv, PNGs and index.html go here
@@ -125,11 +126,11 @@ def main(argv=None):
     check_output(out_dir / "blobs.csv", config.overwrite)
     if not 0 < config.threshold <= 1:
         raise InputError(f"--threshold {config.threshold}: must be in (0, 1]")
-    pred_file, predictions = volume.open_dataset(config.predictions, config.dataset)
-    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN) if config.volume else (None, None)
+    pred_file, predictions = volume.open_dataset(config.predictions, config.dataset, level=config.level)
+    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level) if config.volume else (None, None)
     if scan is not None and scan.shape != predictions.shape:
         raise InputError(f"{config.volume}: scan shape {scan.shape} differs from the prediction's {predictions.shape}")
-    truth_file, truth = volume.open_dataset(config.ground_truth, volume.GROUND_TRUTH) if config.ground_truth else (None, None)
+    truth_file, truth = volume.open_dataset(config.ground_truth, volume.GROUND_TRUTH, level=config.level) if config.ground_truth else (None, None)
     if truth is not None and truth.shape != predictions.shape:
         raise InputError(f"{config.ground_truth}: shape {truth.shape} differs from the prediction's {predictions.shape}")
     roi = volume.parse_roi(config.roi, predictions.shape)

@@ -22,6 +22,7 @@ from ink3d.files import check_output
 
 # --- config ---
 VOLUME = "runs/demo/predictions.h5"  # HDF5 volume to export
+LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 DATASET = "predictions"  # dataset in that file (predictions, scan_volume, ink, ...)
 OUT_DIR = "runs/demo/slices"  # numbered images go here
 ROI = ""  # z0:z1,y0:y1,x0:x1; empty = the whole volume
@@ -41,7 +42,7 @@ def main(argv=None):
     if out_dir.is_dir() and any(out_dir.glob(f"*.{config.format}")) and not config.overwrite:
         raise InputError(f"{out_dir} already holds .{config.format} images; pass --overwrite true to write over them")
     check_output(out_dir / "export.json", overwrite=True)  # a folder that can be written
-    file, dataset = volume.open_dataset(config.volume, config.dataset)
+    file, dataset = volume.open_dataset(config.volume, config.dataset, level=config.level)
     if config.format == "jpg" and dataset.dtype != np.uint8:
         file.close()
         raise InputError(f"{config.volume}[{config.dataset}] is {dataset.dtype}; JPEG needs uint8, use --format tif")

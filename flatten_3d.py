@@ -22,7 +22,6 @@ import contextlib
 from pathlib import Path
 
 import cv2
-import h5py
 import numpy as np
 import tifffile
 from scipy import ndimage
@@ -36,6 +35,7 @@ from ink3d.ppm import positions_along_normals, read_ppm, valid_mask
 # --- config ---
 PREDICTIONS = "runs/demo/predictions.h5"  # volume to flatten (a prediction volume, or the scan)
 DATASET = "predictions"  # dataset in that file: predictions, scan_volume, ink, ...
+LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm
 OUT_DIR = "runs/demo/flat"  # images go here
 SEGMENTS = ""  # comma-separated segment ids; empty = every segment in ppm_dir
@@ -144,12 +144,9 @@ def main(argv=None):
         check_output(_mask_path(path), config.overwrite)
         if config.layers:
             check_output(_layers_path(path), config.overwrite)
-    volume.open_dataset(config.predictions, config.dataset)[0].close()
-    cache = config.cache_mb * 1024 * 1024
+    file, dataset = volume.open_dataset(config.predictions, config.dataset, level=config.level, cache_bytes=config.cache_mb << 20)
     total = sum(int(np.prod(read_ppm(path).data.shape[:2])) for path in ppms.values())
-    with h5py.File(config.predictions, "r", rdcc_nbytes=cache, rdcc_nslots=cache // 65536 * 10 + 1) as file, \
-            tqdm(total=total, unit="px", unit_scale=True, desc="flatten_3d") as bar:
-        dataset = file[config.dataset]
+    with file, tqdm(total=total, unit="px", unit_scale=True, desc="flatten_3d") as bar:
         for segment_id, ppm_path in ppms.items():
             layers = atomic_output(_layers_path(outputs[segment_id])) if config.layers else contextlib.nullcontext()
             with atomic_output(outputs[segment_id]) as temporary, atomic_output(_mask_path(outputs[segment_id])) as temporary_mask, \

@@ -52,6 +52,7 @@ from models.speed import autocast_dtype, prepare_model, resolve_device
 
 # --- config ---
 VOLUME = "runs/demo/scan.h5"  # scan volume (dataset scan_volume)
+LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 CHECKPOINT = "runs/demo/train/best.pth"  # train.py checkpoint or the published model.-prefixed state_dict
 OUT = "runs/demo/predictions.h5"  # prediction volume (dataset predictions, uint8, the scan's shape)
 ROI = ""  # z0:z1,y0:y1,x0:x1 to predict; empty = the whole volume
@@ -255,7 +256,7 @@ def main(argv=None):
         raise InputError(f"{part} exists (an interrupted run?); pass --resume true to complete it or --overwrite true")
     resuming = config.resume and not config.overwrite and part.exists()
 
-    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN)
+    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
     region = volume.parse_roi(config.roi, scan.shape)
     blocks = plan_blocks(region, tuple(slice(0, size) for size in scan.shape), config.patch, stride, config.block)
     checkpoint = read_checkpoint(config.checkpoint, config.trust_checkpoint)

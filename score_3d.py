@@ -20,6 +20,7 @@ from ink3d.metrics import score_volume
 
 # --- config ---
 PREDICTIONS = "runs/demo/predictions.h5"  # prediction volume (dataset predictions, uint8)
+LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 GROUND_TRUTH = "runs/demo/scroll/ground_truth.h5"  # ground-truth ink volume (dataset ink, > 0 = ink)
 VOLUME = "runs/demo/scan.h5"  # scan volume: the intensity baseline and the air / papyrus split
 ROI = ""  # z0:z1,y0:y1,x0:x1 to score; empty = the whole volume
@@ -38,9 +39,9 @@ def main(argv=None):
     config = parse_config(globals(), argv)
     if config.out:
         check_output(config.out, config.overwrite)
-    prediction_file, predictions = volume.open_dataset(config.predictions, volume.PREDICTIONS)
-    truth_file, truth = volume.open_dataset(config.ground_truth, volume.GROUND_TRUTH)
-    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN)
+    prediction_file, predictions = volume.open_dataset(config.predictions, volume.PREDICTIONS, level=config.level)
+    truth_file, truth = volume.open_dataset(config.ground_truth, volume.GROUND_TRUTH, level=config.level)
+    scan_file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
     with prediction_file, truth_file, scan_file:
         for name, dataset in ((config.ground_truth, truth), (config.volume, scan)):
             if dataset.shape != predictions.shape:

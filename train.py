@@ -56,6 +56,7 @@ from models.speed import autocast, autocast_dtype, prepare_model, resolve_device
 
 # --- config ---
 VOLUME = "runs/demo/scan.h5"  # scan volume
+LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 TRAIN_LABELS = "runs/demo/labels_train.h5"  # label volume of the training segments
 VALID_LABELS = "runs/demo/labels_valid.h5"  # label volume of the validation segments
 TRAIN_COORDS = "runs/demo/coords_train.npy"  # block origins holding training labels (pred_find_coords.py)
@@ -144,7 +145,7 @@ def resolve_intensity(config) -> tuple[int | None, Normalization, int]:
         low, high = (float(p) for p in config.percentiles.split(","))
     except ValueError:
         raise InputError(f"--percentiles {config.percentiles!r}: expected two numbers, low,high") from None
-    file, scan = volume.open_dataset(config.volume, volume.SCAN)
+    file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
     with file:
         counts = scan_histogram(scan)
     otsu = otsu_level(counts)
@@ -177,7 +178,7 @@ def load_origins(path: str) -> np.ndarray:
 
 def check_inputs(config, resuming: bool) -> tuple[np.ndarray, np.ndarray]:
     """Open every input the run reads, before anything is written; returns the train and validation origins."""
-    file, scan = volume.open_dataset(config.volume, volume.SCAN)
+    file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
     shape = scan.shape
     file.close()
     datasets = [(config.train_labels, volume.INK_SUM), (config.train_labels, volume.INK_COUNT),
@@ -185,7 +186,7 @@ def check_inputs(config, resuming: bool) -> tuple[np.ndarray, np.ndarray]:
     if config.ground_truth:
         datasets.append((config.ground_truth, volume.GROUND_TRUTH))
     for path, name in datasets:
-        file, dataset = volume.open_dataset(path, name)
+        file, dataset = volume.open_dataset(path, name, level=config.level)
         found = dataset.shape
         file.close()
         if found != shape:
@@ -262,9 +263,9 @@ def validation_picture(images, labels, probabilities, title: str) -> np.ndarray:
 class ValidationTruth:
     """The true ink and the scan of the validation blocks (a synthetic scroll's ground truth), for the 3D score."""
 
-    def __init__(self, truth_path, volume_path, origins: np.ndarray, patch: int, air_level: int):
-        self.truth_file, self.truth = volume.open_dataset(truth_path, volume.GROUND_TRUTH)
-        self.scan_file, self.scan = volume.open_dataset(volume_path, volume.SCAN)
+    def __init__(self, truth_path, volume_path, origins: np.ndarray, patch: int, air_level: int, level: int = 0):
+        self.truth_file, self.truth = volume.open_dataset(truth_path, volume.GROUND_TRUTH, level=level)
+        self.scan_file, self.scan = volume.open_dataset(volume_path, volume.SCAN, level=level)
         if self.truth.shape != self.scan.shape:
             raise InputError(f"{truth_path}: shape {self.truth.shape} differs from the scan's {self.scan.shape}")
         self.origins, self.patch, self.air_level = origins, patch, air_level
@@ -440,7 +441,8 @@ def main(argv=None):
 
     train_set = ScrollSamples(config.volume, config.train_labels, train_origins, config.patch, config.max_steps * config.batch_size,
                               train=True, block=block, seed=config.seed, stream=rank, min_labeled=config.min_labeled,
-                              max_tries=config.max_tries, normalization=normalization, air_level=air_level, augment=config.augmentation)
+                              max_tries=config.max_tries, normalization=normalization, air_level=air_level, augment=config.augmentation,
+                              level=config.level)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=range(step * config.batch_size, len(train_set)),
                         num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
     valid_loader = None
@@ -448,11 +450,11 @@ def main(argv=None):
     truth = None
     if rank == 0:
         valid_set = ScrollSamples(config.volume, config.valid_labels, valid_origins, config.patch, len(valid_origins),
-                                  train=False, block=block, normalization=normalization, air_level=air_level)
+                                  train=False, block=block, normalization=normalization, air_level=air_level, level=config.level)
         valid_loader = DataLoader(valid_set, batch_size=config.batch_size, num_workers=0)
         if config.ground_truth:
             truth = ValidationTruth(config.ground_truth, config.volume, valid_origins, config.patch,
-                                    otsu if air_level is None else air_level)
+                                    otsu if air_level is None else air_level, config.level)
         save_config(config, out_dir / "config.json")
         log = MetricsLog(out_dir, config.wandb, config, step if resuming else None)
         best_f05 = max(best_f05, log.best_f05)  # a validation logged after the last checkpoint, whose best.pth was written

@@ -78,7 +78,8 @@ class ScrollSamples(Dataset):
 
     def __init__(self, volume_path, labels_path, origins, patch: int, length: int, *, train: bool, block: int,
                  seed: int = 0, stream: int = 0, min_labeled: int = 1, max_tries: int = 10, augment: str = "full",
-                 intensity_scale=(0.4, 2.0), normalization: Normalization = Normalization(), air_level: int | None = None):
+                 intensity_scale=(0.4, 2.0), normalization: Normalization = Normalization(), air_level: int | None = None,
+                 level: int = 0):
         self.volume_path, self.labels_path = str(volume_path), str(labels_path)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 3)
         if len(self.origins) == 0:
@@ -88,7 +89,7 @@ class ScrollSamples(Dataset):
         self.min_labeled, self.max_tries = min_labeled, max_tries
         self.augment = augmentation(patch, augment) if train else None
         self.intensity_scale = intensity_scale
-        self.normalization, self.air_level = normalization, air_level
+        self.normalization, self.air_level, self.level = normalization, air_level, level
         self._files = None
         self._pid = None
 
@@ -96,12 +97,12 @@ class ScrollSamples(Dataset):
         return self.length
 
     def _datasets(self):
-        """The HDF5 datasets, opened once in each process that reads."""
+        """The scan (HDF5 or zarr) and label datasets, opened once in each process that reads."""
         if self._pid != os.getpid():
-            self._files = (h5py.File(self.volume_path, "r"), h5py.File(self.labels_path, "r"))
+            self._files = (volume.open_dataset(self.volume_path, volume.SCAN, level=self.level)[1], h5py.File(self.labels_path, "r"))
             self._pid = os.getpid()
-        scan_file, label_file = self._files
-        return scan_file[volume.SCAN], label_file[volume.INK_SUM], label_file[volume.INK_COUNT]
+        scan, label_file = self._files
+        return scan, label_file[volume.INK_SUM], label_file[volume.INK_COUNT]
 
     def __getitem__(self, index: int):
         scan, ink_sum, ink_count = self._datasets()

@@ -1,5 +1,9 @@
-"""HDF5 volumes, stored (z, y, x): the one place that knows dataset names and storage options."""
+"""Volumes, stored (z, y, x): the one place that knows dataset names and storage options.
 
+Outputs are HDF5; inputs may also be zarr arrays or OME-Zarr multiscale groups (see `open_dataset`).
+"""
+
+import contextlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -8,6 +12,7 @@ from pathlib import Path
 import h5py
 import hdf5plugin
 import numpy as np
+import zarr
 
 from ink3d import InputError
 
@@ -65,13 +70,23 @@ def create_volume(
     return dataset
 
 
-def open_dataset(path: str | Path, name: str, mode: str = "r") -> tuple[h5py.File, h5py.Dataset]:
-    """Open `path` and return the file and its dataset `name`, with errors naming both."""
+def open_dataset(path: str | Path, name: str, mode: str = "r", level: int = 0, cache_bytes: int | None = None):
+    """Open a volume: dataset `name` of an HDF5 file, or a zarr array, or level `level` of an OME-Zarr
+    multiscale group (a folder). Returns (a handle to close, the volume), with errors naming both.
+
+    A zarr volume must have axes z, y, x and hold uint8 or uint16; uint16 reads as uint8 by
+    `round(v * 255 / 65535)`, as volume_to_hdf converts it. `cache_bytes` sizes HDF5's chunk cache.
+    """
     path = Path(path)
+    if path.is_dir():
+        if mode != "r":
+            raise InputError(f"{path}: zarr volumes are read only here; outputs are HDF5")
+        return _NothingToClose(), open_zarr(path, level)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
+    cache = {} if cache_bytes is None else {"rdcc_nbytes": cache_bytes, "rdcc_nslots": cache_bytes // 65536 * 10 + 1}
     try:
-        file = h5py.File(path, mode)
+        file = h5py.File(path, mode, **cache)
     except OSError as error:
         raise InputError(f"{path}: cannot open as HDF5 ({error})") from None
     if name not in file:
@@ -88,6 +103,65 @@ def open_dataset(path: str | Path, name: str, mode: str = "r") -> tuple[h5py.Fil
         raise InputError(f"{path}: dataset '{name}' is not complete (its run was interrupted); "
                          "finish it with --resume true before using it")
     return file, dataset
+
+
+class _NothingToClose(contextlib.nullcontext):
+    """The handle of a zarr volume: zarr keeps no file open."""
+
+    def close(self) -> None:
+        pass
+
+
+class ZarrVolume:
+    """A zarr array read as the pipeline's uint8 (z, y, x) volume: shape, dtype, chunks, attrs and slicing."""
+
+    def __init__(self, array, where: str):
+        self.array, self.where = array, where
+        self.shape, self.chunks, self.ndim = tuple(array.shape), tuple(array.chunks), 3
+        self.dtype = np.dtype(np.uint8)
+        self.attrs = {"axes": AXES}
+        self._lut = None if array.dtype == np.uint8 else ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
+
+    def __getitem__(self, key) -> np.ndarray:
+        values = np.asarray(self.array[key])
+        return values if self._lut is None else self._lut[values]
+
+    def __repr__(self) -> str:
+        return f"ZarrVolume({self.where}, shape={self.shape})"
+
+
+def open_zarr(path: Path, level: int = 0) -> ZarrVolume:
+    """A zarr array, or level `level` of an OME-Zarr multiscale group (axes from its metadata)."""
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as error:  # zarr reports a missing or malformed store in several ways
+        raise InputError(f"{path}: cannot open as zarr ({type(error).__name__}: {error})") from None
+    where = str(path)
+    axes = None
+    if isinstance(node, zarr.Group):
+        attrs = node.attrs.asdict()
+        multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")  # OME-Zarr 0.5 / 0.4
+        if not multiscales:
+            raise InputError(f"{path}: a zarr group without OME-Zarr multiscales metadata; give the array inside it "
+                             f"(arrays: {', '.join(name for name, _ in node.arrays()) or 'none'})")
+        datasets = multiscales[0].get("datasets", [])
+        if not 0 <= level < len(datasets):
+            raise InputError(f"{path}: --level {level}: the multiscale has levels 0..{len(datasets) - 1}")
+        axes = [axis["name"] if isinstance(axis, dict) else axis for axis in multiscales[0].get("axes", [])]
+        where = f"{path} level {level} ({datasets[level]['path']})"
+        try:
+            node = node[datasets[level]["path"]]
+        except KeyError:
+            raise InputError(f"{path}: level {level}'s array '{datasets[level]['path']}' is missing") from None
+    elif level:
+        raise InputError(f"{path}: --level {level} needs an OME-Zarr multiscale group; this is a single array")
+    if axes is not None and axes != list(AXES):
+        raise InputError(f"{where}: axes {axes}; the pipeline reads volumes with axes z, y, x")
+    if node.ndim != 3:
+        raise InputError(f"{where}: shape {node.shape}, expected 3 axes (z, y, x)")
+    if node.dtype not in (np.uint8, np.uint16):
+        raise InputError(f"{where}: dtype {node.dtype}; volumes must be uint8 or uint16")
+    return ZarrVolume(node, where)
 
 
 def read_crop(dataset, origin, shape, fill=0) -> np.ndarray:
