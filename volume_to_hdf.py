@@ -1,9 +1,11 @@
-"""Convert a TIFF slice stack (a CT scan) into the pipeline's scan volume: HDF5 dataset `scan_volume`.
+"""Convert a CT scan — a TIFF slice stack, a zarr array or an OME-Zarr group — into the pipeline's scan
+volume: HDF5 dataset `scan_volume`.
 
     python volume_to_hdf.py --tiff_dir runs/demo/scroll/volume --out runs/demo/scan.h5
     python volume_to_hdf.py --tiff_dir /data/scroll1/volumes/20230205180739 --out /data/scroll1.h5 --resume true
+    python volume_to_hdf.py --zarr /data/scroll1/volumes/20230205180739.zarr --out /data/scroll1.h5
 
-Slices are ordered by the number in their names (`2.tif` before `10.tif`) and must be
+Every stage reads zarr volumes directly; the HDF5 copy is for those who want one. TIFF slices are ordered by the number in their names (`2.tif` before `10.tif`) and must be
 numbered without gaps. uint8 slices are copied; uint16 slices are mapped by
 `round(v * 255 / 65535)`, or linearly between two percentiles of a sample of slices
 with `--window 0.5,99.5`. The volume is written one slab of `chunk` slices at a time
@@ -32,6 +34,8 @@ from ink3d.files import (WriteError, checksum, close_output, finish_output, open
 
 # --- config ---
 TIFF_DIR = "runs/demo/scroll/volume"  # folder of numbered TIFF slices (z order = number in the name)
+ZARR = ""  # a local zarr array or OME-Zarr group (axes z, y, x; uint8 or uint16) to convert instead of the TIFF folder
+LEVEL = 0  # OME-Zarr: the multiscale level to convert (0 = full resolution)
 OUT = "runs/demo/scan.h5"  # output HDF5 file, dataset scan_volume (uint8, z, y, x)
 CHUNK = 128  # HDF5 chunk edge; also the slab depth written at once
 COMPRESSION = "blosc-lz4"  # blosc-zstd, blosc-lz4, blosc-lz4-byteshuffle, gzip, lzf or none (see README: Codec)
@@ -91,9 +95,47 @@ def intensity_lut(dtype: np.dtype, window: tuple[float, float] | None) -> np.nda
     return np.clip(np.round((values - low) * 255 / max(high - low, 1)), 0, 255).astype(np.uint8)
 
 
-def estimate_window(files: list[Path], percentiles: tuple[float, float], sample_slices: int) -> tuple[float, float]:
-    picks = np.unique(np.linspace(0, len(files) - 1, min(sample_slices, len(files))).round().astype(int))
-    sample = np.concatenate([read_slice(files[i]).ravel()[::7] for i in picks])
+class TiffStack:
+    """The numbered TIFF slices of a folder, read as raw (uint8 or uint16) slabs."""
+
+    def __init__(self, folder: Path):
+        self.files = list_slices(folder)
+        first = read_slice(self.files[0])
+        if first.ndim != 2 or first.dtype not in (np.uint8, np.uint16):
+            raise InputError(f"{self.files[0]}: slices must be 2D uint8 or uint16, got {first.dtype} {first.shape}")
+        self.shape, self.dtype = (len(self.files),) + first.shape, first.dtype
+        self.source = {"tiff_dir": str(folder.resolve()), "slices": len(self.files), "first": self.files[0].name,
+                       "last": self.files[-1].name, "input_dtype": str(first.dtype)}
+
+    def slice(self, index: int) -> np.ndarray:
+        image = read_slice(self.files[index])
+        if image.shape != self.shape[1:] or image.dtype != self.dtype:
+            raise InputError(f"{self.files[index]}: slice is {image.dtype} {image.shape}, the stack is {self.dtype} {self.shape[1:]}")
+        return image
+
+    def read(self, start: int, stop: int, pool: ThreadPoolExecutor) -> np.ndarray:
+        return np.stack(list(pool.map(self.slice, range(start, stop))))
+
+
+class ZarrStack:
+    """A zarr array or an OME-Zarr level, read as raw (uint8 or uint16) slabs."""
+
+    def __init__(self, path: Path, level: int):
+        self.array = volume.open_zarr(path, level).array
+        self.shape, self.dtype = tuple(self.array.shape), np.dtype(self.array.dtype)
+        self.source = {"zarr": str(path.resolve()), "level": level, "shape": list(self.shape), "input_dtype": str(self.dtype)}
+
+    def slice(self, index: int) -> np.ndarray:
+        return np.asarray(self.array[index])
+
+    def read(self, start: int, stop: int, pool: ThreadPoolExecutor) -> np.ndarray:
+        return np.asarray(self.array[start:stop])
+
+
+def estimate_window(stack, percentiles: tuple[float, float], sample_slices: int) -> tuple[float, float]:
+    count = stack.shape[0]
+    picks = np.unique(np.linspace(0, count - 1, min(sample_slices, count)).round().astype(int))
+    sample = np.concatenate([stack.slice(i).ravel()[::7] for i in picks])
     low, high = np.percentile(sample, percentiles)
     return float(low), float(high)
 
@@ -117,20 +159,10 @@ def convert(config) -> list[str]:
     if target is None:
         return [f"{out} is complete; nothing to resume (--overwrite true redoes it)"]
     partial, resuming = target
-    files = list_slices(Path(config.tiff_dir))
-    first = read_slice(files[0])
-    if first.ndim != 2 or first.dtype not in (np.uint8, np.uint16):
-        raise InputError(f"{files[0]}: slices must be 2D uint8 or uint16, got {first.dtype} {first.shape}")
-    shape = (len(files),) + first.shape
+    stack = ZarrStack(Path(config.zarr), config.level) if config.zarr else TiffStack(Path(config.tiff_dir))
+    shape, source = stack.shape, stack.source
     percentiles = parse_window(config.window)
     volume.compression_options(config.compression)
-    source = {
-        "tiff_dir": str(Path(config.tiff_dir).resolve()),
-        "slices": len(files),
-        "first": files[0].name,
-        "last": files[-1].name,
-        "input_dtype": str(first.dtype),
-    }
     warn_if_short_of_space(partial, int(np.prod(shape)))
     report = []
     if resuming:
@@ -138,14 +170,14 @@ def convert(config) -> list[str]:
         dataset, window = _reopen(partial, file, shape, source, config)
     else:
         window = None
-        if percentiles and first.dtype == np.uint16:
-            window = estimate_window(files, percentiles, config.window_sample_slices)
+        if percentiles and stack.dtype == np.uint16:
+            window = estimate_window(stack, percentiles, config.window_sample_slices)
         with writing(partial):
             file = h5py.File(partial, "w")
             dataset = volume.create_volume(file, volume.SCAN, shape, np.uint8, config.chunk, config.compression)
             dataset.attrs["source"] = json.dumps(source)
             dataset.attrs["window"] = json.dumps(window)
-            dataset.attrs["slab_checksums"] = json.dumps([None] * len(range(0, len(files), dataset.chunks[0])))
+            dataset.attrs["slab_checksums"] = json.dumps([None] * len(_slabs(dataset)))
             dataset.attrs["slabs_done"] = 0
             dataset.attrs["complete"] = False
             dataset.attrs["config"] = json.dumps(vars(config))
@@ -155,7 +187,7 @@ def convert(config) -> list[str]:
         with writing(partial):
             if resuming:
                 report.append(_verify_slabs(dataset))
-            _write_slabs(files, dataset, first.shape, first.dtype, intensity_lut(first.dtype, window), config.workers)
+            _write_slabs(stack, dataset, intensity_lut(stack.dtype, window), config.workers)
             dataset.attrs["complete"] = True
             file.flush()
     except WriteError:
@@ -165,7 +197,7 @@ def convert(config) -> list[str]:
         close_output(file, failed)
     finish_output(partial, out)
     save_config(config, config_path_for(out))
-    return report + [f"{config.tiff_dir} -> {out} [{volume.SCAN}]"]
+    return report + [f"{config.zarr or config.tiff_dir} -> {out} [{volume.SCAN}]"]
 
 
 def _reopen(path: Path, file: h5py.File, shape, source: dict, config):
@@ -213,26 +245,20 @@ def _verify_slabs(dataset) -> str:
     return f"resuming: {len(finished) - damaged} finished slabs verified" + (f", {damaged} damaged ones redone" if damaged else "")
 
 
-def _write_slabs(files, dataset, slice_shape, dtype, lut, workers: int) -> None:
+def _write_slabs(stack, dataset, lut, workers: int) -> None:
     """Write every slab not yet recorded, each recorded with its checksum once its data is flushed."""
     checksums = json.loads(dataset.attrs["slab_checksums"])
-    slice_bytes = int(np.prod(slice_shape)) * np.dtype(dtype).itemsize
-
-    def load(index: int) -> np.ndarray:
-        image = read_slice(files[index])
-        if image.shape != slice_shape or image.dtype != dtype:
-            raise InputError(f"{files[index]}: slice is {image.dtype} {image.shape}, the stack is {dtype} {slice_shape}")
-        return image if lut is None else lut[image]
-
+    slice_bytes = int(np.prod(stack.shape[1:])) * stack.dtype.itemsize
     slabs = _slabs(dataset)
     started = time.perf_counter()
     done_slices = sum(s[0].stop - s[0].start for s, value in zip(slabs, checksums) if value is not None)
-    bar = tqdm(total=len(files), initial=done_slices, unit="slice", desc="volume_to_hdf")
+    bar = tqdm(total=stack.shape[0], initial=done_slices, unit="slice", desc="volume_to_hdf")
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         for index, slab in enumerate(slabs):
             if checksums[index] is not None:
                 continue
-            data = np.stack(list(pool.map(load, range(slab[0].start, slab[0].stop))))
+            data = stack.read(slab[0].start, slab[0].stop, pool)
+            data = data if lut is None else lut[data]
             dataset[slab] = data
             dataset.file.flush()
             checksums[index] = checksum(data)

@@ -13,6 +13,7 @@ import inference
 from conftest import ROOT, run_on_a_full_disk
 from ink3d import InputError, volume
 from ink3d.files import WriteError, partial_path
+from ink3d.volume import write_ome_zarr
 from ink3d.sliding_window import importance_map, plan_blocks, window_starts
 from models import UNet3D, save_checkpoint
 
@@ -284,6 +285,16 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(scan, mode
     with h5py.File(out) as file:
         assert np.array_equal(file[volume.PREDICTIONS][:], old)
     assert not partial_path(out).exists()
+
+
+def test_an_ome_zarr_scan_predicts_what_its_hdf5_copy_does(scan, model_path, tmp_path):
+    scan_path, values = scan
+    write_ome_zarr(tmp_path / "scan.zarr", values, levels=2, chunk=16)
+    from_hdf5, _ = _infer(scan_path, model_path, tmp_path / "a.h5")
+    from_zarr, _ = _infer(tmp_path / "scan.zarr", model_path, tmp_path / "b.h5")
+    assert np.array_equal(from_zarr, from_hdf5)
+    coarse, attrs = _infer(tmp_path / "scan.zarr", model_path, tmp_path / "c.h5", "--level", "1")
+    assert coarse.shape == (20, 18, 26) and json.loads(attrs["volume_shape"]) == [20, 18, 26]
 
 
 def test_air_is_not_run_through_the_model(model_path, tmp_path, monkeypatch):

@@ -3,10 +3,12 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import zarr
 
 from ink3d import InputError
 from ink3d.files import check_output, warn_if_short_of_space
-from ink3d.volume import chunks_of, create_volume, iter_blocks, open_dataset, parse_roi, read_crop, reset_unreadable_chunks
+from ink3d.volume import (chunks_of, create_volume, iter_blocks, open_dataset, parse_roi, read_crop, reset_unreadable_chunks,
+                          write_ome_zarr)
 
 
 @pytest.fixture
@@ -111,3 +113,50 @@ def test_a_short_disk_is_warned_about(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 90, 10**9))
     with pytest.warns(UserWarning, match="1.0 GB free, the output holds up to 2.0 GB before compression"):
         warn_if_short_of_space(tmp_path / "out.h5", 2 * 10**9)
+
+
+def _ome_v04(path, values, axes=("z", "y", "x")):
+    """An OME-Zarr 0.4 group (zarr v2), as the scroll data server publishes volumes."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.create_array("0", shape=values.shape, chunks=(4, 4, 4), dtype=values.dtype)[:] = values
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a, "type": "space"} for a in axes], "datasets": [{"path": "0"}]}]
+    return path
+
+
+def test_ome_zarr_levels_and_a_plain_zarr_array_read_like_hdf5(tmp_path):
+    values = np.random.default_rng(0).integers(0, 256, (9, 10, 11)).astype(np.uint8)
+    write_ome_zarr(tmp_path / "v.zarr", values, levels=2, chunk=4)
+    _, level0 = open_dataset(tmp_path / "v.zarr", "scan_volume")
+    assert level0.shape == values.shape and level0.dtype == np.uint8 and np.array_equal(level0[2:7, :, 3], values[2:7, :, 3])
+    assert np.array_equal(read_crop(level0, (-1, 8, 9), (4, 4, 4)), np.pad(values, 4)[3:7, 12:16, 13:17])
+    _, level1 = open_dataset(tmp_path / "v.zarr", "scan_volume", level=1)
+    padded = np.pad(values.astype(float), ((0, 1), (0, 0), (0, 1)), mode="edge")
+    assert level1.shape == (5, 5, 6) and np.array_equal(level1[:], np.rint(padded.reshape(5, 2, 5, 2, 6, 2).mean(axis=(1, 3, 5))))
+    _, array = open_dataset(tmp_path / "v.zarr" / "0", "ignored for zarr")
+    assert np.array_equal(array[:], values)
+    _, published = open_dataset(_ome_v04(tmp_path / "v04.zarr", values), "scan_volume")
+    assert np.array_equal(published[:], values)
+
+
+def test_uint16_zarr_reads_as_uint8_like_volume_to_hdf(tmp_path):
+    values = np.array([0, 128, 129, 257, 32767, 65535], np.uint16).reshape(1, 2, 3)
+    _, volume16 = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume")
+    assert volume16.dtype == np.uint8 and volume16[:].tolist() == [[[0, 0, 1], [1, 127, 255]]]  # round(v * 255 / 65535)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: zarr.open_group(str(p), mode="w").create_array("0", shape=(2, 2, 2), dtype="uint8"), "without OME-Zarr multiscales metadata; give the array inside it \\(arrays: 0\\)"),
+    (lambda p: zarr.open_array(str(p), mode="w", shape=(2, 2, 2), dtype="float64"), "dtype float64; volumes must be uint8 or uint16"),
+    (lambda p: _ome_v04(p, np.zeros((2, 2, 2), np.uint8), axes=("x", "y", "z")), "axes \\['x', 'y', 'z'\\]; the pipeline reads volumes with axes z, y, x"),
+    (lambda p: zarr.open_array(str(p), mode="w", shape=(2, 2), dtype="uint8"), "shape \\(2, 2\\), expected 3 axes"),
+])
+def test_bad_zarr_volumes_are_named(tmp_path, make, message):
+    make(tmp_path / "bad.zarr")
+    with pytest.raises(InputError, match=message):
+        open_dataset(tmp_path / "bad.zarr", "scan_volume")
+
+
+def test_a_level_the_multiscale_lacks_is_named(tmp_path):
+    write_ome_zarr(tmp_path / "v.zarr", np.zeros((4, 4, 4), np.uint8), levels=2, chunk=4)
+    with pytest.raises(InputError, match="--level 2: the multiscale has levels 0..1"):
+        open_dataset(tmp_path / "v.zarr", "scan_volume", level=2)

@@ -1,3 +1,5 @@
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ import tifffile
 import volume_to_hdf
 from conftest import run_on_a_full_disk
 from ink3d import InputError
+from ink3d.volume import write_ome_zarr
 
 SHAPE = (37, 53, 61)
 
@@ -187,3 +190,17 @@ def test_corrupt_slice_is_named(tmp_path):
     (folder / "7.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(InputError, match=r"7\.tif: cannot read"):
         _convert(folder, tmp_path / "scan.h5")
+
+
+def test_a_zarr_volume_converts_like_its_tiff_stack_and_resumes(tmp_path, monkeypatch):
+    folder, data = _stack(tmp_path, np.uint16)
+    write_ome_zarr(tmp_path / "scan.zarr", data, levels=1, chunk=16)
+    from_tiff, _ = _convert(folder, tmp_path / "tiff.h5", "--window", "5,95")
+    original = volume_to_hdf.ZarrStack.read
+    monkeypatch.setattr(volume_to_hdf.ZarrStack, "read", lambda self, start, stop, pool: (
+        (_ for _ in ()).throw(KeyboardInterrupt) if start == 32 else original(self, start, stop, pool)))
+    with pytest.raises(KeyboardInterrupt):
+        _convert("unused", tmp_path / "zarr.h5", "--zarr", str(tmp_path / "scan.zarr"), "--window", "5,95")
+    monkeypatch.setattr(volume_to_hdf.ZarrStack, "read", original)
+    from_zarr, attrs = _convert("unused", tmp_path / "zarr.h5", "--zarr", str(tmp_path / "scan.zarr"), "--window", "5,95", "--resume", "true")
+    assert np.array_equal(from_zarr, from_tiff) and json.loads(attrs["source"])["zarr"] == str((tmp_path / "scan.zarr").resolve())
