@@ -31,10 +31,10 @@ from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output, partial_path
 from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, voxelize_tile
-from ink3d.ppm import read_ppm, valid_mask
+from ink3d.ppm import find_segment, open_segment, valid_mask
 
 # --- config ---
-PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm and optional <id>_mask.png
+PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm and optional <id>_mask.png, or tifxyz folders <ppm_dir>/<id>/
 LABELS_DIR = "runs/demo/scroll/labels"  # ink labels: <labels_dir>/<id>_inklabels.png (0 none .. 255 ink)
 VOLUME = "runs/demo/scan.h5"  # scan volume: gives the label volumes' shape
 LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
@@ -95,17 +95,17 @@ def plan_segments(ppm_dir: Path, labels_dir: Path, valid_ids: set[str], keep_all
         if not keep_all_versions and newest[family] != segment_id:
             plan.report.append(f"{segment_id}: superseded by newer version {newest[family]}")
             continue
-        ppm_path = ppm_dir / segment_id / f"{segment_id}.ppm"
+        ppm_path = find_segment(ppm_dir, segment_id)
         try:
-            if not ppm_path.is_file():
-                raise InputError(f"{segment_id}: no ppm at {ppm_path}")
-            ppm = read_ppm(ppm_path)
+            if ppm_path is None:
+                raise InputError(f"{segment_id}: no ppm at {ppm_dir / segment_id / f'{segment_id}.ppm'} nor a tifxyz folder")
+            ppm = open_segment(ppm_path)
         except InputError as error:
             if not skip_bad:
                 raise InputError(f"{error} (pass --skip_bad true to skip such segments)") from None
             plan.report.append(f"{error}; skipped")
             continue
-        mask_path = ppm_dir / segment_id / f"{segment_id}_mask.png"
+        mask_path = ppm_dir / segment_id / f"{segment_id}_mask.png"  # tifxyz folders may carry one too, beside mask.tif
         segment = Segment(segment_id, labels_dir / f"{segment_id}{suffix}", ppm_path,
                           mask_path if mask_path.is_file() else None, ppm.height * ppm.width)
         is_valid = segment_id in valid_ids or family in valid_families
@@ -115,10 +115,11 @@ def plan_segments(ppm_dir: Path, labels_dir: Path, valid_ids: set[str], keep_all
 
 
 def _read_png(path: Path, shape, what: str, segment_id: str) -> np.ndarray:
+    """A grey image, checked to be `shape` (None: any)."""
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise InputError(f"{segment_id}: cannot read {what} {path}")
-    if image.shape != shape:
+    if shape is not None and image.shape != shape:
         raise InputError(f"{segment_id}: {what} {path.name} is {image.shape[1]} x {image.shape[0]} (w x h), "
                          f"the ppm is {shape[1]} x {shape[0]}")
     return image
@@ -126,9 +127,13 @@ def _read_png(path: Path, shape, what: str, segment_id: str) -> np.ndarray:
 
 def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, ink_range, tile_pixels: int, cache_bytes: int,
                      bar) -> VoxelizeStats:
-    ppm = read_ppm(segment.ppm_path)
+    if segment.ppm_path.is_dir():  # tifxyz: brought to the label image's resolution
+        labels = _read_png(segment.label_path, None, "ink label", segment.segment_id)
+        ppm = open_segment(segment.ppm_path, labels.shape)
+    else:
+        ppm = open_segment(segment.ppm_path)
+        labels = _read_png(segment.label_path, (ppm.height, ppm.width), "ink label", segment.segment_id)
     shape = (ppm.height, ppm.width)
-    labels = _read_png(segment.label_path, shape, "ink label", segment.segment_id)
     mask = _read_png(segment.mask_path, shape, "mask", segment.segment_id) if segment.mask_path else None
     rows = max(1, tile_pixels // ppm.width)
     stats = VoxelizeStats()

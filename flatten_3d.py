@@ -30,13 +30,13 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output
-from ink3d.ppm import positions_along_normals, read_ppm, valid_mask
+from ink3d.ppm import find_segment, open_segment, positions_along_normals, valid_mask
 
 # --- config ---
 PREDICTIONS = "runs/demo/predictions.h5"  # volume to flatten (a prediction volume, or the scan)
 DATASET = "predictions"  # dataset in that file: predictions, scan_volume, ink, ...
 LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
-PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm
+PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm, or tifxyz folders <ppm_dir>/<id>/
 OUT_DIR = "runs/demo/flat"  # images go here
 SEGMENTS = ""  # comma-separated segment ids; empty = every segment in ppm_dir
 BAND = 8  # samples at integer offsets -band..band along the normal
@@ -84,7 +84,7 @@ def flatten_segment(dataset, ppm_path: Path, band: int, reduce: str, tile: int, 
                     layers_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
     """The reduced uint8 image of one segment and its mask (255: sampled inside the volume); the layer
     stack goes straight into `layers_path` if given."""
-    ppm = read_ppm(ppm_path)
+    ppm = open_segment(ppm_path)
     offsets = np.arange(-band, band + 1, dtype=np.float64)
     image = np.zeros((ppm.height, ppm.width), np.uint8)
     mask = np.zeros((ppm.height, ppm.width), np.uint8)
@@ -119,16 +119,17 @@ def _mask_path(image_path: Path) -> Path:
 
 
 def segment_ppms(ppm_dir: Path, segments: str) -> dict[str, Path]:
+    """Each segment's `.ppm` or tifxyz folder: the ids asked for, or every segment in `ppm_dir`."""
     if segments:
         ids = [s.strip() for s in segments.split(",") if s.strip()]
     else:
-        ids = sorted(path.name for path in ppm_dir.iterdir() if (path / f"{path.name}.ppm").is_file()) if ppm_dir.is_dir() else []
+        ids = sorted(path.name for path in ppm_dir.iterdir() if find_segment(ppm_dir, path.name)) if ppm_dir.is_dir() else []
     if not ids:
-        raise InputError(f"{ppm_dir}: no segments (<id>/<id>.ppm) found")
-    paths = {segment_id: ppm_dir / segment_id / f"{segment_id}.ppm" for segment_id in ids}
+        raise InputError(f"{ppm_dir}: no segments (<id>/<id>.ppm or tifxyz folders <id>/) found")
+    paths = {segment_id: find_segment(ppm_dir, segment_id) for segment_id in ids}
     for segment_id, path in paths.items():
-        if not path.is_file():
-            raise InputError(f"segment {segment_id}: no ppm at {path}")
+        if path is None:
+            raise InputError(f"segment {segment_id}: no ppm at {ppm_dir / segment_id / f'{segment_id}.ppm'} nor a tifxyz folder")
     return paths
 
 
@@ -145,7 +146,7 @@ def main(argv=None):
         if config.layers:
             check_output(_layers_path(path), config.overwrite)
     file, dataset = volume.open_dataset(config.predictions, config.dataset, level=config.level, cache_bytes=config.cache_mb << 20)
-    total = sum(int(np.prod(read_ppm(path).data.shape[:2])) for path in ppms.values())
+    total = sum(int(np.prod(open_segment(path).data.shape[:2])) for path in ppms.values())
     with file, tqdm(total=total, unit="px", unit_scale=True, desc="flatten_3d") as bar:
         for segment_id, ppm_path in ppms.items():
             layers = atomic_output(_layers_path(outputs[segment_id])) if config.layers else contextlib.nullcontext()

@@ -12,7 +12,10 @@ sees the 3D texture can.
 Segments are patches of the sheet surface written as real .ppm files, with their 2D ink labels.
 
 Writes `volume/00000.tif...`, `paths/<id>/<id>.ppm` (+ `<id>_mask.png`),
-`labels/<id>_inklabels.png`, `ground_truth.h5` (dataset `ink`, 255 = ink) and `scroll.json`.
+`labels/<id>_inklabels.png`, `ground_truth.h5` (dataset `ink`, 255 = ink) and `scroll.json`;
+with `--ome_zarr true` also the volume as an OME-Zarr group `volume.zarr`, and with
+`--tifxyz_step N` every segment as a tifxyz folder `tifxyz/<id>/` (one vertex per N pixels):
+the forms the scroll data server publishes today.
 """
 
 import json
@@ -30,6 +33,7 @@ from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output
 from ink3d.ppm import write_ppm
+from ink3d.tifxyz import write_tifxyz
 
 # --- config ---
 OUT_DIR = "runs/demo/scroll"  # folder to create (refused if it holds a scroll, unless --overwrite true)
@@ -37,6 +41,8 @@ SEED = 0  # random seed: the same seed gives identical files
 DEPTH = 160  # z size (number of slices)
 HEIGHT = 256  # y size
 WIDTH = 256  # x size
+OME_ZARR = False  # also write the volume as an OME-Zarr group, volume.zarr (2 levels), as the data server publishes scans
+TIFXYZ_STEP = 0  # also write each segment as a tifxyz folder, tifxyz/<id>/, one grid vertex per this many pixels (0 = none)
 OVERWRITE = False  # replace an existing scroll in out_dir
 
 
@@ -132,12 +138,23 @@ class Scroll:
         intensity = ndimage.gaussian_filter(intensity, 0.6) + rng.normal(0, NOISE, intensity.shape)
         return np.clip(intensity, 0, 1), ink
 
-    def surface(self, spec: SegmentSpec) -> tuple[np.ndarray, np.ndarray]:
-        """ppm data (rows = z, columns = 1 voxel of arc length) and the 2D ink label of a segment."""
+    def pixel_grid(self, spec: SegmentSpec) -> tuple[np.ndarray, np.ndarray]:
+        """z and arc length u of a segment's first pixel row and column; a pixel is 1 voxel of each."""
         phi0, phi1 = (2 * spec.wrap + np.array(spec.theta)) * np.pi
         u = np.arange(np.ceil(self.arc_length(phi0)), np.floor(self.arc_length(phi1)))
         z = np.arange(*np.round(np.array(spec.z) * self.shape[0]), dtype=np.float64)
+        return z, u
+
+    def surface(self, spec: SegmentSpec) -> tuple[np.ndarray, np.ndarray]:
+        """ppm data (rows = z, columns = 1 voxel of arc length) and the 2D ink label of a segment."""
+        z, u = self.pixel_grid(spec)
         zz, uu = np.meshgrid(z, u, indexing="ij")
+        data = self.surface_at(zz, uu)
+        label = self.ink[zz.astype(int), uu.astype(int)]
+        return data, label
+
+    def surface_at(self, zz: np.ndarray, uu: np.ndarray) -> np.ndarray:
+        """(x, y, z, nx, ny, nz) of the sheet's written face at z `zz`, arc length `uu`; the normal points out of it."""
         phi = self.phi_of_arc_length(uu)
         step = 1e-3
         point = self._surface_point(phi, zz)
@@ -147,8 +164,7 @@ class Scroll:
         radial = np.stack([np.cos(phi), np.sin(phi), np.zeros_like(phi)], axis=-1)
         normal *= np.sign(np.sum(normal * radial, axis=-1, keepdims=True))
         normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
-        label = self.ink[zz.astype(int), uu.astype(int)]
-        return np.concatenate([point, normal], axis=-1), label
+        return np.concatenate([point, normal], axis=-1)
 
     def _surface_point(self, phi, z):
         """xyz of the middle of the ink layer at (phi, z); z may be fractional."""
@@ -200,7 +216,19 @@ def _draw_stroke(canvas, rng, left, top, width, height, stroke):
         cv2.ellipse(canvas, ((left + right) // 2, middle), (width // 2, height // 3), 0, start, start + 270, 255, stroke)
 
 
-def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int]) -> dict:
+def write_tifxyz_segment(scroll: Scroll, spec: SegmentSpec, folder: Path, step: int, ragged: np.ndarray, mask: np.ndarray) -> None:
+    """A segment as tifxyz: the surface at every `step`-th pixel (the grid reaching one step past the last
+    pixel where needed), with the ppm's ragged edge invalid and its mask as mask.tif."""
+    z, u = scroll.pixel_grid(spec)
+    rows, cols = (-(-(len(z) - 1) // step) + 1, -(-(len(u) - 1) // step) + 1)
+    zz, uu = np.meshgrid(z[0] + step * np.arange(rows), u[0] + step * np.arange(cols), indexing="ij")
+    points = scroll.surface_at(zz, uu)[..., :3]
+    at = (np.minimum(step * np.arange(rows), len(z) - 1)[:, None], np.minimum(step * np.arange(cols), len(u) - 1)[None, :])
+    points[ragged[at]] = np.nan
+    write_tifxyz(folder, points, (1 / step, 1 / step), mask[at])
+
+
+def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int], tifxyz_step: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     scroll = Scroll(shape, rng)
     volume_dir = out_dir / "volume"
@@ -225,6 +253,8 @@ def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int]) -> dict:
         write_ppm(segment_dir / f"{spec.segment_id}.ppm", data)
         mask = ndimage.binary_erosion(~ragged, iterations=2, border_value=0)
         cv2.imwrite(str(segment_dir / f"{spec.segment_id}_mask.png"), mask.astype(np.uint8) * 255)
+        if tifxyz_step:
+            write_tifxyz_segment(scroll, spec, out_dir / "tifxyz" / spec.segment_id, tifxyz_step, ragged, mask)
         labels_dir = out_dir / "labels"
         labels_dir.mkdir(exist_ok=True)
         cv2.imwrite(str(labels_dir / f"{spec.segment_id}_inklabels.png"), label)
@@ -237,6 +267,18 @@ def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int]) -> dict:
     }
 
 
+class _TiffSlices:
+    """The scroll's TIFF slices as a (z, y, x) volume, read a slab at a time."""
+
+    def __init__(self, folder: Path):
+        self.files = sorted(folder.glob("*.tif"))
+        first = tifffile.imread(self.files[0])
+        self.shape, self.dtype = (len(self.files),) + first.shape, first.dtype
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        return np.stack([tifffile.imread(path) for path in self.files[key]])
+
+
 def main(argv=None):
     config = parse_config(globals(), argv)
     out_dir = Path(config.out_dir)
@@ -246,11 +288,13 @@ def main(argv=None):
     if (out_dir / "scroll.json").exists() or (out_dir / "volume").exists():
         if not config.overwrite:
             raise InputError(f"{out_dir} already holds a scroll; pass --overwrite true to replace it")
-        for name in ("volume", "paths", "labels", "ground_truth.h5", "scroll.json"):
+        for name in ("volume", "paths", "labels", "ground_truth.h5", "scroll.json", "volume.zarr", "tifxyz"):
             target = out_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     check_output(out_dir / "scroll.json", overwrite=True)  # a folder that can be written
-    description = make_scroll(out_dir, config.seed, (config.depth, config.height, config.width))
+    description = make_scroll(out_dir, config.seed, (config.depth, config.height, config.width), config.tifxyz_step)
+    if config.ome_zarr:
+        volume.write_ome_zarr(out_dir / "volume.zarr", _TiffSlices(out_dir / "volume"), levels=2)
     (out_dir / "scroll.json").write_text(json.dumps(description, indent=2) + "\n")
     save_config(config, config_path_for(out_dir / "scroll.json"))
     print(f"synthetic scroll {tuple(description['shape'])} with {len(SEGMENTS)} segments -> {out_dir}")

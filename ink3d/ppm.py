@@ -2,7 +2,8 @@
 
 An ASCII header of `key: value` lines ends with the line `<>`; then `height * width * 6`
 little-endian float64, per pixel (row-major) `x, y, z, nx, ny, nz`. Pixels off the surface
-are all zeros. The body is memory-mapped: a real segment's ppm is several GB.
+are all zeros. The body is memory-mapped: a real segment's ppm is several GB. `open_segment` also
+reads tifxyz segments (ink3d/tifxyz.py) through the same interface.
 """
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ink3d import InputError
+from ink3d.tifxyz import SurfaceMap, is_tifxyz
 
 HEADER_END = b"<>\n"
 MAX_HEADER_BYTES = 1 << 16
@@ -115,3 +117,17 @@ def positions_along_normals(data: np.ndarray, offsets: np.ndarray) -> np.ndarray
     normals_zyx = data[..., 5:2:-1]
     offsets = np.asarray(offsets, dtype=np.float64)
     return points_zyx[..., None, :] + offsets[:, None] * normals_zyx[..., None, :]
+
+
+def find_segment(ppm_dir: Path, segment_id: str) -> Path | None:
+    """A segment's `.ppm` (`<ppm_dir>/<id>/<id>.ppm`) or, failing that, its tifxyz folder (`<ppm_dir>/<id>/`)."""
+    ppm = ppm_dir / segment_id / f"{segment_id}.ppm"
+    if ppm.is_file():
+        return ppm
+    return ppm_dir / segment_id if is_tifxyz(ppm_dir / segment_id) else None
+
+
+def open_segment(path: Path, shape: tuple[int, int] | None = None):
+    """A `.ppm` file, or a tifxyz folder brought to full resolution (to `shape`, a label image's, if given):
+    either has `height`, `width` and `data[rows, cols]` of (x, y, z, nx, ny, nz) per pixel."""
+    return SurfaceMap(path, shape) if Path(path).is_dir() else read_ppm(path)

@@ -1,0 +1,161 @@
+"""tifxyz segments (Volume Cartographer's newer form), read and presented pixel by pixel like a `.ppm`.
+
+A tifxyz segment is a folder: `x.tif`, `y.tif`, `z.tif` (the 3D point of each vertex of a regular
+grid), `meta.json` (with `scale = [sx, sy]`: the grid is stored sub-sampled, vertex (i, j) lying at
+full-resolution pixel (row i / sy, column j / sx)) and an optional `mask.tif` (255 = keep; at the
+grid's resolution or an integer multiple of it). Vertices with z <= 0, or any coordinate not finite,
+are invalid (writers use (-1, -1, -1)).
+
+`SurfaceMap` brings the grid to full resolution on demand: each pixel's point is the bilinear
+interpolation of its grid cell's four vertices (invalid unless all four are valid), and its normal the
+normalised cross product of the surface's derivatives along the columns and along the rows, the
+`.ppm` convention of this pipeline (for a sheet whose rows run along z and whose columns run along the
+written face, the normal points out of the face).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from ink3d import InputError
+
+COORDINATES = ("x.tif", "y.tif", "z.tif")
+
+
+def is_tifxyz(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in (*COORDINATES, "meta.json"))
+
+
+def read_tifxyz(folder: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
+    """The grid's points (H, W, 3) xyz, float64, NaN where invalid, and `scale` (sx, sy)."""
+    folder = Path(folder)
+    missing = [name for name in (*COORDINATES, "meta.json") if not (folder / name).is_file()]
+    if missing:
+        raise InputError(f"{folder}: tifxyz segment without {', '.join(missing)}")
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        sx, sy = (float(value) for value in meta["scale"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{folder / 'meta.json'}: needs \"scale\": [sx, sy] ({type(error).__name__}: {error})") from None
+    if not (sx > 0 and sy > 0):
+        raise InputError(f"{folder / 'meta.json'}: scale {[sx, sy]} must be positive")
+    grids = []
+    for name in COORDINATES:
+        try:
+            grids.append(np.asarray(tifffile.imread(folder / name), dtype=np.float64))
+        except Exception as error:  # any decoder failure is reported with the file's name
+            raise InputError(f"{folder / name}: cannot read ({type(error).__name__}: {error})") from None
+    shapes = [grid.shape for grid in grids]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 2:
+        raise InputError(f"{folder}: x, y and z must be 2D images of one size, got {', '.join(map(str, shapes))}")
+    points = np.stack(grids, axis=-1)
+    invalid = (points[..., 2] <= 0) | ~np.isfinite(points).all(axis=-1)
+    if (folder / "mask.tif").is_file():
+        invalid |= ~_mask_at_grid(folder / "mask.tif", shapes[0])
+    points[invalid] = np.nan
+    return points, (sx, sy)
+
+
+def _mask_at_grid(path: Path, shape) -> np.ndarray:
+    """Vertices the mask keeps (channel 0 >= 255); a mask k times the grid's size keeps a vertex only if
+    all its k x k pixels do."""
+    mask = tifffile.imread(path)
+    mask = mask[..., 0] if mask.ndim == 3 else mask
+    factor = (mask.shape[0] // shape[0], mask.shape[1] // shape[1])
+    if mask.ndim != 2 or min(factor) < 1 or mask.shape != (shape[0] * factor[0], shape[1] * factor[1]):
+        raise InputError(f"{path}: mask of shape {mask.shape} is not the grid's {tuple(shape)} or an integer multiple of it")
+    keep = mask >= 255
+    return keep.reshape(shape[0], factor[0], shape[1], factor[1]).all(axis=(1, 3))
+
+
+def grid_normals(points: np.ndarray) -> np.ndarray:
+    """Unit normals (H, W, 3) of a grid of points: d/dcolumn x d/drow, by central differences where both
+    neighbours are valid, one-sided where only one is; NaN where neither derivative exists."""
+    def derivative(axis: int) -> np.ndarray:
+        forward = np.full(points.shape, np.nan)
+        backward = np.full(points.shape, np.nan)
+        ahead = [slice(None)] * 3
+        behind = [slice(None)] * 3
+        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+        difference = points[tuple(ahead)] - points[tuple(behind)]
+        forward[tuple(behind)] = difference
+        backward[tuple(ahead)] = difference
+        central = (forward + backward) / 2
+        return np.where(np.isnan(central), np.where(np.isnan(forward), backward, forward), central)
+
+    normal = np.cross(derivative(1), derivative(0))
+    length = np.linalg.norm(normal, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(length > 0, normal / length, np.nan)
+
+
+class SurfaceMap:
+    """A tifxyz segment at full resolution, read like a `.ppm`: `height`, `width` and `data[rows, cols]`
+    (rows, cols, 6) float64 `x, y, z, nx, ny, nz`, all zeros off the surface. `shape` (height, width)
+    defaults to every pixel the grid covers; a label image's shape may differ from that by less than one
+    grid step (pixels past the last vertex are off the surface)."""
+
+    def __init__(self, folder: str | Path, shape: tuple[int, int] | None = None):
+        self.path = Path(folder)
+        self.points, (self.sx, self.sy) = read_tifxyz(folder)
+        self.normals = grid_normals(self.points)
+        rows, cols = self.points.shape[:2]
+        covered = (int(np.floor((rows - 1) / self.sy + 1e-9)) + 1, int(np.floor((cols - 1) / self.sx + 1e-9)) + 1)
+        if shape is not None:
+            spare = (int(np.ceil(1 / self.sy)), int(np.ceil(1 / self.sx)))
+            if not all(abs(s - c) < extra for c, s, extra in zip(covered, shape, spare)):
+                raise InputError(f"{self.path}: an image of {shape[1]} x {shape[0]} (w x h) does not fit the grid of "
+                                 f"{cols} x {rows} vertices at scale {[self.sx, self.sy]} ({covered[1]} x {covered[0]} pixels)")
+        self.height, self.width = shape if shape is not None else covered
+        self.data = _PixelData(self)
+
+    def pixels(self, rows: slice, cols: slice) -> np.ndarray:
+        row = np.arange(self.height)[rows] * self.sy
+        col = np.arange(self.width)[cols] * self.sx
+        out = np.zeros((len(row), len(col), 6))
+        last_row, last_col = self.points.shape[0] - 1, self.points.shape[1] - 1
+        r0 = np.minimum(np.floor(row).astype(int), max(last_row - 1, 0))
+        c0 = np.minimum(np.floor(col).astype(int), max(last_col - 1, 0))
+        fr, fc = (row - r0)[:, None, None], (col - c0)[None, :, None]
+        r1, c1 = np.minimum(r0 + 1, last_row), np.minimum(c0 + 1, last_col)
+        inside = (row <= last_row)[:, None] & (col <= last_col)[None, :]
+
+        def bilinear(grid):
+            return ((1 - fr) * ((1 - fc) * grid[r0][:, c0] + fc * grid[r0][:, c1])
+                    + fr * ((1 - fc) * grid[r1][:, c0] + fc * grid[r1][:, c1]))
+
+        point = bilinear(self.points)
+        normal = bilinear(self.normals)
+        length = np.linalg.norm(normal, axis=-1, keepdims=True)
+        valid = inside & np.isfinite(point).all(axis=-1) & np.isfinite(normal).all(axis=-1) & (length[..., 0] > 0)
+        out[valid, :3] = point[valid]
+        out[valid, 3:] = (normal / np.where(length > 0, length, 1))[valid]
+        return out
+
+
+class _PixelData:
+    """`SurfaceMap.data`: slicing computes the pixels asked for."""
+
+    def __init__(self, surface: SurfaceMap):
+        self.surface = surface
+        self.shape = (surface.height, surface.width, 6)
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows, cols = (key, slice(None)) if not isinstance(key, tuple) else (key + (slice(None),))[:2]
+        if not (isinstance(rows, slice) and isinstance(cols, slice)):
+            raise TypeError("SurfaceMap.data takes row and column slices")
+        return self.surface.pixels(rows, cols)
+
+
+def write_tifxyz(folder: str | Path, points: np.ndarray, scale: tuple[float, float], mask: np.ndarray | None = None) -> None:
+    """Write a grid of xyz points (H, W, 3; NaN where invalid, written as -1) as a tifxyz folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = np.where(np.isfinite(points).all(axis=-1, keepdims=True), points, -1.0).astype(np.float32)
+    for axis, name in enumerate(COORDINATES):
+        tifffile.imwrite(folder / name, stored[..., axis])
+    if mask is not None:
+        tifffile.imwrite(folder / "mask.tif", np.where(mask, 255, 0).astype(np.uint8))
+    (folder / "meta.json").write_text(json.dumps({"format": "tifxyz", "type": "seg", "uuid": folder.name, "scale": list(scale)}) + "\n")
