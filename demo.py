@@ -2,6 +2,7 @@
 
     python demo.py                 # ~8 minutes on 2 CPU cores; uses CUDA when present
     python demo.py --fresh true    # redo every stage
+    python demo.py --volume_form ome-zarr --segment_form tifxyz --out_dir runs/demo_zarr   # today's published forms
 
 make_synthetic_scroll -> volume_to_hdf -> all_labels_to_hdf (validation segment held out) ->
 pred_find_coords -> train (a small UNet) -> inference -> score_3d (every voxel, and the held-out
@@ -11,7 +12,9 @@ connected_components_explore, all into `runs/demo/`. Finished stages are reused 
 3D score and the share of true ink in the largest blobs, and, as its last line, the F0.5 of the
 flattened prediction on the held-out segment against its ink labels, beside the best global
 threshold on the flattened scan. `runs/demo/summary.png` shows flattened scan | ink label |
-flattened prediction, and the largest 3D ink blob.
+flattened prediction, and the largest 3D ink blob. With `--volume_form ome-zarr` every stage reads
+the scroll's OME-Zarr volume directly (no HDF5 copy); with `--segment_form tifxyz` the segments
+are tifxyz grids instead of `.ppm` files.
 """
 
 import csv
@@ -33,7 +36,7 @@ import pred_find_coords
 import score_3d
 import train
 import volume_to_hdf
-from ink3d import volume
+from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main
 from ink3d.files import partial_path
 from ink3d.metrics import best_fbeta
@@ -51,6 +54,8 @@ AUGMENTATION = "exact"  # training augmentation (train.py --augmentation): exact
 BATCH_SIZE = 2  # training batch
 DEVICE = "auto"  # auto (cuda if present) or cpu
 SUMMARY_COPY = ""  # also copy summary.png here (e.g. docs/summary.png)
+VOLUME_FORM = "tiff"  # tiff: the TIFF slices converted by volume_to_hdf; ome-zarr: the scroll's OME-Zarr read by every stage
+SEGMENT_FORM = "ppm"  # ppm, or tifxyz: segments as tifxyz grids of one vertex per 4 pixels, interpolated
 
 
 AIR_LEVEL = 60  # uint8 scan value below which the synthetic scroll is air (air is ~20 +- 13)
@@ -104,6 +109,9 @@ def held_out_scores(scroll: Path, flat: Path, segment_id: str) -> tuple[float, f
     mask = _read_gray(scroll / "paths" / segment_id / f"{segment_id}_mask.png") > 0
     prediction = _read_gray(flat / f"{segment_id}_prediction.png")
     surface = _read_gray(flat / f"{segment_id}_scan.png").astype(np.float64)
+    rows, cols = label.shape  # a tifxyz grid may cover a few pixels more than the label
+    mask &= _read_gray(flat / f"{segment_id}_prediction_mask.png")[:rows, :cols] > 0
+    prediction, surface = prediction[:rows, :cols], surface[:rows, :cols]
     model = best_fbeta(prediction[mask], label[mask])[0]
     baseline = max(best_fbeta(surface[mask], label[mask])[0], best_fbeta(-surface[mask], label[mask])[0])
     return model, baseline
@@ -167,19 +175,33 @@ def main(argv=None):
     train_dir, predictions = out / "train", out / "predictions.h5"
     if config.fresh:  # only what the demo itself makes, in case out_dir holds anything else
         for path in (scroll, scan, flat, blobs, train_dir, predictions, partial_path(scan), partial_path(predictions), out / "summary.png",
+                     out / "forms.json",
                      *out.glob("labels_*.h5"), *out.glob("coords_*.npy"), *out.glob("score_3d*.json")):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if config.volume_form not in ("tiff", "ome-zarr") or config.segment_form not in ("ppm", "tifxyz"):
+        raise InputError(f"--volume_form {config.volume_form!r} --segment_form {config.segment_form!r}: "
+                         "choose tiff or ome-zarr, and ppm or tifxyz")
+    forms = {"volume_form": config.volume_form, "segment_form": config.segment_form}
+    if (out / "forms.json").exists() and json.loads((out / "forms.json").read_text()) != forms and not config.fresh:
+        raise InputError(f"{out} holds a run from {json.loads((out / 'forms.json').read_text())}; "
+                         "pass --fresh true or another --out_dir")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "forms.json").write_text(json.dumps(forms) + "\n")
     stages = Stages(config.fresh)
     stages.run("make_synthetic_scroll", scroll / "scroll.json", make_synthetic_scroll.main,
-               ["--out_dir", str(scroll), "--seed", str(config.seed), "--depth", str(config.depth), "--overwrite", "true"])
+               ["--out_dir", str(scroll), "--seed", str(config.seed), "--depth", str(config.depth), "--overwrite", "true",
+                "--ome_zarr", str(config.volume_form == "ome-zarr"), "--tifxyz_step", "4" if config.segment_form == "tifxyz" else "0"])
     held_out = json.loads((scroll / "scroll.json").read_text())["valid_segments"][0]
-    stages.run("volume_to_hdf", scan, volume_to_hdf.main,
-               ["--tiff_dir", str(scroll / "volume"), "--out", str(scan), "--resume", "true"],
-               done=lambda path: _complete(path, volume.SCAN))
+    segments = scroll / ("tifxyz" if config.segment_form == "tifxyz" else "paths")
+    if config.volume_form == "ome-zarr":
+        scan = scroll / "volume.zarr"  # every stage reads it as it is
+    else:
+        stages.run("volume_to_hdf", scan, volume_to_hdf.main,
+                   ["--tiff_dir", str(scroll / "volume"), "--out", str(scan), "--resume", "true"],
+                   done=lambda path: _complete(path, volume.SCAN))
     labels = {"train": out / "labels_train.h5", "valid": out / "labels_valid.h5"}
     stages.run("all_labels_to_hdf", labels["valid"], all_labels_to_hdf.main,
-               ["--ppm_dir", str(scroll / "paths"), "--labels_dir", str(scroll / "labels"), "--volume", str(scan),
+               ["--ppm_dir", str(segments), "--labels_dir", str(scroll / "labels"), "--volume", str(scan),
                 "--out_train", str(labels["train"]), "--out_valid", str(labels["valid"]), "--valid_segments", held_out,
                 "--overwrite", "true"])
     coords = {split: out / f"coords_{split}.npy" for split in labels}
@@ -206,10 +228,10 @@ def main(argv=None):
                    ["--predictions", str(predictions), "--ground_truth", str(scroll / "ground_truth.h5"), "--volume", str(scan),
                     "--roi", roi, "--air_level", str(AIR_LEVEL), "--out", str(path), "--overwrite", "true"])
     stages.run("flatten_3d (prediction)", flat / f"{held_out}_prediction.png", flatten_3d.main,
-               ["--predictions", str(predictions), "--ppm_dir", str(scroll / "paths"), "--out_dir", str(flat),
+               ["--predictions", str(predictions), "--ppm_dir", str(segments), "--out_dir", str(flat),
                 "--segments", held_out, "--overwrite", "true"])
     stages.run("flatten_3d (scan)", flat / f"{held_out}_scan.png", flatten_3d.main,
-               ["--predictions", str(scan), "--dataset", volume.SCAN, "--name", "scan", "--ppm_dir", str(scroll / "paths"),
+               ["--predictions", str(scan), "--dataset", volume.SCAN, "--name", "scan", "--ppm_dir", str(segments),
                 "--out_dir", str(flat), "--segments", held_out, "--overwrite", "true"])
     stages.run("connected_components_explore", blobs / "index.html", connected_components_explore.main,
                ["--predictions", str(predictions), "--volume", str(scan), "--out_dir", str(blobs), "--threshold", str(BLOB_THRESHOLD),
