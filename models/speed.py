@@ -4,6 +4,8 @@ import contextlib
 
 import torch
 
+from ink3d import InputError
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -12,6 +14,18 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def switch(value: str, flag: str, on_cuda: bool, on_cpu: bool, device: torch.device) -> bool:
+    """A true / false / auto setting; auto takes the measured best for the device."""
+    lowered = str(value).strip().lower()
+    if lowered == "auto":
+        return on_cuda if device.type == "cuda" else on_cpu
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise InputError(f"{flag} {value!r}: choose auto, true or false")
 
 
 def autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
