@@ -73,7 +73,7 @@ LIMITS = {
                      "height", "width", "max_size", "band", "block"), POSITIVE),
     **dict.fromkeys(("lr", "train.py:block", "warmup_steps", "min_labeled", "margin", "min_size", "exclusion_radius", "grad_clip",
                      "dice_weight", "background_weight", "weight_decay", "min_scan", "ink_front", "ink_back", "ink_thickness",
-                     "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "level", "flatten_3d.py:band"), NON_NEGATIVE),
+                     "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "level", "tifxyz_step", "flatten_3d.py:band"), NON_NEGATIVE),
     **dict.fromkeys(("overlap", "label_smoothing", "ema_decay"), FRACTION),
     "threshold": Bounds(0, 1),
     "jpeg_quality": Bounds(1, 100),

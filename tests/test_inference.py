@@ -1,4 +1,5 @@
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -295,6 +296,26 @@ def test_an_ome_zarr_scan_predicts_what_its_hdf5_copy_does(scan, model_path, tmp
     assert np.array_equal(from_zarr, from_hdf5)
     coarse, attrs = _infer(tmp_path / "scan.zarr", model_path, tmp_path / "c.h5", "--level", "1")
     assert coarse.shape == (20, 18, 26) and json.loads(attrs["volume_shape"]) == [20, 18, 26]
+
+
+@pytest.mark.parametrize("value, device, expected", [("auto", "cuda", True), ("auto", "cpu", False), ("true", "cpu", True),
+                                                     ("False", "cuda", False)])
+def test_compile_switch_takes_the_measured_best_per_device(value, device, expected):
+    assert inference.switch(value, "--compile", on_cuda=True, on_cpu=False, device=torch.device(device)) is expected
+
+
+def test_a_bad_switch_is_named():
+    with pytest.raises(InputError, match="--channels_last 'sometimes': choose auto, true or false"):
+        inference.switch("sometimes", "--channels_last", on_cuda=False, on_cpu=True, device=torch.device("cpu"))
+
+
+def test_a_run_reports_where_its_time_went(scan, model_path, tmp_path, capsys):
+    scan_path, _ = scan
+    _infer(scan_path, model_path, tmp_path / "pred.h5")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    busy, total, read_wait, write_wait = (float(v) for v in re.fullmatch(
+        r"model busy (\d+)% of ([\d.]+) s; waited ([\d.]+) s for reading, ([\d.]+) s for writing", line).groups())
+    assert 0 < busy <= 100 and read_wait + write_wait <= total * (1 - busy / 100) + 0.1
 
 
 def test_air_is_not_run_through_the_model(model_path, tmp_path, monkeypatch):

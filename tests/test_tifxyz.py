@@ -5,10 +5,13 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
+import zarr
 
 import all_labels_to_hdf
 import flatten_3d
+import inference
 import make_synthetic_scroll
+import volume_to_hdf
 from ink3d import InputError, volume
 from ink3d.ppm import open_segment, read_ppm, valid_mask
 from ink3d.tifxyz import SurfaceMap, grid_normals, read_tifxyz, write_tifxyz
@@ -131,3 +134,21 @@ def test_a_tifxyz_folder_missing_z_stops_before_any_output(scroll, tmp_path):
     with pytest.raises(InputError, match="20231012184421: tifxyz segment without z.tif"):
         _labels(scroll, bad, tmp_path)
     assert not list(tmp_path.glob("*.h5*"))
+
+
+def test_the_ome_zarr_volume_flattens_and_scores_like_its_hdf5_copy(scroll, tmp_path):
+    volume_to_hdf.main(["--tiff_dir", str(scroll / "volume"), "--out", str(tmp_path / "scan.h5")])
+    for name, source in (("hdf5", tmp_path / "scan.h5"), ("zarr", scroll / "volume.zarr")):
+        flatten_3d.main(["--predictions", str(source), "--dataset", "scan_volume", "--ppm_dir", str(scroll / "paths"),
+                         "--out_dir", str(tmp_path / name), "--name", "scan"])
+    for segment_id in json.loads((scroll / "scroll.json").read_text())["segments"]:
+        images = [cv2.imread(str(tmp_path / name / f"{segment_id}_scan.png"), cv2.IMREAD_UNCHANGED) for name in ("hdf5", "zarr")]
+        assert np.array_equal(*images)
+
+
+def test_a_float_zarr_volume_stops_a_stage_before_any_output(tmp_path):
+    array = zarr.open_array(str(tmp_path / "scan.zarr"), mode="w", shape=(8, 8, 8), dtype="float64")
+    array[:] = 0.5
+    with pytest.raises(InputError, match="dtype float64; volumes must be uint8 or uint16"):
+        inference.main(["--volume", str(tmp_path / "scan.zarr"), "--checkpoint", "unused.pth", "--out", str(tmp_path / "pred.h5")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.zarr"]
