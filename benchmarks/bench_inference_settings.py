@@ -6,7 +6,7 @@
 For each setting the demo's model predicts the whole demo scan; the table gives window passes per
 voxel, output Mvoxel/s (the whole run: read, windows, blending, write) and two accuracies of the
 result: the held-out segment's flattened F0.5 (the demo's last line) and the 3D voxel F0.5 against
-the scroll's true ink.
+the scroll's true ink. Macro-blocks are the demo's (2 patches), rounded up to whole strides.
 """
 
 import argparse
@@ -65,7 +65,7 @@ def main():
             stride = int(args.patch * (1 - overlap))
             started = time.perf_counter()
             inference.main(["--volume", str(scan), "--checkpoint", str(checkpoint), "--out", str(out), "--patch", str(args.patch),
-                            "--overlap", str(overlap), "--blend", blend, "--tta", str(tta), "--block", str(2 * stride),
+                            "--overlap", str(overlap), "--blend", blend, "--tta", str(tta), "--block", str(stride * -(-2 * args.patch // stride)),
                             "--device", args.device, "--overwrite", "true"])
             seconds = time.perf_counter() - started
             flatten_3d.main(["--predictions", str(out), "--ppm_dir", str(demo / "scroll" / "paths"), "--out_dir", str(tmp / "flat"),
