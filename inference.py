@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import (WriteError, checksum, close_output, finish_output, open_interrupted, partial_path, resumable_output,
-                         warn_if_short_of_space, writing)
+from ink3d.files import (checksum, finish_output, open_interrupted, output_file, partial_path, resumable_output, warn_if_short_of_space,
+                         writing)
 from ink3d.sliding_window import WindowPredictor, plan_blocks, to_uint8
 from ink3d.intensity import Normalization
 from models import model_from_checkpoint, read_checkpoint, weights_digest
@@ -141,7 +141,11 @@ def _reader(scan, blocks, pin: bool, out_queue: queue.Queue, stop: threading.Eve
         for block in blocks:
             if stop.is_set():
                 break
-            array = torch.from_numpy(volume.read_crop(scan, block.input_origin, block.input_shape))
+            try:
+                crop = volume.read_crop(scan, block.input_origin, block.input_shape)
+            except (OSError, RuntimeError) as error:  # a damaged input chunk: not the output's write failure
+                raise InputError(f"reading the scan for block {block.index} at {block.input_origin.tolist()} failed: {error}") from None
+            array = torch.from_numpy(crop)
             out_queue.put((block, array.pin_memory() if pin else array))
     except BaseException as error:  # handed to the main thread, which re-raises it
         out_queue.put(error)
@@ -236,29 +240,22 @@ def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict) -> None:
     """Copy each part file's finished blocks into `out` (rank 0, after every rank finished)."""
     partial = partial_path(out)
     file = open_output(partial, attrs["volume_shape"], attrs, len(blocks), resume=partial.exists())
-    failed = False
-    try:
-        with writing(partial):
-            target, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
-            for part in parts:
-                with h5py.File(part, "r") as source:
-                    done, sums = source[volume.FINISHED_BLOCKS][:], source[volume.BLOCK_CHECKSUMS][:]
-                    for block in blocks:
-                        if done[block.index] and not finished[block.index]:
-                            target[block.output] = source[volume.PREDICTIONS][block.output]
-                            file.flush()
-                            checksums[block.index] = sums[block.index]
-                            finished[block.index] = 1
-            missing = int((finished[:] == 0).sum())
-            if missing:
-                raise InputError(f"{out}: {missing} blocks are missing from the part files; rerun with --resume true")
-            target.attrs["complete"] = True
-            file.flush()
-    except WriteError:
-        failed = True
-        raise
-    finally:
-        close_output(file, failed)
+    with output_file(file, partial):
+        target, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
+        for part in parts:
+            with h5py.File(part, "r") as source:
+                done, sums = source[volume.FINISHED_BLOCKS][:], source[volume.BLOCK_CHECKSUMS][:]
+                for block in blocks:
+                    if done[block.index] and not finished[block.index]:
+                        target[block.output] = source[volume.PREDICTIONS][block.output]
+                        file.flush()
+                        checksums[block.index] = sums[block.index]
+                        finished[block.index] = 1
+        missing = int((finished[:] == 0).sum())
+        if missing:
+            raise InputError(f"{out}: {missing} blocks are missing from the part files; rerun with --resume true")
+        target.attrs["complete"] = True
+        file.flush()
     finish_output(partial, out)
     for part in parts:
         part.unlink()
@@ -304,30 +301,23 @@ def main(argv=None):
         warn_if_short_of_space(out, int(np.prod([r.stop - r.start for r in region])))
 
     file = open_output(part, scan.shape, attrs, len(blocks), resuming)
-    failed = False
-    try:
-        with scan_file, writing(part):
-            mine = [b for b in blocks if b.index % world == rank]
-            if resuming:
-                verified, damaged = verify_blocks(file, mine)
-                if rank == 0:
-                    print(f"resuming: {verified} finished blocks verified" + (f", {damaged} damaged ones redone" if damaged else ""))
-            done = file[volume.FINISHED_BLOCKS][:]
-            todo = [b for b in mine if not done[b.index]]
-            voxels = {b.index: int(np.prod([s.stop - s.start for s in b.output])) for b in mine}
-            started, timing = time.perf_counter(), Timing()
-            with tqdm(total=sum(voxels.values()), initial=sum(voxels.values()) - sum(voxels[b.index] for b in todo),
-                      unit="vox", unit_scale=True, desc="inference", disable=rank != 0) as bar:
-                skipped = predict_blocks(scan, file, todo, predictor, device, bar, timing)
-            windows = sum(len(b.windows) for b in todo)
-            if world == 1:
-                file[volume.PREDICTIONS].attrs["complete"] = True
-                file.flush()
-    except WriteError:
-        failed = True
-        raise
-    finally:
-        close_output(file, failed)
+    with output_file(file, part), scan_file:
+        mine = [b for b in blocks if b.index % world == rank]
+        if resuming:
+            verified, damaged = verify_blocks(file, mine)
+            if rank == 0:
+                print(f"resuming: {verified} finished blocks verified" + (f", {damaged} damaged ones redone" if damaged else ""))
+        done = file[volume.FINISHED_BLOCKS][:]
+        todo = [b for b in mine if not done[b.index]]
+        voxels = {b.index: int(np.prod([s.stop - s.start for s in b.output])) for b in mine}
+        started, timing = time.perf_counter(), Timing()
+        with tqdm(total=sum(voxels.values()), initial=sum(voxels.values()) - sum(voxels[b.index] for b in todo),
+                  unit="vox", unit_scale=True, desc="inference", disable=rank != 0) as bar:
+            skipped = predict_blocks(scan, file, todo, predictor, device, bar, timing)
+        windows = sum(len(b.windows) for b in todo)
+        if world == 1:
+            file[volume.PREDICTIONS].attrs["complete"] = True
+            file.flush()
     if world == 1:
         finish_output(part, out)
     if distributed:

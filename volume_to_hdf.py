@@ -29,8 +29,7 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import (WriteError, checksum, close_output, finish_output, open_interrupted, resumable_output,
-                         warn_if_short_of_space, writing)
+from ink3d.files import checksum, finish_output, open_interrupted, output_file, resumable_output, warn_if_short_of_space, writing
 
 # --- config ---
 TIFF_DIR = "runs/demo/scroll/volume"  # folder of numbered TIFF slices (z order = number in the name)
@@ -182,19 +181,12 @@ def convert(config) -> list[str]:
             dataset.attrs["complete"] = False
             dataset.attrs["config"] = json.dumps(vars(config))
             file.flush()  # from here on the file can be reopened to resume
-    failed = False
-    try:
-        with writing(partial):
-            if resuming:
-                report.append(_verify_slabs(dataset))
-            _write_slabs(stack, dataset, intensity_lut(stack.dtype, window), config.workers)
-            dataset.attrs["complete"] = True
-            file.flush()
-    except WriteError:
-        failed = True
-        raise
-    finally:
-        close_output(file, failed)
+    with output_file(file, partial):
+        if resuming:
+            report.append(_verify_slabs(dataset))
+        _write_slabs(stack, dataset, intensity_lut(stack.dtype, window), config.workers)
+        dataset.attrs["complete"] = True
+        file.flush()
     finish_output(partial, out)
     save_config(config, config_path_for(out))
     return report + [f"{config.zarr or config.tiff_dir} -> {out} [{volume.SCAN}]"]

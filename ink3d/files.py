@@ -114,6 +114,21 @@ def close_output(file: h5py.File, failed: bool) -> None:
         _ABANDONED.append(file)
 
 
+@contextlib.contextmanager
+def output_file(file: h5py.File, path: Path):
+    """Write into the open HDF5 `file` (at `path`): a failed write becomes a WriteError, and the file is closed
+    on the way out (see close_output for a file whose write failed)."""
+    failed = False
+    try:
+        with writing(path):
+            yield file
+    except WriteError:
+        failed = True
+        raise
+    finally:
+        close_output(file, failed)
+
+
 def open_interrupted(path: Path) -> h5py.File:
     """Reopen an interrupted HDF5 output for appending.
 

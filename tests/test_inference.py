@@ -153,13 +153,19 @@ def _kill_at_block(monkeypatch, number):
     return lambda: monkeypatch.setattr(inference.WindowPredictor, "predict", original)
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_path, monkeypatch):
-    scan_path, _ = scan
+def _interrupted(scan_path, model_path, tmp_path, monkeypatch) -> np.ndarray:
+    """A run stopped after its 4th block into tmp_path/pred.h5.partial; returns the uninterrupted run's prediction."""
     reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
     restore = _kill_at_block(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         _infer(scan_path, model_path, tmp_path / "pred.h5")
     restore()
+    return reference
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_path, monkeypatch):
+    scan_path, _ = scan
+    reference = _interrupted(scan_path, model_path, tmp_path, monkeypatch)
     assert not (tmp_path / "pred.h5").exists()  # the output name only ever holds a complete prediction
     with h5py.File(tmp_path / "pred.h5.partial") as file:
         assert file[volume.FINISHED_BLOCKS][:].sum() == 4 and not file[volume.PREDICTIONS].attrs["complete"]
@@ -181,11 +187,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_p
 
 def test_a_damaged_finished_block_is_found_and_redone(scan, model_path, tmp_path, monkeypatch, capsys):
     scan_path, _ = scan
-    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
-    restore = _kill_at_block(monkeypatch, 5)
-    with pytest.raises(KeyboardInterrupt):
-        _infer(scan_path, model_path, tmp_path / "pred.h5")
-    restore()
+    reference = _interrupted(scan_path, model_path, tmp_path, monkeypatch)
     with h5py.File(tmp_path / "pred.h5.partial", "a") as file:  # finished: the first 4 blocks; one voxel of block 1 lost
         file[volume.PREDICTIONS][0, 0, 20] ^= 0xFF
     resumed, _ = _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true")
@@ -273,6 +275,18 @@ def test_kill_9_at_any_moment_then_resume_equals_the_uninterrupted_run(model_pat
         assert "cannot be opened to resume" in str(error) or "cannot be repaired" in str(error)
         resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--block", "16", "--overwrite", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
+
+
+def test_a_damaged_scan_chunk_is_named_as_a_read_error(model_path, tmp_path):
+    values = (np.arange(32**3).reshape(32, 32, 32) // 97).astype(np.uint8)  # compressible: chunks go through blosc
+    scan_path = _scan(tmp_path / "scan.h5", values)
+    with h5py.File(scan_path) as file:
+        info = file[volume.SCAN].id.get_chunk_info_by_coord((16, 0, 0))
+    with open(scan_path, "r+b") as raw:
+        raw.seek(info.byte_offset)
+        raw.write(bytes(info.size))
+    with pytest.raises(InputError, match="reading the scan for block .* failed"):
+        _infer(scan_path, model_path, tmp_path / "pred.h5")
 
 
 def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(scan, model_path, tmp_path):
