@@ -196,7 +196,7 @@ def check_inputs(config, resuming: bool) -> tuple[np.ndarray, np.ndarray]:
     return load_origins(config.train_coords), load_origins(config.valid_coords)
 
 
-RESUME_STATE = ("model", "config", "optimizer", "scaler", "step", "best_f05", "skipped_batches", "redraws", "torch_rng", "python_rng")
+RESUME_STATE = ("model", "config", "optimizer", "scaler", "step", "best_f05", "skipped_batches", "torch_rng", "python_rng")
 
 
 def read_resume_state(path: Path, config) -> dict:
@@ -430,7 +430,7 @@ def main(argv=None):
             ema.load_state_dict(state["ema"], state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        step, best_f05, skipped_batches, redraws = state["step"], state["best_f05"], state["skipped_batches"], state["redraws"]
+        step, best_f05, skipped_batches, redraws = state["step"], state["best_f05"], state["skipped_batches"], state.get("redraws", 0)
         torch.set_rng_state(state["torch_rng"])
         version, internal, gauss = state["python_rng"]
         random.setstate((version, tuple(internal), gauss))
