@@ -251,7 +251,8 @@ def main(argv=None):
     print(f"3D voxel F0.5 (true ink of the whole scroll): model={whole['f05']:.3f} scan-threshold={whole['scan_f05']:.3f}; "
           f"held-out region: model={region['f05']:.3f} scan-threshold={region['scan_f05']:.3f}; median prediction "
           f"air {whole['air_median']:.2f}, papyrus {whole['papyrus_median']:.2f}, ink {whole['ink_median']:.2f}")
-    print(f"largest {blob_count} blobs of the gallery: {blob_ink:.0%} of their voxels are true ink")
+    print(f"largest {blob_count} blobs of the gallery: {blob_ink:.0%} of their voxels are true ink" if blob_count
+          else "no blob of the gallery's size range: no true-ink share")
     print(f"held-out segment {held_out}: F0.5 model={model_f05:.3f} threshold-baseline={baseline_f05:.3f}")
     return model_f05, baseline_f05
 
