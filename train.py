@@ -45,6 +45,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main, save_config
 from ink3d.coords import drop_near
+from ink3d.augment import warp
 from ink3d.dataset import AUGMENTATIONS, BACKGROUND, ScrollSamples
 from ink3d.intensity import Normalization, otsu_level, scan_histogram
 from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
@@ -81,6 +82,7 @@ EMA_DECAY = 0.999  # decay of the moving average of the weights (0 = none); lowe
 INPUT_NORMALIZATION = "scale"  # model input: scale (scan / 255) or percentile (window of the material's percentiles)
 PERCENTILES = "0.5,99.5"  # low,high percentiles of the material above the air level (input_normalization percentile)
 AUGMENTATION = "full"  # full (rotations, flips, 90-degree turns, resized crop), exact (turns, flips, crop: no resampling), none
+AUGMENT = "device"  # where --augmentation full resamples: device (torch, a batch at a time where the model runs; 3-4x faster even on the CPU) or cpu (volumentations-3D in the loader)
 GROUND_TRUTH = ""  # optional ground-truth ink volume (the synthetic scroll's): 3D score of the validation blocks
 F_MAPS = 32  # UNet feature maps of the first level
 NUM_LEVELS = 5  # UNet levels
@@ -398,6 +400,9 @@ def main(argv=None):
     block = config.block or config.patch
     if config.augmentation not in AUGMENTATIONS:
         raise InputError(f"--augmentation {config.augmentation!r}: choose one of {', '.join(AUGMENTATIONS)}")
+    if config.augment not in ("cpu", "device"):
+        raise InputError(f"--augment {config.augment!r}: choose device or cpu")
+    on_device = config.augmentation == "full" and config.augment == "device"  # exact and none resample nothing
     train_origins, valid_origins = check_inputs(config, resuming)
     state = read_resume_state(last_path, config) if resuming else None
     if rank == 0:
@@ -442,7 +447,7 @@ def main(argv=None):
     train_set = ScrollSamples(config.volume, config.train_labels, train_origins, config.patch, config.max_steps * config.batch_size,
                               train=True, block=block, seed=config.seed, stream=rank, min_labeled=config.min_labeled,
                               max_tries=config.max_tries, normalization=normalization, air_level=air_level, augment=config.augmentation,
-                              level=config.level)
+                              level=config.level, on_device=on_device)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=range(step * config.batch_size, len(train_set)),
                         num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
     valid_loader = None
@@ -488,12 +493,16 @@ def main(argv=None):
     model.train()
     bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="train", disable=rank != 0)
     started, samples, running = time.perf_counter(), 0, []
-    for images, labels, sample_redraws in loader:
+    for images, labels, sample_redraws, *transforms in loader:
         learning_rate = config.lr * lr_factor(step, config.warmup_steps, config.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         redraws += int(sample_redraws.sum())
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if transforms:  # raw crops: normalise, resample and scale the batch here (ink3d.augment)
+            matrices, offsets, scales = (t.to(device, non_blocking=True) for t in transforms)
+            images, labels = warp(normalization(images), labels, matrices, offsets, config.patch)
+            images = images * scales.view(-1, 1, 1, 1, 1)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last_3d)
         labeled = torch.tensor([(labels >= 0).sum().item()], dtype=torch.float64)

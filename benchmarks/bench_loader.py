@@ -5,8 +5,11 @@
 
 Samples/s of ink3d.dataset.ScrollSamples with 1 and 2 DataLoader workers (HDF5 files opened once
 per worker) against the naive pattern of opening both HDF5 files for every sample, same
-samples, same run. Then seconds per step (forward, backward, AdamW) for the small demo model
-(f_maps 8, 4 levels, patch 64) and the default model (f_maps 32, 5 levels, patch 128).
+samples, same run. Then the full augmentation two ways, samples/s with one loader worker: in the
+loader (volumentations-3D) against raw crops resampled a batch at a time with torch
+(ink3d.augment, `train.py --augment device`), here on the CPU; with CUDA present, on the GPU too.
+Then seconds per step (forward, backward, AdamW) for the small demo model (f_maps 8, 4 levels,
+patch 64) and the default model (f_maps 32, 5 levels, patch 128).
 """
 
 import argparse
@@ -21,6 +24,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ink3d.augment import warp  # noqa: E402
 from ink3d.dataset import ScrollSamples  # noqa: E402
 from models import UNet3D  # noqa: E402
 from train import masked_loss  # noqa: E402
@@ -38,10 +42,17 @@ class OpenPerSample(ScrollSamples):
                 file.close()
 
 
-def samples_per_second(dataset, workers: int, batch: int = 2) -> float:
+def samples_per_second(dataset, workers: int, batch: int = 2, device: torch.device | None = None) -> float:
+    """Samples/s through a DataLoader; with `device`, raw crops are resampled there a batch at a time."""
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=False)
     started = time.perf_counter()
-    count = sum(len(images) for images, _, _ in loader)
+    count = 0
+    for images, labels, _, *transforms in loader:
+        if device is not None:
+            matrices, offsets, scales = (t.to(device) for t in transforms)
+            images, _ = warp(dataset.normalization(images.to(device)), labels.to(device), matrices, offsets, dataset.patch)
+            images = (images * scales.view(-1, 1, 1, 1, 1)).cpu()
+        count += len(images)
     return count / (time.perf_counter() - started)
 
 
@@ -82,6 +93,13 @@ def main():
     for workers in (0, 1, 2):
         rate = samples_per_second(ScrollSamples(args.volume, args.labels, origins, **common), workers)
         print(f"  ScrollSamples, {workers} worker(s):     {rate:.2f} samples/s ({rate / naive:.2f}x)")
+    print(f"full augmentation, patch {args.patch}, 1 loader worker, batch 4:")
+    in_loader = samples_per_second(ScrollSamples(args.volume, args.labels, origins, **common), 1, batch=4)
+    print(f"  volumentations-3D in the loader: {in_loader:.2f} samples/s")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        rate = samples_per_second(ScrollSamples(args.volume, args.labels, origins, **common, on_device=True), 1, batch=4,
+                                  device=torch.device(device))
+        print(f"  torch on the {device}, a batch at a time: {rate:.2f} samples/s ({rate / in_loader:.2f}x)")
     for name, f_maps, levels, patch, batch, steps in (("small", 8, 4, 64, 2, 5), ("default", 32, 5, 128, 1, 1)):
         seconds = seconds_per_step(f_maps, levels, patch, batch, steps)
         print(f"CPU step, {name} model (f_maps {f_maps}, {levels} levels, patch {patch}, batch {batch}): {seconds:.2f} s/step")

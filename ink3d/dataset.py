@@ -1,7 +1,9 @@
 """Training and validation samples: scan crops with sparse 3D labels (-1 = unlabeled).
 
 A training sample is drawn around a labeled block origin with random jitter: a crop 1.5x the
-patch is read, augmented (volumentations-3D) and ends at `patch`^3. Each sample is a pure
+patch is read, augmented (volumentations-3D) and ends at `patch`^3; or, with `on_device`, the raw
+uint8 crop and its labels are handed over with the sample's spatial transform (ink3d.augment),
+which the training loop applies to the whole batch where the model runs. Each sample is a pure
 function of its index and the seed, whichever worker makes it, so a resumed run sees the same
 stream. The HDF5 files are opened once per worker process.
 
@@ -20,6 +22,7 @@ from torch.utils.data import Dataset
 from volumentations import Compose, Flip, RandomCrop, RandomResizedCrop, RandomRotate90, Rotate
 
 from ink3d import volume
+from ink3d.augment import draw_affine
 from ink3d.intensity import Normalization
 
 UNLABELED = -1.0
@@ -79,7 +82,7 @@ class ScrollSamples(Dataset):
     def __init__(self, volume_path, labels_path, origins, patch: int, length: int, *, train: bool, block: int,
                  seed: int = 0, stream: int = 0, min_labeled: int = 1, max_tries: int = 10, augment: str = "full",
                  intensity_scale=(0.4, 2.0), normalization: Normalization = Normalization(), air_level: int | None = None,
-                 level: int = 0):
+                 level: int = 0, on_device: bool = False):
         self.volume_path, self.labels_path = str(volume_path), str(labels_path)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 3)
         if len(self.origins) == 0:
@@ -87,10 +90,13 @@ class ScrollSamples(Dataset):
         self.patch, self.length, self.train, self.block = patch, length, train, block
         self.seed, self.stream = seed, stream
         self.min_labeled, self.max_tries = min_labeled, max_tries
-        self.augment = augmentation(patch, augment) if train else None
+        if on_device and augment != "full":
+            raise ValueError(f"augmentation {augment!r} has no device form; only full resamples")
+        self.on_device = on_device and train
+        self.augment = augmentation(patch, augment) if train and not self.on_device else None
         self.intensity_scale = intensity_scale
         self.normalization, self.air_level, self.level = normalization, air_level, level
-        self._files = None
+        self._files = self._scan = None
         self._pid = None
 
     def __len__(self) -> int:
@@ -99,10 +105,11 @@ class ScrollSamples(Dataset):
     def _datasets(self):
         """The scan (HDF5 or zarr) and label datasets, opened once in each process that reads."""
         if self._pid != os.getpid():
-            self._files = (volume.open_dataset(self.volume_path, volume.SCAN, level=self.level)[1], h5py.File(self.labels_path, "r"))
+            scan_file, self._scan = volume.open_dataset(self.volume_path, volume.SCAN, level=self.level)
+            self._files = (scan_file, h5py.File(self.labels_path, "r"))
             self._pid = os.getpid()
-        scan, label_file = self._files
-        return scan, label_file[volume.INK_SUM], label_file[volume.INK_COUNT]
+        label_file = self._files[1]
+        return self._scan, label_file[volume.INK_SUM], label_file[volume.INK_COUNT]
 
     def __getitem__(self, index: int):
         scan, ink_sum, ink_count = self._datasets()
@@ -124,6 +131,11 @@ class ScrollSamples(Dataset):
                 break
         image = volume.read_crop(scan, corner, (crop,) * 3)
         labels = label_air(labels, image, self.air_level, background=True)
+        if self.on_device:  # the raw crop, its labels and the sample's transform: ink3d.augment.warp runs on the batch
+            matrix, offset = draw_affine(rng, crop, self.patch)
+            scale = np.float32(rng.uniform(*self.intensity_scale))
+            return (torch.from_numpy(image)[None], torch.from_numpy(labels)[None], redraws,
+                    torch.from_numpy(matrix), torch.from_numpy(offset), torch.tensor(scale))
         image = self.normalization(image)
         if self.augment is not None:
             out = self.augment(image=image, mask=labels)

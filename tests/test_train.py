@@ -241,6 +241,20 @@ class _CountingFile:
         return self.original(*args, **kwargs)
 
 
+def test_device_samples_are_raw_crops_with_their_transform_and_a_function_of_their_index(tmp_path):
+    root = _scene(tmp_path)
+    samples = ScrollSamples(root / "scan.h5", root / "train.h5", [[0, 0, 0], [16, 16, 0]], 16, 8, train=True, block=16,
+                            seed=3, on_device=True)
+    first, again = samples[5], ScrollSamples(root / "scan.h5", root / "train.h5", [[0, 0, 0], [16, 16, 0]], 16, 8, train=True,
+                                             block=16, seed=3, on_device=True)[5]
+    image, labels, _, matrix, offset, scale = first
+    assert image.dtype == torch.uint8 and image.shape == (1, 24, 24, 24) and labels.shape == (1, 24, 24, 24)
+    assert matrix.shape == (3, 3) and offset.shape == (3,) and 0.4 <= float(scale) <= 2.0
+    assert all(torch.equal(a, b) for a, b in zip(first[:2] + first[3:], again[:2] + again[3:]))
+    with pytest.raises(ValueError, match="only full resamples"):
+        ScrollSamples(root / "scan.h5", root / "train.h5", [[0, 0, 0]], 16, 8, train=True, block=16, augment="exact", on_device=True)
+
+
 def test_hdf5_files_open_once_per_worker(tmp_path, monkeypatch):
     import ink3d.dataset
 
@@ -287,9 +301,10 @@ def test_all_unlabeled_batches_are_skipped(tmp_path):
     assert all(torch.equal(initial[k], trained[k]) for k in initial)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("augment", ["cpu", "device"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, augment):
     root = _scene(tmp_path)
-    _train(root, tmp_path / "whole")
+    _train(root, tmp_path / "whole", "--augment", augment)
     original, calls = train.masked_loss, []
 
     def killed(*args, **kwargs):
@@ -300,12 +315,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "masked_loss", killed)
     with pytest.raises(KeyboardInterrupt):
-        _train(root, tmp_path / "halves", "--valid_every", "100")
+        _train(root, tmp_path / "halves", "--valid_every", "100", "--augment", augment)
     monkeypatch.setattr(train, "masked_loss", original)
     assert torch.load(tmp_path / "halves" / "last.pth", weights_only=True)["step"] == 2
     with pytest.raises(InputError, match="different max_steps"):
-        _train(root, tmp_path / "halves", "--resume", "true", "--max_steps", "8")
-    _train(root, tmp_path / "halves", "--resume", "true")
+        _train(root, tmp_path / "halves", "--resume", "true", "--max_steps", "8", "--augment", augment)
+    _train(root, tmp_path / "halves", "--resume", "true", "--augment", augment)
     whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)["model"]
     halves = torch.load(tmp_path / "halves" / "last.pth", weights_only=True)["model"]
     assert all(torch.allclose(whole[k], halves[k], atol=1e-6) for k in whole)
