@@ -31,7 +31,7 @@ from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output, partial_path
 from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, voxelize_tile
-from ink3d.ppm import find_segment, open_segment, valid_mask
+from ink3d.ppm import find_segment, open_segment, segment_size, valid_mask
 
 # --- config ---
 PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm and optional <id>_mask.png, or tifxyz folders <ppm_dir>/<id>/
@@ -99,7 +99,7 @@ def plan_segments(ppm_dir: Path, labels_dir: Path, valid_ids: set[str], keep_all
         try:
             if ppm_path is None:
                 raise InputError(f"{segment_id}: no ppm at {ppm_dir / segment_id / f'{segment_id}.ppm'} nor a tifxyz folder")
-            ppm = open_segment(ppm_path)
+            height, width = segment_size(ppm_path)
         except InputError as error:
             if not skip_bad:
                 raise InputError(f"{error} (pass --skip_bad true to skip such segments)") from None
@@ -107,7 +107,7 @@ def plan_segments(ppm_dir: Path, labels_dir: Path, valid_ids: set[str], keep_all
             continue
         mask_path = ppm_dir / segment_id / f"{segment_id}_mask.png"  # tifxyz folders may carry one too, beside mask.tif
         segment = Segment(segment_id, labels_dir / f"{segment_id}{suffix}", ppm_path,
-                          mask_path if mask_path.is_file() else None, ppm.height * ppm.width)
+                          mask_path if mask_path.is_file() else None, height * width)
         is_valid = segment_id in valid_ids or family in valid_families
         (plan.valid if is_valid else plan.train).append(segment)
         plan.report.append(f"{segment_id}: {'validation' if is_valid else 'training'}")

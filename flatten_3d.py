@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output
-from ink3d.ppm import find_segment, open_segment, positions_along_normals, valid_mask
+from ink3d.ppm import find_segment, open_segment, positions_along_normals, segment_size, valid_mask
 
 # --- config ---
 PREDICTIONS = "runs/demo/predictions.h5"  # volume to flatten (a prediction volume, or the scan)
@@ -146,7 +146,7 @@ def main(argv=None):
         if config.layers:
             check_output(_layers_path(path), config.overwrite)
     file, dataset = volume.open_dataset(config.predictions, config.dataset, level=config.level, cache_bytes=config.cache_mb << 20)
-    total = sum(int(np.prod(open_segment(path).data.shape[:2])) for path in ppms.values())
+    total = sum(int(np.prod(segment_size(path))) for path in ppms.values())
     with file, tqdm(total=total, unit="px", unit_scale=True, desc="flatten_3d") as bar:
         for segment_id, ppm_path in ppms.items():
             layers = atomic_output(_layers_path(outputs[segment_id])) if config.layers else contextlib.nullcontext()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ink3d import InputError
-from ink3d.tifxyz import SurfaceMap, is_tifxyz
+from ink3d.tifxyz import SurfaceMap, is_tifxyz, tifxyz_size
 
 HEADER_END = b"<>\n"
 MAX_HEADER_BYTES = 1 << 16
@@ -131,3 +131,11 @@ def open_segment(path: Path, shape: tuple[int, int] | None = None):
     """A `.ppm` file, or a tifxyz folder brought to full resolution (to `shape`, a label image's, if given):
     either has `height`, `width` and `data[rows, cols]` of (x, y, z, nx, ny, nz) per pixel."""
     return SurfaceMap(path, shape) if Path(path).is_dir() else read_ppm(path)
+
+
+def segment_size(path: Path) -> tuple[int, int]:
+    """(height, width) of a `.ppm` or a tifxyz segment (at full resolution), checked without reading its body."""
+    if Path(path).is_dir():
+        return tifxyz_size(path)
+    ppm = read_ppm(path)
+    return ppm.height, ppm.width

@@ -28,9 +28,7 @@ def is_tifxyz(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in (*COORDINATES, "meta.json"))
 
 
-def read_tifxyz(folder: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
-    """The grid's points (H, W, 3) xyz, float64, NaN where invalid, and `scale` (sx, sy)."""
-    folder = Path(folder)
+def _scale(folder: Path) -> tuple[float, float]:
     missing = [name for name in (*COORDINATES, "meta.json") if not (folder / name).is_file()]
     if missing:
         raise InputError(f"{folder}: tifxyz segment without {', '.join(missing)}")
@@ -41,6 +39,35 @@ def read_tifxyz(folder: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
         raise InputError(f"{folder / 'meta.json'}: needs \"scale\": [sx, sy] ({type(error).__name__}: {error})") from None
     if not (sx > 0 and sy > 0):
         raise InputError(f"{folder / 'meta.json'}: scale {[sx, sy]} must be positive")
+    return sx, sy
+
+
+def _covered(grid_shape, sx: float, sy: float) -> tuple[int, int]:
+    """Full-resolution pixels a grid covers: every pixel up to its last vertex."""
+    return int(np.floor((grid_shape[0] - 1) / sy + 1e-9)) + 1, int(np.floor((grid_shape[1] - 1) / sx + 1e-9)) + 1
+
+
+def tifxyz_size(folder: str | Path) -> tuple[int, int]:
+    """(height, width) in full-resolution pixels, from the files' headers and meta.json: checks a segment
+    without reading its grid."""
+    folder = Path(folder)
+    sx, sy = _scale(folder)
+    shapes = []
+    for name in COORDINATES:
+        try:
+            with tifffile.TiffFile(folder / name) as tiff:
+                shapes.append(tuple(tiff.pages[0].shape))
+        except Exception as error:  # any decoder failure is reported with the file's name
+            raise InputError(f"{folder / name}: cannot read ({type(error).__name__}: {error})") from None
+    if len(set(shapes)) != 1 or len(shapes[0]) != 2:
+        raise InputError(f"{folder}: x, y and z must be 2D images of one size, got {', '.join(map(str, shapes))}")
+    return _covered(shapes[0], sx, sy)
+
+
+def read_tifxyz(folder: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
+    """The grid's points (H, W, 3) xyz, float64, NaN where invalid, and `scale` (sx, sy)."""
+    folder = Path(folder)
+    sx, sy = _scale(folder)
     grids = []
     for name in COORDINATES:
         try:
@@ -102,7 +129,7 @@ class SurfaceMap:
         self.points, (self.sx, self.sy) = read_tifxyz(folder)
         self.normals = grid_normals(self.points)
         rows, cols = self.points.shape[:2]
-        covered = (int(np.floor((rows - 1) / self.sy + 1e-9)) + 1, int(np.floor((cols - 1) / self.sx + 1e-9)) + 1)
+        covered = _covered((rows, cols), self.sx, self.sy)
         if shape is not None:
             spare = (int(np.ceil(1 / self.sy)), int(np.ceil(1 / self.sx)))
             if not all(abs(s - c) < extra for c, s, extra in zip(covered, shape, spare)):
