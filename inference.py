@@ -119,21 +119,13 @@ def verify_blocks(file: h5py.File, blocks) -> tuple[int, int]:
     """Re-read the blocks recorded as finished and unmark those whose bytes differ from their checksum;
     reset chunks the blocks to do cannot read (and unmark finished blocks sharing them). Returns
     (verified, damaged)."""
-    dataset, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS][:]
-    done = finished[:].astype(bool)
-    recorded = int(done[[b.index for b in blocks]].sum())
-    for block in tqdm([b for b in blocks if done[b.index]], unit="block", desc="verifying finished blocks", leave=False):
-        try:
-            done[block.index] = checksum(dataset[block.output]) == checksums[block.index]
-        except (OSError, RuntimeError):  # an unreadable chunk
-            done[block.index] = False
-    reset = volume.reset_unreadable_chunks(dataset, [b.output for b in blocks if not done[b.index]])
-    for block in blocks:
-        if done[block.index] and any(volume.overlaps(block.output, chunk) for chunk in reset):
-            done[block.index] = False
+    finished, checksums = file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS][:]
+    done = finished[:]
+    recorded = [int(checksums[b.index]) if done[b.index] else None for b in blocks]
+    intact = volume.verify_finished(file[volume.PREDICTIONS], [b.output for b in blocks], recorded, "block")
+    done[[b.index for b in blocks]] = intact
     finished[:] = done
-    verified = int(done[[b.index for b in blocks]].sum())
-    return verified, recorded - verified
+    return sum(intact), sum(value is not None for value in recorded) - sum(intact)
 
 
 def _reader(scan, blocks, pin: bool, out_queue: queue.Queue, stop: threading.Event):

@@ -89,7 +89,7 @@ def intensity_lut(dtype: np.dtype, window: tuple[float, float] | None) -> np.nda
         return None
     values = np.arange(65536, dtype=np.uint32)
     if window is None:
-        return ((values + 128) // 257).astype(np.uint8)  # = round(v * 255 / 65535)
+        return volume.UINT16_TO_UINT8
     low, high = window
     return np.clip(np.round((values - low) * 255 / max(high - low, 1)), 0, 255).astype(np.uint8)
 
@@ -222,19 +222,10 @@ def _slabs(dataset) -> list[tuple[slice, slice, slice]]:
 def _verify_slabs(dataset) -> str:
     """Re-read the slabs recorded as finished; forget those whose bytes differ from their checksum."""
     checksums = json.loads(dataset.attrs["slab_checksums"])
-    finished = [index for index, value in enumerate(checksums) if value is not None]
-    damaged = 0
-    for index in tqdm(finished, unit="slab", desc="verifying finished slabs", leave=False):
-        try:
-            intact = checksum(dataset[_slabs(dataset)[index]]) == checksums[index]
-        except (OSError, RuntimeError):  # an unreadable chunk
-            intact = False
-        if not intact:
-            checksums[index] = None
-            damaged += 1
-    volume.reset_unreadable_chunks(dataset, [slab for slab, value in zip(_slabs(dataset), checksums) if value is None])
-    dataset.attrs["slab_checksums"] = json.dumps(checksums)
-    return f"resuming: {len(finished) - damaged} finished slabs verified" + (f", {damaged} damaged ones redone" if damaged else "")
+    intact = volume.verify_finished(dataset, _slabs(dataset), checksums, "slab")
+    damaged = sum(value is not None for value in checksums) - sum(intact)
+    dataset.attrs["slab_checksums"] = json.dumps([value if ok else None for value, ok in zip(checksums, intact)])
+    return f"resuming: {sum(intact)} finished slabs verified" + (f", {damaged} damaged ones redone" if damaged else "")
 
 
 def _write_slabs(stack, dataset, lut, workers: int) -> None:

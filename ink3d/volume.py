@@ -14,7 +14,10 @@ import hdf5plugin
 import numpy as np
 import zarr
 
+from tqdm import tqdm
+
 from ink3d import InputError
+from ink3d.files import checksum
 
 SCAN = "scan_volume"
 INK_SUM = "ink_sum"
@@ -29,6 +32,7 @@ BLOCK_CHECKSUMS = "block_checksums"  # prediction file: CRC-32 of each finished 
 os.environ.setdefault("BLOSC_NTHREADS", str(os.cpu_count() or 1))
 
 AXES = "zyx"
+UINT16_TO_UINT8 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)  # round(v * 255 / 65535)
 DEFAULT_CHUNK = 128
 COMPRESSIONS = ("blosc-zstd", "blosc-lz4", "blosc-lz4-byteshuffle", "gzip", "lzf", "none")
 DEFAULT_COMPRESSION = "blosc-lz4"
@@ -120,7 +124,7 @@ class ZarrVolume:
         self.shape, self.chunks, self.ndim = tuple(array.shape), tuple(array.chunks), 3
         self.dtype = np.dtype(np.uint8)
         self.attrs = {"axes": AXES}
-        self._lut = None if array.dtype == np.uint8 else ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
+        self._lut = None if array.dtype == np.uint8 else UINT16_TO_UINT8
 
     def __getitem__(self, key) -> np.ndarray:
         values = np.asarray(self.array[key])
@@ -236,6 +240,20 @@ def reset_unreadable_chunks(dataset, boxes) -> list[tuple[slice, slice, slice]]:
                 dataset[chunk] = np.full([s.stop - s.start for s in chunk], dataset.fillvalue, dataset.dtype)
                 reset.append(chunk)
     return reset
+
+
+def verify_finished(dataset, boxes, checksums, unit: str) -> list[bool]:
+    """Which `boxes` (zyx slices) of an interrupted output still hold the bytes their recorded CRC-32 says
+    (`checksums`, None where a box was not finished). Finished boxes are read back; chunks that the other
+    boxes cannot read are reset so they can be written again, and a finished box sharing one counts as lost."""
+    intact = []
+    for box, recorded in tqdm(list(zip(boxes, checksums)), unit=unit, desc=f"verifying finished {unit}s", leave=False):
+        try:
+            intact.append(recorded is not None and checksum(dataset[box]) == recorded)
+        except (OSError, RuntimeError):  # an unreadable chunk
+            intact.append(False)
+    reset = reset_unreadable_chunks(dataset, [box for box, ok in zip(boxes, intact) if not ok])
+    return [ok and not any(overlaps(box, chunk) for chunk in reset) for box, ok in zip(boxes, intact)]
 
 
 def overlaps(a, b) -> bool:
