@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output, partial_path
-from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, voxelize_tile
+from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, reuse_freed_memory, voxelize_tile
 from ink3d.ppm import find_segment, open_segment, segment_size, valid_mask
 
 # --- config ---
@@ -48,7 +48,8 @@ KEEP_ALL_VERSIONS = False  # use every version of a segment instead of only the 
 SKIP_BAD = False  # skip (and report) segments with a missing or malformed ppm, label or mask
 CHUNK = 128  # HDF5 chunk edge of the label volumes
 TILE_PIXELS = 32768  # pixels voxelized at once (rows of the segment): bounds the memory of one step
-CACHE_MB = 1024  # label chunks held in memory while a segment is voxelized, each read and written once when it leaves
+CACHE_MB = 1024  # label chunks held in memory while a segment is voxelized, each read and written once when it leaves;
+# a segment wider than a quarter of the held chunks (2048 columns with 128^3 chunks) is voxelized in bands of columns
 OVERWRITE = False  # replace existing outputs
 UPDATE = False  # add new segments to existing outputs
 
@@ -135,18 +136,21 @@ def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, ink_rang
         labels = _read_png(segment.label_path, (ppm.height, ppm.width), "ink label", segment.segment_id)
     shape = (ppm.height, ppm.width)
     mask = _read_png(segment.mask_path, shape, "mask", segment.segment_id) if segment.mask_path else None
-    rows = max(1, tile_pixels // ppm.width)
     stats = VoxelizeStats()
     with ChunkAccumulator(ink_sum, ink_count, cache_bytes) as accumulator:
-        for row in range(0, ppm.height, rows):
-            data = np.asarray(ppm.data[row:row + rows])
-            use = valid_mask(data)
-            if mask is not None:
-                use &= mask[row:row + rows] > 0
-            tile_stats, groups = voxelize_tile(data, labels[row:row + rows] / np.float32(255), use, band, accumulator, ink_range)
-            accumulator.add(groups)
-            stats.add(tile_stats)
-            bar.update(data.shape[0] * data.shape[1])
+        # bands of columns, each swept by strips of rows: a strip of a wide segment would reach more chunks than are held
+        bands = -(-ppm.width // accumulator.strip_columns())
+        columns = -(-ppm.width // bands)
+        rows = max(1, tile_pixels // columns)
+        for left in range(0, ppm.width, columns):
+            for row in range(0, ppm.height, rows):
+                tile = (slice(row, row + rows), slice(left, left + columns))
+                data = np.asarray(ppm.data[tile])
+                use = valid_mask(data)
+                if mask is not None:
+                    use &= mask[tile] > 0
+                stats.add(voxelize_tile(data, labels[tile] / np.float32(255), use, band, accumulator, ink_range))
+                bar.update(data.shape[0] * data.shape[1])
     return stats
 
 
@@ -210,6 +214,7 @@ def write_label_volume(path: Path, segments: list[Segment], shape, config, bar) 
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    reuse_freed_memory()
     outputs = [Path(config.out_train), Path(config.out_valid)]
     for out in outputs:
         if not config.update:

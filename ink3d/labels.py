@@ -8,15 +8,35 @@ added to `ink_count`. A voxel reached from both parts keeps the pixel's label. C
 gathered per HDF5 chunk in memory (bounded) and each chunk is read and written once per segment.
 """
 
+import ctypes
+import ctypes.util
+import functools
 import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import h5py
+import numcodecs
 import numpy as np
 
 COUNT_MAX = np.iinfo(np.uint16).max
+
+
+def reuse_freed_memory() -> None:
+    """Keep memory that arrays free within the process for the next ones (glibc's allocator).
+
+    Voxelizing a tile allocates and frees arrays of a few MB; by default glibc maps each such array
+    afresh and hands it back when it is freed, and every first touch of a fresh page is a page fault:
+    on a segment that costs more than the arithmetic. Elsewhere (not glibc) the defaults stay.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # arrays up to 32 MB (glibc's largest setting) from the heap...
+    mallopt(m_trim_threshold, 1 << 30)  # ... which keeps up to 1 GB of freed memory
 
 
 @dataclass
@@ -47,16 +67,9 @@ def ink_range_within(band: float, ink_back: float, ink_front: float) -> tuple[fl
     return -min(ink_back, band), min(ink_front, band)
 
 
-def _rounded(position: np.ndarray, points: np.ndarray, normals: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """rint(point + offset * normal) along one axis for every pixel and offset, flattened pixel-major (int32)."""
-    np.multiply(normals[:, None], offsets, out=position)
-    position += points[:, None]
-    return np.rint(position, out=position).astype(np.int32).ravel()
-
-
 def band_voxels(points_zyx: np.ndarray, normals_zyx: np.ndarray, band: float, shape,
                 ink_range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Voxels of every pixel's band, each voxel once per pixel.
+    """Voxels of every pixel's band, each voxel once per pixel, pixel by pixel.
 
     Returns (z, y, x (int32) of the voxels inside the volume, index of the pixel each came from,
     whether it lies in the ink range (all true without one), distinct (pixel, voxel) pairs dropped
@@ -65,55 +78,87 @@ def band_voxels(points_zyx: np.ndarray, normals_zyx: np.ndarray, band: float, sh
     voxels are found by comparing neighbours, and a run is ink when any of its offsets lies in the
     ink range.
     """
-    offsets = band_offsets(band, ink_range)  # ascending
+    offsets, ink_first, ink_last = _band_samples(float(band), None if ink_range is None else tuple(map(float, ink_range)))
     samples = len(offsets)
-    ink = np.ones(samples, bool) if ink_range is None else (offsets >= ink_range[0]) & (offsets <= ink_range[1])
-    ink_first, ink_last = (np.flatnonzero(ink)[[0, -1]] if ink.any() else (samples, -1))
     if len(points_zyx) == 0:
         nothing = np.zeros(0, np.int32)
         return nothing, nothing, nothing, nothing, np.zeros(0, bool), 0
-    position = np.empty((len(points_zyx), samples))
-    z, y, x = (_rounded(position, points_zyx[:, axis], normals_zyx[:, axis], offsets) for axis in range(3))
-    first = np.empty(len(z), bool)
-    first[0] = True
-    np.not_equal(z[1:], z[:-1], out=first[1:])
-    first[1:] |= y[1:] != y[:-1]
-    first[1:] |= x[1:] != x[:-1]
-    first[::samples] = True  # every pixel's first sample starts a run
-    starts = np.flatnonzero(first)
-    ends = np.empty_like(starts)
-    ends[:-1] = starts[1:] - 1
-    ends[-1:] = len(z) - 1
-    z, y, x = z[starts], y[starts], x[starts]
+    pixels = len(points_zyx)
+    # samples along the first axis, pixels along the second: numpy's loops run fast along the long axis
+    position = np.empty((samples, pixels))
+    voxels = np.empty((3, samples, pixels), np.int32)
+    for axis in range(3):
+        np.multiply(offsets[:, None], np.ascontiguousarray(normals_zyx[:, axis]), out=position)
+        position += np.ascontiguousarray(points_zyx[:, axis])
+        np.rint(position, out=voxels[axis], casting="unsafe")
+    changed = voxels[0, 1:] != voxels[0, :-1]
+    changed |= voxels[1, 1:] != voxels[1, :-1]
+    changed |= voxels[2, 1:] != voxels[2, :-1]
+    first = np.empty((pixels, samples), bool)  # pixel by pixel, the order in which contributions are added
+    first[:, 0] = True  # every pixel's first sample starts a run
+    first[:, 1:] = changed.T
+    starts = np.flatnonzero(first).astype(np.int32 if first.size < 2**31 else np.int64)
+    pixel = starts // samples
+    sample = starts - pixel * samples
+    at = sample * pixels + pixel
+    z, y, x = voxels[0].ravel()[at], voxels[1].ravel()[at], voxels[2].ravel()[at]
     # as unsigned, a negative coordinate is huge: one comparison per axis checks both ends
     inside = (z.view(np.uint32) < shape[0]) & (y.view(np.uint32) < shape[1]) & (x.view(np.uint32) < shape[2])
-    starts, ends = starts[inside], ends[inside]
-    in_ink = (starts % samples <= ink_last) & (ends % samples >= ink_first)
-    return z[inside], y[inside], x[inside], starts // samples, in_ink, int(len(inside) - np.count_nonzero(inside))
+    if ink_first == 0 and ink_last == samples - 1:
+        in_ink = np.ones(len(starts), bool)
+    else:
+        following = np.append(sample[1:], 0)  # the next run's first sample, 0 where the next pixel begins
+        last = np.where(following == 0, samples, following) - 1
+        in_ink = (sample <= ink_last) & (last >= ink_first)
+    outside = len(inside) - int(np.count_nonzero(inside))
+    if outside:
+        z, y, x, pixel, in_ink = z[inside], y[inside], x[inside], pixel[inside], in_ink[inside]
+    return z, y, x, pixel, in_ink, outside
+
+
+@functools.lru_cache(maxsize=16)
+def _band_samples(band: float, ink_range: tuple[float, float] | None) -> tuple[np.ndarray, int, int]:
+    """band_offsets, and the first and last of them in the ink range (samples, -1 when none is)."""
+    offsets = band_offsets(band, ink_range)
+    ink = np.ones(len(offsets), bool) if ink_range is None else (offsets >= ink_range[0]) & (offsets <= ink_range[1])
+    ink_first, ink_last = (int(index) for index in np.flatnonzero(ink)[[0, -1]]) if ink.any() else (len(offsets), -1)
+    offsets.flags.writeable = False
+    return offsets, ink_first, ink_last
 
 
 class ChunkAccumulator:
     """Label sums and counts gathered per HDF5 chunk in memory, each chunk read and written once when it leaves.
 
     Pixels of a segment reach the same chunks from many tiles; adding each tile straight into the file
-    would read, decompress, recompress and write those chunks again for every tile. Here a chunk's
-    sums (float32) and counts (uint32) stay in memory until the accumulator closes; when more than
-    `max_bytes` of chunks are held, the least recently reached ones leave early (and are read back,
-    added to, if reached again). A background thread writes the chunks that leave, in order, while
-    the next pixels are voxelized. Use as a context manager: leaving it normally writes every held
-    chunk; leaving it with an error writes nothing more.
+    would read, decompress, recompress and write those chunks again for every tile. Here the chunks a
+    segment reaches are held in slots of one pool, sums (float32) and counts (uint32), so that a tile's
+    contributions are added with one scatter whatever chunks they reach. When the pool (`max_bytes`) is
+    full, the least recently reached chunk leaves early (and is added to the stored one if reached
+    again). A background thread adds the stored chunk, compresses and writes the chunks that leave, in
+    order, while the next pixels are voxelized: for blosc or uncompressed datasets it compresses and
+    writes chunks itself (HDF5 holds the GIL while its filters run). Use as a context manager: leaving
+    it normally writes every held chunk; leaving it with an error writes nothing more.
     """
 
-    WRITE_QUEUE = 4  # chunks on their way to the file, beyond the held ones
+    LINGER = 4  # tiles that a chunk stays held without being reached
 
     def __init__(self, ink_sum: h5py.Dataset, ink_count: h5py.Dataset, max_bytes: int):
         self.ink_sum, self.ink_count = ink_sum, ink_count
         self.shape, self.chunks = np.array(ink_sum.shape), np.array(ink_sum.chunks)
         self.chunk_voxels = int(np.prod(self.chunks))
-        self.capacity = max(1, max_bytes // (self.chunk_voxels * (4 + 4)))
-        self.held: OrderedDict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self.leaving: queue.Queue = queue.Queue(maxsize=self.WRITE_QUEUE)
-        self.spare: queue.SimpleQueue = queue.SimpleQueue()  # zeroed arrays of written chunks: new pages cost more than zeroing
+        self.slots = max(1, max_bytes // (self.chunk_voxels * (4 + 4)))
+        # untouched pages of the pool take no memory: a small segment costs only the chunks it reaches
+        self.sums = np.zeros(self.slots * self.chunk_voxels, np.float32)
+        self.counts = np.zeros(self.slots * self.chunk_voxels, np.uint32)
+        self.index_type = np.int32 if self.slots * self.chunk_voxels < 2**31 else np.int64
+        self.held: OrderedDict[tuple[int, int, int], int] = OrderedDict()  # chunk -> slot, least recently reached first
+        self.last_reached: dict[tuple[int, int, int], int] = {}  # chunk -> the last tile that reached it
+        self.tiles = 0
+        self.free: queue.LifoQueue = queue.LifoQueue()  # zeroed slots, the most recently used (in memory already) first
+        for slot in range(self.slots):
+            self.free.put(slot)
+        self.leaving: queue.SimpleQueue = queue.SimpleQueue()
+        self.codecs = _chunk_codecs(ink_sum, ink_count)
         self.failure: BaseException | None = None
         self.ones = np.ones(0, np.uint32)
         self.writer = threading.Thread(target=self._write_leaving, daemon=True)
@@ -132,44 +177,64 @@ class ChunkAccumulator:
         if kind is None and self.failure is not None:
             raise self.failure
 
-    def group(self, z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray) -> list[tuple[tuple[int, int, int], np.ndarray, np.ndarray]]:
-        """Contributions `values` (float32) at voxels (z, y, x) inside the volume, as (chunk, index in the chunk,
-        values) per chunk. Touches no state: may run in another thread while `add` runs."""
+    def strip_columns(self) -> int:
+        """The widest strip of segment pixels (about a voxel apart) whose chunks stay held as it moves on: the chunks
+        of a quarter of the pool side by side, leaving room for a strip crossing chunks diagonally or into the next layer."""
+        return max(1, self.slots * int(self.chunks.min()) // 4)
+
+    def add(self, z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray) -> None:
+        """Add `values` (float32) to the sums and 1 to the counts at voxels (z, y, x) (int32, inside the volume)."""
+        self.tiles += 1
         if len(z) == 0:
-            return []
+            return
         (c0, c1, c2), (cz, cy, cx) = self.chunks, (z // self.chunks[0], y // self.chunks[1], x // self.chunks[2])
         local = ((z - cz * c0) * c1 + (y - cy * c1)) * c2 + (x - cx * c2)  # index in a whole (unclipped) chunk
         low = np.array([cz.min(), cy.min(), cx.min()])
         extent = np.array([cz.max(), cy.max(), cx.max()]) - low + 1
         key = ((cz - low[0]) * extent[1] + (cy - low[1])) * extent[2] + (cx - low[2])
-        if extent.prod() <= 1 << 16:
-            key = key.astype(np.uint16)  # numpy sorts 16-bit keys by radix: linear time
-        order = np.argsort(key, kind="stable")
-        key, local, values = key[order], local[order], values[order]
-        bounds = np.flatnonzero(key[1:] != key[:-1]) + 1
-        return [(tuple(int(c) for c in low + np.unravel_index(int(key[start]), tuple(extent))), local[start:stop], values[start:stop])
-                for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(key)])]
+        reached = np.flatnonzero(np.bincount(key, minlength=int(extent.prod())))
+        # one batch unless a tile reaches more chunks than the pool holds
+        for start in range(0, len(reached), self.slots):
+            batch = reached[start:start + self.slots]
+            origin = np.zeros(int(extent.prod()), self.index_type)  # where each reached chunk's slot starts in the pool
+            for kept, chunk_key in enumerate(batch):
+                chunk = tuple(int(c) for c in low + np.unravel_index(int(chunk_key), tuple(extent)))
+                origin[chunk_key] = self._slot(chunk, kept) * self.chunk_voxels
+            index, batch_values = origin[key] + local, values
+            if len(batch) < len(reached):
+                in_batch = np.isin(key, batch)
+                index, batch_values = index[in_batch], values[in_batch]
+            if len(self.ones) < len(index):
+                self.ones = np.ones(len(index), np.uint32)
+            np.add.at(self.counts, index, self.ones[:len(index)])
+            labeled = batch_values != 0  # adding 0 to a sum changes nothing: ink is sparse
+            np.add.at(self.sums, index[labeled], batch_values[labeled])
+        # a strip of rows moves on through the volume: chunks that the last tiles did not reach are most
+        # likely finished, and leave now, so that the writer works alongside and new chunks find free slots
+        while self.held and self.last_reached[next(iter(self.held))] <= self.tiles - self.LINGER:
+            self._leave()
 
-    def add(self, groups: list[tuple[tuple[int, int, int], np.ndarray, np.ndarray]]) -> None:
-        """Add the contributions of `group()` to the held chunks."""
-        for chunk, local, values in groups:
-            if len(self.ones) < len(local):
-                self.ones = np.ones(len(local), np.uint32)
-            sums, counts = self._held(chunk)
-            np.add.at(sums, local, values)
-            np.add.at(counts, local, self.ones[:len(local)])
-
-    def _held(self, chunk: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def _slot(self, chunk: tuple[int, int, int], kept: int) -> int:
+        """The slot holding `chunk`, made the most recently reached; the `kept` most recent chunks stay held."""
+        self.last_reached[chunk] = self.tiles
         if chunk in self.held:
             self.held.move_to_end(chunk)
             return self.held[chunk]
-        while len(self.held) >= self.capacity:
-            self._leave()
-        try:
-            self.held[chunk] = self.spare.get_nowait()
-        except queue.Empty:
-            self.held[chunk] = (np.zeros(self.chunk_voxels, np.float32), np.zeros(self.chunk_voxels, np.uint32))
-        return self.held[chunk]
+        while True:
+            try:
+                slot = self.free.get_nowait()
+                break
+            except queue.Empty:
+                pass
+            if len(self.held) > kept:
+                self._leave()
+            else:  # every other slot is on its way to the file
+                slot = self.free.get()
+                break
+        if self.failure is not None:
+            raise self.failure
+        self.held[chunk] = slot
+        return slot
 
     def _leave(self) -> None:
         """Hand the least recently reached chunk to the writer."""
@@ -179,37 +244,80 @@ class ChunkAccumulator:
 
     def _write_leaving(self) -> None:
         while (item := self.leaving.get()) is not None:
+            chunk, slot = item
+            voxels = slice(slot * self.chunk_voxels, (slot + 1) * self.chunk_voxels)
             if self.failure is None:
                 try:
-                    for array in self._write(*item):
-                        array.fill(0)
-                    self.spare.put(item[1])
+                    self._write(chunk, self.sums[voxels], self.counts[voxels])
                 except BaseException as error:  # handed to the voxelizing thread, which raises it
                     self.failure = error
+            self.sums[voxels] = 0
+            self.counts[voxels] = 0
+            self.free.put(slot)
 
-    def _write(self, chunk: tuple[int, int, int], sums_and_counts: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        origin = np.array(chunk) * self.chunks
-        stop = np.minimum(origin + self.chunks, self.shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(origin, stop))
-        inside = tuple(slice(0, int(b - a)) for a, b in zip(origin, stop))
-        sums, counts = (array.reshape(tuple(self.chunks))[inside] for array in sums_and_counts)
-        if self.ink_count.id.get_chunk_info_by_coord(tuple(int(o) for o in origin)).byte_offset is not None:
-            sums = self.ink_sum[box] + sums  # the chunk holds earlier segments' labels, or this one's from an earlier stay
-            counts = self.ink_count[box] + counts
-        self.ink_sum[box] = sums
-        self.ink_count[box] = (counts if counts.max() <= COUNT_MAX else np.minimum(counts, COUNT_MAX)).astype(np.uint16)
-        return sums_and_counts
+    def _write(self, chunk: tuple[int, int, int], sums: np.ndarray, counts: np.ndarray) -> None:
+        """Add the stored chunk (if any) to `sums` and `counts` (a whole chunk each) and store them."""
+        origin = tuple(int(c) for c in np.array(chunk) * self.chunks)
+        stored = self.ink_count.id.get_chunk_info_by_coord(origin).byte_offset is not None
+        if self.codecs is None:  # other codecs: through HDF5's own filters, the edge chunks clipped
+            stop = np.minimum(np.array(origin) + self.chunks, self.shape)
+            box = tuple(slice(a, int(b)) for a, b in zip(origin, stop))
+            inside = tuple(slice(0, int(b) - a) for a, b in zip(origin, stop))
+            sums, counts = (array.reshape(tuple(self.chunks))[inside] for array in (sums, counts))
+            if stored:
+                sums += self.ink_sum[box]
+                counts += self.ink_count[box]
+            self.ink_sum[box] = sums
+            self.ink_count[box] = np.minimum(counts, COUNT_MAX).astype(np.uint16)
+            return
+        if stored:  # earlier segments' labels, or this one's from an earlier stay
+            sums += _read_chunk(self.ink_sum, origin, self.codecs[0], np.float32)
+            counts += _read_chunk(self.ink_count, origin, self.codecs[1], np.uint16)
+        _write_chunk(self.ink_sum, origin, self.codecs[0], sums)
+        _write_chunk(self.ink_count, origin, self.codecs[1], np.minimum(counts, COUNT_MAX, out=counts).astype(np.uint16))
+
+
+BLOSC_FILTER = 32001  # the HDF5 filter id of blosc (hdf5plugin.Blosc)
+BLOSC_COMPRESSORS = {0: "blosclz", 1: "lz4", 2: "lz4hc", 4: "zlib", 5: "zstd"}
+
+
+def _chunk_codecs(*datasets: h5py.Dataset) -> tuple | None:
+    """Per dataset, the codec of its stored chunks: a numcodecs Blosc with the dataset's settings, or None
+    for uncompressed chunks; None when some dataset has other filters (HDF5 must run them)."""
+    codecs = []
+    for dataset in datasets:
+        plist = dataset.id.get_create_plist()
+        filters = [plist.get_filter(index) for index in range(plist.get_nfilters())]
+        if not filters:
+            codecs.append(None)
+            continue
+        if len(filters) > 1 or filters[0][0] != BLOSC_FILTER or filters[0][2][6] not in BLOSC_COMPRESSORS:
+            return None
+        clevel, shuffle, compressor = filters[0][2][4:7]
+        codecs.append(numcodecs.Blosc(cname=BLOSC_COMPRESSORS[compressor], clevel=clevel, shuffle=shuffle))
+    return tuple(codecs)
+
+
+def _read_chunk(dataset: h5py.Dataset, origin: tuple[int, ...], codec, dtype) -> np.ndarray:
+    """A stored whole chunk, flat. Blosc (de)compresses without the GIL, HDF5's filters do not."""
+    filter_mask, stored = dataset.id.read_direct_chunk(origin)
+    if codec is not None and not filter_mask & 1:  # bit set: HDF5 kept the chunk uncompressed
+        stored = codec.decode(stored)
+    return np.frombuffer(stored, dtype)
+
+
+def _write_chunk(dataset: h5py.Dataset, origin: tuple[int, ...], codec, chunk: np.ndarray) -> None:
+    dataset.id.write_direct_chunk(origin, chunk.tobytes() if codec is None else codec.encode(chunk))
 
 
 def voxelize_tile(data: np.ndarray, labels: np.ndarray, use: np.ndarray, band: float, accumulator: ChunkAccumulator,
-                  ink_range: tuple[float, float] | None = None) -> tuple[VoxelizeStats, list]:
-    """The contributions of one tile of a segment, grouped by chunk for `accumulator.add`: ppm `data`
-    (rows, cols, 6), `labels` in [0, 1] (float32), pixels to `use`; the pixel's label goes to the voxels
-    of `ink_range` (the whole band when None), 0 to the rest. Touches no state (see `ChunkAccumulator.group`)."""
+                  ink_range: tuple[float, float] | None = None) -> VoxelizeStats:
+    """Add one tile of a segment to `accumulator`: ppm `data` (rows, cols, 6), `labels` in [0, 1] (float32),
+    pixels to `use`; the pixel's label goes to the voxels of `ink_range` (the whole band when None), 0 to the rest."""
     pixels = data[use]
     values = labels[use]
     points_zyx, normals_zyx = pixels[:, 2::-1], pixels[:, 5:2:-1]
     z, y, x, pixel_index, ink, dropped = band_voxels(points_zyx, normals_zyx, band, accumulator.shape, ink_range)
-    groups = accumulator.group(z, y, x, np.where(ink, values[pixel_index], np.float32(0)))
+    accumulator.add(z, y, x, np.where(ink, values[pixel_index], np.float32(0)))
     return VoxelizeStats(pixels=len(values), ink_pixels=float(values.sum(dtype=np.float64)), contributions=len(z),
-                         dropped_outside=dropped), groups
+                         dropped_outside=dropped)
