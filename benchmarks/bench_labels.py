@@ -19,6 +19,7 @@ along the arc, which is what makes the chunk I/O matter.
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -173,7 +174,9 @@ def main():
         box_rate = args.box_rows * args.size / seconds
         print(f"box fill (the original's method), first {args.box_rows} rows: {box_rate:,.0f} px/s")
 
-        # 3. the whole segment, in its own process for its peak RSS
+        # 3. the whole segment, in its own process for its peak RSS; the scene written to disk first, so that the
+        # system does not write it back during the measurement
+        os.sync()
         result = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), argv=common + ["--out_train", str(root / "full.h5")])],
                                 check=True, capture_output=True, text=True)
         seconds, rss = (float(value) for value in result.stdout.strip().splitlines()[-1].split())

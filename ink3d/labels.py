@@ -137,10 +137,11 @@ class ChunkAccumulator:
     again). A background thread adds the stored chunk, compresses and writes the chunks that leave, in
     order, while the next pixels are voxelized: for blosc or uncompressed datasets it compresses and
     writes chunks itself (HDF5 holds the GIL while its filters run). Use as a context manager: leaving
-    it normally writes every held chunk; leaving it with an error writes nothing more.
+    it normally writes every held chunk; leaving it with an error writes nothing more. An error of the
+    writer is raised in the voxelizing thread, at the next chunk it hands over or at the end.
     """
 
-    LINGER = 4  # tiles that a chunk stays held without being reached
+    LINGER = 2  # tiles that a chunk stays held without being reached
 
     def __init__(self, ink_sum: h5py.Dataset, ink_count: h5py.Dataset, max_bytes: int):
         self.ink_sum, self.ink_count = ink_sum, ink_count
@@ -171,6 +172,8 @@ class ChunkAccumulator:
         if kind is None:
             while self.held:
                 self._leave()
+        elif self.failure is None:
+            self.failure = error  # the writer skips what is still on its way
         self.held.clear()
         self.leaving.put(None)
         self.writer.join()

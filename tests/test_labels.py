@@ -1,4 +1,9 @@
 import json
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import cv2
 import h5py
@@ -7,7 +12,7 @@ import pytest
 
 import all_labels_to_hdf
 import pred_find_coords
-from ink3d import InputError, volume
+from ink3d import InputError, labels, volume
 from ink3d.coords import drop_near
 from ink3d.labels import ChunkAccumulator, band_offsets
 from ink3d.ppm import write_ppm
@@ -169,15 +174,21 @@ def _per_pixel_reference(data, label, band, ink_range, shape):
     return ink_sum, ink_count
 
 
-@pytest.mark.parametrize("cache_mb, tile_pixels", [("1024", "65536"), ("1", "7")])
-def test_labels_equal_a_per_pixel_loop_whatever_the_tiles_and_cache(scene, cache_mb, tile_pixels, monkeypatch):
+@pytest.mark.parametrize("cache_mb, tile_pixels, compression", [
+    ("1024", "65536", volume.LABEL_COMPRESSION), ("1", "7", volume.LABEL_COMPRESSION),
+    ("1", "7", "blosc-zstd"),  # another blosc: chunks compressed here, bit shuffled
+    ("1", "7", "none"),  # chunks stored as they are
+    ("1", "7", "gzip"),  # HDF5 runs the filter
+])
+def test_labels_equal_a_per_pixel_loop_whatever_the_tiles_cache_and_codec(scene, cache_mb, tile_pixels, compression, monkeypatch):
+    monkeypatch.setattr(volume, "LABEL_COMPRESSION", compression)
     data = _cylinder(radius=11.0, centre_xy=(21.0, 16.0), z0=3)
     data[..., 2] += np.linspace(0, 6, data.shape[1])[None]  # a helix: no two rows alike
     data[5:7] = 0  # rows off the surface: with small tiles, tiles without a pixel
     label = np.random.default_rng(3).choice(np.array([0, 255, 128, 37], np.uint8), data.shape[:2])
     add_segment(scene, "20230101000000", data, label)
     add_segment(scene, "20230202000000", data[::-1], label[::-1])  # the same surface again: chunks already hold labels
-    if cache_mb == "1":  # a cache of one chunk: every other chunk is written early and read back when reached again
+    if cache_mb == "1":  # a cache of one chunk: strips of 2 columns, every chunk written early and read back when reached again
         monkeypatch.setattr(all_labels_to_hdf, "ChunkAccumulator",
                             lambda ink_sum, ink_count, max_bytes: ChunkAccumulator(ink_sum, ink_count, 8**3 * 8))
     run(scene, "--ink_back", "1", "--ink_front", "2", "--tile_pixels", tile_pixels, band="3.5")
@@ -186,6 +197,58 @@ def test_labels_equal_a_per_pixel_loop_whatever_the_tiles_and_cache(scene, cache
     second = _per_pixel_reference(data[::-1], label[::-1], 3.5, (-1.0, 2.0), SHAPE)
     assert np.array_equal(ink_count, first[1] + second[1]) and ink_count.max() == 2
     assert np.allclose(ink_sum, first[0] + second[0], rtol=1e-6, atol=0)  # float32 sums of grey labels: one rounding apart
+
+
+def test_update_adds_to_chunks_that_hdf5_stored_uncompressed(scene):
+    data, label = flat_segment()
+    add_segment(scene, "20230101000000", data, label)
+    run(scene)
+    noise = np.random.default_rng(0).integers(0, 60000, (8, 8, 8)).astype(np.uint16)  # blosc cannot shrink it
+    with h5py.File(scene / "train.h5", "a") as file:
+        file[volume.INK_COUNT][8:16, 0:8, 0:8] = noise
+        assert file[volume.INK_COUNT].id.read_direct_chunk((8, 0, 0))[0] & 1  # the filter was skipped for this chunk
+        before = file[volume.INK_COUNT][:]
+    add_segment(scene, "20230202000000", data, label)
+    run(scene, "--update", "true")
+    _, ink_count, _ = read(scene / "train.h5")
+    first = _per_pixel_reference(data, label, 2.0, (-2.0, 2.0), SHAPE)[1]
+    assert np.array_equal(ink_count, np.minimum(before.astype(np.int64) + first, 65535))
+
+
+def test_an_error_of_the_writer_reaches_the_voxelizing_thread(tmp_path, monkeypatch):
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(labels, "_write_chunk", disk_full)
+    with h5py.File(tmp_path / "labels.h5", "w") as file:
+        datasets = [volume.create_volume(file, name, (16, 16, 16), dtype, 8, volume.LABEL_COMPRESSION)
+                    for name, dtype in ((volume.INK_SUM, np.float32), (volume.INK_COUNT, np.uint16))]
+        one = np.ones(1, np.int32)
+        with pytest.raises(OSError, match="No space left"):
+            with ChunkAccumulator(*datasets, max_bytes=8**3 * 8) as accumulator:  # one slot: every new chunk waits for the writer
+                for corner in range(0, 16, 8):
+                    accumulator.add(corner * one, corner * one, 0 * one, np.ones(1, np.float32))
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
+def test_freed_memory_is_reused_without_page_faults():
+    churn = textwrap.dedent("""
+        import resource, sys
+        import numpy as np
+        from ink3d.labels import reuse_freed_memory
+        if sys.argv[1] == "reuse":
+            reuse_freed_memory()
+        np.ones(1 << 20)  # 8 MB: the first one costs its pages either way
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            np.ones(1 << 20)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    faults = {how: int(subprocess.run([sys.executable, "-c", churn, how], capture_output=True, text=True, check=True,
+                                      cwd=Path(__file__).resolve().parents[1]).stdout)
+              for how in ("default", "reuse")}
+    assert faults["default"] >= 20  # every fresh array faults its pages in (4 kB or 2 MB ones)
+    assert faults["reuse"] < faults["default"] / 10
 
 
 def test_each_voxel_counts_once_per_pixel(scene):
