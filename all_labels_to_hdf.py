@@ -47,7 +47,7 @@ INK_BACK = 1.5  # ... and up to this far behind it; the rest of the band is labe
 KEEP_ALL_VERSIONS = False  # use every version of a segment instead of only the newest
 SKIP_BAD = False  # skip (and report) segments with a missing or malformed ppm, label or mask
 CHUNK = 128  # HDF5 chunk edge of the label volumes
-TILE_PIXELS = 32768  # pixels voxelized at once (rows of the segment): bounds the memory of one step
+TILE_PIXELS = 32768  # pixels voxelized at once (rows of a band of columns): bounds the memory of one step
 CACHE_MB = 1024  # label chunks held in memory while a segment is voxelized, each read and written once when it leaves;
 # a segment wider than a quarter of the held chunks (2048 columns with 128^3 chunks) is voxelized in bands of columns
 OVERWRITE = False  # replace existing outputs

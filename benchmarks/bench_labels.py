@@ -3,6 +3,7 @@ to a plain per-pixel loop, peak memory.
 
     python benchmarks/bench_labels.py                          # 2560 x 2560 pixels on a cylinder of radius 1500
     python benchmarks/bench_labels.py --size 1000 --radius 400
+    python benchmarks/bench_labels.py --size 640 --width 12000 --radius 3000   # a wide segment: voxelized in bands of columns
 
 The segment is a cylinder patch (its rows along z), labeled with letter-like strokes covering
 `--ink` of its pixels, at real label density. A row strip of such a segment reaches chunks all
@@ -15,7 +16,7 @@ along the arc, which is what makes the chunk I/O matter.
    axis-aligned box between the two ends of the pixel's band gets its label), into chunks held in
    memory and written once: on the first `--box_rows` rows (the loop is too slow for the whole
    segment), in pixels/s.
-3. all_labels_to_hdf on the whole segment, in its own process for its peak RSS.
+3. all_labels_to_hdf on the whole segment, `--runs` times, each in its own process for its peak RSS.
 """
 
 import argparse
@@ -39,34 +40,38 @@ from ink3d.labels import band_voxels  # noqa: E402
 from ink3d.ppm import read_ppm, valid_mask, write_ppm  # noqa: E402
 
 SEGMENT = "20240101000000"
+# the peak RSS of this process alone: getrusage's ru_maxrss would start from the RSS of the benchmark that started it
 RUN = """
-import resource, sys, time
+import re, sys, time
+from pathlib import Path
 sys.path.insert(0, {root!r})
 import all_labels_to_hdf
 started = time.perf_counter()
 all_labels_to_hdf.main({argv!r})
-print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(time.perf_counter() - started, re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
 """
 
 
-def make_scene(root: Path, size: int, radius: float, band: float, ink: float) -> tuple[int, int, int]:
-    """A `size` x `size` cylinder patch of `radius` (rows along z, the arc along the columns) with strokes on `ink` of it."""
+def make_scene(root: Path, height: int, width: int, radius: float, band: float, ink: float) -> tuple[int, int, int]:
+    """A `height` x `width` cylinder patch of `radius` (rows along z, the arc along the columns) with strokes on `ink` of it."""
+    if width > 6 * radius:
+        raise SystemExit(f"--width {width} wraps around a cylinder of radius {radius:g}: raise --radius")
     extent = int(2 * radius + 4 * band + 8)
-    shape = (size + 8, extent, extent)
-    theta = np.arange(size) / radius + 0.1
+    shape = (height + 8, extent, extent)
+    theta = np.arange(width) / radius + 0.1
     centre = extent / 2
-    data = np.zeros((size, size, 6))
+    data = np.zeros((height, width, 6))
     data[..., 0] = centre + radius * np.cos(theta)[None]
     data[..., 1] = centre + radius * np.sin(theta)[None]
-    data[..., 2] = 4 + np.arange(size, dtype=np.float64)[:, None]
+    data[..., 2] = 4 + np.arange(height, dtype=np.float64)[:, None]
     data[..., 3] = np.cos(theta)[None]
     data[..., 4] = np.sin(theta)[None]
     (root / "paths" / SEGMENT).mkdir(parents=True)
     write_ppm(root / "paths" / SEGMENT / f"{SEGMENT}.ppm", data)
-    label = np.zeros((size, size), np.uint8)
+    label = np.zeros((height, width), np.uint8)
     rng = np.random.default_rng(0)
     while np.count_nonzero(label) < ink * label.size:
-        for y, x in rng.integers(0, size, (size, 2)):
+        for y, x in rng.integers(0, (height, width), (max(height, width), 2)):
             cv2.line(label, (int(x), int(y)), (int(x) + 12, int(y) + 18), 255, 3)
     (root / "labels").mkdir()
     cv2.imwrite(str(root / "labels" / f"{SEGMENT}_inklabels.png"), label)
@@ -137,17 +142,20 @@ def box_fill(root: Path, rows: int, band: float, out: Path) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=2560)
+    parser.add_argument("--size", type=int, default=2560, help="rows of the segment (and columns unless --width)")
+    parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--radius", type=float, default=1500.0)
     parser.add_argument("--band", type=float, default=4.0)
     parser.add_argument("--ink", type=float, default=0.07, help="fraction of the segment's pixels labeled ink")
     parser.add_argument("--reference_rows", type=int, default=4)
     parser.add_argument("--box_rows", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=2, help="runs of all_labels_to_hdf on the whole segment")
     args = parser.parse_args()
+    width = args.width or args.size
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        shape = make_scene(root, args.size, args.radius, args.band, args.ink)
-        print(f"segment {args.size} x {args.size} pixels on a cylinder of radius {args.radius:g}, volume {shape}, "
+        shape = make_scene(root, args.size, width, args.radius, args.band, args.ink)
+        print(f"segment {args.size} x {width} pixels (rows x columns) on a cylinder of radius {args.radius:g}, volume {shape}, "
               f"band {args.band}, {args.ink:.0%} ink")
         common = ["--ppm_dir", str(root / "paths"), "--labels_dir", str(root / "labels"), "--volume", str(root / "scan.h5"),
                   "--out_valid", str(root / "valid.h5"), "--valid_segments", "", "--band", str(args.band),
@@ -171,20 +179,19 @@ def main():
 
         # 2. the original-style box fill on the first rows
         seconds = box_fill(root, args.box_rows, args.band, root / "box.h5")
-        box_rate = args.box_rows * args.size / seconds
+        box_rate = args.box_rows * width / seconds
         print(f"box fill (the original's method), first {args.box_rows} rows: {box_rate:,.0f} px/s")
 
-        # 3. the whole segment, in its own process for its peak RSS; the scene written to disk first, so that the
-        # system does not write it back during the measurement
+        # 3. the whole segment, each run in its own process for its peak RSS; the scene written to disk first, so that
+        # the system does not write it back during the measurement
         os.sync()
-        result = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), argv=common + ["--out_train", str(root / "full.h5")])],
-                                check=True, capture_output=True, text=True)
-        seconds, rss = (float(value) for value in result.stdout.strip().splitlines()[-1].split())
-        rate = args.size**2 / seconds
-        print(f"all_labels_to_hdf, whole segment: {args.size**2:,} pixels in {seconds:.1f} s = {rate:,.0f} px/s, "
-              f"peak RSS {rss / 1024:.0f} MB")
-        print(f"all_labels_to_hdf / box fill: {rate / box_rate:.1f}x")
-
+        for run in range(1, args.runs + 1):
+            result = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), argv=common + ["--out_train", str(root / "full.h5")])],
+                                    check=True, capture_output=True, text=True)
+            seconds, rss = (float(value) for value in result.stdout.strip().splitlines()[-1].split())
+            rate = args.size * width / seconds
+            print(f"all_labels_to_hdf, whole segment, run {run}: {args.size * width:,} pixels in {seconds:.1f} s = {rate:,.0f} px/s, "
+                  f"peak RSS {rss / 1024:.0f} MB; / box fill: {rate / box_rate:.1f}x")
 
 if __name__ == "__main__":
     main()
