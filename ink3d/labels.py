@@ -132,9 +132,10 @@ class ChunkAccumulator:
     Pixels of a segment reach the same chunks from many tiles; adding each tile straight into the file
     would read, decompress, recompress and write those chunks again for every tile. Here the chunks a
     segment reaches are held in slots of one pool, sums (float32) and counts (uint32), so that a tile's
-    contributions are added with one scatter whatever chunks they reach. When the pool (`max_bytes`) is
-    full, the least recently reached chunk leaves early (and is added to the stored one if reached
-    again). A background thread adds the stored chunk, compresses and writes the chunks that leave, in
+    contributions are added with one scatter whatever chunks they reach. Chunks that the last `LINGER`
+    tiles did not reach leave (the rows have moved past them), and when the pool (`max_bytes`) is full
+    the least recently reached one leaves early; a chunk reached again after it left is added to the
+    stored one. A background thread adds the stored chunk, compresses and writes the chunks that leave, in
     order, while the next pixels are voxelized: for blosc or uncompressed datasets it compresses and
     writes chunks itself (HDF5 holds the GIL while its filters run). Use as a context manager: leaving
     it normally writes every held chunk; leaving it with an error writes nothing more. An error of the
@@ -186,10 +187,16 @@ class ChunkAccumulator:
         return max(1, self.slots * int(self.chunks.min()) // 4)
 
     def add(self, z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray) -> None:
-        """Add `values` (float32) to the sums and 1 to the counts at voxels (z, y, x) (int32, inside the volume)."""
+        """Add one tile's `values` (float32) to the sums and 1 to the counts at voxels (z, y, x) (int32, inside the volume)."""
         self.tiles += 1
-        if len(z) == 0:
-            return
+        if len(z):
+            self._scatter(z, y, x, values)
+        # a strip of rows moves on through the volume: chunks that the last tiles did not reach are most
+        # likely finished, and leave now, so that the writer works alongside and new chunks find free slots
+        while self.held and self.last_reached[next(iter(self.held))] <= self.tiles - self.LINGER:
+            self._leave()
+
+    def _scatter(self, z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray) -> None:
         (c0, c1, c2), (cz, cy, cx) = self.chunks, (z // self.chunks[0], y // self.chunks[1], x // self.chunks[2])
         local = ((z - cz * c0) * c1 + (y - cy * c1)) * c2 + (x - cx * c2)  # index in a whole (unclipped) chunk
         low = np.array([cz.min(), cy.min(), cx.min()])
@@ -212,10 +219,6 @@ class ChunkAccumulator:
             np.add.at(self.counts, index, self.ones[:len(index)])
             labeled = batch_values != 0  # adding 0 to a sum changes nothing: ink is sparse
             np.add.at(self.sums, index[labeled], batch_values[labeled])
-        # a strip of rows moves on through the volume: chunks that the last tiles did not reach are most
-        # likely finished, and leave now, so that the writer works alongside and new chunks find free slots
-        while self.held and self.last_reached[next(iter(self.held))] <= self.tiles - self.LINGER:
-            self._leave()
 
     def _slot(self, chunk: tuple[int, int, int], kept: int) -> int:
         """The slot holding `chunk`, made the most recently reached; the `kept` most recent chunks stay held."""
@@ -243,7 +246,9 @@ class ChunkAccumulator:
         """Hand the least recently reached chunk to the writer."""
         if self.failure is not None:
             raise self.failure
-        self.leaving.put(self.held.popitem(last=False))
+        chunk, slot = self.held.popitem(last=False)
+        del self.last_reached[chunk]
+        self.leaving.put((chunk, slot))
 
     def _write_leaving(self) -> None:
         while (item := self.leaving.get()) is not None:
