@@ -49,7 +49,7 @@ SKIP_BAD = False  # skip (and report) segments with a missing or malformed ppm, 
 CHUNK = 128  # HDF5 chunk edge of the label volumes
 TILE_PIXELS = 32768  # pixels voxelized at once (rows of a band of columns): bounds the memory of one step
 CACHE_MB = 1024  # label chunks held in memory while a segment is voxelized, each read and written once when it leaves;
-# a segment wider than a quarter of the held chunks (2048 columns with 128^3 chunks) is voxelized in bands of columns
+# a segment whose rows reach more than about half of them is voxelized in bands of columns
 OVERWRITE = False  # replace existing outputs
 UPDATE = False  # add new segments to existing outputs
 
@@ -138,9 +138,7 @@ def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, ink_rang
     mask = _read_png(segment.mask_path, shape, "mask", segment.segment_id) if segment.mask_path else None
     stats = VoxelizeStats()
     with ChunkAccumulator(ink_sum, ink_count, cache_bytes) as accumulator:
-        # bands of columns, each swept by strips of rows: a strip of a wide segment would reach more chunks than are held
-        bands = -(-ppm.width // accumulator.strip_columns())
-        columns = -(-ppm.width // bands)
+        columns = band_columns(ppm, accumulator, band)
         rows = max(1, tile_pixels // columns)
         for left in range(0, ppm.width, columns):
             for row in range(0, ppm.height, rows):
@@ -152,6 +150,19 @@ def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, ink_rang
                 stats.add(voxelize_tile(data, labels[tile] / np.float32(255), use, band, accumulator, ink_range))
                 bar.update(data.shape[0] * data.shape[1])
     return stats
+
+
+def band_columns(ppm, accumulator: ChunkAccumulator, band: float) -> int:
+    """Columns of the bands a segment is swept in, strip of rows by strip: the whole width unless a strip would reach
+    more chunks than are held. A strip crossing into the next layer of chunks reaches two layers' worth; the chunks
+    of a row are counted on up to 64 rows."""
+    widest = 0
+    for row in np.unique(np.linspace(0, ppm.height - 1, min(ppm.height, 64)).round().astype(int)):
+        data = np.asarray(ppm.data[row:row + 1])[0]
+        data = data[valid_mask(data)]
+        widest = max(widest, accumulator.chunks_reached(data[:, 2::-1], data[:, 5:2:-1], band))
+    bands = min(ppm.width, max(1, -(-widest // max(1, accumulator.slots // 2 - 2))))
+    return -(-ppm.width // bands)
 
 
 def _open_output(path: Path, shape, config, update: bool) -> tuple[h5py.File, list[str]]:

@@ -181,10 +181,12 @@ class ChunkAccumulator:
         if kind is None and self.failure is not None:
             raise self.failure
 
-    def strip_columns(self) -> int:
-        """The widest strip of segment pixels (about a voxel apart) whose chunks stay held as it moves on: the chunks
-        of a quarter of the pool side by side, leaving room for a strip crossing chunks diagonally or into the next layer."""
-        return max(1, self.slots * int(self.chunks.min()) // 4)
+    def chunks_reached(self, points_zyx: np.ndarray, normals_zyx: np.ndarray, band: float) -> int:
+        """How many chunks hold one of the points or an end of its band: about what a strip of these points reaches."""
+        grid = -(-self.shape // self.chunks)
+        ends = np.concatenate([points_zyx + offset * normals_zyx for offset in (-band, 0.0, band)])
+        chunk = np.clip(np.rint(ends) // self.chunks, 0, grid - 1).astype(np.int64)
+        return len(np.unique((chunk[:, 0] * grid[1] + chunk[:, 1]) * grid[2] + chunk[:, 2]))
 
     def add(self, z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray) -> None:
         """Add one tile's `values` (float32) to the sums and 1 to the counts at voxels (z, y, x) (int32, inside the volume)."""

@@ -199,6 +199,37 @@ def test_labels_equal_a_per_pixel_loop_whatever_the_tiles_cache_and_codec(scene,
     assert np.allclose(ink_sum, first[0] + second[0], rtol=1e-6, atol=0)  # float32 sums of grey labels: one rounding apart
 
 
+def test_every_chunk_is_written_once_when_a_strip_of_rows_fits_in_memory(scene, monkeypatch):
+    theta, z = np.meshgrid(np.linspace(0.2, 2.2, 14), np.arange(1, 19, dtype=float), indexing="ij")
+    data = np.concatenate([np.stack([21 + 11 * np.cos(theta), 16 + 11 * np.sin(theta), z], axis=-1),
+                           np.stack([np.cos(theta), np.sin(theta), 0 * theta], axis=-1)], axis=-1).transpose(1, 0, 2)
+    add_segment(scene, "20230101000000", data, np.full(data.shape[:2], 255, np.uint8))  # rows along z, 18 of them
+    written = []
+    write_chunk = labels._write_chunk
+    monkeypatch.setattr(labels, "_write_chunk", lambda dataset, origin, *rest: (written.append((dataset.name, origin)),
+                                                                                 write_chunk(dataset, origin, *rest)))
+    run(scene, "--tile_pixels", "14")  # a tile per row: 18 tiles, chunks of 8 rows, chunks leave as the rows move on
+    _, ink_count, _ = read(scene / "train.h5")
+    reached = {(8 * z, 8 * y, 8 * x) for z, y, x in np.argwhere(ink_count > 0) // 8}
+    assert sorted(written) == sorted((name, origin) for name in ("/ink_sum", "/ink_count") for origin in reached)
+
+
+def test_a_segment_whose_rows_reach_more_chunks_than_half_the_cache_is_swept_in_bands(tmp_path):
+    data = np.zeros((4, 64, 6))  # rows along y at z = 4, 64 columns along x: a row reaches 8 chunks of 8^3
+    data[..., 0], data[..., 1], data[..., 2], data[..., 5] = np.arange(64)[None], 3 + np.arange(4)[:, None], 4.0, 1.0
+
+    class Segment:
+        height, width = data.shape[:2]
+
+    Segment.data = data
+    with h5py.File(tmp_path / "labels.h5", "w") as file:
+        datasets = [volume.create_volume(file, name, (16, 16, 64), dtype, 8) for name, dtype in
+                    ((volume.INK_SUM, np.float32), (volume.INK_COUNT, np.uint16))]
+        for slots, columns in ((10, 22), (20, 64)):  # room for 10 // 2 - 2 = 3 chunks of a row: 3 bands
+            with ChunkAccumulator(*datasets, max_bytes=slots * 8**3 * 8) as accumulator:
+                assert all_labels_to_hdf.band_columns(Segment, accumulator, band=2.0) == columns
+
+
 def test_update_adds_to_chunks_that_hdf5_stored_uncompressed(scene):
     data, label = flat_segment()
     add_segment(scene, "20230101000000", data, label)
