@@ -42,13 +42,15 @@ from ink3d.ppm import read_ppm, valid_mask, write_ppm  # noqa: E402
 SEGMENT = "20240101000000"
 # the peak RSS of this process alone: getrusage's ru_maxrss would start from the RSS of the benchmark that started it
 RUN = """
-import re, sys, time
+import re, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import all_labels_to_hdf
-started = time.perf_counter()
+before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 all_labels_to_hdf.main({argv!r})
-print(time.perf_counter() - started, re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(time.perf_counter() - started, re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1),
+      after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
 """
 
 
@@ -188,10 +190,10 @@ def main():
         for run in range(1, args.runs + 1):
             result = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), argv=common + ["--out_train", str(root / "full.h5")])],
                                     check=True, capture_output=True, text=True)
-            seconds, rss = (float(value) for value in result.stdout.strip().splitlines()[-1].split())
+            seconds, rss, user, system = (float(value) for value in result.stdout.strip().splitlines()[-1].split())
             rate = args.size * width / seconds
             print(f"all_labels_to_hdf, whole segment, run {run}: {args.size * width:,} pixels in {seconds:.1f} s = {rate:,.0f} px/s, "
-                  f"peak RSS {rss / 1024:.0f} MB; / box fill: {rate / box_rate:.1f}x")
+                  f"peak RSS {rss / 1024:.0f} MB, CPU {user:.1f} s user + {system:.1f} s system; / box fill: {rate / box_rate:.1f}x")
 
 if __name__ == "__main__":
     main()
