@@ -76,6 +76,7 @@ LIMITS = {
                      "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "level", "tifxyz_step", "flatten_3d.py:band"), NON_NEGATIVE),
     **dict.fromkeys(("overlap", "label_smoothing", "ema_decay"), FRACTION),
     "threshold": Bounds(0, 1),
+    "all_labels_to_hdf.py:tile_pixels": Bounds(1, 65535),  # a tile's pixels must fit the uint16 counts it holds
     "jpeg_quality": Bounds(1, 100),
     "skip_max": Bounds(-1, 255),
     "air_level": Bounds(-1, 255),

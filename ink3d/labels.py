@@ -131,7 +131,7 @@ class ChunkAccumulator:
 
     Pixels of a segment reach the same chunks from many tiles; adding each tile straight into the file
     would read, decompress, recompress and write those chunks again for every tile. Here the chunks a
-    segment reaches are held in slots of one pool, sums (float32) and counts (uint32), so that a tile's
+    segment reaches are held in slots of one pool, sums (float32) and counts (uint16), so that a tile's
     contributions are added with one scatter whatever chunks they reach. Chunks that the last `LINGER`
     tiles did not reach leave (the rows have moved past them), and when the pool (`max_bytes`) is full
     the least recently reached one leaves early; a chunk reached again after it left is added to the
@@ -148,13 +148,14 @@ class ChunkAccumulator:
         self.ink_sum, self.ink_count = ink_sum, ink_count
         self.shape, self.chunks = np.array(ink_sum.shape), np.array(ink_sum.chunks)
         self.chunk_voxels = int(np.prod(self.chunks))
-        self.slots = max(1, max_bytes // (self.chunk_voxels * (4 + 4)))
+        self.slots = max(1, max_bytes // (self.chunk_voxels * (4 + 2)))
         # untouched pages of the pool take no memory: a small segment costs only the chunks it reaches
         self.sums = np.zeros(self.slots * self.chunk_voxels, np.float32)
-        self.counts = np.zeros(self.slots * self.chunk_voxels, np.uint32)
+        self.counts = np.zeros(self.slots * self.chunk_voxels, np.uint16)
         self.index_type = np.int32 if self.slots * self.chunk_voxels < 2**31 else np.int64
         self.held: OrderedDict[tuple[int, int, int], int] = OrderedDict()  # chunk -> slot, least recently reached first
         self.last_reached: dict[tuple[int, int, int], int] = {}  # chunk -> the last tile that reached it
+        self.pixels_held: dict[tuple[int, int, int], int] = {}  # chunk -> pixels that reached it since it is held
         self.tiles = 0
         self.free: queue.LifoQueue = queue.LifoQueue()  # zeroed slots, the most recently used (in memory already) first
         for slot in range(self.slots):
@@ -162,7 +163,7 @@ class ChunkAccumulator:
         self.leaving: queue.SimpleQueue = queue.SimpleQueue()
         self.codecs = _chunk_codecs(ink_sum, ink_count)
         self.failure: BaseException | None = None
-        self.ones = np.ones(0, np.uint32)
+        self.ones = np.ones(0, np.uint16)
         self.writer = threading.Thread(target=self._write_leaving, daemon=True)
         self.writer.start()
 
@@ -188,43 +189,57 @@ class ChunkAccumulator:
         chunk = np.clip(np.rint(ends) // self.chunks, 0, grid - 1).astype(np.int64)
         return len(np.unique((chunk[:, 0] * grid[1] + chunk[:, 1]) * grid[2] + chunk[:, 2]))
 
-    def add(self, z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray) -> None:
-        """Add one tile's `values` (float32) to the sums and 1 to the counts at voxels (z, y, x) (int32, inside the volume)."""
+    def add(self, z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray, pixel: np.ndarray) -> None:
+        """Add one tile's `values` (float32) to the sums and 1 to the counts at voxels (z, y, x) (int32, inside the
+        volume), reached by the tile's `pixel` (ascending, each voxel once per pixel, at most COUNT_MAX pixels)."""
         self.tiles += 1
         if len(z):
-            self._scatter(z, y, x, values)
+            if pixel[-1] >= COUNT_MAX:
+                raise ValueError(f"a tile of more than {COUNT_MAX} pixels could overflow the counts it holds")
+            self._scatter(z, y, x, values, pixel)
         # a strip of rows moves on through the volume: chunks that the last tiles did not reach are most
         # likely finished, and leave now, so that the writer works alongside and new chunks find free slots
         while self.held and self.last_reached[next(iter(self.held))] <= self.tiles - self.LINGER:
             self._leave()
 
-    def _scatter(self, z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray) -> None:
+    def _scatter(self, z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray, pixel: np.ndarray) -> None:
         (c0, c1, c2), (cz, cy, cx) = self.chunks, (z // self.chunks[0], y // self.chunks[1], x // self.chunks[2])
         local = ((z - cz * c0) * c1 + (y - cy * c1)) * c2 + (x - cx * c2)  # index in a whole (unclipped) chunk
         low = np.array([cz.min(), cy.min(), cx.min()])
         extent = np.array([cz.max(), cy.max(), cx.max()]) - low + 1
         key = ((cz - low[0]) * extent[1] + (cy - low[1])) * extent[2] + (cx - low[2])
-        reached = np.flatnonzero(np.bincount(key, minlength=int(extent.prod())))
+        # a pixel's voxels run along a line, so it reaches each chunk in one run: runs of (pixel, chunk) count the
+        # pixels reaching each chunk, which bound how much any of its counts grows
+        pair_starts = np.empty(len(key), bool)
+        pair_starts[0] = True
+        np.not_equal(key[1:], key[:-1], out=pair_starts[1:])
+        pair_starts[1:] |= pixel[1:] != pixel[:-1]
+        pixels_reaching = np.bincount(key[pair_starts], minlength=int(extent.prod()))
+        reached = np.flatnonzero(pixels_reaching)
         # one batch unless a tile reaches more chunks than the pool holds
         for start in range(0, len(reached), self.slots):
             batch = reached[start:start + self.slots]
             origin = np.zeros(int(extent.prod()), self.index_type)  # where each reached chunk's slot starts in the pool
             for kept, chunk_key in enumerate(batch):
                 chunk = tuple(int(c) for c in low + np.unravel_index(int(chunk_key), tuple(extent)))
-                origin[chunk_key] = self._slot(chunk, kept) * self.chunk_voxels
+                origin[chunk_key] = self._slot(chunk, kept, int(pixels_reaching[chunk_key])) * self.chunk_voxels
             index, batch_values = origin[key] + local, values
             if len(batch) < len(reached):
                 in_batch = np.isin(key, batch)
                 index, batch_values = index[in_batch], values[in_batch]
             if len(self.ones) < len(index):
-                self.ones = np.ones(len(index), np.uint32)
+                self.ones = np.ones(len(index), np.uint16)
             np.add.at(self.counts, index, self.ones[:len(index)])
             labeled = batch_values != 0  # adding 0 to a sum changes nothing: ink is sparse
             np.add.at(self.sums, index[labeled], batch_values[labeled])
 
-    def _slot(self, chunk: tuple[int, int, int], kept: int) -> int:
-        """The slot holding `chunk`, made the most recently reached; the `kept` most recent chunks stay held."""
+    def _slot(self, chunk: tuple[int, int, int], kept: int, pixels: int) -> int:
+        """The slot holding `chunk`, made the most recently reached by `pixels` more pixels; the `kept` most recent
+        chunks stay held. A chunk whose counts could pass COUNT_MAX leaves first and starts again from 0."""
+        if chunk in self.held and self.pixels_held[chunk] + pixels > COUNT_MAX:
+            self._leave(chunk)
         self.last_reached[chunk] = self.tiles
+        self.pixels_held[chunk] = self.pixels_held.get(chunk, 0) + pixels
         if chunk in self.held:
             self.held.move_to_end(chunk)
             return self.held[chunk]
@@ -244,12 +259,13 @@ class ChunkAccumulator:
         self.held[chunk] = slot
         return slot
 
-    def _leave(self) -> None:
-        """Hand the least recently reached chunk to the writer."""
+    def _leave(self, chunk: tuple[int, int, int] | None = None) -> None:
+        """Hand `chunk` (the least recently reached one by default) to the writer."""
         if self.failure is not None:
             raise self.failure
-        chunk, slot = self.held.popitem(last=False)
-        del self.last_reached[chunk]
+        chunk = next(iter(self.held)) if chunk is None else chunk
+        slot = self.held.pop(chunk)
+        del self.last_reached[chunk], self.pixels_held[chunk]
         self.leaving.put((chunk, slot))
 
     def _write_leaving(self) -> None:
@@ -276,15 +292,20 @@ class ChunkAccumulator:
             sums, counts = (array.reshape(tuple(self.chunks))[inside] for array in (sums, counts))
             if stored:
                 sums += self.ink_sum[box]
-                counts += self.ink_count[box]
+                counts = _saturating_sum(counts, self.ink_count[box])
             self.ink_sum[box] = sums
-            self.ink_count[box] = np.minimum(counts, COUNT_MAX).astype(np.uint16)
+            self.ink_count[box] = counts
             return
         if stored:  # earlier segments' labels, or this one's from an earlier stay
             sums += _read_chunk(self.ink_sum, origin, self.codecs[0], np.float32)
-            counts += _read_chunk(self.ink_count, origin, self.codecs[1], np.uint16)
+            counts = _saturating_sum(counts, _read_chunk(self.ink_count, origin, self.codecs[1], np.uint16))
         _write_chunk(self.ink_sum, origin, self.codecs[0], sums)
-        _write_chunk(self.ink_count, origin, self.codecs[1], np.minimum(counts, COUNT_MAX, out=counts).astype(np.uint16))
+        _write_chunk(self.ink_count, origin, self.codecs[1], counts)
+
+
+def _saturating_sum(counts: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """uint16 counts plus stored ones, held at COUNT_MAX."""
+    return np.minimum(counts.astype(np.uint32) + stored, COUNT_MAX).astype(np.uint16)
 
 
 BLOSC_FILTER = 32001  # the HDF5 filter id of blosc (hdf5plugin.Blosc)
@@ -328,6 +349,6 @@ def voxelize_tile(data: np.ndarray, labels: np.ndarray, use: np.ndarray, band: f
     values = labels[use]
     points_zyx, normals_zyx = pixels[:, 2::-1], pixels[:, 5:2:-1]
     z, y, x, pixel_index, ink, dropped = band_voxels(points_zyx, normals_zyx, band, accumulator.shape, ink_range)
-    accumulator.add(z, y, x, np.where(ink, values[pixel_index], np.float32(0)))
+    accumulator.add(z, y, x, np.where(ink, values[pixel_index], np.float32(0)), pixel_index)
     return VoxelizeStats(pixels=len(values), ink_pixels=float(values.sum(dtype=np.float64)), contributions=len(z),
                          dropped_outside=dropped)

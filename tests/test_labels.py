@@ -175,7 +175,7 @@ def _per_pixel_reference(data, label, band, ink_range, shape):
 
 
 @pytest.mark.parametrize("cache_mb, tile_pixels, compression", [
-    ("1024", "65536", volume.LABEL_COMPRESSION), ("1", "7", volume.LABEL_COMPRESSION),
+    ("1024", "65535", volume.LABEL_COMPRESSION), ("1", "7", volume.LABEL_COMPRESSION),
     ("1", "7", "blosc-zstd"),  # another blosc: chunks compressed here, bit shuffled
     ("1", "7", "none"),  # chunks stored as they are
     ("1", "7", "gzip"),  # HDF5 runs the filter
@@ -226,8 +226,24 @@ def test_a_segment_whose_rows_reach_more_chunks_than_half_the_cache_is_swept_in_
         datasets = [volume.create_volume(file, name, (16, 16, 64), dtype, 8) for name, dtype in
                     ((volume.INK_SUM, np.float32), (volume.INK_COUNT, np.uint16))]
         for slots, columns in ((10, 22), (20, 64)):  # room for 10 // 2 - 2 = 3 chunks of a row: 3 bands
-            with ChunkAccumulator(*datasets, max_bytes=slots * 8**3 * 8) as accumulator:
+            with ChunkAccumulator(*datasets, max_bytes=slots * 8**3 * (4 + 2)) as accumulator:  # float32 sums, uint16 counts
                 assert all_labels_to_hdf.band_columns(Segment, accumulator, band=2.0) == columns
+
+
+def test_counts_saturate_instead_of_wrapping_when_many_pixels_share_voxels(scene):
+    data = np.zeros((300, 300, 6))  # 90,000 pixels on one point: every voxel of its band is reached 90,000 times
+    data[..., :3], data[..., 5] = (20.0, 15.0, 10.0), 1.0
+    add_segment(scene, "20230101000000", data, np.full(data.shape[:2], 255, np.uint8))
+    run(scene, "--tile_pixels", "30000")  # three tiles: the chunk leaves before its held counts could pass 65535
+    ink_sum, ink_count, _ = read(scene / "train.h5")
+    band = ink_count > 0
+    assert np.count_nonzero(band) == 5  # z = 8..12 at (y, x) = (15, 20)
+    assert np.all(ink_count[band] == 65535) and np.all(ink_sum[band] == 90000)
+
+
+def test_a_tile_larger_than_the_counts_can_hold_is_refused(scene):
+    with pytest.raises(InputError, match="--tile_pixels 70000: must be in \\[1, 65535\\]"):
+        run(scene, "--tile_pixels", "70000")
 
 
 def test_update_adds_to_chunks_that_hdf5_stored_uncompressed(scene):
@@ -258,7 +274,7 @@ def test_an_error_of_the_writer_reaches_the_voxelizing_thread(tmp_path, monkeypa
         with pytest.raises(OSError, match="No space left"):
             with ChunkAccumulator(*datasets, max_bytes=8**3 * 8) as accumulator:  # one slot: every new chunk waits for the writer
                 for corner in range(0, 16, 8):
-                    accumulator.add(corner * one, corner * one, 0 * one, np.ones(1, np.float32))
+                    accumulator.add(corner * one, corner * one, 0 * one, np.ones(1, np.float32), 0 * one)
 
 
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
