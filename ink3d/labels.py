@@ -17,6 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import h5py
+import hdf5plugin
 import numcodecs
 import numpy as np
 
@@ -308,10 +309,6 @@ def _saturating_sum(counts: np.ndarray, stored: np.ndarray) -> np.ndarray:
     return np.minimum(counts.astype(np.uint32) + stored, COUNT_MAX).astype(np.uint16)
 
 
-BLOSC_FILTER = 32001  # the HDF5 filter id of blosc (hdf5plugin.Blosc)
-BLOSC_COMPRESSORS = {0: "blosclz", 1: "lz4", 2: "lz4hc", 4: "zlib", 5: "zstd"}
-
-
 def _chunk_codecs(*datasets: h5py.Dataset) -> tuple | None:
     """Per dataset, the codec of its stored chunks: a numcodecs Blosc with the dataset's settings, or None
     for uncompressed chunks; None when some dataset has other filters (HDF5 must run them)."""
@@ -322,10 +319,12 @@ def _chunk_codecs(*datasets: h5py.Dataset) -> tuple | None:
         if not filters:
             codecs.append(None)
             continue
-        if len(filters) > 1 or filters[0][0] != BLOSC_FILTER or filters[0][2][6] not in BLOSC_COMPRESSORS:
+        if len(filters) > 1 or filters[0][0] != hdf5plugin.BLOSC_ID:
             return None
-        clevel, shuffle, compressor = filters[0][2][4:7]
-        codecs.append(numcodecs.Blosc(cname=BLOSC_COMPRESSORS[compressor], clevel=clevel, shuffle=shuffle))
+        blosc = hdf5plugin.from_filter_options(hdf5plugin.BLOSC_ID, filters[0][2])
+        if blosc.cname not in numcodecs.blosc.list_compressors():
+            return None
+        codecs.append(numcodecs.Blosc(cname=blosc.cname, clevel=blosc.clevel, shuffle=blosc.shuffle))
     return tuple(codecs)
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import h5py
@@ -218,16 +219,13 @@ def test_a_segment_whose_rows_reach_more_chunks_than_half_the_cache_is_swept_in_
     data = np.zeros((4, 64, 6))  # rows along y at z = 4, 64 columns along x: a row reaches 8 chunks of 8^3
     data[..., 0], data[..., 1], data[..., 2], data[..., 5] = np.arange(64)[None], 3 + np.arange(4)[:, None], 4.0, 1.0
 
-    class Segment:
-        height, width = data.shape[:2]
-
-    Segment.data = data
+    segment = SimpleNamespace(height=data.shape[0], width=data.shape[1], data=data)
     with h5py.File(tmp_path / "labels.h5", "w") as file:
         datasets = [volume.create_volume(file, name, (16, 16, 64), dtype, 8) for name, dtype in
                     ((volume.INK_SUM, np.float32), (volume.INK_COUNT, np.uint16))]
         for slots, columns in ((10, 22), (20, 64)):  # room for 10 // 2 - 2 = 3 chunks of a row: 3 bands
             with ChunkAccumulator(*datasets, max_bytes=slots * 8**3 * (4 + 2)) as accumulator:  # float32 sums, uint16 counts
-                assert all_labels_to_hdf.band_columns(Segment, accumulator, band=2.0) == columns
+                assert all_labels_to_hdf.band_columns(segment, accumulator, band=2.0) == columns
 
 
 def test_counts_saturate_instead_of_wrapping_when_many_pixels_share_voxels(scene):
