@@ -8,8 +8,10 @@ Every `<labels_dir>/<id>_inklabels.png` with a `<ppm_dir>/<id>/<id>.ppm` is used
 differ only in the last character, only the highest (the newest version) is used. Pixels with
 a valid ppm point, inside `<id>_mask.png` when it exists, label the voxels within `--band`
 of the surface along the normal: those from `--ink_back` behind to `--ink_front` in front of the
-surface get the pixel's label, the rest of the band 0 (see ink3d/labels.py). Validation segments, and every version
-of them, go to `--out_train`'s sibling `--out_valid`, never into training.
+surface get the pixel's label, the rest of the band 0 (see ink3d/labels.py). By default the whole
+band takes the label: a voxel labeled 0 then lies on no ink column, and training learns where along
+the ink columns the ink lies from the columns kept beside the voxels (ink3d/columns.py). Validation
+segments, and every version of them, go to `--out_train`'s sibling `--out_valid`, never into training.
 
 Outputs are written under a temporary name and renamed when complete. `--update true` adds
 segments to existing outputs; segments already listed in their `attrs["segments"]` are not
@@ -28,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ink3d import InputError, volume
+from ink3d.columns import COLUMNS, ColumnWriter
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output, partial_path
 from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, reuse_freed_memory, voxelize_tile
@@ -42,8 +45,8 @@ OUT_TRAIN = "runs/demo/labels_train.h5"  # label volume of the training segments
 OUT_VALID = "runs/demo/labels_valid.h5"  # label volume of the validation segments
 VALID_SEGMENTS = "20231022170901"  # comma-separated validation segment ids (Scroll 1: 20230904135535)
 BAND = 10.0  # half-width of the labeled band along the normal, in voxels: through the sheet, short of the next written face
-INK_FRONT = 1.5  # of the band, voxels up to this far in front of the surface (the normal's side) take the pixel's label
-INK_BACK = 1.5  # ... and up to this far behind it; the rest of the band is labeled 0 (no ink). Both clipped to the band
+INK_FRONT = -1.0  # of the band, voxels up to this far in front of the surface (the normal's side) take the pixel's label (negative: the whole band)
+INK_BACK = -1.0  # ... and up to this far behind it (negative: the whole band); the rest of the band is labeled 0 (no ink)
 KEEP_ALL_VERSIONS = False  # use every version of a segment instead of only the newest
 SKIP_BAD = False  # skip (and report) segments with a missing or malformed ppm, label or mask
 CHUNK = 128  # HDF5 chunk edge of the label volumes
@@ -126,8 +129,8 @@ def _read_png(path: Path, shape, what: str, segment_id: str) -> np.ndarray:
     return image
 
 
-def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, ink_range, tile_pixels: int, cache_bytes: int,
-                     bar) -> VoxelizeStats:
+def voxelize_segment(segment: Segment, ink_sum, ink_count, pixel_columns: ColumnWriter, band: float, ink_range, tile_pixels: int,
+                     cache_bytes: int, bar) -> VoxelizeStats:
     if segment.ppm_path.is_dir():  # tifxyz: brought to the label image's resolution
         labels = _read_png(segment.label_path, None, "ink label", segment.segment_id)
         ppm = open_segment(segment.ppm_path, labels.shape)
@@ -147,6 +150,8 @@ def voxelize_segment(segment: Segment, ink_sum, ink_count, band: float, ink_rang
                 use = valid_mask(data)
                 if mask is not None:
                     use &= mask[tile] > 0
+                pixels = data[use]
+                pixel_columns.add(pixels[:, 2::-1].astype(np.float32), pixels[:, 5:2:-1].astype(np.float32), labels[tile][use])
                 stats.add(voxelize_tile(data, labels[tile] / np.float32(255), use, band, accumulator, ink_range))
                 bar.update(data.shape[0] * data.shape[1])
     return stats
@@ -174,6 +179,8 @@ def _open_output(path: Path, shape, config, update: bool) -> tuple[h5py.File, li
         file = h5py.File(temporary, "a")
         if file[volume.INK_SUM].shape != tuple(shape):
             raise InputError(f"{path}: shape {file[volume.INK_SUM].shape} differs from the scan's {tuple(shape)}")
+        if COLUMNS not in file:
+            raise InputError(f"{path}: holds no label columns (made by an earlier version); make it anew without --update")
         stored = (float(file.attrs["band"]), *json.loads(file.attrs.get("ink_range", json.dumps([-config.band, config.band]))))
         wanted = (config.band, *ink_range_of(config))
         if stored != wanted:
@@ -201,13 +208,15 @@ def write_label_volume(path: Path, segments: list[Segment], shape, config, bar) 
     lines = []
     file, done = _open_output(path, shape, config, config.update)
     with file:
+        pixel_columns = ColumnWriter(file, shape, file[volume.INK_SUM].chunks[0], config.band)
         for segment in segments:
             if segment.segment_id in done:
                 lines.append(f"{segment.segment_id}: already in {path.name}, not counted again")
                 bar.update(segment.pixels)
                 continue
             try:
-                stats = voxelize_segment(segment, file[volume.INK_SUM], file[volume.INK_COUNT], config.band, ink_range_of(config),
+                stats = voxelize_segment(segment, file[volume.INK_SUM], file[volume.INK_COUNT], pixel_columns, config.band,
+                                         ink_range_of(config),
                                          config.tile_pixels, config.cache_mb << 20, bar)
             except InputError as error:
                 if not config.skip_bad:

@@ -27,6 +27,7 @@ from ink3d import InputError, volume
 from ink3d.components import Blobs, blob_overlap, label_blocks, write_blob_labels
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output
+from ink3d.intensity import air_level, scan_histogram
 
 # --- config ---
 PREDICTIONS = "runs/demo/predictions.h5"  # prediction volume (uint8, 255 = ink probability 1)
@@ -35,7 +36,7 @@ DATASET = "predictions"  # dataset to threshold
 VOLUME = ""  # optional scan volume: its views are shown beside the prediction's
 OUT_DIR = "runs/demo/blobs"  # blobs.csv, PNGs and index.html go here
 THRESHOLD = 0.5  # ink probability at or above which a voxel is ink
-MIN_SCAN = 0  # with --volume: only voxels whose scan value exceeds this (air level, uint8) can be ink
+MIN_SCAN = -1  # with --volume: only voxels whose scan value exceeds this (air level, uint8) can be ink; -1 = the scan's estimated air level
 MIN_SIZE = 100  # smallest blob (voxels) that gets a picture
 MAX_SIZE = 1000000  # largest blob (voxels) that gets a picture
 MAX_VIEWS = 500  # pictures for at most this many blobs (largest first)
@@ -137,7 +138,8 @@ def main(argv=None):
     level = config.threshold * 255 if predictions.dtype == np.uint8 else config.threshold
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch_dir, h5py.File(Path(scratch_dir) / "labels.h5", "w") as scratch:
-        blobs = label_blocks(predictions, level, config.block, scratch, roi, scan, config.min_scan)
+        min_scan = config.min_scan if config.min_scan >= 0 or scan is None else air_level(scan_histogram(scan))
+        blobs = label_blocks(predictions, level, config.block, scratch, roi, scan, min_scan)
         if config.keep_labels:
             with atomic_output(out_dir / "blob_labels.h5") as temporary, h5py.File(temporary, "w") as labels_file:
                 labels = write_blob_labels(scratch[volume.BLOB_LABELS], blobs.label_to_blob, labels_file, config.block)

@@ -3,6 +3,7 @@
     python demo.py                 # ~8 minutes on 2 CPU cores; uses CUDA when present
     python demo.py --fresh true    # redo every stage
     python demo.py --volume_form ome-zarr --segment_form tifxyz --out_dir runs/demo_zarr   # today's published forms
+    python demo.py --ink_thickness 5 --surface_offset 0.5 --out_dir runs/demo_thick      # a harder scroll of the family
 
 make_synthetic_scroll -> volume_to_hdf -> all_labels_to_hdf (validation segment held out) ->
 pred_find_coords -> train (a small UNet) -> inference -> score_3d (every voxel, and the held-out
@@ -14,7 +15,11 @@ flattened prediction on the held-out segment against its ink labels, beside the 
 threshold on the flattened scan. `runs/demo/summary.png` shows flattened scan | ink label |
 flattened prediction, and the largest 3D ink blob. With `--volume_form ome-zarr` every stage reads
 the scroll's OME-Zarr volume directly (no HDF5 copy); with `--segment_form tifxyz` the segments
-are tifxyz grids instead of `.ppm` files.
+are tifxyz grids instead of `.ppm` files. The synthetic scroll's variant flags (`--ink_thickness`,
+`--surface_offset`, `--surface_jitter`, `--pitch`, `--flip_normals`, `--ct_like`) pass through to
+make_synthetic_scroll; `--ink_depth fixed` trains on a fixed ink range around the segment surface
+(`--ink_back`, `--ink_front`) instead of learning the ink's depth. Every figure of the run is also
+written to `runs/demo/results.json`.
 """
 
 import csv
@@ -56,9 +61,18 @@ DEVICE = "auto"  # auto (cuda if present) or cpu
 SUMMARY_COPY = ""  # also copy summary.png here (e.g. docs/summary.png)
 VOLUME_FORM = "tiff"  # tiff: the TIFF slices converted by volume_to_hdf; ome-zarr: the scroll's OME-Zarr read by every stage
 SEGMENT_FORM = "ppm"  # ppm, or tifxyz: segments as tifxyz grids of one vertex per 4 pixels, interpolated
+INK_THICKNESS = 3.0  # synthetic scroll: voxels of the ink layer
+SURFACE_OFFSET = 1.5  # synthetic scroll: the segments' height above the papyrus face
+SURFACE_JITTER = 0.0  # synthetic scroll: amplitude (voxels) of each segment's smooth drift along its normal
+PITCH = 20.0  # synthetic scroll: radial distance between turns of the sheet
+FLIP_NORMALS = ""  # synthetic scroll: segment ids whose normals point into the sheet
+CT_LIKE = False  # synthetic scroll: an intensity model like a real scan's
+INK_DEPTH = "learned"  # learned (pooled along each labeled pixel's normal) or fixed (the ink range below)
+INK_BACK = 1.5  # ink_depth fixed: voxels behind the surface labeled with the pixel's label
+INK_FRONT = 1.5  # ink_depth fixed: ... and in front of it
 
 
-AIR_LEVEL = 60  # uint8 scan value below which the synthetic scroll is air (air is ~20 +- 13)
+VARIANT_FLAGS = ("ink_thickness", "surface_offset", "surface_jitter", "pitch", "flip_normals", "ct_like")
 LARGEST_BLOBS = 10  # the blob gallery's largest blobs whose true-ink share the demo reports
 BLOB_THRESHOLD, BLOB_MIN_SIZE, BLOB_MAX_SIZE = 0.8, 100, 20000  # the blob gallery: probability, voxels
 
@@ -175,13 +189,16 @@ def main(argv=None):
     train_dir, predictions = out / "train", out / "predictions.h5"
     if config.fresh:  # only what the demo itself makes, in case out_dir holds anything else
         for path in (scroll, scan, flat, blobs, train_dir, predictions, partial_path(scan), partial_path(predictions), out / "summary.png",
-                     out / "forms.json",
+                     out / "forms.json", out / "results.json",
                      *out.glob("labels_*.h5"), *out.glob("coords_*.npy"), *out.glob("score_3d*.json")):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if config.volume_form not in ("tiff", "ome-zarr") or config.segment_form not in ("ppm", "tifxyz"):
         raise InputError(f"--volume_form {config.volume_form!r} --segment_form {config.segment_form!r}: "
                          "choose tiff or ome-zarr, and ppm or tifxyz")
-    forms = {"volume_form": config.volume_form, "segment_form": config.segment_form}
+    if config.ink_depth not in ("learned", "fixed"):
+        raise InputError(f"--ink_depth {config.ink_depth!r}: choose learned or fixed")
+    forms = {"volume_form": config.volume_form, "segment_form": config.segment_form, "ink_depth": config.ink_depth,
+             **{flag: getattr(config, flag) for flag in VARIANT_FLAGS}}
     if (out / "forms.json").exists() and json.loads((out / "forms.json").read_text()) != forms and not config.fresh:
         raise InputError(f"{out} holds a run from {json.loads((out / 'forms.json').read_text())}; "
                          "pass --fresh true or another --out_dir")
@@ -190,7 +207,8 @@ def main(argv=None):
     stages = Stages(config.fresh)
     stages.run("make_synthetic_scroll", scroll / "scroll.json", make_synthetic_scroll.main,
                ["--out_dir", str(scroll), "--seed", str(config.seed), "--depth", str(config.depth), "--overwrite", "true",
-                "--ome_zarr", str(config.volume_form == "ome-zarr"), "--tifxyz_step", "4" if config.segment_form == "tifxyz" else "0"])
+                "--ome_zarr", str(config.volume_form == "ome-zarr"), "--tifxyz_step", "4" if config.segment_form == "tifxyz" else "0",
+                *(argument for flag in VARIANT_FLAGS for argument in (f"--{flag}", str(getattr(config, flag))))])
     held_out = json.loads((scroll / "scroll.json").read_text())["valid_segments"][0]
     segments = scroll / ("tifxyz" if config.segment_form == "tifxyz" else "paths")
     if config.volume_form == "ome-zarr":
@@ -203,7 +221,8 @@ def main(argv=None):
     stages.run("all_labels_to_hdf", labels["valid"], all_labels_to_hdf.main,
                ["--ppm_dir", str(segments), "--labels_dir", str(scroll / "labels"), "--volume", str(scan),
                 "--out_train", str(labels["train"]), "--out_valid", str(labels["valid"]), "--valid_segments", held_out,
-                "--overwrite", "true"])
+                "--overwrite", "true", *(["--ink_back", str(config.ink_back), "--ink_front", str(config.ink_front)]
+                                         if config.ink_depth == "fixed" else [])])
     coords = {split: out / f"coords_{split}.npy" for split in labels}
     for split in labels:
         stages.run(f"pred_find_coords ({split})", coords[split], pred_find_coords.main,
@@ -215,7 +234,8 @@ def main(argv=None):
                 "--batch_size", str(config.batch_size), "--max_steps", str(config.max_steps),
                 "--valid_every", str(max(1, config.max_steps // 3)), "--checkpoint_every", str(max(1, config.max_steps // 3)),
                 "--exclusion_radius", str(config.patch), "--seed", str(config.seed), "--device", config.device,
-                "--augmentation", config.augmentation, "--ground_truth", str(scroll / "ground_truth.h5"), "--resume", "true"],
+                "--augmentation", config.augmentation, "--ground_truth", str(scroll / "ground_truth.h5"), "--resume", "true",
+                "--ink_depth", config.ink_depth],
                done=lambda path: _trained(train_dir, config.max_steps))
     stages.run("inference", predictions, inference.main,
                ["--volume", str(scan), "--checkpoint", str(train_dir / "best.pth"), "--out", str(predictions),
@@ -226,7 +246,7 @@ def main(argv=None):
     for (name, path), roi in zip(scores.items(), ("", held_out_region(coords["valid"], config.patch, shape))):
         stages.run(f"score_3d ({name})", path, score_3d.main,
                    ["--predictions", str(predictions), "--ground_truth", str(scroll / "ground_truth.h5"), "--volume", str(scan),
-                    "--roi", roi, "--air_level", str(AIR_LEVEL), "--out", str(path), "--overwrite", "true"])
+                    "--roi", roi, "--out", str(path), "--overwrite", "true"])
     stages.run("flatten_3d (prediction)", flat / f"{held_out}_prediction.png", flatten_3d.main,
                ["--predictions", str(predictions), "--ppm_dir", str(segments), "--out_dir", str(flat),
                 "--segments", held_out, "--overwrite", "true"])
@@ -235,7 +255,7 @@ def main(argv=None):
                 "--out_dir", str(flat), "--segments", held_out, "--overwrite", "true"])
     stages.run("connected_components_explore", blobs / "index.html", connected_components_explore.main,
                ["--predictions", str(predictions), "--volume", str(scan), "--out_dir", str(blobs), "--threshold", str(BLOB_THRESHOLD),
-                "--min_scan", str(AIR_LEVEL), "--min_size", str(BLOB_MIN_SIZE), "--max_size", str(BLOB_MAX_SIZE),
+                "--min_size", str(BLOB_MIN_SIZE), "--max_size", str(BLOB_MAX_SIZE),
                 "--ground_truth", str(scroll / "ground_truth.h5"), "--overwrite", "true"])
     model_f05, baseline_f05 = held_out_scores(scroll, flat, held_out)
     whole, region = (json.loads(path.read_text()) for path in scores.values())
@@ -253,6 +273,17 @@ def main(argv=None):
           f"air {whole['air_median']:.2f}, papyrus {whole['papyrus_median']:.2f}, ink {whole['ink_median']:.2f}")
     print(f"largest {blob_count} blobs of the gallery: {blob_ink:.0%} of their voxels are true ink" if blob_count
           else "no blob of the gallery's size range: no true-ink share")
+    description = json.loads((scroll / "scroll.json").read_text())
+    depth = json.loads((flat / f"{held_out}_prediction_depth.json").read_text())
+    true_depth = description["ink_depth"][held_out]
+    results = {"forms": forms, "score_3d": whole, "score_3d_held_out": region, "held_out_f05": model_f05,
+               "held_out_baseline_f05": baseline_f05, "blob_true_ink": blob_ink, "blobs": blob_count,
+               "depth": depth, "true_depth": true_depth, "air_boundary": description["air_boundary"],
+               "stage_seconds": {name: seconds for name, seconds, _, _ in stages.rows}}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if depth["pixels"]:
+        print(f"held-out segment: predicted ink peaks at a median depth of {depth['median']:+.2f} voxels along the normal "
+              f"(the scroll's ink lies at {true_depth:+.2f})")
     print(f"held-out segment {held_out}: F0.5 model={model_f05:.3f} threshold-baseline={baseline_f05:.3f}")
     return model_f05, baseline_f05
 

@@ -14,11 +14,18 @@ where a pixel has at least one, 0 where it has none or lies off the surface (suc
 in the image). `--layers true` also writes the `(2 * band + 1)`-page stack
 `<id>_<name>_layers.tif` (0 for samples outside the volume).
 
+For a prediction (`--depth_map auto`), `<id>_<name>_depth.tif` (float32) holds where along the
+normal the prediction peaks: the offset t of the highest sample, refined between its neighbours by
+a parabola, where that peak reaches `--depth_threshold` (NaN elsewhere); `<id>_<name>_depth.json`
+and the printed summary give its median and quartiles. Predicted ink that peaks behind the surface
+(median below -1 voxel) is warned about: the segment's normals may point into the sheet.
+
 Work goes in square tiles of pixels; each tile reads only the bounding box of its samples, in
 an order that keeps neighbouring tiles' HDF5 chunks in the chunk cache.
 """
 
 import contextlib
+import json
 from pathlib import Path
 
 import cv2
@@ -43,12 +50,15 @@ BAND = 8  # samples at integer offsets -band..band along the normal
 REDUCE = "mean"  # mean or max along the normal
 NAME = "prediction"  # images are <id>_<name>.png
 LAYERS = False  # also write the (2 * band + 1)-layer stack as <id>_<name>_layers.tif
+DEPTH_MAP = "auto"  # also write <id>_<name>_depth.tif, where along the normal the volume peaks: true, false, auto (for --dataset predictions)
+DEPTH_THRESHOLD = 0.5  # the depth map covers pixels whose peak reaches this fraction of full scale (ink probability)
 TILE = 128  # tile edge in pixels: bounds memory
 CACHE_MB = 512  # HDF5 chunk cache: neighbouring tiles reuse decompressed chunks
 OVERWRITE = False  # replace existing images
 
 
 REDUCERS = ("mean", "max")
+BEHIND = -1.0  # a median depth of the peaks below this (voxels) warns that the normals may point into the sheet
 
 
 def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,14 +90,40 @@ def reduce_samples(samples: np.ndarray, inside: np.ndarray, reduce: str) -> np.n
     return np.where(count > 0, np.where(inside, samples, -np.inf).max(axis=-1), 0)
 
 
-def flatten_segment(dataset, ppm_path: Path, band: int, reduce: str, tile: int, bar,
-                    layers_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """The reduced uint8 image of one segment and its mask (255: sampled inside the volume); the layer
-    stack goes straight into `layers_path` if given."""
+def peak_depth(samples: np.ndarray, inside: np.ndarray, offsets: np.ndarray, threshold: float) -> np.ndarray:
+    """Per pixel, the offset where the samples (..., T) inside the volume peak, refined by the parabola through the
+    peak and its two neighbours; NaN where the peak is below `threshold` or no sample is inside."""
+    values = np.where(inside, samples, -np.inf)
+    peak = values.argmax(axis=-1)
+    top = np.take_along_axis(values, peak[..., None], -1)[..., 0]
+    before = np.take_along_axis(values, np.maximum(peak - 1, 0)[..., None], -1)[..., 0]
+    after = np.take_along_axis(values, np.minimum(peak + 1, len(offsets) - 1)[..., None], -1)[..., 0]
+    curvature = before - 2 * top + after
+    interior = (peak > 0) & (peak < len(offsets) - 1) & np.isfinite(before) & np.isfinite(after) & (curvature < 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = np.where(interior, 0.5 * (before - after) / np.where(interior, curvature, 1), 0.0)
+    depth = (offsets[peak] + shift * (offsets[1] - offsets[0] if len(offsets) > 1 else 0)).astype(np.float32)
+    return np.where(top >= threshold, depth, np.float32(np.nan))
+
+
+def depth_summary(depth: np.ndarray) -> dict:
+    """Median and quartiles of a depth map's finite pixels, and whether they warn of normals into the sheet."""
+    finite = depth[np.isfinite(depth)]
+    if not len(finite):
+        return {"pixels": 0, "median": None, "q25": None, "q75": None, "behind_surface": False}
+    q25, median, q75 = (float(v) for v in np.percentile(finite, [25, 50, 75]))
+    return {"pixels": int(len(finite)), "median": median, "q25": q25, "q75": q75, "behind_surface": median < BEHIND}
+
+
+def flatten_segment(dataset, ppm_path: Path, band: int, reduce: str, tile: int, bar, layers_path: Path | None,
+                    depth_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The reduced uint8 image of one segment, its mask (255: sampled inside the volume) and, with a
+    `depth_threshold` (in the volume's units), its depth map; the layer stack goes straight into `layers_path` if given."""
     ppm = open_segment(ppm_path)
     offsets = np.arange(-band, band + 1, dtype=np.float64)
     image = np.zeros((ppm.height, ppm.width), np.uint8)
     mask = np.zeros((ppm.height, ppm.width), np.uint8)
+    depth = None if depth_threshold is None else np.full((ppm.height, ppm.width), np.nan, np.float32)
     layers = None
     if layers_path is not None:
         layers = tifffile.memmap(layers_path, shape=(len(offsets), ppm.height, ppm.width), dtype=np.uint8)
@@ -97,13 +133,15 @@ def flatten_segment(dataset, ppm_path: Path, band: int, reduce: str, tile: int, 
             samples, inside = sample_tile(dataset, data, offsets)
             image[row:row + tile, col:col + tile] = _to_uint8(reduce_samples(samples, inside, reduce))
             mask[row:row + tile, col:col + tile] = np.where(inside.any(axis=-1), 255, 0)
+            if depth is not None:
+                depth[row:row + tile, col:col + tile] = peak_depth(samples, inside, offsets, depth_threshold)
             if layers is not None:
                 layers[:, row:row + tile, col:col + tile] = np.moveaxis(_to_uint8(samples), -1, 0)
             bar.update(data.shape[0] * data.shape[1])
     if layers is not None:
         layers.flush()
         del layers
-    return image, mask
+    return image, mask, depth
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -116,6 +154,10 @@ def _layers_path(image_path: Path) -> Path:
 
 def _mask_path(image_path: Path) -> Path:
     return image_path.with_name(image_path.stem + "_mask.png")
+
+
+def _depth_path(image_path: Path, suffix: str = ".tif") -> Path:
+    return image_path.with_name(image_path.stem + "_depth" + suffix)
 
 
 def segment_ppms(ppm_dir: Path, segments: str) -> dict[str, Path]:
@@ -137,6 +179,9 @@ def main(argv=None):
     config = parse_config(globals(), argv)
     if config.reduce not in REDUCERS:
         raise InputError(f"--reduce {config.reduce!r}: choose mean or max")
+    if config.depth_map not in ("auto", "true", "false"):
+        raise InputError(f"--depth_map {config.depth_map!r}: choose auto, true or false")
+    depth_map = config.depth_map == "true" or (config.depth_map == "auto" and config.dataset == volume.PREDICTIONS)
     out_dir = Path(config.out_dir)
     ppms = segment_ppms(Path(config.ppm_dir), config.segments)
     outputs = {segment_id: out_dir / f"{segment_id}_{config.name}.png" for segment_id in ppms}
@@ -145,19 +190,45 @@ def main(argv=None):
         check_output(_mask_path(path), config.overwrite)
         if config.layers:
             check_output(_layers_path(path), config.overwrite)
+        if depth_map:
+            check_output(_depth_path(path), config.overwrite)
+            check_output(_depth_path(path, ".json"), config.overwrite)
     file, dataset = volume.open_dataset(config.predictions, config.dataset, level=config.level, cache_bytes=config.cache_mb << 20)
     total = sum(int(np.prod(segment_size(path))) for path in ppms.values())
+    full_scale = 255 if dataset.dtype == np.uint8 else 1
     with file, tqdm(total=total, unit="px", unit_scale=True, desc="flatten_3d") as bar:
         for segment_id, ppm_path in ppms.items():
             layers = atomic_output(_layers_path(outputs[segment_id])) if config.layers else contextlib.nullcontext()
             with atomic_output(outputs[segment_id]) as temporary, atomic_output(_mask_path(outputs[segment_id])) as temporary_mask, \
                     layers as temporary_layers:
-                image, mask = flatten_segment(dataset, ppm_path, config.band, config.reduce, config.tile, bar, temporary_layers)
+                image, mask, depth = flatten_segment(dataset, ppm_path, config.band, config.reduce, config.tile, bar,
+                                                     temporary_layers, config.depth_threshold * full_scale if depth_map else None)
                 temporary.write_bytes(cv2.imencode(".png", image)[1].tobytes())
                 temporary_mask.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
+            if depth is not None:
+                write_depth(outputs[segment_id], depth, bar)
             save_config(config, config_path_for(outputs[segment_id]))
     print(f"flattened {len(ppms)} segment(s) of {config.predictions}[{config.dataset}] -> {out_dir}")
     return outputs
+
+
+def write_depth(image_path: Path, depth: np.ndarray, bar) -> dict:
+    """The depth map and its summary beside the flattened image; prints the summary, warns of ink behind the surface."""
+    summary = depth_summary(depth)
+    with atomic_output(_depth_path(image_path)) as temporary:
+        tifffile.imwrite(temporary, depth)
+    with atomic_output(_depth_path(image_path, ".json")) as temporary:
+        temporary.write_text(json.dumps(summary, indent=2) + "\n")
+    name = image_path.stem
+    if summary["pixels"]:
+        bar.write(f"{name}: the prediction peaks at a median depth of {summary['median']:+.2f} voxels along the normal "
+                  f"(quartiles {summary['q25']:+.2f} .. {summary['q75']:+.2f}) over {summary['pixels']} pixels")
+    else:
+        bar.write(f"{name}: no pixel's peak reaches the depth threshold: no depth map")
+    if summary["behind_surface"]:
+        bar.write(f"warning: {name}: the predicted ink lies behind the surface (median {summary['median']:+.2f} voxels): "
+                  "the segment's normals may point into the sheet (flipped normals, or a reversed layer stack)")
+    return summary
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ OVERLAP = 0.5  # window overlap fraction: stride = patch * (1 - overlap)
 BLEND = "gaussian"  # gaussian or constant window weights
 BATCH_SIZE = 4  # windows per forward pass
 BLOCK = 512  # output macro-block edge (a multiple of the stride): bounds memory, unit of resuming
-SKIP_MAX = 0  # windows whose input maximum is <= this (air, uint8) are not run and predict 0; -1 runs all
+SKIP_MAX = -2  # windows whose input maximum is <= this (air, uint8) are not run and predict 0; -1 runs all; -2 = the checkpoint's air level (0 if it records none)
 TTA = False  # test-time augmentation: average the identity and a flip of each axis (4x the compute)
 DEVICE = "auto"  # auto (cuda if present), cuda, cuda:1, cpu
 AMP = "auto"  # autocast dtype: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU), bf16, fp16, fp32
@@ -282,6 +282,8 @@ def main(argv=None):
     checkpoint = read_checkpoint(config.checkpoint, config.trust_checkpoint)
     normalization = Normalization.from_config(checkpoint.get("config") if isinstance(checkpoint, dict) else None)
     model = model_from_checkpoint(checkpoint, config.checkpoint, weights=config.weights)
+    if config.skip_max == -2:
+        config.skip_max = int(((checkpoint.get("config") if isinstance(checkpoint, dict) else None) or {}).get("air_level_value") or 0)
     attrs = plan_attrs(config, scan.shape, region, normalization, weights_digest(model))
     channels_last = switch(config.channels_last, "--channels_last", on_cuda=False, on_cpu=True, device=device)
     model = prepare_model(model, device, channels_last=channels_last,

@@ -11,6 +11,15 @@ a global intensity threshold nor the mean along the normal finds the ink, while 
 sees the 3D texture can.
 Segments are patches of the sheet surface written as real .ppm files, with their 2D ink labels.
 
+Harder variants of the same scroll come from flags: a thicker ink layer (`--ink_thickness`),
+segments that sit elsewhere than the middle of the ink (`--surface_offset`, their height above
+the papyrus face) or drift along their normal (`--surface_jitter`), sheets packed closer
+(`--pitch`), segments whose normals point into the sheet (`--flip_normals`), and an intensity
+model whose histogram resembles a real CT scan (`--ct_like true`: air around 0.16 and papyrus
+around 0.47 of full scale with overlapping tails, blurred faces). `scroll.json` records the
+variant, the true depth of the ink's middle along each segment's normal, and the air/papyrus
+boundary of the written scan (the uint8 level that best separates air from material voxels).
+
 Writes `volume/00000.tif...`, `paths/<id>/<id>.ppm` (+ `<id>_mask.png`),
 `labels/<id>_inklabels.png`, `ground_truth.h5` (dataset `ink`, 255 = ink) and `scroll.json`;
 with `--ome_zarr true` also the volume as an OME-Zarr group `volume.zarr`, and with
@@ -44,18 +53,40 @@ WIDTH = 256  # x size
 OME_ZARR = False  # also write the volume as an OME-Zarr group, volume.zarr (2 levels), as the data server publishes scans
 TIFXYZ_STEP = 0  # also write each segment as a tifxyz folder, tifxyz/<id>/, one grid vertex per this many pixels (0 = none)
 OVERWRITE = False  # replace an existing scroll in out_dir
+INK_THICKNESS = 3.0  # voxels of the ink layer on the outer face of the sheet
+SURFACE_OFFSET = 1.5  # segments' height above the papyrus face along the normal (1.5: the middle of a 3-voxel ink layer)
+SURFACE_JITTER = 0.0  # amplitude (voxels) of a smooth random drift of each segment along its normal
+PITCH = 20.0  # radial distance between turns of the sheet (sheet ~8 voxels thick: below ~12 neighbouring sheets touch)
+FLIP_NORMALS = ""  # comma-separated segment ids whose .ppm normals point into the sheet instead of out of the written face
+CT_LIKE = False  # an intensity model like a real scan: air ~0.16, papyrus ~0.47 of full scale, overlapping tails, blurred faces
 
 
-# Geometry of the roll, in voxels. The sheet centre line is r = INNER_RADIUS + PITCH * phi / (2 pi).
+# Geometry of the roll, in voxels. The sheet centre line is r = INNER_RADIUS + pitch * phi / (2 pi).
 INNER_RADIUS = 18.0
-PITCH = 20.0
 TURNS = 4.5
 CENTRE_DRIFT = 3.0  # the roll's axis wanders this much in y/x along z
-INK_THICKNESS = 3.0  # ink layer on the outer face of the sheet
-SURFACE_ABOVE_FACE = 1.5  # segments trace the middle of the ink layer (layer 32 of a surface volume)
 LINE_HEIGHT = 30  # text lines, in slices
-AIR, NOISE = 0.08, 0.05
 DEBRIS_CONTRAST = 0.35  # relative intensity spread of the loose fibres on the face where there is no ink
+JITTER_SMOOTHNESS = 12.0  # voxels over which a segment's drift along its normal changes
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What differs between the scrolls of the family; the defaults are the demo's scroll."""
+
+    ink_thickness: float = INK_THICKNESS
+    surface_offset: float = SURFACE_OFFSET
+    surface_jitter: float = SURFACE_JITTER
+    pitch: float = PITCH
+    flip_normals: tuple[str, ...] = ()
+    ct_like: bool = CT_LIKE
+
+    @property
+    def intensity(self) -> dict:
+        """Air level, noise, blur of the faces (sigma, voxels) and the scale of material intensities."""
+        if self.ct_like:  # the papyrus mode lands near 0.47 and air near 0.16, as in a real scan's histogram
+            return {"air": 0.16, "noise": 0.04, "blur": 1.0, "material": 1.0}
+        return {"air": 0.08, "noise": 0.05, "blur": 0.6, "material": 1.0}
 
 
 @dataclass
@@ -81,9 +112,9 @@ VALID_SEGMENTS = ["20231022170901"]
 class Scroll:
     """The analytic scroll: smooth 2D fields over the unrolled sheet (z, arc length u) and the spiral."""
 
-    def __init__(self, shape, rng: np.random.Generator):
-        self.shape = shape
-        self.b = PITCH / (2 * np.pi)
+    def __init__(self, shape, rng: np.random.Generator, variant: Variant = Variant(), jitter_rng: np.random.Generator | None = None):
+        self.shape, self.variant = shape, variant
+        self.b = variant.pitch / (2 * np.pi)
         self.phi_max = TURNS * 2 * np.pi
         depth = shape[0]
         length = int(np.ceil(self.arc_length(self.phi_max))) + 2
@@ -98,6 +129,9 @@ class Scroll:
         z = np.arange(depth)
         self.centre_y = shape[1] / 2 + CENTRE_DRIFT * np.sin(2 * np.pi * z / depth + phase[0])
         self.centre_x = shape[2] / 2 + CENTRE_DRIFT * np.cos(2 * np.pi * z / depth + phase[1])
+        # a generator of its own, so that the drift leaves every other field of the seed as it was
+        jitter_rng = jitter_rng or np.random.default_rng()
+        self.drift = variant.surface_jitter * _smooth_field(jitter_rng, canvas, JITTER_SMOOTHNESS) if variant.surface_jitter else None
 
     def arc_length(self, phi):
         return INNER_RADIUS * phi + self.b * phi**2 / 2
@@ -109,13 +143,13 @@ class Scroll:
         """Bilinear value of a canvas field at (z, u), clamped to the canvas."""
         return ndimage.map_coordinates(field, [np.asarray(z, float), np.asarray(u, float)], order=1, mode="nearest")
 
-    def slice_intensity(self, z: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Intensity in [0, 1] and ink mask of one slice."""
+    def slice_intensity(self, z: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Intensity in [0, 1], ink mask and material mask (sheet or its face layer) of one slice."""
         y, x = np.mgrid[0:self.shape[1], 0:self.shape[2]].astype(np.float64)
         dy, dx = y - self.centre_y[z], x - self.centre_x[z]
         radius = np.hypot(dy, dx)
         theta = np.mod(np.arctan2(dy, dx), 2 * np.pi)
-        wrap = np.round((radius - INNER_RADIUS - self.b * theta) / PITCH)
+        wrap = np.round((radius - INNER_RADIUS - self.b * theta) / self.variant.pitch)
         phi = theta + 2 * np.pi * wrap
         inside = (phi >= 0) & (phi <= self.phi_max)
         depth_from_centre = radius - (INNER_RADIUS + self.b * phi)
@@ -124,10 +158,12 @@ class Scroll:
         half = self.field(self.thickness, zz, u) / 2
         brightness = self.field(self.brightness, zz, u)
         sheet = inside & (np.abs(depth_from_centre) <= half)
-        ink_layer = inside & (depth_from_centre > half) & (depth_from_centre <= half + INK_THICKNESS)
+        ink_layer = inside & (depth_from_centre > half) & (depth_from_centre <= half + self.variant.ink_thickness)
         ink = ink_layer & (self.ink[z, np.clip(np.round(u).astype(int), 0, self.ink.shape[1] - 1)] > 0)
         fibres = np.where(depth_from_centre < 0, self.field(self.fibres_along_u, zz, u), self.field(self.fibres_along_z, zz, u))
-        intensity = np.full(radius.shape, AIR)
+        look = self.variant.intensity
+        brightness = brightness * look["material"]
+        intensity = np.full(radius.shape, look["air"])
         intensity[sheet] = (brightness * (0.82 + fibres))[sheet]
         intensity[ink] = (brightness * (0.95 + self.field(self.ink_grain, zz, u)))[ink]
         # loose surface fibres where there is no ink: as dense on average as ink, but coarse and speckled,
@@ -135,8 +171,8 @@ class Scroll:
         debris = ink_layer & ~ink
         speckle = ndimage.gaussian_filter(rng.standard_normal(radius.shape), 0.8)
         intensity[debris] = (brightness * (0.95 + DEBRIS_CONTRAST * speckle / speckle.std()))[debris]
-        intensity = ndimage.gaussian_filter(intensity, 0.6) + rng.normal(0, NOISE, intensity.shape)
-        return np.clip(intensity, 0, 1), ink
+        intensity = ndimage.gaussian_filter(intensity, look["blur"]) + rng.normal(0, look["noise"], intensity.shape)
+        return np.clip(intensity, 0, 1), ink, sheet | ink_layer
 
     def pixel_grid(self, spec: SegmentSpec) -> tuple[np.ndarray, np.ndarray]:
         """z and arc length u of a segment's first pixel row and column; a pixel is 1 voxel of each."""
@@ -167,9 +203,11 @@ class Scroll:
         return np.concatenate([point, normal], axis=-1)
 
     def _surface_point(self, phi, z):
-        """xyz of the middle of the ink layer at (phi, z); z may be fractional."""
+        """xyz of the segment surface at (phi, z): `surface_offset` above the papyrus face, plus the drift; z may be fractional."""
         u = self.arc_length(phi)
-        radius = INNER_RADIUS + self.b * phi + self.field(self.thickness, z, u) / 2 + SURFACE_ABOVE_FACE
+        radius = INNER_RADIUS + self.b * phi + self.field(self.thickness, z, u) / 2 + self.variant.surface_offset
+        if self.drift is not None:
+            radius = radius + self.field(self.drift, z, u)
         centre_y = np.interp(z, np.arange(self.shape[0]), self.centre_y)
         centre_x = np.interp(z, np.arange(self.shape[0]), self.centre_x)
         return np.stack([centre_x + radius * np.cos(phi), centre_y + radius * np.sin(phi), z], axis=-1)
@@ -228,23 +266,36 @@ def write_tifxyz_segment(scroll: Scroll, spec: SegmentSpec, folder: Path, step: 
     write_tifxyz(folder, points, (1 / step, 1 / step), mask[at])
 
 
-def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int], tifxyz_step: int = 0) -> dict:
+def air_boundary(air_counts: np.ndarray, material_counts: np.ndarray) -> int:
+    """The uint8 level t that misclassifies fewest voxels when values <= t are called air."""
+    errors = np.cumsum(material_counts) + (air_counts.sum() - np.cumsum(air_counts))
+    return int(np.argmin(errors))
+
+
+def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int], tifxyz_step: int = 0, variant: Variant = Variant()) -> dict:
     rng = np.random.default_rng(seed)
-    scroll = Scroll(shape, rng)
+    scroll = Scroll(shape, rng, variant, jitter_rng=np.random.default_rng([seed, 1]))
     volume_dir = out_dir / "volume"
     volume_dir.mkdir(parents=True)
+    histograms = np.zeros((2, 256), np.int64)  # of air and of material voxels, at the scan's uint8 values
     with h5py.File(out_dir / "ground_truth.h5", "w") as file:
         truth = volume.create_volume(file, volume.GROUND_TRUTH, shape, np.uint8)
         slab = np.zeros((truth.chunks[0],) + shape[1:], np.uint8)
         for z in range(shape[0]):
-            intensity, ink = scroll.slice_intensity(z, rng)
-            tifffile.imwrite(volume_dir / f"{z:05d}.tif", np.round(intensity * 65535).astype(np.uint16))
+            intensity, ink, material = scroll.slice_intensity(z, rng)
+            scan = np.round(intensity * 65535).astype(np.uint16)
+            tifffile.imwrite(volume_dir / f"{z:05d}.tif", scan)
+            as_uint8 = volume.UINT16_TO_UINT8[scan]
+            histograms[0] += np.bincount(as_uint8[~material], minlength=256)
+            histograms[1] += np.bincount(as_uint8[material], minlength=256)
             slab[z % len(slab)] = ink * np.uint8(255)
             if z % len(slab) == len(slab) - 1 or z == shape[0] - 1:
                 start = z - z % len(slab)
                 truth[start:z + 1] = slab[:z + 1 - start]
     for spec in SEGMENTS:
         data, label = scroll.surface(spec)
+        if spec.segment_id in variant.flip_normals:
+            data[..., 3:] *= -1
         segment_dir = out_dir / "paths" / spec.segment_id
         segment_dir.mkdir(parents=True)
         # a ragged edge of off-surface pixels, as real segments have, and a mask 2 pixels inside it
@@ -264,6 +315,11 @@ def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int], tifxyz_st
         "valid_segments": VALID_SEGMENTS,
         "seed": seed,
         "segment_specs": [asdict(spec) for spec in SEGMENTS],
+        "variant": asdict(variant),
+        # where the ink's middle lies along each segment's normal, relative to its surface
+        "ink_depth": {spec.segment_id: (-1 if spec.segment_id in variant.flip_normals else 1)
+                      * (variant.ink_thickness / 2 - variant.surface_offset) for spec in SEGMENTS},
+        "air_boundary": air_boundary(*histograms),
     }
 
 
@@ -282,7 +338,17 @@ class _TiffSlices:
 def main(argv=None):
     config = parse_config(globals(), argv)
     out_dir = Path(config.out_dir)
-    outer_radius = INNER_RADIUS + PITCH * TURNS + 10 + CENTRE_DRIFT
+    flips = tuple(s.strip() for s in config.flip_normals.split(",") if s.strip())
+    unknown = sorted(set(flips) - {spec.segment_id for spec in SEGMENTS})
+    if unknown:
+        raise InputError(f"--flip_normals {', '.join(unknown)}: no such segment; the scroll's segments are "
+                         f"{', '.join(spec.segment_id for spec in SEGMENTS)}")
+    if flips and config.tifxyz_step:
+        raise InputError("--flip_normals applies to .ppm segments; a tifxyz grid's normals follow its orientation (--tifxyz_step 0)")
+    if config.pitch < 2:
+        raise InputError(f"--pitch {config.pitch}: must be >= 2 voxels")
+    variant = Variant(config.ink_thickness, config.surface_offset, config.surface_jitter, config.pitch, flips, config.ct_like)
+    outer_radius = INNER_RADIUS + config.pitch * TURNS + 10 + CENTRE_DRIFT
     if min(config.height, config.width) < 2 * outer_radius or config.depth < 16:
         raise InputError(f"the roll needs height and width >= {2 * outer_radius:.0f} and depth >= 16")
     if (out_dir / "scroll.json").exists() or (out_dir / "volume").exists():
@@ -292,7 +358,7 @@ def main(argv=None):
             target = out_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     check_output(out_dir / "scroll.json", overwrite=True)  # a folder that can be written
-    description = make_scroll(out_dir, config.seed, (config.depth, config.height, config.width), config.tifxyz_step)
+    description = make_scroll(out_dir, config.seed, (config.depth, config.height, config.width), config.tifxyz_step, variant)
     if config.ome_zarr:
         volume.write_ome_zarr(out_dir / "volume.zarr", _TiffSlices(out_dir / "volume"), levels=2)
     (out_dir / "scroll.json").write_text(json.dumps(description, indent=2) + "\n")

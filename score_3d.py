@@ -15,7 +15,7 @@ import json
 from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main
 from ink3d.files import atomic_output, check_output
-from ink3d.intensity import otsu_level, scan_histogram
+from ink3d.intensity import air_level as estimate_air_level, scan_histogram
 from ink3d.metrics import score_volume
 
 # --- config ---
@@ -24,7 +24,7 @@ LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 GROUND_TRUTH = "runs/demo/scroll/ground_truth.h5"  # ground-truth ink volume (dataset ink, > 0 = ink)
 VOLUME = "runs/demo/scan.h5"  # scan volume: the intensity baseline and the air / papyrus split
 ROI = ""  # z0:z1,y0:y1,x0:x1 to score; empty = the whole volume
-AIR_LEVEL = -1  # scan values at or below this are air (uint8); -1 = Otsu's threshold of the scan's histogram
+AIR_LEVEL = -1  # scan values at or below this are air (uint8); -1 = the valley between the air and papyrus modes of the scan's histogram
 OUT = ""  # optional JSON file for the scores
 OVERWRITE = False  # replace an existing --out
 
@@ -46,7 +46,7 @@ def main(argv=None):
         for name, dataset in ((config.ground_truth, truth), (config.volume, scan)):
             if dataset.shape != predictions.shape:
                 raise InputError(f"{name}: shape {dataset.shape} differs from the predictions' {predictions.shape}")
-        air_level = config.air_level if config.air_level >= 0 else otsu_level(scan_histogram(scan))
+        air_level = config.air_level if config.air_level >= 0 else estimate_air_level(scan_histogram(scan))
         region = volume.parse_roi(config.roi, scan.shape)
         score = score_volume(predictions, truth, scan, air_level, region)
     score.update(air_level=air_level, roi=config.roi)

@@ -8,9 +8,17 @@
     python train.py ... --init_checkpoint checkpoints/published_3d_ink.pth   # start from pretrained weights
     torchrun --nproc_per_node=4 train.py ...                            # DistributedDataParallel
 
+A 2D label says that the face carries ink somewhere along a pixel's normal, not at which depth. By
+default (`--ink_depth learned`) the model's output is sampled along every labeled pixel's column
+that lies in a crop (kept in the label files, ink3d/columns.py), pooled into one prediction for the
+pixel (a smooth maximum, `--pool_sharpness`) and compared with the pixel's label, while the voxels
+of columns without ink are known negatives: the model learns where along the normal the ink lies.
+`--ink_depth fixed` instead takes the label volume's voxel labels as they are (its ink range).
+
 Unlabeled voxels (-1) are excluded from the loss. Air (scan at or below `--air_level`, by default
-Otsu's threshold of the scan's histogram) holds no ink: labeled air voxels count as 0, and the
-other air voxels of a crop are a background term of the loss weighed by `--background_weight`.
+the valley between the air and papyrus modes of the scan's histogram) holds no ink: labeled air
+voxels count as 0, and the other air voxels of a crop are a background term of the loss weighed by
+`--background_weight`.
 Training block origins closer than `--exclusion_radius` to any validation origin are dropped, so
 validation measures unseen regions. An exponential moving average of the weights (`--ema_decay`)
 is what validation runs, what `best.pth` is chosen by and what loaders return by default. The
@@ -34,6 +42,7 @@ import time
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -46,8 +55,9 @@ from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main, save_config
 from ink3d.coords import drop_near
 from ink3d.augment import warp
+from ink3d.columns import COLUMNS, column_loss, pool, sample_columns
 from ink3d.dataset import AUGMENTATIONS, BACKGROUND, ScrollSamples
-from ink3d.intensity import Normalization, otsu_level, scan_histogram
+from ink3d.intensity import Normalization, resolve_air_level, scan_histogram
 from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
 from ink3d.sliding_window import to_uint8
 from ink3d.files import atomic_output, check_output
@@ -74,9 +84,13 @@ WEIGHT_DECAY = 1e-4  # AdamW weight decay
 WARMUP_STEPS = 20  # linear warmup, then cosine decay to 0 at max_steps
 MAX_STEPS = 1000  # optimisation steps
 GRAD_CLIP = 1.0  # max gradient norm (0 = off)
-DICE_WEIGHT = 3.0  # weight of a soft Dice term over labeled voxels, added to the BCE
+DICE_WEIGHT = 3.0  # weight of a soft Dice term over labeled voxels (learned depth: over the pooled columns), added to the BCE
+INK_DEPTH = "learned"  # where the ink lies along a labeled pixel's normal: learned (pooled along its column) or fixed (the label volume's ink range)
+POOL_SHARPNESS = 1.0  # r of the pooling along a column, (1/r) log mean exp(r logit): large = the maximum, small = the mean
+COLUMN_WEIGHT = 1.0  # weight of the pooled columns' loss beside the voxels' (learned depth)
+MAX_COLUMNS = 8192  # labeled pixels' columns per training sample (a random choice when its crop holds more)
 LABEL_SMOOTHING = 0.0  # BCE targets t * (1 - s) + s / 2
-AIR_LEVEL = "otsu"  # scan values (uint8) at or below this are air, never ink: a number, otsu (from the scan), or none
+AIR_LEVEL = "auto"  # scan values (uint8) at or below this are air, never ink: auto (the histogram's air/papyrus valley), otsu, a number, or none
 BACKGROUND_WEIGHT = 1.0  # weight of the BCE over a crop's unlabeled air voxels (target 0) beside the labeled voxels' BCE
 EMA_DECAY = 0.999  # decay of the moving average of the weights (0 = none); lower early in a run (models/ema.py)
 INPUT_NORMALIZATION = "scale"  # model input: scale (scan / 255) or percentile (window of the material's percentiles)
@@ -110,7 +124,9 @@ WANDB_PROJECT = "3d-ink-detection"  # W&B project
 DATA_KEYS = ("volume", "train_labels", "valid_labels", "train_coords", "valid_coords")
 RESUME_KEYS = ("patch", "block", "batch_size", "lr", "weight_decay", "warmup_steps", "max_steps", "f_maps", "num_levels",
                "num_groups", "seed", "dice_weight", "min_labeled", "max_tries", "exclusion_radius", "label_smoothing",
-               "air_level", "background_weight", "ema_decay", "input_normalization", "percentiles", "augmentation")
+               "air_level", "background_weight", "ema_decay", "input_normalization", "percentiles", "augmentation", "ink_depth",
+               "pool_sharpness", "column_weight", "max_columns")
+INK_DEPTHS = ("learned", "fixed")
 
 
 def masked_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 0.0, background_weight: float = 0.0,
@@ -141,8 +157,8 @@ def masked_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float =
 
 
 def resolve_intensity(config) -> tuple[int | None, Normalization, int]:
-    """The air level and the input normalisation the flags ask for, and Otsu's threshold of the scan (the
-    air level of the 3D score), read off the scan's histogram."""
+    """The air level and the input normalisation the flags ask for, and the scan's estimated air level (the air
+    level of the 3D score), read off the scan's histogram."""
     try:
         low, high = (float(p) for p in config.percentiles.split(","))
     except ValueError:
@@ -150,21 +166,15 @@ def resolve_intensity(config) -> tuple[int | None, Normalization, int]:
     file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
     with file:
         counts = scan_histogram(scan)
-    otsu = otsu_level(counts)
-    if config.air_level == "none":
-        air_level = None
-    elif config.air_level == "otsu":
-        air_level = otsu
-    else:
-        try:
-            air_level = int(config.air_level)
-        except ValueError:
-            raise InputError(f"--air_level {config.air_level!r}: expected a number, otsu or none") from None
+    try:
+        air_level, estimate = resolve_air_level(config.air_level, counts), resolve_air_level("auto", counts)
+    except ValueError as error:
+        raise InputError(f"--air_level {error}") from None
     try:
         normalization = Normalization.of_volume(counts, config.input_normalization, low, high)
     except ValueError as error:
         raise InputError(f"--input_normalization: {error}") from None
-    return air_level, normalization, otsu
+    return air_level, normalization, estimate
 
 
 def load_origins(path: str) -> np.ndarray:
@@ -176,6 +186,23 @@ def load_origins(path: str) -> np.ndarray:
     if origins.ndim != 2 or origins.shape[1] != 3 or len(origins) == 0 or not np.issubdtype(origins.dtype, np.integer):
         raise InputError(f"{path}: expected a non-empty (N, 3) integer array of zyx block origins, got {origins.dtype} {origins.shape}")
     return origins
+
+
+def column_band(path: str, need: bool) -> float:
+    """The band of a label file's columns (0 when not `need`ed), checked to be what learning the depth needs: columns,
+    and voxel labels over the whole band (a voxel labeled 0 then lies on no ink column)."""
+    if not need:
+        return 0.0
+    with h5py.File(path, "r") as file:
+        band = float(file.attrs.get("band", 0))
+        ink_range = json.loads(file.attrs.get("ink_range", "null") or "null")
+        if COLUMNS not in file:
+            raise InputError(f"{path}: no label columns (made by an earlier all_labels_to_hdf); make it anew, "
+                             "or train with --ink_depth fixed")
+    if ink_range is not None and ink_range != [-band, band]:
+        raise InputError(f"{path}: made with ink range {ink_range[0]}..{ink_range[1]} of band {band}; --ink_depth learned needs "
+                         "the whole band (all_labels_to_hdf's default ink range); or train with --ink_depth fixed")
+    return band
 
 
 def check_inputs(config, resuming: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -284,21 +311,32 @@ class ValidationTruth:
 
 
 @torch.no_grad()
-def validate(model, loader, device, dtype, channels_last, dice_weight, truth: ValidationTruth | None = None) -> tuple[dict, tuple]:
-    """Loss, best-threshold F0.5, ROC AUC over labeled voxels; the intensity-threshold baseline; with `truth`, the
-    3D score of every voxel of the validation blocks. Also the images, labels and probabilities of the first 4
-    blocks, for the validation picture."""
+def validate(model, loader, device, dtype, channels_last, dice_weight, truth: ValidationTruth | None = None,
+             band: float = 0.0, sharpness: float = 1.0) -> tuple[dict, tuple]:
+    """Loss, best-threshold F0.5, ROC AUC over labeled voxels (with columns, `band` > 0: over the labeled pixels'
+    columns, each scored by its maximum probability); the intensity-threshold baseline (columns: their mean
+    intensity); with `truth`, the 3D score of every voxel of the validation blocks. Also the images, labels and
+    probabilities of the first 4 blocks, for the validation picture."""
     model.eval()
     scores, truths, intensities, losses, weights, picture_parts = [], [], [], [], [], ([], [], [])
     counts, index = VoxelCounts(), 0
-    for images, labels, _ in loader:
+    for images, labels, _, *columns in loader:
         batch = images.to(device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
         with autocast(device, dtype):
             logits = model(batch)
         logits = logits.float().cpu()
-        loss, count = masked_loss(logits, labels, dice_weight)
+        loss, count = masked_loss(logits, labels, 0.0 if columns else dice_weight)
+        if columns:
+            column_logits, counted = sample_columns(logits, columns[0], band)
+            targets = columns[0][..., 6][counted]
+            if bool(counted.any()):
+                loss = loss + column_loss(pool(column_logits[counted], sharpness), targets, dice_weight)
+                count += int(counted.sum())
+            scores.append(torch.sigmoid(column_logits[counted].max(dim=-1).values).numpy())
+            truths.append(targets.numpy() > 0.5)
+            intensities.append(sample_columns(images, columns[0], band)[0][counted].mean(dim=-1).numpy())
         if count:
             losses.append(loss.item() * count)
             weights.append(count)
@@ -306,10 +344,11 @@ def validate(model, loader, device, dtype, channels_last, dice_weight, truth: Va
             for probabilities in torch.sigmoid(logits)[:, 0].numpy():
                 truth.add(counts, index, probabilities)
                 index += 1
-        labeled = labels >= 0
-        scores.append(torch.sigmoid(logits[labeled]).numpy())
-        truths.append(labels[labeled].numpy() > 0.5)
-        intensities.append(images[labeled].numpy())
+        if not columns:
+            labeled = labels >= 0
+            scores.append(torch.sigmoid(logits[labeled]).numpy())
+            truths.append(labels[labeled].numpy() > 0.5)
+            intensities.append(images[labeled].numpy())
         if len(picture_parts[0]) < 4:
             for part, values in zip(picture_parts, (images, labels, torch.sigmoid(logits))):
                 part.extend(values.numpy()[: 4 - len(part)])
@@ -398,16 +437,25 @@ def main(argv=None):
     if config.resume and not resuming and rank == 0:
         print(f"--resume: {last_path} does not exist; starting a new run")
     block = config.block or config.patch
+    if config.ink_depth not in INK_DEPTHS:
+        raise InputError(f"--ink_depth {config.ink_depth!r}: choose learned or fixed")
+    learned = config.ink_depth == "learned"
+    if learned and config.augment == "cpu":
+        raise InputError("--ink_depth learned moves the columns with each crop's transform, where the model runs: use --augment device")
     if config.augmentation not in AUGMENTATIONS:
         raise InputError(f"--augmentation {config.augmentation!r}: choose one of {', '.join(AUGMENTATIONS)}")
     if config.augment not in ("cpu", "device"):
         raise InputError(f"--augment {config.augment!r}: choose device or cpu")
-    on_device = config.augmentation == "full" and config.augment == "device"  # exact and none resample nothing
+    on_device = (config.augmentation == "full" and config.augment == "device") or learned  # exact and none resample nothing
+    image_mode = "bilinear" if config.augmentation == "full" else "nearest"  # exact and none map voxels onto voxels
     train_origins, valid_origins = check_inputs(config, resuming)
+    band = column_band(config.train_labels, learned)
+    if learned and column_band(config.valid_labels, learned) != band:
+        raise InputError(f"{config.valid_labels}: its columns' band differs from {config.train_labels}'s ({band})")
     state = read_resume_state(last_path, config) if resuming else None
     if rank == 0:
         check_output(out_dir / "metrics.csv", overwrite=True)
-    air_level, normalization, otsu = resolve_intensity(config)
+    air_level, normalization, estimated_air = resolve_intensity(config)
     # what inference and later stages need to treat the scan as training did
     recorded_config = {**vars(config), "normalization": normalization.to_config(), "air_level_value": air_level}
     torch.manual_seed(config.seed)
@@ -447,7 +495,7 @@ def main(argv=None):
     train_set = ScrollSamples(config.volume, config.train_labels, train_origins, config.patch, config.max_steps * config.batch_size,
                               train=True, block=block, seed=config.seed, stream=rank, min_labeled=config.min_labeled,
                               max_tries=config.max_tries, normalization=normalization, air_level=air_level, augment=config.augmentation,
-                              level=config.level, on_device=on_device)
+                              level=config.level, on_device=on_device, columns=config.max_columns if learned else 0)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=range(step * config.batch_size, len(train_set)),
                         num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
     valid_loader = None
@@ -455,11 +503,12 @@ def main(argv=None):
     truth = None
     if rank == 0:
         valid_set = ScrollSamples(config.volume, config.valid_labels, valid_origins, config.patch, len(valid_origins),
-                                  train=False, block=block, normalization=normalization, air_level=air_level, level=config.level)
+                                  train=False, block=block, normalization=normalization, air_level=air_level, level=config.level,
+                                  seed=config.seed, columns=config.max_columns if learned else 0)
         valid_loader = DataLoader(valid_set, batch_size=config.batch_size, num_workers=0)
         if config.ground_truth:
             truth = ValidationTruth(config.ground_truth, config.volume, valid_origins, config.patch,
-                                    otsu if air_level is None else air_level, config.level)
+                                    estimated_air if air_level is None else air_level, config.level)
         save_config(config, out_dir / "config.json")
         log = MetricsLog(out_dir, config.wandb, config, step if resuming else None)
         best_f05 = max(best_f05, log.best_f05)  # a validation logged after the last checkpoint, whose best.pth was written
@@ -477,7 +526,8 @@ def main(argv=None):
         nonlocal best_f05
         learning_rate = config.lr * lr_factor(step - 1, config.warmup_steps, config.max_steps)
         network = ema.model if ema is not None else unwrap(model)
-        metrics, picture_parts = validate(network, valid_loader, device, dtype, channels_last, config.dice_weight, truth)
+        metrics, picture_parts = validate(network, valid_loader, device, dtype, channels_last, config.dice_weight, truth,
+                                          band, config.pool_sharpness)
         picture = validation_picture(*picture_parts, title=f"step {step}: F0.5 {metrics['valid_f05']:.3f} "
                                                          f"(threshold {metrics['valid_threshold_baseline_f05']:.3f})")
         cv2.imwrite(str(out_dir / f"valid_{step:06d}.png"), picture)
@@ -494,6 +544,7 @@ def main(argv=None):
     bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="train", disable=rank != 0)
     started, samples, running = time.perf_counter(), 0, []
     for images, labels, sample_redraws, *transforms in loader:
+        columns = transforms.pop().to(device, non_blocking=True) if learned else None
         learning_rate = config.lr * lr_factor(step, config.warmup_steps, config.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
@@ -501,11 +552,12 @@ def main(argv=None):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if transforms:  # raw crops: normalise, resample and scale the batch here (ink3d.augment)
             matrices, offsets, scales = (t.to(device, non_blocking=True) for t in transforms)
-            images, labels = warp(normalization(images), labels, matrices, offsets, config.patch)
+            images, labels = warp(normalization(images), labels, matrices, offsets, config.patch, image_mode)
             images = images * scales.view(-1, 1, 1, 1, 1)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last_3d)
-        labeled = torch.tensor([(labels >= 0).sum().item()], dtype=torch.float64)
+        labeled = torch.tensor([(labels >= 0).sum().item() + (0 if columns is None else (columns[..., 6] >= 0).sum().item())],
+                               dtype=torch.float64)
         if world > 1:
             dist.all_reduce(labeled)
         if labeled.item() == 0:  # no rank has a labeled voxel: nothing to learn, step skipped
@@ -513,7 +565,13 @@ def main(argv=None):
         else:
             with autocast(device, dtype):
                 logits = model(images)
-            loss, _ = masked_loss(logits, labels, config.dice_weight, config.background_weight, config.label_smoothing)
+            loss, _ = masked_loss(logits, labels, 0.0 if learned else config.dice_weight, config.background_weight,
+                                  config.label_smoothing)
+            if learned:
+                column_logits, counted = sample_columns(logits, columns, band, matrices, offsets)
+                if bool(counted.any()):
+                    loss = loss + config.column_weight * column_loss(pool(column_logits[counted], config.pool_sharpness),
+                                                                     columns[..., 6][counted], config.dice_weight)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip:

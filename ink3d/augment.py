@@ -38,11 +38,16 @@ def rotation(angles_degrees) -> np.ndarray:
     return result
 
 
-def draw_affine(rng: np.random.Generator, crop: int, patch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(A, b) of one sample: output voxel o of the patch reads input voxel A @ o + b of the crop."""
+def draw_affine(rng: np.random.Generator, crop: int, patch: int, kind: str = "full") -> tuple[np.ndarray, np.ndarray]:
+    """(A, b) of one sample: output voxel o of the patch reads input voxel A @ o + b of the crop.
+
+    `kind` full: the full augmentation; exact: 90-degree turns, flips and a crop of the patch's size, which
+    map voxels onto voxels (no resampling); none: the crop's centre."""
     centre = (crop - 1) / 2
+    if kind == "none":
+        return np.eye(3), np.full(3, float((crop - patch) // 2))
     # output -> input, the transforms undone in reverse order of application: resized crop, flips, turn, rotation
-    scale = rng.uniform(*SCALE_RANGE)
+    scale = rng.uniform(*SCALE_RANGE) if kind == "full" else 1.0
     size = int(scale * patch)
     start = np.floor((crop - size) * rng.random(3))
     steps = size / patch
@@ -62,21 +67,22 @@ def draw_affine(rng: np.random.Generator, crop: int, patch: int) -> tuple[np.nda
             undo[a, b] = 1
             undo[b, a], undo[b, 3] = -1, crop - 1
             to_input = undo @ to_input
-    if rng.random() < 0.5:  # a rotation about the crop's centre; its inverse reads the input
+    if kind == "full" and rng.random() < 0.5:  # a rotation about the crop's centre; its inverse reads the input
         inverse = rotation(rng.uniform(-ROTATION_DEGREES, ROTATION_DEGREES, 3)).T
         to_input = _homogeneous(inverse, centre - inverse @ np.full(3, centre)) @ to_input
     return to_input[:3, :3], to_input[:3, 3]
 
 
 def warp(images: torch.Tensor, labels: torch.Tensor, matrices: torch.Tensor, offsets: torch.Tensor,
-         patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample (B, 1, C, C, C) images and labels through per-sample maps (B, 3, 3), (B, 3) to (B, 1, P, P, P)."""
+         patch: int, image_mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (B, 1, C, C, C) images and labels through per-sample maps (B, 3, 3), (B, 3) to (B, 1, P, P, P).
+    `image_mode` nearest copies voxels exactly where the maps send voxels onto voxels (exact, none)."""
     crop = images.shape[-1]
     axis = torch.arange(patch, device=images.device, dtype=torch.float32)
     output = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)  # zyx
     positions = output @ matrices.float().transpose(1, 2) + offsets.float()[:, None, :]
     grid = (positions * (2 / (crop - 1)) - 1).flip(-1).reshape(len(images), patch, patch, patch, 3)  # grid_sample wants xyz
-    image = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    image = F.grid_sample(images.float(), grid, mode=image_mode, padding_mode="zeros", align_corners=True)
     # labels are -2 (background air), -1 (unlabeled) or in [0, 1]: shifted so that 0 means outside the crop
     shifted = F.grid_sample(labels.float() + 3, grid, mode="nearest", padding_mode="zeros", align_corners=True)
     return image, torch.where(shifted == 0, torch.full_like(shifted, -1.0), shifted - 3)

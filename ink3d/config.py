@@ -72,14 +72,16 @@ LIMITS = {
                      "tile_pixels", "cache_mb", "view_size", "max_views", "largest_blobs", "line_height", "depth",
                      "height", "width", "max_size", "band", "block"), POSITIVE),
     **dict.fromkeys(("lr", "train.py:block", "warmup_steps", "min_labeled", "margin", "min_size", "exclusion_radius", "grad_clip",
-                     "dice_weight", "background_weight", "weight_decay", "min_scan", "ink_front", "ink_back", "ink_thickness",
+                     "dice_weight", "background_weight", "weight_decay", "ink_thickness", "surface_jitter",
                      "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "level", "tifxyz_step", "flatten_3d.py:band"), NON_NEGATIVE),
     **dict.fromkeys(("overlap", "label_smoothing", "ema_decay"), FRACTION),
     "threshold": Bounds(0, 1),
+    "pitch": Bounds(2),
     "all_labels_to_hdf.py:tile_pixels": Bounds(1, 65535),  # a tile's pixels must fit the uint16 counts it holds
     "jpeg_quality": Bounds(1, 100),
-    "skip_max": Bounds(-1, 255),
+    "skip_max": Bounds(-2, 255),
     "air_level": Bounds(-1, 255),
+    "min_scan": Bounds(-1, 255),
 }
 
 

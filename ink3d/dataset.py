@@ -10,6 +10,12 @@ stream. The HDF5 files are opened once per worker process.
 Air holds no ink. With an air level, labeled voxels whose scan value is at or below it are
 labeled 0 whatever their segment pixel says, and in training crops every other air voxel is
 marked BACKGROUND (-2): known not to be ink, weighed in the loss apart from the labeled band.
+
+With `columns`, a sample also carries up to that many of the labeled pixels' columns whose point
+lies in its crop (ink3d.columns), and only voxels that no ink column reaches keep a voxel label
+(0): where along an ink column the ink lies is for the model to learn from the pooled columns.
+Such samples always come in the device form (raw crop and transform), so that the columns move
+with the crop's augmentation.
 """
 
 import os
@@ -23,6 +29,7 @@ from volumentations import Compose, Flip, RandomCrop, RandomResizedCrop, RandomR
 
 from ink3d import volume
 from ink3d.augment import draw_affine
+from ink3d.columns import COLUMNS, ColumnReader, fixed_size
 from ink3d.intensity import Normalization
 
 UNLABELED = -1.0
@@ -82,7 +89,7 @@ class ScrollSamples(Dataset):
     def __init__(self, volume_path, labels_path, origins, patch: int, length: int, *, train: bool, block: int,
                  seed: int = 0, stream: int = 0, min_labeled: int = 1, max_tries: int = 10, augment: str = "full",
                  intensity_scale=(0.4, 2.0), normalization: Normalization = Normalization(), air_level: int | None = None,
-                 level: int = 0, on_device: bool = False):
+                 level: int = 0, on_device: bool = False, columns: int = 0):
         self.volume_path, self.labels_path = str(volume_path), str(labels_path)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 3)
         if len(self.origins) == 0:
@@ -90,13 +97,15 @@ class ScrollSamples(Dataset):
         self.patch, self.length, self.train, self.block = patch, length, train, block
         self.seed, self.stream = seed, stream
         self.min_labeled, self.max_tries = min_labeled, max_tries
-        if on_device and augment != "full":
-            raise ValueError(f"augmentation {augment!r} has no device form; only full resamples")
-        self.on_device = on_device and train
+        if on_device and augment != "full" and not columns:
+            raise ValueError(f"augmentation {augment!r} resamples nothing: its device form is for samples with columns")
+        self.columns = columns
+        self.on_device = (on_device or bool(columns)) and train
+        self.augment_kind = augment
         self.augment = augmentation(patch, augment) if train and not self.on_device else None
         self.intensity_scale = intensity_scale
         self.normalization, self.air_level, self.level = normalization, air_level, level
-        self._files = self._scan = None
+        self._files = self._scan = self._columns = None
         self._pid = None
 
     def __len__(self) -> int:
@@ -107,6 +116,8 @@ class ScrollSamples(Dataset):
         if self._pid != os.getpid():
             scan_file, self._scan = volume.open_dataset(self.volume_path, volume.SCAN, level=self.level)
             self._files = (scan_file, h5py.File(self.labels_path, "r"))
+            if self.columns:
+                self._columns = ColumnReader(self._files[1][COLUMNS], self._scan.shape)
             self._pid = os.getpid()
         label_file = self._files[1]
         return self._scan, label_file[volume.INK_SUM], label_file[volume.INK_COUNT]
@@ -116,8 +127,13 @@ class ScrollSamples(Dataset):
         if not self.train:
             origin = self.origins[index % len(self.origins)]
             image = volume.read_crop(scan, origin, (self.patch,) * 3)
-            labels = label_air(read_labels(ink_sum, ink_count, origin, (self.patch,) * 3), image, self.air_level, background=False)
-            return self._tensors(self.normalization(image), labels, 0)
+            labels = self._voxel_labels(read_labels(ink_sum, ink_count, origin, (self.patch,) * 3))
+            labels = label_air(labels, image, self.air_level, background=False)
+            sample = self._tensors(self.normalization(image), labels, 0)
+            if self.columns:
+                rng = np.random.default_rng([self.seed, index])
+                sample += (torch.from_numpy(fixed_size(self._columns.in_box(origin, self.patch), self.columns, rng)),)
+            return sample
         rng = np.random.default_rng([self.seed, self.stream, index])
         random.seed(int(rng.integers(2**62)))  # volumentations draws from the random module
         crop = int(round(1.5 * self.patch))
@@ -130,12 +146,15 @@ class ScrollSamples(Dataset):
             if (labels[inner, inner, inner] >= 0).sum() >= self.min_labeled:
                 break
         image = volume.read_crop(scan, corner, (crop,) * 3)
-        labels = label_air(labels, image, self.air_level, background=True)
+        labels = label_air(self._voxel_labels(labels), image, self.air_level, background=True)
         if self.on_device:  # the raw crop, its labels and the sample's transform: ink3d.augment.warp runs on the batch
-            matrix, offset = draw_affine(rng, crop, self.patch)
+            matrix, offset = draw_affine(rng, crop, self.patch, self.augment_kind)
             scale = np.float32(rng.uniform(*self.intensity_scale))
-            return (torch.from_numpy(image)[None], torch.from_numpy(labels)[None], redraws,
-                    torch.from_numpy(matrix), torch.from_numpy(offset), torch.tensor(scale))
+            sample = (torch.from_numpy(image)[None], torch.from_numpy(labels)[None], redraws,
+                      torch.from_numpy(matrix), torch.from_numpy(offset), torch.tensor(scale))
+            if self.columns:
+                sample += (torch.from_numpy(fixed_size(self._columns.in_box(corner, crop), self.columns, rng)),)
+            return sample
         image = self.normalization(image)
         if self.augment is not None:
             out = self.augment(image=image, mask=labels)
@@ -144,6 +163,12 @@ class ScrollSamples(Dataset):
             image, labels = image[inner, inner, inner], labels[inner, inner, inner]
         image = image * np.float32(rng.uniform(*self.intensity_scale))
         return self._tensors(image, labels, redraws)
+
+    def _voxel_labels(self, labels: np.ndarray) -> np.ndarray:
+        """With columns, a voxel that an ink column reaches is unlabeled: its column says where ink may be, not that it is."""
+        if self.columns:
+            labels[labels > 0] = UNLABELED
+        return labels
 
     @staticmethod
     def _tensors(image, labels, redraws: int):

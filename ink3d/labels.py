@@ -62,10 +62,11 @@ def band_offsets(band: float, ink_range: tuple[float, float] | None = None) -> n
 
 
 def ink_range_within(band: float, ink_back: float, ink_front: float) -> tuple[float, float]:
-    """The ink range [-ink_back, ink_front] along the normal, clipped to the band [-band, band]."""
-    if min(band, ink_back, ink_front) < 0:
-        raise ValueError(f"band {band}, ink_back {ink_back} and ink_front {ink_front} must be >= 0")
-    return -min(ink_back, band), min(ink_front, band)
+    """The ink range [-ink_back, ink_front] along the normal, clipped to the band [-band, band]; a negative end
+    reaches the band's."""
+    if band < 0:
+        raise ValueError(f"band {band} must be >= 0")
+    return -(band if ink_back < 0 else min(ink_back, band)), (band if ink_front < 0 else min(ink_front, band))
 
 
 def band_voxels(points_zyx: np.ndarray, normals_zyx: np.ndarray, band: float, shape,
