@@ -98,9 +98,9 @@ def peak_depth(samples: np.ndarray, inside: np.ndarray, offsets: np.ndarray, thr
     top = np.take_along_axis(values, peak[..., None], -1)[..., 0]
     before = np.take_along_axis(values, np.maximum(peak - 1, 0)[..., None], -1)[..., 0]
     after = np.take_along_axis(values, np.minimum(peak + 1, len(offsets) - 1)[..., None], -1)[..., 0]
-    curvature = before - 2 * top + after
-    interior = (peak > 0) & (peak < len(offsets) - 1) & np.isfinite(before) & np.isfinite(after) & (curvature < 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # -inf marks samples outside the volume
+        curvature = before - 2 * top + after
+        interior = (peak > 0) & (peak < len(offsets) - 1) & np.isfinite(before) & np.isfinite(after) & (curvature < 0)
         shift = np.where(interior, 0.5 * (before - after) / np.where(interior, curvature, 1), 0.0)
     depth = (offsets[peak] + shift * (offsets[1] - offsets[0] if len(offsets) > 1 else 0)).astype(np.float32)
     return np.where(top >= threshold, depth, np.float32(np.nan))

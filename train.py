@@ -194,11 +194,11 @@ def column_band(path: str, need: bool) -> float:
     if not need:
         return 0.0
     with h5py.File(path, "r") as file:
-        band = float(file.attrs.get("band", 0))
-        ink_range = json.loads(file.attrs.get("ink_range", "null") or "null")
         if COLUMNS not in file:
             raise InputError(f"{path}: no label columns (made by an earlier all_labels_to_hdf); make it anew, "
                              "or train with --ink_depth fixed")
+        band = float(file[COLUMNS].attrs["band"])
+        ink_range = json.loads(file.attrs.get("ink_range", "null"))
     if ink_range is not None and ink_range != [-band, band]:
         raise InputError(f"{path}: made with ink range {ink_range[0]}..{ink_range[1]} of band {band}; --ink_depth learned needs "
                          "the whole band (all_labels_to_hdf's default ink range); or train with --ink_depth fixed")

@@ -1,4 +1,5 @@
 import csv
+import json
 
 import cc3d
 import cv2
@@ -259,3 +260,41 @@ def test_true_ink_of_each_blob_equals_a_count_over_its_voxels(tmp_path, roi):
         assert int(row["true_ink_voxels"]) == int((region[inside] > 0).sum())
     assert {int(r["voxels"]): int(r["true_ink_voxels"]) for r in rows}[72] == 7 * 9  # slices 12..19 but 13
     assert "true ink" in (tmp_path / "blobs" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("normal_sign, depth", [(1, 3.0), (1, -0.4), (-1, 2.5)])
+def test_depth_map_finds_the_ink_at_its_offset_and_warns_when_it_lies_behind(tmp_path, capsys, normal_sign, depth):
+    """A plane z = 12.3 with ink (a Gaussian profile of probability) at a known offset along its normal: the depth map
+    holds that offset at every pixel; ink behind the surface (here: normals into the sheet) is warned about."""
+    surface_z, ink_z = 12.3, 12.3 + normal_sign * depth
+    z = np.arange(30, dtype=np.float64)[:, None, None]
+    predictions = np.broadcast_to(np.rint(200 * np.exp(-0.5 * ((z - ink_z) / 1.5) ** 2)), (30, 24, 20)).astype(np.uint8)
+    with h5py.File(tmp_path / "pred.h5", "w") as file:
+        volume.create_volume(file, volume.PREDICTIONS, predictions.shape, np.uint8, chunk=8)[:] = predictions
+    rows, cols = np.mgrid[0:6, 0:8].astype(np.float64)
+    data = np.zeros((6, 8, 6))
+    data[..., 0], data[..., 1], data[..., 2], data[..., 5] = 5 + cols, 4 + rows, surface_z, normal_sign
+    write_ppm(tmp_path / "paths" / "s" / "s.ppm", data)
+    flatten_3d.main(["--predictions", str(tmp_path / "pred.h5"), "--ppm_dir", str(tmp_path / "paths"),
+                     "--out_dir", str(tmp_path / "flat"), "--band", "6"])
+    depth_map = tifffile.imread(tmp_path / "flat" / "s_prediction_depth.tif")
+    summary = json.loads((tmp_path / "flat" / "s_prediction_depth.json").read_text())
+    # the sampled profile is trilinear between integer z, so the parabola's vertex lies within a few hundredths
+    assert depth_map.shape == (6, 8) and np.allclose(depth_map, depth, atol=0.08)
+    assert summary["pixels"] == 48 and summary["median"] == pytest.approx(depth, abs=0.08)
+    output = capsys.readouterr().out
+    assert f"median depth of {np.median(depth_map):+.2f} voxels" in output
+    assert summary["behind_surface"] == (depth < -1) and ("normals may point into the sheet" in output) == (depth < -1)
+    flatten_3d.main(["--predictions", str(tmp_path / "pred.h5"), "--ppm_dir", str(tmp_path / "paths"), "--out_dir",
+                     str(tmp_path / "flat"), "--band", "6", "--depth_threshold", "0.9", "--overwrite", "true", "--name", "high"])
+    assert np.isnan(tifffile.imread(tmp_path / "flat" / "s_high_depth.tif")).all()  # the peaks are 200 / 255 < 0.9
+
+
+def test_depth_map_is_written_for_predictions_only_unless_asked(tmp_path, linear_volume):
+    _tilted_segment(tmp_path)
+    _flatten(tmp_path, "--band", "2")
+    assert not (tmp_path / "flat" / "20230101000000_prediction_depth.tif").exists()  # dataset 'field'
+    _flatten(tmp_path, "--band", "2", "--depth_map", "true", "--depth_threshold", "0")
+    depth_map = tifffile.imread(tmp_path / "flat" / "20230101000000_prediction_depth.tif")
+    # the linear field grows along the normal: it peaks at the band's front end, +2
+    assert np.array_equal(np.isnan(depth_map), np.arange(63).reshape(7, 9) == 0) and np.allclose(depth_map[~np.isnan(depth_map)], 2)

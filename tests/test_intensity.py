@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ink3d import volume
-from ink3d.intensity import Normalization, otsu_level, scan_histogram
+from ink3d.intensity import Normalization, air_level, otsu_level, scan_histogram
 from ink3d.metrics import histogram_quantile
 
 skimage_filters = pytest.importorskip("skimage.filters", reason="scikit-image is the reference Otsu threshold")
@@ -61,3 +61,34 @@ def test_normalization_of_a_volume_windows_the_material_and_round_trips_through_
     assert Normalization.from_config({}) == Normalization() == Normalization.of_volume(counts, "scale", 1, 99)
     with pytest.raises(ValueError, match="scale or percentile"):
         Normalization.of_volume(counts, "zscore", 1, 99)
+
+
+def test_air_level_lies_in_the_valley_where_otsu_splits_the_papyrus():
+    """The shape of a real scroll block's histogram: air peaks at 42, papyrus (broad) at 121, the valley near 55;
+    Otsu's threshold lands in the papyrus (above 90), the air level between 50 and 75."""
+    levels = np.arange(256.0)
+    counts = 1e6 * (0.15 / 4 * np.exp(-0.5 * ((levels - 42) / 4) ** 2) + 0.85 / 25 * np.exp(-0.5 * ((levels - 121) / 25) ** 2))
+    counts[0] = 5 * counts.max()  # padding outside the field of view is no mode of its own
+    assert np.argmax(counts[20:80]) + 20 == 42 and np.argmax(counts[80:]) + 80 == 121
+    assert otsu_level(counts[1:]) + 1 > 90
+    assert 50 <= air_level(counts) <= 60
+
+
+def test_air_level_falls_back_to_otsu_with_one_mode():
+    counts = np.exp(-0.5 * ((np.arange(256.0) - 100) / 20) ** 2)
+    assert air_level(counts) == otsu_level(np.r_[0, counts[1:-1], 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_air_level_of_a_ct_like_scroll_is_the_generators_boundary(tmp_path, seed):
+    import json
+
+    import tifffile
+
+    import make_synthetic_scroll
+
+    make_synthetic_scroll.main(["--out_dir", str(tmp_path), "--seed", str(seed), "--depth", "24", "--ct_like", "true"])
+    scan = volume.UINT16_TO_UINT8[np.stack([tifffile.imread(path) for path in sorted((tmp_path / "volume").glob("*.tif"))])]
+    boundary = json.loads((tmp_path / "scroll.json").read_text())["air_boundary"]
+    assert abs(air_level(scan_histogram(scan)) - boundary) <= 3
+    assert otsu_level(scan_histogram(scan)) - boundary > 3  # the test can tell the estimates apart

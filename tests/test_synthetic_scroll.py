@@ -95,3 +95,45 @@ def test_ink_is_not_separable_by_a_global_threshold(synthetic_scroll, truth):
         if tp:
             best = max(best, 1.25 * precision * recall / (0.25 * precision + recall))
     assert best < 0.5
+
+
+@pytest.mark.parametrize("flags, flipped", [
+    (["--ink_thickness", "5", "--surface_offset", "0.5"], False),
+    (["--ink_thickness", "3", "--surface_offset", "3.5", "--flip_normals", "20231012184421"], True),
+])
+def test_variants_place_the_ink_where_scroll_json_says(tmp_path, flags, flipped):
+    """Along every inked pixel's normal, the recorded ink depth lands in the true ink; 4 voxels deeper into the
+    sheet does not (the papyrus), whichever way the normals point."""
+    import json
+
+    make_synthetic_scroll.main(["--out_dir", str(tmp_path), "--depth", "32", *flags])
+    info = json.loads((tmp_path / "scroll.json").read_text())
+    segment_id = "20231012184421"
+    depth = info["ink_depth"][segment_id]
+    thickness, offset = float(flags[1]), float(flags[3])
+    assert depth == pytest.approx((-1 if flipped else 1) * (thickness / 2 - offset))
+    with h5py.File(tmp_path / "ground_truth.h5") as file:
+        truth = file[volume.GROUND_TRUTH][:]
+    ppm, label, mask = _segment(tmp_path, segment_id)
+    inked = valid_mask(ppm.data) & (label > 0) & (mask > 0)
+    into_sheet = 1 if flipped else -1  # along the .ppm normal
+    for offset_along, expected_share in ((depth, 0.8), (depth + 4 * into_sheet, 0.02)):
+        positions = positions_along_normals(ppm.data[inked], np.array([offset_along]))[:, 0]
+        voxels = np.rint(positions).astype(int)
+        share = (truth[tuple(voxels.T)] > 0).mean()
+        assert share >= expected_share if expected_share > 0.5 else share <= expected_share
+
+
+def test_surface_jitter_drifts_the_segment_along_its_normal(tmp_path):
+    import json
+
+    make_synthetic_scroll.main(["--out_dir", str(tmp_path / "still"), "--depth", "32"])
+    make_synthetic_scroll.main(["--out_dir", str(tmp_path / "drift"), "--depth", "32", "--surface_jitter", "2"])
+    still, _, _ = _segment(tmp_path / "still", "20231012184421")
+    drift, _, _ = _segment(tmp_path / "drift", "20231012184421")
+    valid = valid_mask(still.data)
+    moved = np.einsum("...i,...i->...", drift.data[..., :3] - still.data[..., :3], still.data[..., 3:])[valid]
+    assert 1.0 < np.abs(moved).max() <= 2.05 and np.abs(moved).mean() > 0.2
+    assert np.array_equal(tifffile.imread(tmp_path / "still" / "volume" / "00010.tif"),
+                          tifffile.imread(tmp_path / "drift" / "volume" / "00010.tif"))  # the scroll itself is the same
+    assert json.loads((tmp_path / "drift" / "scroll.json").read_text())["variant"]["surface_jitter"] == 2

@@ -10,6 +10,7 @@ import torch
 
 import train
 from ink3d import InputError, volume
+from ink3d.columns import COLUMNS, ColumnWriter
 from ink3d.dataset import BACKGROUND, ScrollSamples, augmentation, label_air
 from ink3d.intensity import Normalization, scan_histogram
 from models import load_model
@@ -182,7 +183,12 @@ def test_augmentation_keeps_unlabeled_exact_and_alignment(kind):
     assert augmentation(32, "none") is None
 
 
+COLUMN_BAND = 4.0
+
+
 def _scene(tmp_path, unlabeled=False):
+    """A random scan with a labeled slab y 8..24 (ink where the scan is bright), and the columns of pixels at y 16
+    along y that label it (ink where their band holds ink; none when `unlabeled`)."""
     rng = np.random.default_rng(0)
     scan = rng.integers(0, 256, (32, 32, 32)).astype(np.uint8)
     count = np.zeros(scan.shape, np.uint16)
@@ -197,6 +203,12 @@ def _scene(tmp_path, unlabeled=False):
         with h5py.File(tmp_path / f"{name}.h5", "w") as file:
             volume.create_volume(file, volume.INK_SUM, scan.shape, np.float32, chunk=16)[:] = ink
             volume.create_volume(file, volume.INK_COUNT, scan.shape, np.uint16, chunk=16)[:] = count
+            columns = ColumnWriter(file, scan.shape, 16, COLUMN_BAND)
+            if not unlabeled:
+                z, x = np.mgrid[0:32, 0:32].reshape(2, -1)
+                points = np.stack([z, np.full_like(z, 16), x], axis=1).astype(np.float32)
+                normals = np.tile(np.float32([0, 1, 0]), (len(z), 1))
+                columns.add(points, normals, np.where(ink[z, 12:21, x].any(axis=1), 255, 0).astype(np.uint8))
     np.save(tmp_path / "train.npy", np.array([[0, 0, 0], [16, 0, 0], [0, 16, 16], [16, 16, 0]], np.int32))
     np.save(tmp_path / "valid.npy", np.array([[16, 16, 16]], np.int32))
     return tmp_path
@@ -251,7 +263,7 @@ def test_device_samples_are_raw_crops_with_their_transform_and_a_function_of_the
     assert image.dtype == torch.uint8 and image.shape == (1, 24, 24, 24) and labels.shape == (1, 24, 24, 24)
     assert matrix.shape == (3, 3) and offset.shape == (3,) and 0.4 <= float(scale) <= 2.0
     assert all(torch.equal(a, b) for a, b in zip(first[:2] + first[3:], again[:2] + again[3:]))
-    with pytest.raises(ValueError, match="only full resamples"):
+    with pytest.raises(ValueError, match="resamples nothing"):
         ScrollSamples(root / "scan.h5", root / "train.h5", [[0, 0, 0]], 16, 8, train=True, block=16, augment="exact", on_device=True)
 
 
@@ -301,10 +313,11 @@ def test_all_unlabeled_batches_are_skipped(tmp_path):
     assert all(torch.equal(initial[k], trained[k]) for k in initial)
 
 
-@pytest.mark.parametrize("augment", ["cpu", "device"])
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, augment):
+@pytest.mark.parametrize("augment, ink_depth", [("cpu", "fixed"), ("device", "fixed"), ("device", "learned")])
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, augment, ink_depth):
     root = _scene(tmp_path)
-    _train(root, tmp_path / "whole", "--augment", augment)
+    augment = (augment, "--ink_depth", ink_depth)
+    _train(root, tmp_path / "whole", "--augment", *augment)
     original, calls = train.masked_loss, []
 
     def killed(*args, **kwargs):
@@ -315,12 +328,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, augment):
 
     monkeypatch.setattr(train, "masked_loss", killed)
     with pytest.raises(KeyboardInterrupt):
-        _train(root, tmp_path / "halves", "--valid_every", "100", "--augment", augment)
+        _train(root, tmp_path / "halves", "--valid_every", "100", "--augment", *augment)
     monkeypatch.setattr(train, "masked_loss", original)
     assert torch.load(tmp_path / "halves" / "last.pth", weights_only=True)["step"] == 2
     with pytest.raises(InputError, match="different max_steps"):
-        _train(root, tmp_path / "halves", "--resume", "true", "--max_steps", "8", "--augment", augment)
-    _train(root, tmp_path / "halves", "--resume", "true", "--augment", augment)
+        _train(root, tmp_path / "halves", "--resume", "true", "--max_steps", "8", "--augment", *augment)
+    _train(root, tmp_path / "halves", "--resume", "true", "--augment", *augment)
     whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)["model"]
     halves = torch.load(tmp_path / "halves" / "last.pth", weights_only=True)["model"]
     assert all(torch.allclose(whole[k], halves[k], atol=1e-6) for k in whole)
@@ -488,7 +501,7 @@ def _small_truth(root):
 
 @pytest.mark.parametrize("breaks, message", [
     (lambda root: (root / "valid.h5").unlink(), "valid.h5: file not found"),
-    (_misnamed_labels, "valid.h5: no dataset 'ink_count' \\(datasets: counts, ink_sum\\)"),
+    (_misnamed_labels, "valid.h5: no dataset 'ink_count' \\(datasets: columns, counts, ink_sum\\)"),
     (lambda root: (root / "valid.npy").unlink(), "valid.npy: cannot read block origins"),
     (_wrong_coords, "train.npy: expected a non-empty \\(N, 3\\) integer array"),
     (_small_truth, "truth.h5: dataset 'ink' has shape \\(8, 8, 8\\), the scan"),
@@ -501,3 +514,42 @@ def test_bad_inputs_are_named_before_anything_is_written(tmp_path, breaks, messa
     with pytest.raises(InputError, match=message):
         _train(root, tmp_path / "run", *extra)
     assert not (tmp_path / "run").exists()
+
+
+def _narrow_ink_range(root):
+    with h5py.File(root / "train.h5", "a") as file:
+        file.attrs["band"], file.attrs["ink_range"] = COLUMN_BAND, json.dumps([-1.5, 1.5])
+
+
+def _no_columns(root):
+    with h5py.File(root / "valid.h5", "a") as file:
+        del file[COLUMNS]
+
+
+@pytest.mark.parametrize("breaks, message", [
+    (_narrow_ink_range, "train.h5: made with ink range -1.5..1.5 of band 4.0; --ink_depth learned needs the whole band"),
+    (_no_columns, "valid.h5: no label columns"),
+    (lambda root: ["--augment", "cpu"], "--ink_depth learned moves the columns with each crop's transform"),
+    (lambda root: ["--ink_depth", "deep"], "--ink_depth 'deep': choose learned or fixed"),
+])
+def test_learning_the_depth_refuses_labels_that_cannot_teach_it(tmp_path, breaks, message):
+    root = _scene(tmp_path)
+    extra = breaks(root) or []
+    with pytest.raises(InputError, match=message):
+        _train(root, tmp_path / "run", *extra)
+    assert not (tmp_path / "run").exists()
+    if not extra:  # the same files train with the fixed ink range
+        _train(root, tmp_path / "run", "--ink_depth", "fixed", "--max_steps", "2")
+
+
+def test_learned_validation_scores_the_columns(tmp_path):
+    """With columns, validation scores each counted column of the validation blocks once, by its maximum probability."""
+    root = _scene(tmp_path)
+    np.save(root / "valid.npy", np.array([[16, 8, 16]], np.int32))
+    _train(root, tmp_path / "run", "--max_steps", "2", "--valid_every", "2")
+    row = _rows(tmp_path / "run" / "metrics.csv")[-1]
+    # the validation block (16..31, 8..23, 16..31) holds the bands (y 12..20) of the columns with z, x in 16..31
+    assert int(row["valid_voxels"]) == 16 * 16 and 0 <= float(row["valid_f05"]) <= 1
+    np.save(root / "valid.npy", np.array([[16, 16, 16]], np.int32))
+    _train(root, tmp_path / "run2", "--max_steps", "2", "--valid_every", "2")
+    assert int(_rows(tmp_path / "run2" / "metrics.csv")[-1]["valid_voxels"]) == 0  # y 16..31 cuts every band
