@@ -266,13 +266,6 @@ def main(argv=None):
     if config.summary_copy:
         Path(config.summary_copy).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "summary.png", config.summary_copy)
-    print("\n" + stages.table())
-    print(f"summary picture: {out / 'summary.png'}")
-    print(f"3D voxel F0.5 (true ink of the whole scroll): model={whole['f05']:.3f} scan-threshold={whole['scan_f05']:.3f}; "
-          f"held-out region: model={region['f05']:.3f} scan-threshold={region['scan_f05']:.3f}; median prediction "
-          f"air {whole['air_median']:.2f}, papyrus {whole['papyrus_median']:.2f}, ink {whole['ink_median']:.2f}")
-    print(f"largest {blob_count} blobs of the gallery: {blob_ink:.0%} of their voxels are true ink" if blob_count
-          else "no blob of the gallery's size range: no true-ink share")
     description = json.loads((scroll / "scroll.json").read_text())
     depth = json.loads((flat / f"{held_out}_prediction_depth.json").read_text())
     true_depth = description["ink_depth"][held_out]
@@ -281,9 +274,15 @@ def main(argv=None):
                "depth": depth, "true_depth": true_depth, "air_boundary": description["air_boundary"],
                "stage_seconds": {name: seconds for name, seconds, _, _ in stages.rows}}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    if depth["pixels"]:
-        print(f"held-out segment: predicted ink peaks at a median depth of {depth['median']:+.2f} voxels along the normal "
-              f"(the scroll's ink lies at {true_depth:+.2f})")
+    print("\n" + stages.table())
+    print(f"summary picture: {out / 'summary.png'}")
+    print(f"held-out segment: predicted ink peaks at a median depth of {depth['median']:+.2f} voxels along the normal "
+          f"(the scroll's ink lies at {true_depth:+.2f})" if depth["pixels"] else "held-out segment: no predicted ink peak for a depth")
+    print(f"3D voxel F0.5 (true ink of the whole scroll): model={whole['f05']:.3f} scan-threshold={whole['scan_f05']:.3f}; "
+          f"held-out region: model={region['f05']:.3f} scan-threshold={region['scan_f05']:.3f}; median prediction "
+          f"air {whole['air_median']:.2f}, papyrus {whole['papyrus_median']:.2f}, ink {whole['ink_median']:.2f}")
+    print(f"largest {blob_count} blobs of the gallery: {blob_ink:.0%} of their voxels are true ink" if blob_count
+          else "no blob of the gallery's size range: no true-ink share")
     print(f"held-out segment {held_out}: F0.5 model={model_f05:.3f} threshold-baseline={baseline_f05:.3f}")
     return model_f05, baseline_f05
 

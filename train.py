@@ -55,7 +55,7 @@ from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main, save_config
 from ink3d.coords import drop_near
 from ink3d.augment import warp
-from ink3d.columns import COLUMNS, column_loss, pool, sample_columns
+from ink3d.columns import COLUMNS, column_loss, face_bags, sample_columns
 from ink3d.dataset import AUGMENTATIONS, BACKGROUND, ScrollSamples
 from ink3d.intensity import Normalization, resolve_air_level, scan_histogram
 from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
@@ -88,6 +88,8 @@ DICE_WEIGHT = 3.0  # weight of a soft Dice term over labeled voxels (learned dep
 INK_DEPTH = "learned"  # where the ink lies along a labeled pixel's normal: learned (pooled along its column) or fixed (the label volume's ink range)
 POOL_SHARPNESS = 1.0  # r of the pooling along a column, (1/r) log mean exp(r logit): large = the maximum, small = the mean
 COLUMN_WEIGHT = 1.0  # weight of the pooled columns' loss beside the voxels' (learned depth)
+INK_SPARSITY = 0.0  # weight of the mean probability along ink columns (learned depth): ink is a thin layer, not the whole column
+FACE_DEPTH = 6.0  # learned depth: an ink column pools over its face window, from the outer face this deep into the sheet; the rest is no ink (0: the whole band)
 MAX_COLUMNS = 8192  # labeled pixels' columns per training sample (a random choice when its crop holds more)
 LABEL_SMOOTHING = 0.0  # BCE targets t * (1 - s) + s / 2
 AIR_LEVEL = "auto"  # scan values (uint8) at or below this are air, never ink: auto (the histogram's air/papyrus valley), otsu, a number, or none
@@ -125,7 +127,7 @@ DATA_KEYS = ("volume", "train_labels", "valid_labels", "train_coords", "valid_co
 RESUME_KEYS = ("patch", "block", "batch_size", "lr", "weight_decay", "warmup_steps", "max_steps", "f_maps", "num_levels",
                "num_groups", "seed", "dice_weight", "min_labeled", "max_tries", "exclusion_radius", "label_smoothing",
                "air_level", "background_weight", "ema_decay", "input_normalization", "percentiles", "augmentation", "ink_depth",
-               "pool_sharpness", "column_weight", "max_columns")
+               "pool_sharpness", "column_weight", "ink_sparsity", "face_depth", "max_columns")
 INK_DEPTHS = ("learned", "fixed")
 
 
@@ -332,7 +334,8 @@ def validate(model, loader, device, dtype, channels_last, dice_weight, truth: Va
             column_logits, counted = sample_columns(logits, columns[0], band)
             targets = columns[0][..., 6][counted]
             if bool(counted.any()):
-                loss = loss + column_loss(pool(column_logits[counted], sharpness), targets, dice_weight)
+                loss = loss + column_loss(column_logits[counted], targets, sharpness, dice_weight,
+                                          bag=face_bags(columns[0][counted], band))
                 count += int(counted.sum())
             scores.append(torch.sigmoid(column_logits[counted].max(dim=-1).values).numpy())
             truths.append(targets.numpy() > 0.5)
@@ -495,7 +498,8 @@ def main(argv=None):
     train_set = ScrollSamples(config.volume, config.train_labels, train_origins, config.patch, config.max_steps * config.batch_size,
                               train=True, block=block, seed=config.seed, stream=rank, min_labeled=config.min_labeled,
                               max_tries=config.max_tries, normalization=normalization, air_level=air_level, augment=config.augmentation,
-                              level=config.level, on_device=on_device, columns=config.max_columns if learned else 0)
+                              level=config.level, on_device=on_device, columns=config.max_columns if learned else 0,
+                              face_depth=config.face_depth)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=range(step * config.batch_size, len(train_set)),
                         num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
     valid_loader = None
@@ -504,7 +508,7 @@ def main(argv=None):
     if rank == 0:
         valid_set = ScrollSamples(config.volume, config.valid_labels, valid_origins, config.patch, len(valid_origins),
                                   train=False, block=block, normalization=normalization, air_level=air_level, level=config.level,
-                                  seed=config.seed, columns=config.max_columns if learned else 0)
+                                  seed=config.seed, columns=config.max_columns if learned else 0, face_depth=config.face_depth)
         valid_loader = DataLoader(valid_set, batch_size=config.batch_size, num_workers=0)
         if config.ground_truth:
             truth = ValidationTruth(config.ground_truth, config.volume, valid_origins, config.patch,
@@ -570,8 +574,9 @@ def main(argv=None):
             if learned:
                 column_logits, counted = sample_columns(logits, columns, band, matrices, offsets)
                 if bool(counted.any()):
-                    loss = loss + config.column_weight * column_loss(pool(column_logits[counted], config.pool_sharpness),
-                                                                     columns[..., 6][counted], config.dice_weight)
+                    loss = loss + config.column_weight * column_loss(
+                        column_logits[counted], columns[..., 6][counted], config.pool_sharpness, config.dice_weight,
+                        config.ink_sparsity, face_bags(columns[counted], band))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip:

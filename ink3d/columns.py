@@ -9,6 +9,14 @@ rows of chunk key, first column, end). Training samples the model's output along
 whose band lies in the (augmented) patch, pools it into one prediction for the pixel and compares
 that with the label (multiple-instance learning): the model must put ink at some depth of an ink
 column and nowhere along a column without ink, so it learns where the ink lies.
+
+Pooling over the whole band leaves the model free to put a column's ink anywhere its receptive field
+sees the letter, and it does: inside the sheet, under the ink. But carbon ink lies on the papyrus'
+face. So each column also carries its face window, read off the scan along the column: from the
+outer face (where the column, followed from the surface along the normal, passes from material to
+air; scan above the air level is material) `face_depth` voxels into the sheet. The pooled prediction
+is taken over the window, and the rest of an ink column is no ink. A column without a face (no
+material, or no air in front of it within the band) pools over the whole band.
 """
 
 import math
@@ -17,6 +25,7 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ink3d import volume
 
@@ -24,7 +33,8 @@ COLUMNS = "columns"
 ROWS = 1 << 16  # HDF5 chunk of the column datasets, in columns
 STEP = 0.5  # voxels between samples along a column
 PAD = np.float32(np.nan)  # padding rows of a sample's column array (fixed size, so batches stack)
-FIELDS = 7  # z, y, x, nz, ny, nx (the patch's or crop's voxel coordinates), label in [0, 1]
+STORED = 7  # z, y, x, nz, ny, nx (the crop's voxel coordinates), label in [0, 1]
+FIELDS = 9  # ... and the face window: its first and last offset along the normal (NaN: the whole band)
 
 
 def _chunk_keys(points_zyx: np.ndarray, chunk: int, shape) -> np.ndarray:
@@ -83,7 +93,7 @@ class ColumnReader:
         self.runs = runs[np.argsort(runs[:, 0], kind="stable")]
 
     def in_box(self, corner, size: int) -> np.ndarray:
-        """(n, FIELDS) float32: point relative to `corner`, normal, label in [0, 1], of the columns whose point's voxel
+        """(n, STORED) float32: point relative to `corner`, normal, label in [0, 1], of the columns whose point's voxel
         lies in the cube of edge `size` at `corner`."""
         corner = np.asarray(corner, np.int64)
         grid = -(-self.shape // self.chunk)
@@ -93,7 +103,7 @@ class ColumnReader:
         keys = ((cz * grid[1] + cy) * grid[2] + cx).ravel()
         chosen = self.runs[np.isin(self.runs[:, 0], keys)]
         if not len(chosen):
-            return np.zeros((0, FIELDS), np.float32)
+            return np.zeros((0, STORED), np.float32)
         points = np.concatenate([self.group["points"][a:b] for _, a, b in chosen])
         normals = np.concatenate([self.group["normals"][a:b] for _, a, b in chosen])
         labels = np.concatenate([self.group["labels"][a:b] for _, a, b in chosen])
@@ -107,7 +117,7 @@ def fixed_size(columns: np.ndarray, count: int, rng: np.random.Generator) -> np.
     """`count` rows: a random choice of the columns if there are more, padded with PAD rows if fewer."""
     if len(columns) > count:
         columns = columns[np.sort(rng.choice(len(columns), count, replace=False))]
-    out = np.full((count, FIELDS), PAD, np.float32)
+    out = np.full((count, columns.shape[1]), PAD, np.float32)
     out[:len(columns)] = columns
     return out
 
@@ -116,6 +126,42 @@ def offsets(band: float) -> torch.Tensor:
     """Sample offsets along a column: -band .. band, STEP apart."""
     steps = int(round(2 * band / STEP))
     return torch.linspace(-band, band, steps + 1)
+
+
+def with_face_windows(columns: np.ndarray, scan: np.ndarray, band: float, air_level: int | None, face_depth: float) -> np.ndarray:
+    """Columns (n, STORED) in `scan`'s voxel coordinates with their face windows appended (n, FIELDS).
+
+    Along a column the scan is sampled (trilinear) every STEP; the outer face is the last material sample
+    before the first air in front of the surface, or, where the surface lies in air, the first material
+    sample behind it. The window reaches from `face_depth` voxels behind the face to one step in front."""
+    windows = np.full((len(columns), 2), PAD, np.float32)
+    if air_level is not None and len(columns) and face_depth > 0:
+        t = offsets(band).numpy()
+        positions = columns[:, None, :3] + t[None, :, None] * columns[:, None, 3:6]
+        values = ndimage.map_coordinates(scan.astype(np.float32), positions.reshape(-1, 3).T, order=1, mode="constant",
+                                         cval=0.0).reshape(len(columns), len(t))
+        material = values > air_level
+        centre = len(t) // 2
+        front_air = ~material[:, centre:]  # from the surface forwards
+        first_air = np.where(front_air.any(axis=1), front_air.argmax(axis=1), -1)
+        behind = material[:, :centre + 1][:, ::-1]  # from the surface backwards
+        first_material = np.where(behind.any(axis=1), behind.argmax(axis=1), -1)
+        face = np.full(len(columns), np.nan)
+        inside = material[:, centre] & (first_air > 0)
+        face[inside] = t[centre + first_air[inside] - 1]
+        in_air = ~material[:, centre] & (first_material > 0)
+        face[in_air] = t[centre - first_material[in_air]]
+        found = np.isfinite(face)
+        windows[found, 0] = face[found] - face_depth
+        windows[found, 1] = face[found] + STEP
+    return np.concatenate([columns, windows], axis=1)
+
+
+def face_bags(columns: torch.Tensor, band: float) -> torch.Tensor:
+    """(..., T) bool: the samples of each column (..., FIELDS) inside its face window (all of them without one)."""
+    t = offsets(band).to(columns.device)
+    low, high = columns[..., 7:8], columns[..., 8:9]
+    return torch.where(torch.isnan(low), torch.ones_like(t, dtype=torch.bool), (t >= low) & (t <= high))
 
 
 def sample_columns(volume_: torch.Tensor, columns: torch.Tensor, band: float, matrices: torch.Tensor | None = None,
@@ -141,16 +187,32 @@ def sample_columns(volume_: torch.Tensor, columns: torch.Tensor, band: float, ma
     return samples[:, 0, :, :, 0], counted
 
 
-def pool(logits: torch.Tensor, sharpness: float) -> torch.Tensor:
-    """One logit per column from its samples' logits (..., T): the smooth maximum (1/r) log mean exp(r x).
-    r -> infinity is the maximum, r -> 0 the mean."""
-    return (torch.logsumexp(sharpness * logits, dim=-1) - math.log(logits.shape[-1])) / sharpness
+def pool(logits: torch.Tensor, sharpness: float, bag: torch.Tensor | None = None) -> torch.Tensor:
+    """One logit per column from its samples' logits (..., T): the smooth maximum (1/r) log mean exp(r x) over the
+    samples of its `bag` (all by default). r -> infinity is the maximum, r -> 0 the mean."""
+    if bag is None:
+        return (torch.logsumexp(sharpness * logits, dim=-1) - math.log(logits.shape[-1])) / sharpness
+    masked = torch.where(bag, sharpness * logits, torch.full_like(logits, -torch.inf))
+    return (torch.logsumexp(masked, dim=-1) - torch.log(bag.sum(dim=-1).clamp(min=1).float())) / sharpness
 
 
-def column_loss(pooled: torch.Tensor, targets: torch.Tensor, dice_weight: float) -> torch.Tensor:
-    """BCE of the pooled logits against the pixels' labels, plus `dice_weight` x a soft Dice over the columns."""
+def column_loss(samples: torch.Tensor, targets: torch.Tensor, sharpness: float, dice_weight: float = 0.0,
+                sparsity: float = 0.0, bag: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss of columns' sampled logits (n, T) against their labels (n,): the BCE of the logits pooled over each
+    column's `bag` (all its samples by default), plus `dice_weight` x a soft Dice over the columns, plus the BCE
+    (target 0) of the samples outside the bags, weighed by the columns' labels (a column without ink is all
+    negative in the voxel labels already), plus `sparsity` x the mean probability along the columns, weighed
+    by their labels (ink is a thin layer: an ink column should hold ink at few of its samples)."""
+    pooled = pool(samples, sharpness, bag)
     loss = F.binary_cross_entropy_with_logits(pooled, targets)
     if dice_weight:
         probabilities = torch.sigmoid(pooled)
         loss = loss + dice_weight * (1 - (2 * (probabilities * targets).sum() + 1) / (probabilities.sum() + targets.sum() + 1))
+    if bag is not None:
+        outside = (~bag).float() * targets[:, None]
+        if bool(outside.any()):
+            negatives = F.binary_cross_entropy_with_logits(samples, torch.zeros_like(samples), reduction="none")
+            loss = loss + (negatives * outside).sum() / outside.sum()
+    if sparsity:
+        loss = loss + sparsity * (torch.sigmoid(samples).mean(dim=-1) * targets).sum() / targets.sum().clamp(min=1)
     return loss

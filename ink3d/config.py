@@ -70,12 +70,15 @@ LIMITS = {
     **dict.fromkeys(("batch_size", "chunk", "patch", "f_maps", "num_levels", "num_groups", "max_steps", "max_tries",
                      "valid_blocks", "valid_every", "log_every", "checkpoint_every", "workers", "window_sample_slices", "tile",
                      "tile_pixels", "cache_mb", "view_size", "max_views", "largest_blobs", "line_height", "depth",
-                     "height", "width", "max_size", "band", "block"), POSITIVE),
+                     "height", "width", "max_size", "band", "block", "pool_sharpness", "max_columns"), POSITIVE),
     **dict.fromkeys(("lr", "train.py:block", "warmup_steps", "min_labeled", "margin", "min_size", "exclusion_radius", "grad_clip",
-                     "dice_weight", "background_weight", "weight_decay", "ink_thickness", "surface_jitter",
+                     "dice_weight", "background_weight", "weight_decay", "ink_thickness", "surface_jitter", "column_weight", "ink_sparsity",
                      "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "level", "tifxyz_step", "flatten_3d.py:band"), NON_NEGATIVE),
     **dict.fromkeys(("overlap", "label_smoothing", "ema_decay"), FRACTION),
     "threshold": Bounds(0, 1),
+    "depth_threshold": Bounds(0, 1),
+    **dict.fromkeys(("ink_front", "ink_back"), Bounds(-1)),  # negative: the whole band
+    "surface_offset": Bounds(-10, 10),
     "pitch": Bounds(2),
     "all_labels_to_hdf.py:tile_pixels": Bounds(1, 65535),  # a tile's pixels must fit the uint16 counts it holds
     "jpeg_quality": Bounds(1, 100),

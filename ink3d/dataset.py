@@ -29,7 +29,7 @@ from volumentations import Compose, Flip, RandomCrop, RandomResizedCrop, RandomR
 
 from ink3d import volume
 from ink3d.augment import draw_affine
-from ink3d.columns import COLUMNS, ColumnReader, fixed_size
+from ink3d.columns import COLUMNS, FIELDS, ColumnReader, fixed_size, with_face_windows
 from ink3d.intensity import Normalization
 
 UNLABELED = -1.0
@@ -89,7 +89,7 @@ class ScrollSamples(Dataset):
     def __init__(self, volume_path, labels_path, origins, patch: int, length: int, *, train: bool, block: int,
                  seed: int = 0, stream: int = 0, min_labeled: int = 1, max_tries: int = 10, augment: str = "full",
                  intensity_scale=(0.4, 2.0), normalization: Normalization = Normalization(), air_level: int | None = None,
-                 level: int = 0, on_device: bool = False, columns: int = 0):
+                 level: int = 0, on_device: bool = False, columns: int = 0, face_depth: float = 0.0):
         self.volume_path, self.labels_path = str(volume_path), str(labels_path)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 3)
         if len(self.origins) == 0:
@@ -99,7 +99,7 @@ class ScrollSamples(Dataset):
         self.min_labeled, self.max_tries = min_labeled, max_tries
         if on_device and augment != "full" and not columns:
             raise ValueError(f"augmentation {augment!r} resamples nothing: its device form is for samples with columns")
-        self.columns = columns
+        self.columns, self.face_depth = columns, face_depth
         self.on_device = (on_device or bool(columns)) and train
         self.augment_kind = augment
         self.augment = augmentation(patch, augment) if train and not self.on_device else None
@@ -131,8 +131,7 @@ class ScrollSamples(Dataset):
             labels = label_air(labels, image, self.air_level, background=False)
             sample = self._tensors(self.normalization(image), labels, 0)
             if self.columns:
-                rng = np.random.default_rng([self.seed, index])
-                sample += (torch.from_numpy(fixed_size(self._columns.in_box(origin, self.patch), self.columns, rng)),)
+                sample += (self._sample_columns(origin, self.patch, image, np.random.default_rng([self.seed, index])),)
             return sample
         rng = np.random.default_rng([self.seed, self.stream, index])
         random.seed(int(rng.integers(2**62)))  # volumentations draws from the random module
@@ -153,7 +152,7 @@ class ScrollSamples(Dataset):
             sample = (torch.from_numpy(image)[None], torch.from_numpy(labels)[None], redraws,
                       torch.from_numpy(matrix), torch.from_numpy(offset), torch.tensor(scale))
             if self.columns:
-                sample += (torch.from_numpy(fixed_size(self._columns.in_box(corner, crop), self.columns, rng)),)
+                sample += (self._sample_columns(corner, crop, image, rng),)
             return sample
         image = self.normalization(image)
         if self.augment is not None:
@@ -163,6 +162,14 @@ class ScrollSamples(Dataset):
             image, labels = image[inner, inner, inner], labels[inner, inner, inner]
         image = image * np.float32(rng.uniform(*self.intensity_scale))
         return self._tensors(image, labels, redraws)
+
+    def _sample_columns(self, corner, size: int, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """At most `columns` of the columns whose point lies in the box, with their face windows."""
+        chosen = fixed_size(self._columns.in_box(corner, size), self.columns, rng)
+        used = ~np.isnan(chosen[:, 0])
+        out = np.full((len(chosen), FIELDS), np.nan, np.float32)
+        out[used] = with_face_windows(chosen[used], image, self._columns.band, self.air_level, self.face_depth)
+        return torch.from_numpy(out)
 
     def _voxel_labels(self, labels: np.ndarray) -> np.ndarray:
         """With columns, a voxel that an ink column reaches is unlabeled: its column says where ink may be, not that it is."""

@@ -10,7 +10,8 @@ from scipy import ndimage
 
 import all_labels_to_hdf
 from ink3d.augment import draw_affine, warp
-from ink3d.columns import COLUMNS, FIELDS, PAD, ColumnReader, column_loss, fixed_size, offsets, pool, sample_columns
+from ink3d.columns import (COLUMNS, FIELDS, PAD, STEP, ColumnReader, column_loss, face_bags, fixed_size, offsets, pool,
+                           sample_columns, with_face_windows)
 from ink3d.ppm import write_ppm
 
 
@@ -19,10 +20,12 @@ def _column(point, normal, label):
     return [*point, *(normal / np.linalg.norm(normal)), label]
 
 
-def _brute_force_loss(volume, columns, band, sharpness, to_patch=lambda p: p):
-    """Per column, a plain loop: trilinear samples (scipy) along it, its smooth maximum, and the BCE with its label."""
+def _brute_force_loss(volume, columns, band, sharpness, to_patch=lambda p: p, sparsity=0.0):
+    """Per column, a plain loop: trilinear samples (scipy) along it, its smooth maximum over its window (columns with
+    9 fields) or all samples, the BCE with its label; the label-weighted BCE (target 0) of the samples outside the
+    windows; plus `sparsity` x the label-weighted mean probability along the columns."""
     t = np.linspace(-band, band, int(round(4 * band)) + 1)
-    losses = []
+    losses, spread, ink, outside, outside_weight = [], 0.0, 0.0, 0.0, 0.0
     for row in columns:
         if not row[6] >= 0:
             continue
@@ -30,14 +33,20 @@ def _brute_force_loss(volume, columns, band, sharpness, to_patch=lambda p: p):
         if np.any(positions < 0) or np.any(positions > volume.shape[0] - 1):
             continue
         values = ndimage.map_coordinates(volume.astype(np.float64), positions.T, order=1)
-        pooled = math.log(np.mean(np.exp(sharpness * values))) / sharpness
+        bag = np.ones(len(t), bool) if len(row) == 7 or np.isnan(row[7]) else (t >= row[7]) & (t <= row[8])
+        pooled = math.log(np.mean(np.exp(sharpness * values[bag]))) / sharpness
         label = row[6]
         losses.append(math.log(1 + math.exp(pooled)) - label * pooled)
-    return np.mean(losses), len(losses)
+        for value in values[~bag]:
+            outside += label * math.log(1 + math.exp(value))
+            outside_weight += label
+        spread += label * np.mean(1 / (1 + np.exp(-values)))
+        ink += label
+    return np.mean(losses) + (outside / outside_weight if outside_weight else 0) + sparsity * spread / ink, len(losses)
 
 
-@pytest.mark.parametrize("sharpness", [0.5, 1.0, 4.0])
-def test_pooled_loss_equals_a_per_column_loop(sharpness):
+@pytest.mark.parametrize("sharpness, sparsity", [(0.5, 0.0), (1.0, 0.0), (4.0, 0.0), (4.0, 0.7)])
+def test_pooled_loss_equals_a_per_column_loop(sharpness, sparsity):
     rng = np.random.default_rng(0)
     volume = rng.normal(0, 2, (12, 12, 12)).astype(np.float32)
     columns = np.array([
@@ -45,14 +54,52 @@ def test_pooled_loss_equals_a_per_column_loop(sharpness):
         _column((6.2, 4.7, 5.1), (1, 2, 2), 0.0),
         _column((4.0, 6.0, 7.3), (-0.3, 0.5, 0.8), 0.5),
         _column((1.0, 6.0, 6.0), (1, 0, 0), 1.0),  # its band leaves the volume: not counted
-        [PAD] * FIELDS,  # padding
+        [PAD] * 7,  # padding
     ], np.float32)
     band = 2.5
-    expected, counted_columns = _brute_force_loss(volume, columns, band, sharpness)
+    expected, counted_columns = _brute_force_loss(volume, columns, band, sharpness, sparsity=sparsity)
     samples, counted = sample_columns(torch.from_numpy(volume)[None, None], torch.from_numpy(columns)[None], band)
     assert counted.tolist() == [[True, True, True, False, False]] and counted_columns == 3
-    loss = column_loss(pool(samples[counted], sharpness), torch.from_numpy(columns)[None][..., 6][counted], 0.0)
+    loss = column_loss(samples[counted], torch.from_numpy(columns)[None][..., 6][counted], sharpness, sparsity=sparsity)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_pooled_loss_over_face_windows_equals_a_per_column_loop():
+    rng = np.random.default_rng(2)
+    volume = rng.normal(0, 2, (12, 12, 12)).astype(np.float32)
+    columns = np.array([
+        _column((5.0, 5.5, 6.0), (0, 0, 1), 1.0) + [-1.5, 0.5],
+        _column((6.2, 4.7, 5.1), (1, 2, 2), 0.0) + [0.0, 2.5],
+        _column((4.0, 6.0, 7.3), (-0.3, 0.5, 0.8), 0.6) + [-2.5, -1.0],
+        _column((5.5, 5.0, 5.0), (0, 1, 0), 1.0) + [PAD, PAD],  # no face found: the whole band
+    ], np.float32)
+    band = 2.5
+    expected, count = _brute_force_loss(volume, columns, band, 2.0)
+    samples, counted = sample_columns(torch.from_numpy(volume)[None, None], torch.from_numpy(columns)[None], band)
+    assert count == 4 and counted.all()
+    chosen = torch.from_numpy(columns)[None][counted]
+    loss = column_loss(samples[counted], chosen[:, 6], 2.0, bag=face_bags(chosen, band))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("material, face", [((-8.0, 2.0), 2.0), ((-8.0, -3.0), -3.0), ((-8.0, 12.0), None), (None, None)])
+def test_the_face_window_starts_where_the_column_leaves_the_material(material, face):
+    """A slab of material along an oblique column; the face is its last sample before air in front of the surface,
+    or, from a surface in air, the first material behind it; no air in front (or no material) is no face."""
+    normal = np.array([0.48, 0.6, 0.64])
+    point = np.array([20.0, 20.0, 20.0])
+    grid = np.stack(np.mgrid[0:40, 0:40, 0:40], axis=-1).astype(np.float64)
+    along = (grid - point) @ normal
+    scan = np.full((40, 40, 40), 20, np.uint8)
+    if material:
+        scan[(along >= material[0] - 0.25) & (along <= material[1] + 0.25)] = 200
+    columns = np.array([[*point, *normal, 1.0]], np.float32)
+    window = with_face_windows(columns, scan, 10.0, 60, 6.0)[0, 7:]
+    if face is None:
+        assert np.isnan(window).all()
+    else:  # the slab's edge is resampled trilinearly: the face lies within a step of it
+        assert abs(window[1] - STEP - face) <= STEP and window[1] - window[0] == pytest.approx(6.0 + STEP)
+    assert np.isnan(with_face_windows(columns, scan, 10.0, None, 6.0)[0, 7:]).all()  # no air level: no window
 
 
 def test_pooled_loss_follows_the_samples_transform():
@@ -69,7 +116,7 @@ def test_pooled_loss_follows_the_samples_transform():
     assert count == 6
     samples, counted = sample_columns(torch.from_numpy(volume)[None, None], torch.from_numpy(columns)[None], band,
                                       torch.from_numpy(matrix)[None], torch.from_numpy(shift)[None])
-    loss = column_loss(pool(samples[counted], 1.0), torch.from_numpy(columns)[None][..., 6][counted], 0.0)
+    loss = column_loss(samples[counted], torch.from_numpy(columns)[None][..., 6][counted], 1.0)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -109,7 +156,7 @@ def test_a_column_labeled_ink_stays_on_its_bright_voxels_under_augmentation(kind
 
 
 def test_fixed_size_chooses_or_pads():
-    columns = np.arange(5 * FIELDS, dtype=np.float32).reshape(5, FIELDS)
+    columns = np.arange(5 * FIELDS, dtype=np.float32).reshape(5, FIELDS)  # any width
     padded = fixed_size(columns, 8, np.random.default_rng(0))
     assert np.array_equal(padded[:5], columns) and np.isnan(padded[5:]).all()
     chosen = fixed_size(columns, 3, np.random.default_rng(0))

@@ -21,6 +21,11 @@ def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
     assert re.fullmatch(rf"held-out segment {held_out}: F0\.5 model=\d\.\d{{3}} threshold-baseline=\d\.\d{{3}}", lines[-1])
     assert 0 <= model_f05 <= 1 and 0 < baseline_f05 <= 1
     assert lines[-3].startswith("3D voxel F0.5 (true ink of the whole scroll): model=")
+    results = json.loads((out / "results.json").read_text())
+    assert re.fullmatch(r"held-out segment: predicted ink peaks at a median depth of [+-]\d+\.\d\d voxels along the normal "
+                        r"\(the scroll's ink lies at \+0\.00\)", lines[-4]) or \
+        (lines[-4] == "held-out segment: no predicted ink peak for a depth" and results["depth"]["pixels"] == 0)
+    assert results["held_out_f05"] == model_f05 and results["true_depth"] == 0 and results["forms"]["ink_depth"] == "learned"
     assert re.fullmatch(r"largest [1-9]\d* blobs of the gallery: \d+% of their voxels are true ink", lines[-2]) or \
         lines[-2] == "no blob of the gallery's size range: no true-ink share"
     whole = json.loads((out / "score_3d.json").read_text())

@@ -235,7 +235,7 @@ def test_a_full_disk_stops_cleanly_and_resume_completes_the_run(model_path, tmp_
     (["--batch_size", "0"], "--batch_size 0: must be > 0"),
     (["--block", "0"], "--block 0: must be > 0"),
     (["--overlap", "1"], "--overlap 1.0: must be in \\[0, 1\\)"),
-    (["--skip_max", "-5"], "--skip_max -5: must be in \\[-1, 255\\]"),
+    (["--skip_max", "-5"], "--skip_max -5: must be in \\[-2, 255\\]"),
 ])
 def test_bad_settings_are_refused_before_any_output(scan, model_path, tmp_path, flags, message):
     scan_path, _ = scan

@@ -53,7 +53,7 @@ def test_normalization_of_a_volume_windows_the_material_and_round_trips_through_
     values = np.rint(np.concatenate([air, material])).astype(int)
     counts = np.bincount(values, minlength=256)
     window = Normalization.of_volume(counts, "percentile", 1, 99)
-    above_air = values[values > otsu_level(counts)]
+    above_air = values[values > air_level(counts)]
     assert len(above_air) == pytest.approx(3000, rel=0.01)
     assert window.low == np.percentile(above_air, 1, method="inverted_cdf")
     assert window.high == np.percentile(above_air, 99, method="inverted_cdf")
