@@ -89,7 +89,7 @@ INK_DEPTH = "learned"  # where the ink lies along a labeled pixel's normal: lear
 POOL_SHARPNESS = 1.0  # r of the pooling along a column, (1/r) log mean exp(r logit): large = the maximum, small = the mean
 COLUMN_WEIGHT = 1.0  # weight of the pooled columns' loss beside the voxels' (learned depth)
 INK_SPARSITY = 0.0  # weight of the mean probability along ink columns (learned depth): ink is a thin layer, not the whole column
-FACE_DEPTH = 6.0  # learned depth: an ink column pools over its face window, from the outer face this deep into the sheet; the rest is no ink (0: the whole band)
+FACE_DEPTH = 3.0  # learned depth: an ink column pools over its face window, from the outer face this deep into the sheet; the rest is no ink (0: the whole band)
 MAX_COLUMNS = 8192  # labeled pixels' columns per training sample (a random choice when its crop holds more)
 LABEL_SMOOTHING = 0.0  # BCE targets t * (1 - s) + s / 2
 AIR_LEVEL = "auto"  # scan values (uint8) at or below this are air, never ink: auto (the histogram's air/papyrus valley), otsu, a number, or none
