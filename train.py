@@ -10,9 +10,11 @@
 
 A 2D label says that the face carries ink somewhere along a pixel's normal, not at which depth. By
 default (`--ink_depth learned`) the model's output is sampled along every labeled pixel's column
-that lies in a crop (kept in the label files, ink3d/columns.py), pooled into one prediction for the
-pixel (a smooth maximum, `--pool_sharpness`) and compared with the pixel's label, while the voxels
-of columns without ink are known negatives: the model learns where along the normal the ink lies.
+that lies in a crop (kept in the label files, ink3d/columns.py), pooled over the column's face window
+(from the outer face, read off the scan, `--face_depth` voxels into the sheet) into one prediction
+for the pixel (a smooth maximum, `--pool_sharpness`) and compared with the pixel's label; the rest of
+an ink column and every voxel of the columns without ink are known negatives: the model learns where
+along the normal the ink lies.
 `--ink_depth fixed` instead takes the label volume's voxel labels as they are (its ink range).
 
 Unlabeled voxels (-1) are excluded from the loss. Air (scan at or below `--air_level`, by default
@@ -88,7 +90,6 @@ DICE_WEIGHT = 3.0  # weight of a soft Dice term over labeled voxels (learned dep
 INK_DEPTH = "learned"  # where the ink lies along a labeled pixel's normal: learned (pooled along its column) or fixed (the label volume's ink range)
 POOL_SHARPNESS = 1.0  # r of the pooling along a column, (1/r) log mean exp(r logit): large = the maximum, small = the mean
 COLUMN_WEIGHT = 1.0  # weight of the pooled columns' loss beside the voxels' (learned depth)
-INK_SPARSITY = 0.0  # weight of the mean probability along ink columns (learned depth): ink is a thin layer, not the whole column
 FACE_DEPTH = 3.0  # learned depth: an ink column pools over its face window, from the outer face this deep into the sheet; the rest is no ink (0: the whole band)
 MAX_COLUMNS = 8192  # labeled pixels' columns per training sample (a random choice when its crop holds more)
 LABEL_SMOOTHING = 0.0  # BCE targets t * (1 - s) + s / 2
@@ -127,7 +128,7 @@ DATA_KEYS = ("volume", "train_labels", "valid_labels", "train_coords", "valid_co
 RESUME_KEYS = ("patch", "block", "batch_size", "lr", "weight_decay", "warmup_steps", "max_steps", "f_maps", "num_levels",
                "num_groups", "seed", "dice_weight", "min_labeled", "max_tries", "exclusion_radius", "label_smoothing",
                "air_level", "background_weight", "ema_decay", "input_normalization", "percentiles", "augmentation", "ink_depth",
-               "pool_sharpness", "column_weight", "ink_sparsity", "face_depth", "max_columns")
+               "pool_sharpness", "column_weight", "face_depth", "max_columns")
 INK_DEPTHS = ("learned", "fixed")
 
 
@@ -576,7 +577,7 @@ def main(argv=None):
                 if bool(counted.any()):
                     loss = loss + config.column_weight * column_loss(
                         column_logits[counted], columns[..., 6][counted], config.pool_sharpness, config.dice_weight,
-                        config.ink_sparsity, face_bags(columns[counted], band))
+                        face_bags(columns[counted], band))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip:

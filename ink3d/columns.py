@@ -197,12 +197,11 @@ def pool(logits: torch.Tensor, sharpness: float, bag: torch.Tensor | None = None
 
 
 def column_loss(samples: torch.Tensor, targets: torch.Tensor, sharpness: float, dice_weight: float = 0.0,
-                sparsity: float = 0.0, bag: torch.Tensor | None = None) -> torch.Tensor:
+                bag: torch.Tensor | None = None) -> torch.Tensor:
     """Loss of columns' sampled logits (n, T) against their labels (n,): the BCE of the logits pooled over each
     column's `bag` (all its samples by default), plus `dice_weight` x a soft Dice over the columns, plus the BCE
     (target 0) of the samples outside the bags, weighed by the columns' labels (a column without ink is all
-    negative in the voxel labels already), plus `sparsity` x the mean probability along the columns, weighed
-    by their labels (ink is a thin layer: an ink column should hold ink at few of its samples)."""
+    negative in the voxel labels already)."""
     pooled = pool(samples, sharpness, bag)
     loss = F.binary_cross_entropy_with_logits(pooled, targets)
     if dice_weight:
@@ -213,6 +212,4 @@ def column_loss(samples: torch.Tensor, targets: torch.Tensor, sharpness: float, 
         if bool(outside.any()):
             negatives = F.binary_cross_entropy_with_logits(samples, torch.zeros_like(samples), reduction="none")
             loss = loss + (negatives * outside).sum() / outside.sum()
-    if sparsity:
-        loss = loss + sparsity * (torch.sigmoid(samples).mean(dim=-1) * targets).sum() / targets.sum().clamp(min=1)
     return loss
