@@ -209,7 +209,8 @@ def main(argv=None):
                ["--out_dir", str(scroll), "--seed", str(config.seed), "--depth", str(config.depth), "--overwrite", "true",
                 "--ome_zarr", str(config.volume_form == "ome-zarr"), "--tifxyz_step", "4" if config.segment_form == "tifxyz" else "0",
                 *(argument for flag in VARIANT_FLAGS for argument in (f"--{flag}", str(getattr(config, flag))))])
-    held_out = json.loads((scroll / "scroll.json").read_text())["valid_segments"][0]
+    description = json.loads((scroll / "scroll.json").read_text())
+    held_out = description["valid_segments"][0]
     segments = scroll / ("tifxyz" if config.segment_form == "tifxyz" else "paths")
     if config.volume_form == "ome-zarr":
         scan = scroll / "volume.zarr"  # every stage reads it as it is
@@ -241,9 +242,8 @@ def main(argv=None):
                ["--volume", str(scan), "--checkpoint", str(train_dir / "best.pth"), "--out", str(predictions),
                 "--patch", str(config.patch), "--block", str(2 * config.patch), "--device", config.device, "--resume", "true"],
                done=lambda path: _complete(path, volume.PREDICTIONS))
-    shape = json.loads((scroll / "scroll.json").read_text())["shape"]
     scores = {"every voxel": out / "score_3d.json", "held-out region": out / "score_3d_held_out.json"}
-    for (name, path), roi in zip(scores.items(), ("", held_out_region(coords["valid"], config.patch, shape))):
+    for (name, path), roi in zip(scores.items(), ("", held_out_region(coords["valid"], config.patch, description["shape"]))):
         stages.run(f"score_3d ({name})", path, score_3d.main,
                    ["--predictions", str(predictions), "--ground_truth", str(scroll / "ground_truth.h5"), "--volume", str(scan),
                     "--roi", roi, "--out", str(path), "--overwrite", "true"])
@@ -266,7 +266,6 @@ def main(argv=None):
     if config.summary_copy:
         Path(config.summary_copy).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "summary.png", config.summary_copy)
-    description = json.loads((scroll / "scroll.json").read_text())
     depth = json.loads((flat / f"{held_out}_prediction_depth.json").read_text())
     true_depth = description["ink_depth"][held_out]
     results = {"forms": forms, "score_3d": whole, "score_3d_held_out": region, "held_out_f05": model_f05,
