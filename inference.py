@@ -28,6 +28,7 @@ Under torchrun each rank takes every world_size-th block and writes its own part
 merges the parts into `<out>` and deletes them.
 """
 
+import contextlib
 import json
 import os
 import queue
@@ -44,8 +45,8 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import (checksum, finish_output, open_interrupted, output_file, partial_path, resumable_output, warn_if_short_of_space,
-                         writing)
+from ink3d.files import (checksum, finish_output, open_interrupted, output_file, output_lock, partial_path, resumable_output,
+                         warn_if_short_of_space, writing)
 from ink3d.sliding_window import WindowPredictor, plan_blocks, to_uint8
 from ink3d.intensity import Normalization
 from models import model_from_checkpoint, read_checkpoint, weights_digest
@@ -89,19 +90,20 @@ def plan_attrs(config, shape, region, normalization: Normalization, weights_sha2
 
 
 def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool) -> h5py.File:
-    """The prediction file, new or (resuming) checked to hold the same plan; with its finished-block record."""
+    """The prediction file, new or (resuming) checked to hold the same plan; with its finished-block record.
+    A file killed as it was created holds nothing finished and is made anew."""
     if resume:
-        file = open_interrupted(path)
-        if not {volume.PREDICTIONS, volume.FINISHED_BLOCKS, volume.BLOCK_CHECKSUMS} <= set(file):
-            file.close()
-            raise InputError(f"{path}: not a resumable prediction file (no record of finished blocks); use --overwrite true")
-        stored = json.loads(file[volume.PREDICTIONS].attrs["plan"])
-        changed = [key for key in PLAN_KEYS if stored.get(key) != attrs[key]]
-        if changed:
-            file.close()
-            raise InputError(f"{path}: cannot resume with different {', '.join(changed)} "
-                             f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the file)")
-        return file
+        file = open_interrupted(path, lambda f: {volume.PREDICTIONS, volume.FINISHED_BLOCKS, volume.BLOCK_CHECKSUMS} <= set(f))
+        if file is None:
+            print(f"{path}: no block was finished before the interruption; starting it anew")
+        else:
+            stored = json.loads(file[volume.PREDICTIONS].attrs["plan"])
+            changed = [key for key in PLAN_KEYS if stored.get(key) != attrs[key]]
+            if changed:
+                file.close()
+                raise InputError(f"{path}: cannot resume with different {', '.join(changed)} "
+                                 f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the file)")
+            return file
     with writing(path):
         file = h5py.File(path, "w")
         dataset = volume.create_volume(file, volume.PREDICTIONS, shape, np.uint8)
@@ -151,13 +153,27 @@ def _writer(dataset, finished, checksums, in_queue: queue.Queue, errors: list):
             continue
         block, values = item
         try:
-            dataset[block.output] = values
-            dataset.file.flush()  # the data first: a block is recorded finished only once its bytes are saved
-            checksums[block.index] = checksum(values)
-            finished[block.index] = 1
-            dataset.file.flush()
+            with writing(dataset.file.filename):
+                dataset[block.output] = values
+                dataset.file.flush()  # the data first: a block is recorded finished only once its bytes are saved
+                checksums[block.index] = checksum(values)
+                finished[block.index] = 1
+                dataset.file.flush()
         except BaseException as error:
             errors.append(error)
+
+
+@contextlib.contextmanager
+def model_errors_named(block):
+    """Name a failure of the model (out of memory, a device error) as such: the output is intact and resumable."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError) as error:
+        hint = ("lower --batch_size or --patch" if isinstance(error, torch.OutOfMemoryError) else
+                "check the checkpoint and --device")
+        raise InputError(f"the model failed on block {block.index} at {block.input_origin.tolist()} "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); finished blocks are "
+                         f"kept: {hint}, then rerun with --resume true") from None
 
 
 @dataclass
@@ -200,9 +216,10 @@ def predict_blocks(scan, file, blocks, predictor: WindowPredictor, device, bar, 
             if write_errors:
                 raise write_errors[0]
             block, array = item
-            box = array.to(device, non_blocking=True)
-            probabilities, block_skipped = predictor.predict(box, block.input_origin, block.windows, block.output)
-            values = to_uint8(probabilities)  # the copy to the host waits for the device: compute ends here
+            with model_errors_named(block):
+                box = array.to(device, non_blocking=True)
+                probabilities, block_skipped = predictor.predict(box, block.input_origin, block.windows, block.output)
+                values = to_uint8(probabilities)  # the copy to the host waits for the device: compute ends here
             handing = time.perf_counter()
             timing.compute += handing - computing
             write_queue.put((block, values))
@@ -232,7 +249,7 @@ def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict) -> None:
     """Copy each part file's finished blocks into `out` (rank 0, after every rank finished)."""
     partial = partial_path(out)
     file = open_output(partial, attrs["volume_shape"], attrs, len(blocks), resume=partial.exists())
-    with output_file(file, partial):
+    with output_file(file, partial), writing(partial):
         target, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
         for part in parts:
             with h5py.File(part, "r") as source:
@@ -255,6 +272,14 @@ def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict) -> None:
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    out = Path(config.out)
+    rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    mine = out if world == 1 else out.with_name(f"{out.name}.rank{rank}-of-{world}.h5")
+    with output_lock(*([mine] if rank else [out, mine] if world > 1 else [out])):
+        return predict(config, out)
+
+
+def predict(config, out: Path) -> Path:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -266,7 +291,6 @@ def main(argv=None):
     stride = int(config.patch * (1 - config.overlap))
     if not 0 < stride <= config.patch or config.block % stride:
         raise InputError(f"--overlap {config.overlap} gives stride {stride}; it must be in 1..patch and divide --block {config.block}")
-    out = Path(config.out)
     target = resumable_output(out, config.overwrite, config.resume)
     if target is None:
         print(f"{out} is complete; nothing to resume (--overwrite true redoes it)")
@@ -298,7 +322,8 @@ def main(argv=None):
     with output_file(file, part), scan_file:
         mine = [b for b in blocks if b.index % world == rank]
         if resuming:
-            verified, damaged = verify_blocks(file, mine)
+            with writing(part):
+                verified, damaged = verify_blocks(file, mine)
             if rank == 0:
                 print(f"resuming: {verified} finished blocks verified" + (f", {damaged} damaged ones redone" if damaged else ""))
         done = file[volume.FINISHED_BLOCKS][:]
@@ -310,8 +335,9 @@ def main(argv=None):
             skipped = predict_blocks(scan, file, todo, predictor, device, bar, timing)
         windows = sum(len(b.windows) for b in todo)
         if world == 1:
-            file[volume.PREDICTIONS].attrs["complete"] = True
-            file.flush()
+            with writing(part):
+                file[volume.PREDICTIONS].attrs["complete"] = True
+                file.flush()
     if world == 1:
         finish_output(part, out)
     if distributed:

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import checksum, finish_output, open_interrupted, output_file, resumable_output, warn_if_short_of_space, writing
+from ink3d.files import (checksum, finish_output, open_interrupted, output_file, output_lock, resumable_output, warn_if_short_of_space,
+                         writing)
 
 # --- config ---
 TIFF_DIR = "runs/demo/scroll/volume"  # folder of numbered TIFF slices (z order = number in the name)
@@ -164,10 +165,12 @@ def convert(config) -> list[str]:
     volume.compression_options(config.compression)
     warn_if_short_of_space(partial, int(np.prod(shape)))
     report = []
-    if resuming:
-        file = open_interrupted(partial)
+    file = open_interrupted(partial, lambda f: volume.SCAN in f and "slab_checksums" in f[volume.SCAN].attrs) if resuming else None
+    if file is not None:
         dataset, window = _reopen(partial, file, shape, source, config)
     else:
+        if resuming:
+            report.append(f"{partial}: no slab was finished before the interruption; started it anew")
         window = None
         if percentiles and stack.dtype == np.uint16:
             window = estimate_window(stack, percentiles, config.window_sample_slices)
@@ -181,12 +184,15 @@ def convert(config) -> list[str]:
             dataset.attrs["complete"] = False
             dataset.attrs["config"] = json.dumps(vars(config))
             file.flush()  # from here on the file can be reopened to resume
+        resuming = False
     with output_file(file, partial):
         if resuming:
-            report.append(_verify_slabs(dataset))
+            with writing(partial):
+                report.append(_verify_slabs(dataset))
         _write_slabs(stack, dataset, intensity_lut(stack.dtype, window), config.workers)
-        dataset.attrs["complete"] = True
-        file.flush()
+        with writing(partial):
+            dataset.attrs["complete"] = True
+            file.flush()
     finish_output(partial, out)
     save_config(config, config_path_for(out))
     return report + [f"{config.zarr or config.tiff_dir} -> {out} [{volume.SCAN}]"]
@@ -194,9 +200,6 @@ def convert(config) -> list[str]:
 
 def _reopen(path: Path, file: h5py.File, shape, source: dict, config):
     """The dataset of an interrupted run, checked to belong to the same stack and settings."""
-    if volume.SCAN not in file or "slab_checksums" not in file[volume.SCAN].attrs:
-        file.close()
-        raise InputError(f"{path}: cannot resume, it holds no '{volume.SCAN}' with a record of finished slabs; use --overwrite true")
     dataset = file[volume.SCAN]
     stored = json.loads(dataset.attrs["source"])
     if stored != source or dataset.shape != shape:
@@ -242,12 +245,13 @@ def _write_slabs(stack, dataset, lut, workers: int) -> None:
                 continue
             data = stack.read(slab[0].start, slab[0].stop, pool)
             data = data if lut is None else lut[data]
-            dataset[slab] = data
-            dataset.file.flush()
-            checksums[index] = checksum(data)
-            dataset.attrs["slab_checksums"] = json.dumps(checksums)
-            dataset.attrs["slabs_done"] = sum(value is not None for value in checksums)
-            dataset.file.flush()
+            with writing(dataset.file.filename):
+                dataset[slab] = data
+                dataset.file.flush()
+                checksums[index] = checksum(data)
+                dataset.attrs["slab_checksums"] = json.dumps(checksums)
+                dataset.attrs["slabs_done"] = sum(value is not None for value in checksums)
+                dataset.file.flush()
             bar.update(slab[0].stop - slab[0].start)
             elapsed = time.perf_counter() - started
             bar.set_postfix_str(f"{(bar.n - bar.initial) * slice_bytes / 1e6 / elapsed:.0f} MB/s read")
@@ -256,7 +260,8 @@ def _write_slabs(stack, dataset, lut, workers: int) -> None:
 
 def main(argv=None):
     config = parse_config(globals(), argv)
-    print("\n".join(convert(config)))
+    with output_lock(config.out):
+        print("\n".join(convert(config)))
 
 
 if __name__ == "__main__":

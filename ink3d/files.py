@@ -1,10 +1,15 @@
-"""Output safety: refuse to clobber, write under a temporary name and rename when complete,
-turn a failed write into a named error, and reopen an interrupted output to continue it."""
+"""Output safety: one writer per output, refuse to clobber, write under a temporary name and rename
+when complete, turn a failed write into a named error, and reopen an interrupted output to continue it."""
 
 import contextlib
+import errno
+import fcntl
 import os
+import socket
+import time
 import re
 import shutil
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -30,12 +35,75 @@ def _ensure_writable_folder(path: Path) -> None:
 
 def check_output(path: str | Path, overwrite: bool, resume: bool = False, resumable: bool = False) -> None:
     """Refuse an existing output unless the user asked to overwrite (or, where the stage can, resume) it,
-    and an output whose folder cannot be written."""
+    a folder where the output file would go, and an output whose folder cannot be written."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; the output is a file: give another name or move the folder away")
     if path.exists() and not (overwrite or resume):
         hint = "--overwrite true to replace it" + (" or --resume true to continue it" if resumable else "")
         raise InputError(f"{path} exists; pass {hint}")
     _ensure_writable_folder(path)
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock a run holds beside an output (a file or a folder) while it writes it."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _take_lock(path: Path) -> int:
+    """Hold `<path>.lock` (an exclusive flock, released by the kernel when the process ends however it ends)."""
+    lock = lock_path(path)
+    _ensure_writable_folder(path)
+    while True:
+        try:
+            descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise WriteError(f"{lock}: cannot create the output's lock ({error.strerror or error})") from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 200).decode(errors="replace").strip() or "a run"
+            os.close(descriptor)
+            raise InputError(f"{path} is being written by another run ({holder}; lock {lock}); "
+                             "wait for it to end or stop it, or choose another output") from None
+        try:  # a run that finished unlinked the file between our open and flock: lock the new one
+            if os.stat(lock).st_ino == os.fstat(descriptor).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)
+    stale = os.read(descriptor, 200).decode(errors="replace").strip()
+    if stale:
+        print(f"{lock}: taking over the lock of a run that ended without releasing it ({stale})", file=sys.stderr)
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    except OSError as error:
+        os.close(descriptor)
+        raise WriteError(f"{lock}: cannot write the output's lock ({error.strerror or error}); free disk space") from None
+    return descriptor
+
+
+@contextlib.contextmanager
+def output_lock(*paths: str | Path):
+    """One writer per output: hold `<path>.lock` beside each output for the whole run, taken before anything
+    is created or truncated. A second run on any of them is refused by name; a lock left by a run that
+    ended without releasing it (kill -9, power loss) is taken over with a message. The locks are flocks:
+    on a shared filesystem they hold across machines where the filesystem supports them (NFSv4, Lustre)."""
+    resolved = [Path(path).resolve() for path in paths]
+    for index, path in enumerate(resolved):
+        if path in resolved[:index]:
+            raise InputError(f"{paths[index]}: given as two outputs of one run; each output needs its own path")
+    held = []
+    try:
+        for path in resolved:
+            held.append((path, _take_lock(path)))
+        yield
+    finally:
+        for path, descriptor in reversed(held):
+            lock_path(path).unlink(missing_ok=True)
+            os.close(descriptor)
 
 
 def partial_path(path: str | Path) -> Path:
@@ -85,69 +153,95 @@ def checksum(array: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(array).data)
 
 
+# failures of the filesystem, not of the file: freeing space (or fixing permissions) and resuming completes the output
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS, errno.EPERM}
+
+
 @contextlib.contextmanager
-def writing(path: str | Path):
-    """Turn a failed write or flush of `path` (HDF5 reports OSError or RuntimeError) into a WriteError."""
+def writing(path: str | Path, resumable: bool = True):
+    """Turn a failed write or flush of `path` (HDF5 reports OSError or RuntimeError) into a WriteError that says
+    what to do: free space and resume (a `resumable` output failing for lack of space or permission), start
+    over (a resumable file that is itself damaged), or run again (an output renamed into place only whole)."""
     try:
         yield
     except (OSError, RuntimeError) as error:
-        reason = str(error).splitlines()[0]
-        match = re.search(r"error message = '([^']+)'", str(error))
+        text = str(error)
+        reason = text.splitlines()[0] if text else type(error).__name__
+        match = re.search(r"error message = '([^']+)'", text)
         if match:
             reason = match.group(1)
-        raise WriteError(f"{path}: writing failed ({reason}); what was finished is kept: free disk space "
-                         "(or fix the folder's permissions) and rerun with --resume true") from None
+        found = re.search(r"errno = (\d+)", text)
+        code = error.errno if isinstance(error, OSError) and error.errno else int(found.group(1)) if found else None
+        if not resumable:
+            raise WriteError(f"{path}: writing failed ({reason}); nothing is kept under the output's name: "
+                             "free disk space (or fix the folder's permissions) and run again") from None
+        if code in _SPACE_ERRNOS:
+            raise WriteError(f"{path}: writing failed ({reason}); what was finished is kept: free disk space "
+                             "(or fix the folder's permissions) and rerun with --resume true") from None
+        raise WriteError(f"{path}: writing failed ({reason}); the file is damaged and cannot be resumed: "
+                         "start over with --overwrite true") from None
 
 
 _ABANDONED = []  # HDF5 files whose write failed and that could not be closed: see close_output
 
 
-def close_output(file: h5py.File, failed: bool) -> None:
+def close_output(file: h5py.File, failed: bool, path: Path) -> None:
     """Close an output file. After a failed write HDF5 may refuse to close it, and releasing such a file
     can crash the interpreter, so it is kept open until the process exits (run_main exits without
     releasing objects after a WriteError)."""
     try:
         file.close()
-    except (OSError, RuntimeError):
-        if not failed:
-            raise
+    except (OSError, RuntimeError) as error:
         _ABANDONED.append(file)
+        if not failed:
+            with writing(path):
+                raise error
 
 
 @contextlib.contextmanager
 def output_file(file: h5py.File, path: Path):
-    """Write into the open HDF5 `file` (at `path`): a failed write becomes a WriteError, and the file is closed
-    on the way out (see close_output for a file whose write failed)."""
+    """Write into the open HDF5 `file` (at `path`), closing it on the way out (see close_output for a file
+    whose write failed). Writes go inside `writing(path)`: reading and computing errors stay what they are."""
     failed = False
     try:
-        with writing(path):
-            yield file
+        yield file
     except WriteError:
         failed = True
         raise
     finally:
-        close_output(file, failed)
+        close_output(file, failed, path)
 
 
-def open_interrupted(path: Path) -> h5py.File:
-    """Reopen an interrupted HDF5 output for appending.
+NEWLY_CREATED_BYTES = 1 << 20  # an output this small that cannot be opened was killed as it was created: nothing finished
+
+
+def open_interrupted(path: Path, has_record) -> h5py.File | None:
+    """Reopen an interrupted HDF5 output for appending; None when it holds nothing finished to keep.
 
     A write that failed for lack of space leaves the file shorter than its superblock says; it is
     extended to that length (the missing tail reads as zeros, and the stage's checksums find and
-    redo what it held). A file that cannot be opened at all gets a named error.
+    redo what it held). A run killed as it created the file leaves one without its record of finished
+    work (`has_record(file)` false), or a tiny one that cannot be opened: the caller starts it anew.
+    A larger file that cannot be opened gets a named error.
     """
     try:
-        return h5py.File(path, "r+")
+        file = h5py.File(path, "r+")
     except OSError as error:
         stored = re.search(r"truncated file: eof = (\d+), sblock->base_addr = \d+, stored_eof = (\d+)", str(error))
         if stored is None:
-            raise InputError(f"{path}: cannot be opened to resume ({str(error).splitlines()[0]}); the run stopped before "
-                             "its first write was saved, or the file is damaged: start over with --overwrite true") from None
-    os.truncate(path, int(stored.group(2)))
-    try:
-        return h5py.File(path, "r+")
-    except OSError as error:
-        raise InputError(f"{path}: cannot be repaired to resume ({str(error).splitlines()[0]}): start over with --overwrite true") from None
+            if path.stat().st_size < NEWLY_CREATED_BYTES:
+                return None
+            raise InputError(f"{path}: cannot be opened to resume ({str(error).splitlines()[0]}); the file is damaged: "
+                             "start over with --overwrite true") from None
+        os.truncate(path, int(stored.group(2)))
+        try:
+            file = h5py.File(path, "r+")
+        except OSError as error:
+            raise InputError(f"{path}: cannot be repaired to resume ({str(error).splitlines()[0]}): start over with --overwrite true") from None
+    if has_record(file):
+        return file
+    file.close()
+    return None
 
 
 def warn_if_short_of_space(path: Path, uncompressed_bytes: int) -> None:

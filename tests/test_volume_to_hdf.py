@@ -7,7 +7,7 @@ import tifffile
 
 import volume_to_hdf
 from conftest import run_on_a_full_disk
-from ink3d import InputError
+from ink3d import InputError, files
 from ink3d.volume import write_ome_zarr
 
 SHAPE = (37, 53, 61)
@@ -111,14 +111,21 @@ def test_a_damaged_finished_slab_is_found_and_redone(tmp_path, monkeypatch):
         assert np.array_equal(file["scan_volume"][:], reference)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x89HDF\r\n\x1a\n" + bytes(40), "cannot be opened to resume.*start over with --overwrite true"),  # killed mid-superblock
-    (b"", "holds no 'scan_volume' with a record of finished slabs; use --overwrite true"),  # killed before any write
+@pytest.mark.parametrize("content", [
+    b"\x89HDF\r\n\x1a\n" + bytes(40),  # killed mid-superblock
+    b"",  # killed as the file was created
 ])
-def test_a_partial_file_that_cannot_be_opened_gets_a_named_error(tmp_path, content, message):
-    folder, _ = _stack(tmp_path, np.uint8)
+def test_a_run_killed_as_it_created_its_file_resumes_from_the_start(tmp_path, content):
+    folder, data = _stack(tmp_path, np.uint8)
     (tmp_path / "scan.h5.partial").write_bytes(content)
-    with pytest.raises(InputError, match=message):
+    converted, _ = _convert(folder, tmp_path / "scan.h5", "--resume", "true")
+    assert np.array_equal(converted, data) and not (tmp_path / "scan.h5.partial").exists()
+
+
+def test_a_large_partial_file_that_cannot_be_opened_says_start_over(tmp_path):
+    folder, _ = _stack(tmp_path, np.uint8)
+    (tmp_path / "scan.h5.partial").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(files.NEWLY_CREATED_BYTES))
+    with pytest.raises(InputError, match="cannot be opened to resume.*start over with --overwrite true"):
         _convert(folder, tmp_path / "scan.h5", "--resume", "true")
     converted, _ = _convert(folder, tmp_path / "scan.h5", "--overwrite", "true")
     assert converted.shape == SHAPE and not (tmp_path / "scan.h5.partial").exists()
