@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.columns import COLUMNS, ColumnWriter
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import check_output, partial_path
+from ink3d.files import check_output, output_file, output_lock, partial_path, writing
 from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, reuse_freed_memory, voxelize_tile
 from ink3d.ppm import find_segment, open_segment, segment_size, valid_mask
 
@@ -119,10 +119,18 @@ def plan_segments(ppm_dir: Path, labels_dir: Path, valid_ids: set[str], keep_all
 
 
 def _read_png(path: Path, shape, what: str, segment_id: str) -> np.ndarray:
-    """A grey image, checked to be `shape` (None: any)."""
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    """A uint8 grey image, checked to be `shape` (None: any). A colour image is reduced to its brightest colour
+    channel at each pixel (red, green or blue ink on black reads as ink; alpha is ignored); 16-bit images are
+    brought to 0..255 as volume_to_hdf brings scans."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise InputError(f"{segment_id}: cannot read {what} {path}")
+    if image.ndim == 3:
+        image = image[..., :3].max(axis=-1)
+    if image.dtype == np.uint16:
+        image = volume.UINT16_TO_UINT8[image]
+    elif image.dtype != np.uint8:
+        raise InputError(f"{segment_id}: {what} {path.name} holds {image.dtype}; labels and masks are 8- or 16-bit images")
     if shape is not None and image.shape != shape:
         raise InputError(f"{segment_id}: {what} {path.name} is {image.shape[1]} x {image.shape[0]} (w x h), "
                          f"the ppm is {shape[1]} x {shape[0]}")
@@ -130,12 +138,13 @@ def _read_png(path: Path, shape, what: str, segment_id: str) -> np.ndarray:
 
 
 def voxelize_segment(segment: Segment, ink_sum, ink_count, pixel_columns: ColumnWriter, band: float, ink_range, tile_pixels: int,
-                     cache_bytes: int, bar) -> VoxelizeStats:
+                     cache_bytes: int, bar, scale_zyx=(1.0, 1.0, 1.0)) -> VoxelizeStats:
+    """Add one segment's labels to the label volumes; its coordinates are taken to the volume's level (`scale_zyx`)."""
     if segment.ppm_path.is_dir():  # tifxyz: brought to the label image's resolution
         labels = _read_png(segment.label_path, None, "ink label", segment.segment_id)
-        ppm = open_segment(segment.ppm_path, labels.shape)
+        ppm = open_segment(segment.ppm_path, labels.shape, scale_zyx)
     else:
-        ppm = open_segment(segment.ppm_path)
+        ppm = open_segment(segment.ppm_path, scale_zyx=scale_zyx)
         labels = _read_png(segment.label_path, (ppm.height, ppm.width), "ink label", segment.segment_id)
     shape = (ppm.height, ppm.width)
     mask = _read_png(segment.mask_path, shape, "mask", segment.segment_id) if segment.mask_path else None
@@ -170,29 +179,39 @@ def band_columns(ppm, accumulator: ChunkAccumulator, band: float) -> int:
     return -(-ppm.width // bands)
 
 
-def _open_output(path: Path, shape, config, update: bool) -> tuple[h5py.File, list[str]]:
+def _open_output(path: Path, shape, scale_zyx, config, update: bool) -> tuple[h5py.File, list[str]]:
     """A writable temporary copy of the output: empty, or the existing file when updating."""
     temporary = partial_path(path)
     temporary.unlink(missing_ok=True)
     if update and path.exists():
-        shutil.copyfile(path, temporary)
+        with writing(temporary, resumable=False):
+            shutil.copyfile(path, temporary)
         file = h5py.File(temporary, "a")
+        stored_scale = volume.level_scale(file[volume.INK_SUM])
+        problem = None
         if file[volume.INK_SUM].shape != tuple(shape):
-            raise InputError(f"{path}: shape {file[volume.INK_SUM].shape} differs from the scan's {tuple(shape)}")
-        if COLUMNS not in file:
-            raise InputError(f"{path}: holds no label columns (made by an earlier version); make it anew without --update")
-        stored = (float(file.attrs["band"]), *json.loads(file.attrs.get("ink_range", json.dumps([-config.band, config.band]))))
-        wanted = (config.band, *ink_range_of(config))
-        if stored != wanted:
-            raise InputError(f"{path}: made with band {stored[0]} and ink range {stored[1]}..{stored[2]}, "
-                             f"not {wanted[0]} and {wanted[1]}..{wanted[2]}")
+            problem = f"shape {file[volume.INK_SUM].shape} differs from the scan's {tuple(shape)}"
+        elif COLUMNS not in file:
+            problem = "holds no label columns (made by an earlier version); make it anew without --update"
+        elif not np.array_equal(stored_scale, scale_zyx):
+            problem = f"made at voxel size {stored_scale.tolist()}, the scan's is {list(scale_zyx)}"
+        else:
+            stored = (float(file.attrs["band"]), *json.loads(file.attrs.get("ink_range", json.dumps([-config.band, config.band]))))
+            wanted = (config.band, *ink_range_of(config))
+            if stored != wanted:
+                problem = f"made with band {stored[0]} and ink range {stored[1]}..{stored[2]}, not {wanted[0]} and {wanted[1]}..{wanted[2]}"
+        if problem:
+            file.close()
+            temporary.unlink()
+            raise InputError(f"{path}: {problem}")
         return file, json.loads(file.attrs["segments"])
-    file = h5py.File(temporary, "w")
-    volume.create_volume(file, volume.INK_SUM, shape, np.float32, config.chunk, volume.LABEL_COMPRESSION)
-    volume.create_volume(file, volume.INK_COUNT, shape, np.uint16, config.chunk, volume.LABEL_COMPRESSION)
-    file.attrs["band"] = config.band
-    file.attrs["ink_range"] = json.dumps(list(ink_range_of(config)))
-    file.attrs["segments"] = "[]"
+    with writing(temporary, resumable=False):
+        file = h5py.File(temporary, "w")
+        for name, dtype in ((volume.INK_SUM, np.float32), (volume.INK_COUNT, np.uint16)):
+            volume.create_volume(file, name, shape, dtype, config.chunk, volume.LABEL_COMPRESSION).attrs[volume.SCALE] = scale_zyx
+        file.attrs["band"] = config.band
+        file.attrs["ink_range"] = json.dumps(list(ink_range_of(config)))
+        file.attrs["segments"] = "[]"
     return file, []
 
 
@@ -203,11 +222,12 @@ def ink_range_of(config) -> tuple[float, float]:
         raise InputError(f"--band {config.band} --ink_back {config.ink_back} --ink_front {config.ink_front}: {error}") from None
 
 
-def write_label_volume(path: Path, segments: list[Segment], shape, config, bar) -> list[str]:
+def write_label_volume(path: Path, segments: list[Segment], shape, scale_zyx, config, bar) -> list[str]:
     """Fill `path`'s temporary file with the segments; the caller renames it when all succeeded."""
     lines = []
-    file, done = _open_output(path, shape, config, config.update)
-    with file:
+    file, done = _open_output(path, shape, scale_zyx, config, config.update)
+    temporary = partial_path(path)
+    with output_file(file, temporary), writing(temporary, resumable=False):
         pixel_columns = ColumnWriter(file, shape, file[volume.INK_SUM].chunks[0], config.band)
         for segment in segments:
             if segment.segment_id in done:
@@ -217,7 +237,7 @@ def write_label_volume(path: Path, segments: list[Segment], shape, config, bar) 
             try:
                 stats = voxelize_segment(segment, file[volume.INK_SUM], file[volume.INK_COUNT], pixel_columns, config.band,
                                          ink_range_of(config),
-                                         config.tile_pixels, config.cache_mb << 20, bar)
+                                         config.tile_pixels, config.cache_mb << 20, bar, scale_zyx)
             except InputError as error:
                 if not config.skip_bad:
                     raise
@@ -234,6 +254,11 @@ def write_label_volume(path: Path, segments: list[Segment], shape, config, bar) 
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    with output_lock(config.out_train, config.out_valid):
+        return write_outputs(config)
+
+
+def write_outputs(config) -> list[str]:
     reuse_freed_memory()
     outputs = [Path(config.out_train), Path(config.out_valid)]
     for out in outputs:
@@ -243,21 +268,22 @@ def main(argv=None):
     valid_ids = {s.strip() for s in config.valid_segments.split(",") if s.strip()}
     plan = plan_segments(Path(config.ppm_dir), Path(config.labels_dir), valid_ids, config.keep_all_versions, config.skip_bad)
     scan_file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
-    shape = scan.shape
+    shape, scale_zyx = scan.shape, volume.level_scale(scan).tolist()
     scan_file.close()
     total = sum(segment.pixels for segment in plan.train + plan.valid)
     report = list(plan.report)
     try:
         with tqdm(total=total, unit="px", unit_scale=True, desc="all_labels_to_hdf") as bar:
             for out, segments in zip(outputs, (plan.train, plan.valid)):
-                report += [f"[{out.name}] {line}" for line in write_label_volume(out, segments, shape, config, bar)]
+                report += [f"[{out.name}] {line}" for line in write_label_volume(out, segments, shape, scale_zyx, config, bar)]
+        for out in outputs:  # both or neither: a crash leaves the previous outputs as they were
+            save_config(config, config_path_for(out))
+        for out in outputs:
+            os.replace(partial_path(out), out)
     except BaseException:
         for out in outputs:
             partial_path(out).unlink(missing_ok=True)
         raise
-    for out in outputs:  # both or neither: a crash leaves the previous outputs as they were
-        os.replace(partial_path(out), out)
-        save_config(config, config_path_for(out))
     print("\n".join(report))
     return report
 

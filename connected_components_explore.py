@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.components import Blobs, blob_overlap, label_blocks, write_blob_labels
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import atomic_output, check_output
+from ink3d.files import atomic_output, check_output, output_file, output_lock, write_image, writing
 from ink3d.intensity import air_level, scan_histogram
 
 # --- config ---
@@ -123,6 +123,11 @@ def write_index(path: Path, blobs: Blobs, shown: list[int], pictures: dict[int, 
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    with output_lock(config.out_dir):
+        return explore(config)
+
+
+def explore(config) -> Blobs:
     out_dir = Path(config.out_dir)
     check_output(out_dir / "blobs.csv", config.overwrite)
     if not 0 < config.threshold <= 1:
@@ -136,14 +141,34 @@ def main(argv=None):
         raise InputError(f"{config.ground_truth}: shape {truth.shape} differs from the prediction's {predictions.shape}")
     roi = volume.parse_roi(config.roi, predictions.shape)
     level = config.threshold * 255 if predictions.dtype == np.uint8 else config.threshold
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as scratch_dir, h5py.File(Path(scratch_dir) / "labels.h5", "w") as scratch:
+    with writing(out_dir, resumable=False):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as scratch_dir:
+            blobs, shown, in_range, pictures, true_ink = _label_and_picture(config, out_dir, Path(scratch_dir) / "labels.h5", predictions,
+                                                                            scan, truth, truth_file, roi, level)
+        write_csv(out_dir / "blobs.csv", blobs, true_ink)
+        write_index(out_dir / "index.html", blobs, shown, pictures, true_ink)
+        save_config(config, config_path_for(out_dir / "blobs.csv"))
+    pred_file.close()
+    if scan_file is not None:
+        scan_file.close()
+    print(f"{len(blobs)} blobs at p >= {config.threshold}; {len(in_range)} of {config.min_size}..{config.max_size} voxels, "
+          f"{len(shown)} pictured -> {out_dir / 'index.html'}")
+    return blobs
+
+
+def _label_and_picture(config, out_dir: Path, scratch_path: Path, predictions, scan, truth, truth_file, roi, level):
+    """Label the blobs into a scratch file and draw the pictures: (blobs, shown, in range, pictures, true ink)."""
+    scratch = h5py.File(scratch_path, "w")
+    with output_file(scratch, scratch_path):
         min_scan = config.min_scan if config.min_scan >= 0 or scan is None else air_level(scan_histogram(scan))
         blobs = label_blocks(predictions, level, config.block, scratch, roi, scan, min_scan)
         if config.keep_labels:
-            with atomic_output(out_dir / "blob_labels.h5") as temporary, h5py.File(temporary, "w") as labels_file:
-                labels = write_blob_labels(scratch[volume.BLOB_LABELS], blobs.label_to_blob, labels_file, config.block)
-                labels.attrs["roi_origin"] = [s.start for s in roi]
+            with atomic_output(out_dir / "blob_labels.h5") as temporary:
+                labels_file = h5py.File(temporary, "w")
+                with output_file(labels_file, temporary):
+                    labels = write_blob_labels(scratch[volume.BLOB_LABELS], blobs.label_to_blob, labels_file, config.block)
+                    labels.attrs["roi_origin"] = [s.start for s in roi]
         true_ink = None
         if truth is not None:
             with truth_file:
@@ -159,16 +184,8 @@ def main(argv=None):
             blob_mask = blobs.label_to_blob[volume.read_crop(scratch[volume.BLOB_LABELS], low - roi_origin, high - low)] == i + 1
             picture = blob_picture(predictions, scan, low, high, blobs.centroid[i], config.view_size, blob_mask)
             pictures[i] = f"blob_{i + 1:06d}.png"
-            cv2.imwrite(str(out_dir / pictures[i]), picture)
-    write_csv(out_dir / "blobs.csv", blobs, true_ink)
-    write_index(out_dir / "index.html", blobs, shown, pictures, true_ink)
-    pred_file.close()
-    if scan_file is not None:
-        scan_file.close()
-    save_config(config, config_path_for(out_dir / "blobs.csv"))
-    print(f"{len(blobs)} blobs at p >= {config.threshold}; {len(in_range)} of {config.min_size}..{config.max_size} voxels, "
-          f"{len(shown)} pictured -> {out_dir / 'index.html'}")
-    return blobs
+            write_image(out_dir / pictures[i], picture)
+    return blobs, shown, in_range, pictures, true_ink
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import train
 import volume_to_hdf
 from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main
-from ink3d.files import partial_path
+from ink3d.files import output_lock, partial_path, write_image
 from ink3d.metrics import best_fbeta
 
 # --- config ---
@@ -184,6 +184,11 @@ def _vstack(images):
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    with output_lock(config.out_dir):
+        return run_demo(config)
+
+
+def run_demo(config):
     out = Path(config.out_dir)
     scroll, scan, flat, blobs = out / "scroll", out / "scan.h5", out / "flat", out / "blobs"
     train_dir, predictions = out / "train", out / "predictions.h5"
@@ -192,11 +197,6 @@ def main(argv=None):
                      out / "forms.json", out / "results.json",
                      *out.glob("labels_*.h5"), *out.glob("coords_*.npy"), *out.glob("score_3d*.json")):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    if config.volume_form not in ("tiff", "ome-zarr") or config.segment_form not in ("ppm", "tifxyz"):
-        raise InputError(f"--volume_form {config.volume_form!r} --segment_form {config.segment_form!r}: "
-                         "choose tiff or ome-zarr, and ppm or tifxyz")
-    if config.ink_depth not in ("learned", "fixed"):
-        raise InputError(f"--ink_depth {config.ink_depth!r}: choose learned or fixed")
     forms = {"volume_form": config.volume_form, "segment_form": config.segment_form, "ink_depth": config.ink_depth,
              **{flag: getattr(config, flag) for flag in VARIANT_FLAGS}}
     if (out / "forms.json").exists() and json.loads((out / "forms.json").read_text()) != forms and not config.fresh:
@@ -262,7 +262,7 @@ def main(argv=None):
     blob_ink, blob_count = largest_blobs_true_ink(blobs / "blobs.csv", LARGEST_BLOBS, BLOB_MIN_SIZE, BLOB_MAX_SIZE)
     caption = (f"held-out segment F0.5: model {model_f05:.3f}, flattened-scan threshold {baseline_f05:.3f}   |   "
                f"3D voxel F0.5: model {whole['f05']:.3f}, scan threshold {whole['scan_f05']:.3f}")
-    cv2.imwrite(str(out / "summary.png"), summary_picture(scroll, flat, blobs, held_out, caption))
+    write_image(out / "summary.png", summary_picture(scroll, flat, blobs, held_out, caption))
     if config.summary_copy:
         Path(config.summary_copy).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "summary.png", config.summary_copy)

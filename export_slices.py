@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main, save_config
-from ink3d.files import check_output
+from ink3d.files import atomic_output, check_output, output_lock, write_image, writing
 
 # --- config ---
-VOLUME = "runs/demo/predictions.h5"  # HDF5 volume to export
+VOLUME = "runs/demo/predictions.h5"  # volume to export: an HDF5 file, a zarr array or an OME-Zarr group
 LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 DATASET = "predictions"  # dataset in that file (predictions, scan_volume, ink, ...)
 OUT_DIR = "runs/demo/slices"  # numbered images go here
@@ -34,10 +34,12 @@ OVERWRITE = False  # write into an out_dir that already holds images
 
 def main(argv=None):
     config = parse_config(globals(), argv)
-    if config.axis not in ("z", "y", "x"):
-        raise InputError(f"--axis {config.axis!r}: choose z, y or x")
-    if config.format not in ("tif", "jpg"):
-        raise InputError(f"--format {config.format!r}: choose tif or jpg")
+    with output_lock(config.out_dir):
+        return export(config)
+
+
+def export(config) -> int:
+    """Write the slices; returns how many."""
     out_dir = Path(config.out_dir)
     if out_dir.is_dir() and any(out_dir.glob(f"*.{config.format}")) and not config.overwrite:
         raise InputError(f"{out_dir} already holds .{config.format} images; pass --overwrite true to write over them")
@@ -48,28 +50,30 @@ def main(argv=None):
         raise InputError(f"{config.volume}[{config.dataset}] is {dataset.dtype}; JPEG needs uint8, use --format tif")
     roi = volume.parse_roi(config.roi, dataset.shape)
     axis = "zyx".index(config.axis)
-    out_dir.mkdir(parents=True, exist_ok=True)
     step = dataset.chunks[axis] if dataset.chunks else 64
     axis_range = roi[axis]
-    with file, tqdm(total=axis_range.stop - axis_range.start, unit="slice", desc="export_slices") as bar:
+    with file, writing(out_dir, resumable=False), tqdm(total=axis_range.stop - axis_range.start, unit="slice", desc="export_slices") as bar:
+        out_dir.mkdir(parents=True, exist_ok=True)
         for start in range(axis_range.start, axis_range.stop, step):
             stop = min(start + step, axis_range.stop)
             box = list(roi)
             box[axis] = slice(start, stop)
-            slab = np.moveaxis(dataset[tuple(box)], axis, 0)
+            slab = np.moveaxis(volume.read_crop(dataset, [b.start for b in box], [b.stop - b.start for b in box]), axis, 0)
             for offset, image in enumerate(slab):
                 path = out_dir / f"{start + offset:05d}.{config.format}"
                 if config.format == "tif":
                     tifffile.imwrite(path, image)
                 else:
-                    cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
+                    write_image(path, image, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
             bar.update(stop - start)
-    (out_dir / "export.json").write_text(json.dumps({
-        "volume": str(config.volume), "dataset": config.dataset, "axis": config.axis,
-        "roi": [[s.start, s.stop] for s in roi], "names": "coordinate along axis",
-    }, indent=2) + "\n")
+        with atomic_output(out_dir / "export.json") as temporary:
+            temporary.write_text(json.dumps({
+                "volume": str(config.volume), "dataset": config.dataset, "axis": config.axis,
+                "roi": [[s.start, s.stop] for s in roi], "names": "coordinate along axis",
+            }, indent=2) + "\n")
     save_config(config, out_dir / "export.config.json")
     print(f"{axis_range.stop - axis_range.start} slices along {config.axis} -> {out_dir}")
+    return axis_range.stop - axis_range.start
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ an order that keeps neighbouring tiles' HDF5 chunks in the chunk cache.
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import atomic_output, check_output
+from ink3d.files import atomic_output, check_output, output_lock, writing
 from ink3d.ppm import find_segment, open_segment, positions_along_normals, segment_size, valid_mask
 
 # --- config ---
@@ -57,7 +58,6 @@ CACHE_MB = 512  # HDF5 chunk cache: neighbouring tiles reuse decompressed chunks
 OVERWRITE = False  # replace existing images
 
 
-REDUCERS = ("mean", "max")
 BEHIND = -1.0  # a median depth of the peaks below this (voxels) warns that the normals may point into the sheet
 
 
@@ -72,8 +72,10 @@ def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndar
         return samples, inside
     positions = positions_along_normals(data[valid], offsets)  # (n, T, 3) zyx
     within = np.all((positions >= 0) & (positions <= np.array(dataset.shape) - 1), axis=-1)
-    low = np.floor(positions.reshape(-1, 3).min(axis=0)).astype(np.int64)
-    high = np.floor(positions.reshape(-1, 3).max(axis=0)).astype(np.int64) + 2
+    if not within.any():
+        return samples, inside
+    low = np.floor(positions[within].min(axis=0)).astype(np.int64)  # the samples inside bound the read, whatever lies outside
+    high = np.floor(positions[within].max(axis=0)).astype(np.int64) + 2
     box = volume.read_crop(dataset, low, high - low, fill=0).astype(np.float32)
     local = (positions - low).reshape(-1, 3).T
     values = ndimage.map_coordinates(box, local, order=1, mode="constant", cval=0.0, prefilter=False)
@@ -119,14 +121,17 @@ def flatten_segment(dataset, ppm_path: Path, band: int, reduce: str, tile: int, 
                     depth_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The reduced uint8 image of one segment, its mask (255: sampled inside the volume) and, with a
     `depth_threshold` (in the volume's units), its depth map; the layer stack goes straight into `layers_path` if given."""
-    ppm = open_segment(ppm_path)
+    ppm = open_segment(ppm_path, scale_zyx=volume.level_scale(dataset))
     offsets = np.arange(-band, band + 1, dtype=np.float64)
     image = np.zeros((ppm.height, ppm.width), np.uint8)
     mask = np.zeros((ppm.height, ppm.width), np.uint8)
     depth = None if depth_threshold is None else np.full((ppm.height, ppm.width), np.nan, np.float32)
     layers = None
     if layers_path is not None:
-        layers = tifffile.memmap(layers_path, shape=(len(offsets), ppm.height, ppm.width), dtype=np.uint8)
+        with writing(layers_path, resumable=False):
+            layers = tifffile.memmap(layers_path, shape=(len(offsets), ppm.height, ppm.width), dtype=np.uint8)
+            with open(layers_path, "r+b") as stream:  # a full disk fails here, not as a bus error in a page of the map
+                os.posix_fallocate(stream.fileno(), 0, os.fstat(stream.fileno()).st_size)
     for row in range(0, ppm.height, tile):
         for col in range(0, ppm.width, tile):
             data = np.asarray(ppm.data[row:row + tile, col:col + tile])
@@ -177,14 +182,15 @@ def segment_ppms(ppm_dir: Path, segments: str) -> dict[str, Path]:
 
 def main(argv=None):
     config = parse_config(globals(), argv)
-    if config.reduce not in REDUCERS:
-        raise InputError(f"--reduce {config.reduce!r}: choose mean or max")
-    if config.depth_map not in ("auto", "true", "false"):
-        raise InputError(f"--depth_map {config.depth_map!r}: choose auto, true or false")
-    depth_map = config.depth_map == "true" or (config.depth_map == "auto" and config.dataset == volume.PREDICTIONS)
-    out_dir = Path(config.out_dir)
     ppms = segment_ppms(Path(config.ppm_dir), config.segments)
-    outputs = {segment_id: out_dir / f"{segment_id}_{config.name}.png" for segment_id in ppms}
+    outputs = {segment_id: Path(config.out_dir) / f"{segment_id}_{config.name}.png" for segment_id in ppms}
+    with output_lock(*outputs.values()):
+        return flatten(config, ppms, outputs)
+
+
+def flatten(config, ppms: dict[str, Path], outputs: dict[str, Path]) -> dict[str, Path]:
+    """Flatten the volume onto each segment (id -> ppm or tifxyz) into `outputs` (id -> image path)."""
+    depth_map = config.depth_map == "true" or (config.depth_map == "auto" and config.dataset == volume.PREDICTIONS)
     for path in outputs.values():
         check_output(path, config.overwrite)
         check_output(_mask_path(path), config.overwrite)
@@ -203,21 +209,22 @@ def main(argv=None):
                     layers as temporary_layers:
                 image, mask, depth = flatten_segment(dataset, ppm_path, config.band, config.reduce, config.tile, bar,
                                                      temporary_layers, config.depth_threshold * full_scale if depth_map else None)
-                temporary.write_bytes(cv2.imencode(".png", image)[1].tobytes())
-                temporary_mask.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
+                with writing(temporary, resumable=False):
+                    temporary.write_bytes(cv2.imencode(".png", image)[1].tobytes())
+                    temporary_mask.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
             if depth is not None:
                 write_depth(outputs[segment_id], depth, bar)
             save_config(config, config_path_for(outputs[segment_id]))
-    print(f"flattened {len(ppms)} segment(s) of {config.predictions}[{config.dataset}] -> {out_dir}")
+    print(f"flattened {len(ppms)} segment(s) of {config.predictions}[{config.dataset}] -> {config.out_dir}")
     return outputs
 
 
 def write_depth(image_path: Path, depth: np.ndarray, bar) -> dict:
     """The depth map and its summary beside the flattened image; prints the summary, warns of ink behind the surface."""
     summary = depth_summary(depth)
-    with atomic_output(_depth_path(image_path)) as temporary:
+    with writing(_depth_path(image_path), resumable=False), atomic_output(_depth_path(image_path)) as temporary:
         tifffile.imwrite(temporary, depth)
-    with atomic_output(_depth_path(image_path, ".json")) as temporary:
+    with writing(_depth_path(image_path, ".json"), resumable=False), atomic_output(_depth_path(image_path, ".json")) as temporary:
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
     name = image_path.stem
     if summary["pixels"]:

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ink3d import InputError, volume
-from ink3d.config import config_path_for, parse_config, run_main, save_config
+from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
 from ink3d.files import (checksum, finish_output, open_interrupted, output_file, output_lock, partial_path, resumable_output,
                          warn_if_short_of_space, writing)
 from ink3d.sliding_window import WindowPredictor, plan_blocks, to_uint8
@@ -135,11 +135,7 @@ def _reader(scan, blocks, pin: bool, out_queue: queue.Queue, stop: threading.Eve
         for block in blocks:
             if stop.is_set():
                 break
-            try:
-                crop = volume.read_crop(scan, block.input_origin, block.input_shape)
-            except (OSError, RuntimeError) as error:  # a damaged input chunk: not the output's write failure
-                raise InputError(f"reading the scan for block {block.index} at {block.input_origin.tolist()} failed: {error}") from None
-            array = torch.from_numpy(crop)
+            array = torch.from_numpy(volume.read_crop(scan, block.input_origin, block.input_shape))
             out_queue.put((block, array.pin_memory() if pin else array))
     except BaseException as error:  # handed to the main thread, which re-raises it
         out_queue.put(error)
@@ -355,4 +351,4 @@ def predict(config, out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted=RESUMABLE)

@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import check_output
+from ink3d.files import atomic_output, check_output, output_lock, write_image, writing
 from ink3d.ppm import write_ppm
 from ink3d.tifxyz import write_tifxyz
 
@@ -303,12 +303,12 @@ def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int], tifxyz_st
         data[ragged] = 0
         write_ppm(segment_dir / f"{spec.segment_id}.ppm", data)
         mask = ndimage.binary_erosion(~ragged, iterations=2, border_value=0)
-        cv2.imwrite(str(segment_dir / f"{spec.segment_id}_mask.png"), mask.astype(np.uint8) * 255)
+        write_image(segment_dir / f"{spec.segment_id}_mask.png", mask.astype(np.uint8) * 255)
         if tifxyz_step:
             write_tifxyz_segment(scroll, spec, out_dir / "tifxyz" / spec.segment_id, tifxyz_step, ragged, mask)
         labels_dir = out_dir / "labels"
         labels_dir.mkdir(exist_ok=True)
-        cv2.imwrite(str(labels_dir / f"{spec.segment_id}_inklabels.png"), label)
+        write_image(labels_dir / f"{spec.segment_id}_inklabels.png", label)
     return {
         "shape": list(shape),
         "segments": [spec.segment_id for spec in SEGMENTS],
@@ -337,6 +337,11 @@ class _TiffSlices:
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    with output_lock(config.out_dir):
+        return make(config)
+
+
+def make(config) -> dict:
     out_dir = Path(config.out_dir)
     flips = tuple(s.strip() for s in config.flip_normals.split(",") if s.strip())
     unknown = sorted(set(flips) - {spec.segment_id for spec in SEGMENTS})
@@ -358,10 +363,13 @@ def main(argv=None):
             target = out_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     check_output(out_dir / "scroll.json", overwrite=True)  # a folder that can be written
-    description = make_scroll(out_dir, config.seed, (config.depth, config.height, config.width), config.tifxyz_step, variant)
-    if config.ome_zarr:
-        volume.write_ome_zarr(out_dir / "volume.zarr", _TiffSlices(out_dir / "volume"), levels=2)
-    (out_dir / "scroll.json").write_text(json.dumps(description, indent=2) + "\n")
+    with writing(out_dir, advice="the scroll is incomplete (scroll.json, written last, is missing): free disk space and "
+                                 "run again with --overwrite true"):
+        description = make_scroll(out_dir, config.seed, (config.depth, config.height, config.width), config.tifxyz_step, variant)
+        if config.ome_zarr:
+            volume.write_ome_zarr(out_dir / "volume.zarr", _TiffSlices(out_dir / "volume"), levels=2)
+        with atomic_output(out_dir / "scroll.json") as temporary:
+            temporary.write_text(json.dumps(description, indent=2) + "\n")
     save_config(config, config_path_for(out_dir / "scroll.json"))
     print(f"synthetic scroll {tuple(description['shape'])} with {len(SEGMENTS)} segments -> {out_dir}")
     return description

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ink3d import volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import atomic_output, check_output
+from ink3d.files import atomic_output, check_output, output_lock, writing
 
 # --- config ---
 LABELS = "runs/demo/labels_train.h5"  # label volume (ink_sum, ink_count)
@@ -49,6 +49,11 @@ def origins(counts: np.ndarray, minimum: int, block: int) -> np.ndarray:
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    with output_lock(*[path for path in (config.out, config.out_ink) if path]):
+        return find_coords(config)
+
+
+def find_coords(config) -> np.ndarray:
     check_output(config.out, config.overwrite)
     if config.out_ink:
         check_output(config.out_ink, config.overwrite)
@@ -60,7 +65,7 @@ def main(argv=None):
     ink_blocks = origins(ink, 1, config.block)
     for path, values in ((config.out, coords), (config.out_ink, ink_blocks)):
         if path:
-            with atomic_output(path) as temporary, open(temporary, "wb") as stream:
+            with writing(path, resumable=False), atomic_output(path) as temporary, open(temporary, "wb") as stream:
                 np.save(stream, values)
     save_config(config, config_path_for(config.out))
     print(f"{len(coords)} blocks of {config.block}^3 hold >= {config.min_labeled} labeled voxels, "

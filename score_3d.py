@@ -13,8 +13,8 @@ the air level), papyrus without ink, and ink. Read block by block: the volumes s
 import json
 
 from ink3d import InputError, volume
-from ink3d.config import parse_config, run_main
-from ink3d.files import atomic_output, check_output
+from ink3d.config import config_path_for, parse_config, run_main, save_config
+from ink3d.files import atomic_output, check_output, output_lock, writing
 from ink3d.intensity import air_level as estimate_air_level, scan_histogram
 from ink3d.metrics import score_volume
 
@@ -30,13 +30,21 @@ OVERWRITE = False  # replace an existing --out
 
 
 def summary_line(score: dict) -> str:
-    return (f"voxel F0.5 {score['f05']:.3f} (AUC {score['auc']:.3f}) vs scan threshold {score['scan_f05']:.3f} "
-            f"(AUC {score['scan_auc']:.3f}); median / p95 prediction: air {score['air_median']:.2f} / {score['air_p95']:.2f}, "
-            f"papyrus {score['papyrus_median']:.2f} / {score['papyrus_p95']:.2f}, ink {score['ink_median']:.2f} / {score['ink_p95']:.2f}")
+    def show(key: str) -> str:
+        return "n/a" if score[key] is None else f"{score[key]:.{3 if 'auc' in key else 2}f}"
+
+    return (f"voxel F0.5 {score['f05']:.3f} (AUC {show('auc')}) vs scan threshold {score['scan_f05']:.3f} "
+            f"(AUC {show('scan_auc')}); median / p95 prediction: air {show('air_median')} / {show('air_p95')}, "
+            f"papyrus {show('papyrus_median')} / {show('papyrus_p95')}, ink {show('ink_median')} / {show('ink_p95')}")
 
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    with output_lock(*([config.out] if config.out else [])):
+        return score(config)
+
+
+def score(config) -> dict:
     if config.out:
         check_output(config.out, config.overwrite)
     prediction_file, predictions = volume.open_dataset(config.predictions, volume.PREDICTIONS, level=config.level)
@@ -48,13 +56,14 @@ def main(argv=None):
                 raise InputError(f"{name}: shape {dataset.shape} differs from the predictions' {predictions.shape}")
         air_level = config.air_level if config.air_level >= 0 else estimate_air_level(scan_histogram(scan))
         region = volume.parse_roi(config.roi, scan.shape)
-        score = score_volume(predictions, truth, scan, air_level, region)
-    score.update(air_level=air_level, roi=config.roi)
-    print(f"3D score{' of ' + config.roi if config.roi else ''}: {summary_line(score)}")
+        result = score_volume(predictions, truth, scan, air_level, region)
+    result.update(air_level=air_level, roi=config.roi)
+    print(f"3D score{' of ' + config.roi if config.roi else ''}: {summary_line(result)}")
     if config.out:
-        with atomic_output(config.out) as temporary:
-            temporary.write_text(json.dumps(score, indent=2) + "\n")
-    return score
+        with writing(config.out, resumable=False), atomic_output(config.out) as temporary:
+            temporary.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        save_config(config, config_path_for(config.out))
+    return result
 
 
 if __name__ == "__main__":

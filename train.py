@@ -58,11 +58,11 @@ from ink3d.config import parse_config, run_main, save_config
 from ink3d.coords import drop_near
 from ink3d.augment import warp
 from ink3d.columns import COLUMNS, column_loss, face_bags, sample_columns
-from ink3d.dataset import AUGMENTATIONS, BACKGROUND, ScrollSamples
+from ink3d.dataset import BACKGROUND, ScrollSamples
 from ink3d.intensity import Normalization, resolve_air_level, scan_histogram
 from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
 from ink3d.sliding_window import to_uint8
-from ink3d.files import atomic_output, check_output
+from ink3d.files import atomic_output, check_output, file_checksum, output_lock, write_image, writing
 from models import UNet3D, load_weights, read_state_dict, save_checkpoint, unwrap
 from models.ema import EMA
 from models.speed import autocast, autocast_dtype, prepare_model, resolve_device
@@ -77,6 +77,7 @@ VALID_COORDS = "runs/demo/coords_valid.npy"  # block origins holding validation 
 OUT_DIR = "runs/demo/train"  # checkpoints, metrics, pictures
 INIT_CHECKPOINT = ""  # start from these weights (a train.py checkpoint, or the published / LSM state_dict)
 RESUME = False  # continue from out_dir/last.pth at its step, with its optimizer and schedule
+OVERWRITE = False  # start a new run in an out_dir holding an earlier run's checkpoints and metrics (they are removed first)
 ALLOW_NEW_DATA = False  # let a resumed run read other scan / label / coords files than the checkpoint's
 PATCH = 128  # training patch edge (model input)
 BLOCK = 0  # block edge of the coords grid (0 = patch): samples are jittered within it
@@ -123,13 +124,13 @@ WANDB_PROJECT = "3d-ink-detection"  # W&B project
 
 
 # a resumed run reads the same data (unless --allow_new_data) and keeps the settings that define the model,
-# the sample stream and the schedule
+# the sample stream and the schedule; the label and coords files are compared by size and checksum too
 DATA_KEYS = ("volume", "train_labels", "valid_labels", "train_coords", "valid_coords")
+FINGERPRINTED = ("train_labels", "valid_labels", "train_coords", "valid_coords")
 RESUME_KEYS = ("patch", "block", "batch_size", "lr", "weight_decay", "warmup_steps", "max_steps", "f_maps", "num_levels",
                "num_groups", "seed", "dice_weight", "min_labeled", "max_tries", "exclusion_radius", "label_smoothing",
                "air_level", "background_weight", "ema_decay", "input_normalization", "percentiles", "augmentation", "ink_depth",
                "pool_sharpness", "column_weight", "face_depth", "max_columns")
-INK_DEPTHS = ("learned", "fixed")
 
 
 def masked_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 0.0, background_weight: float = 0.0,
@@ -231,8 +232,14 @@ def check_inputs(config, resuming: bool) -> tuple[np.ndarray, np.ndarray]:
 RESUME_STATE = ("model", "config", "optimizer", "scaler", "step", "best_f05", "skipped_batches", "torch_rng", "python_rng")
 
 
-def read_resume_state(path: Path, config) -> dict:
-    """last.pth, checked to be a readable train.py checkpoint of a run these settings may continue."""
+def data_fingerprint(config) -> dict[str, str]:
+    """Size and CRC-32 of each label and coords file: a file made again under the same name differs."""
+    return {key: f"{Path(getattr(config, key)).stat().st_size}:{file_checksum(getattr(config, key)):08x}" for key in FINGERPRINTED}
+
+
+def read_resume_state(path: Path, config, fingerprint: dict[str, str]) -> dict:
+    """last.pth, checked to be a readable train.py checkpoint of a run these settings may continue on the data
+    of `fingerprint`."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, garbage or foreign files fail in many ways; all mean the same here
@@ -250,6 +257,10 @@ def read_resume_state(path: Path, config) -> dict:
     if moved and not config.allow_new_data:
         raise InputError(f"{path}: the run was trained on other data ({', '.join(f'{k}={stored.get(k)}' for k in moved)}); "
                          "pass --allow_new_data true to continue it on the new files")
+    rewritten = [key for key, value in stored.get("data_fingerprint", {}).items() if fingerprint.get(key) != value]
+    if rewritten and not config.allow_new_data:
+        raise InputError(f"{path}: {', '.join(getattr(config, key) for key in rewritten)} changed since the run began "
+                         "(other size or checksum: made again?); pass --allow_new_data true to continue it on the new contents")
     return state
 
 
@@ -430,38 +441,52 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+KEPT = "last.pth holds the last checkpoint: free disk space and rerun with --resume true"
+EARLIER_RUN = ("last.pth", "best.pth", "metrics.csv", "summary.json", "config.json")  # what a run leaves in its out_dir
+
+
 def main(argv=None):
     config = parse_config(globals(), argv)
+    rank = int(os.environ.get("RANK", "0"))
+    with output_lock(*([config.out_dir] if rank == 0 else [])):
+        return train(config)
+
+
+def train(config) -> float:
     rank, world, device = setup_distributed(config.device)
     out_dir = Path(config.out_dir)
     last_path = out_dir / "last.pth"
-    if last_path.exists() and not config.resume:
-        raise InputError(f"{last_path} exists; pass --resume true to continue that run, or choose another --out_dir")
+    earlier = [path for path in (*(out_dir / name for name in EARLIER_RUN), *out_dir.glob("valid_*.png")) if path.exists()]
+    if config.overwrite and rank == 0:
+        for path in earlier:
+            path.unlink()
+    elif last_path.exists() and not config.resume:
+        raise InputError(f"{last_path} exists; pass --resume true to continue that run, --overwrite true to start over, "
+                         "or choose another --out_dir")
+    elif earlier and not last_path.exists():
+        raise InputError(f"{out_dir} holds an earlier run's {', '.join(path.name for path in earlier[:5])} without its last.pth; "
+                         "pass --overwrite true to start over, or choose another --out_dir")
     resuming = config.resume and last_path.exists()
     if config.resume and not resuming and rank == 0:
         print(f"--resume: {last_path} does not exist; starting a new run")
     block = config.block or config.patch
-    if config.ink_depth not in INK_DEPTHS:
-        raise InputError(f"--ink_depth {config.ink_depth!r}: choose learned or fixed")
     learned = config.ink_depth == "learned"
     if learned and config.augment == "cpu":
         raise InputError("--ink_depth learned moves the columns with each crop's transform, where the model runs: use --augment device")
-    if config.augmentation not in AUGMENTATIONS:
-        raise InputError(f"--augmentation {config.augmentation!r}: choose one of {', '.join(AUGMENTATIONS)}")
-    if config.augment not in ("cpu", "device"):
-        raise InputError(f"--augment {config.augment!r}: choose device or cpu")
     on_device = (config.augmentation == "full" and config.augment == "device") or learned  # exact and none resample nothing
     image_mode = "bilinear" if config.augmentation == "full" else "nearest"  # exact and none map voxels onto voxels
     train_origins, valid_origins = check_inputs(config, resuming)
     band = column_band(config.train_labels, learned)
     if learned and column_band(config.valid_labels, learned) != band:
         raise InputError(f"{config.valid_labels}: its columns' band differs from {config.train_labels}'s ({band})")
-    state = read_resume_state(last_path, config) if resuming else None
+    fingerprint = data_fingerprint(config)
+    state = read_resume_state(last_path, config, fingerprint) if resuming else None
     if rank == 0:
         check_output(out_dir / "metrics.csv", overwrite=True)
     air_level, normalization, estimated_air = resolve_intensity(config)
     # what inference and later stages need to treat the scan as training did
-    recorded_config = {**vars(config), "normalization": normalization.to_config(), "air_level_value": air_level}
+    recorded_config = {**vars(config), "normalization": normalization.to_config(), "air_level_value": air_level,
+                       "data_fingerprint": fingerprint}
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
@@ -515,7 +540,8 @@ def main(argv=None):
             truth = ValidationTruth(config.ground_truth, config.volume, valid_origins, config.patch,
                                     estimated_air if air_level is None else air_level, config.level)
         save_config(config, out_dir / "config.json")
-        log = MetricsLog(out_dir, config.wandb, config, step if resuming else None)
+        with writing(out_dir / "metrics.csv", advice=KEPT):
+            log = MetricsLog(out_dir, config.wandb, config, step if resuming else None)
         best_f05 = max(best_f05, log.best_f05)  # a validation logged after the last checkpoint, whose best.pth was written
         print(f"{len(train_origins)} training blocks ({dropped} dropped within {config.exclusion_radius} voxels of "
               f"validation), {len(valid_origins)} validation blocks; {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
@@ -523,9 +549,10 @@ def main(argv=None):
 
     def checkpoint(path: Path):
         weights = {"ema": ema.state_dict(), "ema_updates": ema.updates} if ema is not None else {}
-        save_checkpoint(path, model, model_args, recorded_config, step, optimizer=optimizer.state_dict(),
-                        scaler=scaler.state_dict(), best_f05=best_f05, skipped_batches=skipped_batches, redraws=redraws,
-                        torch_rng=torch.get_rng_state(), python_rng=list(random.getstate()), **weights)
+        with writing(path, advice=KEPT):
+            save_checkpoint(path, model, model_args, recorded_config, step, optimizer=optimizer.state_dict(),
+                            scaler=scaler.state_dict(), best_f05=best_f05, skipped_batches=skipped_batches, redraws=redraws,
+                            torch_rng=torch.get_rng_state(), python_rng=list(random.getstate()), **weights)
 
     def validate_and_log(train_loss: float, samples_per_s: float):
         nonlocal best_f05
@@ -535,9 +562,10 @@ def main(argv=None):
                                           band, config.pool_sharpness)
         picture = validation_picture(*picture_parts, title=f"step {step}: F0.5 {metrics['valid_f05']:.3f} "
                                                          f"(threshold {metrics['valid_threshold_baseline_f05']:.3f})")
-        cv2.imwrite(str(out_dir / f"valid_{step:06d}.png"), picture)
-        log.write({"step": step, "lr": learning_rate, "train_loss": train_loss, "samples_per_s": samples_per_s,
-                   "skipped_batches": skipped_batches, "redraws": redraws, **metrics}, picture)
+        with writing(out_dir, advice=KEPT):
+            write_image(out_dir / f"valid_{step:06d}.png", picture)
+            log.write({"step": step, "lr": learning_rate, "train_loss": train_loss, "samples_per_s": samples_per_s,
+                       "skipped_batches": skipped_batches, "redraws": redraws, **metrics}, picture)
         if metrics["valid_f05"] > best_f05:
             best_f05 = metrics["valid_f05"]
             checkpoint(out_dir / "best.pth")
@@ -610,13 +638,14 @@ def main(argv=None):
         log.close()
         if truth is not None:
             truth.close()
-        (out_dir / "summary.json").write_text(json.dumps({
-            "step": step, "best_valid_f05": best_f05, "skipped_batches": skipped_batches,
-            "redraws": redraws, "dropped_train_blocks": dropped}, indent=2) + "\n")
+        with writing(out_dir / "summary.json", advice=KEPT), atomic_output(out_dir / "summary.json") as temporary:
+            temporary.write_text(json.dumps({
+                "step": step, "best_valid_f05": best_f05, "skipped_batches": skipped_batches,
+                "redraws": redraws, "dropped_train_blocks": dropped}, indent=2) + "\n")
     if world > 1:
         dist.destroy_process_group()
     return best_f05
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="last.pth holds the last checkpoint (every --checkpoint_every steps): rerun with --resume true")

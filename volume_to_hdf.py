@@ -28,7 +28,7 @@ import tifffile
 from tqdm import tqdm
 
 from ink3d import InputError, volume
-from ink3d.config import config_path_for, parse_config, run_main, save_config
+from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
 from ink3d.files import (checksum, finish_output, open_interrupted, output_file, output_lock, resumable_output, warn_if_short_of_space,
                          writing)
 
@@ -121,7 +121,8 @@ class ZarrStack:
     """A zarr array or an OME-Zarr level, read as raw (uint8 or uint16) slabs."""
 
     def __init__(self, path: Path, level: int):
-        self.array = volume.open_zarr(path, level).array
+        opened = volume.open_zarr(path, level)
+        self.array, self.scale = opened.array, opened.scale
         self.shape, self.dtype = tuple(self.array.shape), np.dtype(self.array.dtype)
         self.source = {"zarr": str(path.resolve()), "level": level, "shape": list(self.shape), "input_dtype": str(self.dtype)}
 
@@ -178,6 +179,7 @@ def convert(config) -> list[str]:
             file = h5py.File(partial, "w")
             dataset = volume.create_volume(file, volume.SCAN, shape, np.uint8, config.chunk, config.compression)
             dataset.attrs["source"] = json.dumps(source)
+            dataset.attrs[volume.SCALE] = getattr(stack, "scale", np.ones(3))
             dataset.attrs["window"] = json.dumps(window)
             dataset.attrs["slab_checksums"] = json.dumps([None] * len(_slabs(dataset)))
             dataset.attrs["slabs_done"] = 0
@@ -265,4 +267,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted=RESUMABLE)

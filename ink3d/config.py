@@ -17,6 +17,7 @@ full, and numbers must lie in the range `LIMITS` declares for their name.
 import argparse
 import ast
 import json
+import math
 import os
 import re
 import sys
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from ink3d import InputError
-from ink3d.files import WriteError
+from ink3d.files import WriteError, atomic_output, writing
 
 _CONSTANT = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -88,12 +89,41 @@ LIMITS = {
 }
 
 
+AUTO_SWITCH = ("auto", "true", "false")
+# Valid values of every setting that names one of a few choices, by flag name (as LIMITS).
+CHOICES = {
+    "blend": ("gaussian", "constant"),
+    "amp": ("auto", "bf16", "fp16", "fp32"),
+    **dict.fromkeys(("channels_last", "compile", "depth_map"), AUTO_SWITCH),
+    "weights": ("ema", "raw"),
+    "reduce": ("mean", "max"),
+    "axis": ("z", "y", "x"),
+    "format": ("tif", "jpg"),
+    "ink_depth": ("learned", "fixed"),
+    "input_normalization": ("scale", "percentile"),
+    "augmentation": ("full", "exact", "none"),
+    "augment": ("device", "cpu"),
+    "compression": ("blosc-zstd", "blosc-lz4", "blosc-lz4-byteshuffle", "gzip", "lzf", "none"),
+    "volume_form": ("tiff", "ome-zarr"),
+    "segment_form": ("ppm", "tifxyz"),
+}
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
 def check_limits(script: str, config: SimpleNamespace) -> None:
-    """Refuse, by flag name, a numeric setting outside its `LIMITS`."""
+    """Refuse, by flag name, a number that is not finite or lies outside its `LIMITS`, a choice outside its
+    `CHOICES`, and a device name that is not auto, cpu, cuda or cuda:N."""
     for name, value in vars(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{name} {value}: must be a finite number")
         bounds = LIMITS.get(f"{script}:{name}", LIMITS.get(name))
         if bounds is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value not in bounds:
             raise InputError(f"--{name} {value}: must be {bounds}")
+        choices = CHOICES.get(name)
+        if choices is not None and isinstance(value, str) and value not in choices:
+            raise InputError(f"--{name} {value!r}: choose one of {', '.join(choices)}")
+        if name == "device" and not DEVICE.match(str(value)):
+            raise InputError(f"--device {value!r}: choose auto, cpu, cuda or cuda:N")
 
 
 CONFIG_MARKER = "# --- config ---"
@@ -172,8 +202,8 @@ def parse_config(script_globals: dict, argv: list[str] | None = None) -> SimpleN
 def save_config(config: SimpleNamespace, path: str | Path) -> Path:
     """Write the resolved settings as JSON (typically `<output>.config.json`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(vars(config), indent=2, sort_keys=True) + "\n")
+    with writing(path, resumable=False), atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(vars(config), indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -183,8 +213,13 @@ def config_path_for(output: str | Path) -> Path:
     return output.with_name(output.name + ".config.json")
 
 
-def run_main(main) -> None:
-    """Call a stage's `main()`, turning an `InputError` into a one-line message and exit code 2.
+WHOLE_OUTPUTS = "outputs appear under their names only when complete: earlier outputs are as they were; run it again"
+RESUMABLE = "finished work is kept in the .partial output: rerun the same command with --resume true"
+
+
+def run_main(main, interrupted: str = WHOLE_OUTPUTS) -> None:
+    """Call a stage's `main()`, turning an `InputError` into a one-line message and exit code 2, and Ctrl-C
+    into one line saying what is kept (`interrupted`) and exit code 130.
 
     After a failed write the process exits at once: releasing an HDF5 file whose write failed can
     crash the interpreter, and everything finished is already on disk.
@@ -198,3 +233,6 @@ def run_main(main) -> None:
             sys.stderr.flush()
             os._exit(2)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -14,6 +14,7 @@ import warnings
 import zlib
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 
@@ -148,6 +149,25 @@ def finish_output(partial: Path, out: Path) -> None:
     os.replace(partial, out)
 
 
+def file_checksum(path: str | Path, piece: int = 16 << 20) -> int:
+    """CRC-32 of a file's bytes, read a piece at a time."""
+    value = 0
+    with open(path, "rb") as stream:
+        while data := stream.read(piece):
+            value = zlib.crc32(data, value)
+    return value
+
+
+def write_image(path: str | Path, image: np.ndarray, params=()) -> None:
+    """Write an image in the format of `path`'s suffix. Encoding first and writing the bytes makes a failed write
+    (a full disk) an OSError, where cv2.imwrite would only return False."""
+    path = Path(path)
+    encoded, data = cv2.imencode(path.suffix, image, list(params))
+    if not encoded:
+        raise ValueError(f"{path}: OpenCV cannot encode a {image.dtype} image of shape {image.shape} as {path.suffix}")
+    path.write_bytes(data.tobytes())
+
+
 def checksum(array: np.ndarray) -> int:
     """CRC-32 of an array's bytes (C order): what a finished block or slab is checked against on resume."""
     return zlib.crc32(np.ascontiguousarray(array).data)
@@ -158,10 +178,11 @@ _SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.ER
 
 
 @contextlib.contextmanager
-def writing(path: str | Path, resumable: bool = True):
+def writing(path: str | Path, resumable: bool = True, advice: str = ""):
     """Turn a failed write or flush of `path` (HDF5 reports OSError or RuntimeError) into a WriteError that says
-    what to do: free space and resume (a `resumable` output failing for lack of space or permission), start
-    over (a resumable file that is itself damaged), or run again (an output renamed into place only whole)."""
+    what to do: `advice` where given, else free space and resume (a `resumable` output failing for lack of space
+    or permission), start over (a resumable file that is itself damaged), or run again (an output renamed into
+    place only whole)."""
     try:
         yield
     except (OSError, RuntimeError) as error:
@@ -172,6 +193,8 @@ def writing(path: str | Path, resumable: bool = True):
             reason = match.group(1)
         found = re.search(r"errno = (\d+)", text)
         code = error.errno if isinstance(error, OSError) and error.errno else int(found.group(1)) if found else None
+        if advice:
+            raise WriteError(f"{path}: writing failed ({reason}); {advice}") from None
         if not resumable:
             raise WriteError(f"{path}: writing failed ({reason}); nothing is kept under the output's name: "
                              "free disk space (or fix the folder's permissions) and run again") from None

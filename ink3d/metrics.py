@@ -5,6 +5,7 @@ The 3D score streams: predictions and scan are uint8, so per-value counts (histo
 class give the exact best-threshold F0.5, AUC and quantiles without holding the volume.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,19 +101,26 @@ class VoxelCounts:
     def summary(self) -> dict:
         """Best-threshold F0.5 (threshold as a probability) and AUC of the prediction and of the scan
         intensity (ink denser), the share of each class, and the prediction's median and 95th
-        percentile in each class."""
+        percentile in each class. What a class without voxels leaves undefined (an AUC, a quantile,
+        a threshold) is None, JSON's null."""
         ink = self.prediction[2]
         no_ink = self.prediction[0] + self.prediction[1]
         f05, level = histogram_fbeta(ink, no_ink)
         scan_f05, scan_level = histogram_fbeta(self.scan[1], self.scan[0])
         voxels = int(self.prediction.sum())
-        result = {"voxels": voxels, "f05": f05, "threshold": level / 255, "auc": histogram_auc(ink, no_ink),
-                  "scan_f05": scan_f05, "scan_threshold": scan_level, "scan_auc": histogram_auc(self.scan[1], self.scan[0])}
+        result = {"voxels": voxels, "f05": f05, "threshold": _defined(level, 255), "auc": _defined(histogram_auc(ink, no_ink)),
+                  "scan_f05": scan_f05, "scan_threshold": _defined(scan_level),
+                  "scan_auc": _defined(histogram_auc(self.scan[1], self.scan[0]))}
         for name, counts in zip(CLASSES, self.prediction):
             result[f"{name}_fraction"] = float(counts.sum() / max(voxels, 1))
-            result[f"{name}_median"] = histogram_quantile(counts, 0.5) / 255
-            result[f"{name}_p95"] = histogram_quantile(counts, 0.95) / 255
+            result[f"{name}_median"] = _defined(histogram_quantile(counts, 0.5), 255)
+            result[f"{name}_p95"] = _defined(histogram_quantile(counts, 0.95), 255)
         return result
+
+
+def _defined(value: float, scale: float = 1.0) -> float | None:
+    """`value / scale`, or None where a class without voxels leaves it undefined (NaN, or -1 from a quantile or a threshold)."""
+    return None if math.isnan(value) or value < 0 else value / scale
 
 
 def score_volume(predictions, truth, scan, air_level: int, region=None, block: int = volume.DEFAULT_CHUNK) -> dict:

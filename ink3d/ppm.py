@@ -127,10 +127,43 @@ def find_segment(ppm_dir: Path, segment_id: str) -> Path | None:
     return ppm_dir / segment_id if is_tifxyz(ppm_dir / segment_id) else None
 
 
-def open_segment(path: Path, shape: tuple[int, int] | None = None):
+UNIT_TOLERANCE = 1e-6  # normals this close to unit length are used as stored (bit for bit)
+
+
+def in_volume_voxels(pixels: np.ndarray, scale_zyx=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Pixels (..., 6) `x, y, z, nx, ny, nz` in the voxels of a volume whose voxel is `scale_zyx` voxels of full
+    resolution (an OME-Zarr level's): positions divided by it, normals turned into that grid and brought to unit
+    length. A pixel whose normal has no length, or with a value that is not finite, is off the surface (all zeros)."""
+    out = np.array(pixels, dtype=np.float64)
+    scale_xyz = np.asarray(scale_zyx, dtype=np.float64)[::-1]
+    if np.any(scale_xyz != 1):
+        out[..., :3] /= scale_xyz
+        out[..., 3:] /= scale_xyz
+    length = np.linalg.norm(out[..., 3:], axis=-1)
+    valid = valid_mask(out) & (length > 0)
+    rescale = valid & (np.abs(length - 1) > UNIT_TOLERANCE)
+    out[rescale, 3:] /= length[rescale, None]
+    out[~valid] = 0
+    return out
+
+
+class _InVolumeVoxels:
+    """A segment's `data`, sliced as `in_volume_voxels` gives it."""
+
+    def __init__(self, data, scale_zyx):
+        self.data, self.scale, self.shape = data, scale_zyx, data.shape
+
+    def __getitem__(self, key) -> np.ndarray:
+        return in_volume_voxels(np.asarray(self.data[key]), self.scale)
+
+
+def open_segment(path: Path, shape: tuple[int, int] | None = None, scale_zyx=(1.0, 1.0, 1.0)):
     """A `.ppm` file, or a tifxyz folder brought to full resolution (to `shape`, a label image's, if given):
-    either has `height`, `width` and `data[rows, cols]` of (x, y, z, nx, ny, nz) per pixel."""
-    return SurfaceMap(path, shape) if Path(path).is_dir() else read_ppm(path)
+    either has `height`, `width` and `data[rows, cols]` of (x, y, z, nx, ny, nz) per pixel, in the voxels of a
+    volume at `scale_zyx` (see `in_volume_voxels`: unit normals, positions of that level)."""
+    segment = SurfaceMap(path, shape) if Path(path).is_dir() else read_ppm(path)
+    segment.data = _InVolumeVoxels(segment.data, scale_zyx)
+    return segment
 
 
 def segment_size(path: Path) -> tuple[int, int]:

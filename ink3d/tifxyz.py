@@ -24,6 +24,9 @@ from ink3d import InputError
 COORDINATES = ("x.tif", "y.tif", "z.tif")
 
 
+MIN_SCALE = 0.01  # vertices per pixel: tifxyz grids are written at 0.05-0.2; far sparser ones are damaged meta.json
+
+
 def is_tifxyz(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in (*COORDINATES, "meta.json"))
 
@@ -37,8 +40,9 @@ def _scale(folder: Path) -> tuple[float, float]:
         sx, sy = (float(value) for value in meta["scale"])
     except (ValueError, KeyError, TypeError) as error:
         raise InputError(f"{folder / 'meta.json'}: needs \"scale\": [sx, sy] ({type(error).__name__}: {error})") from None
-    if not (sx > 0 and sy > 0):
-        raise InputError(f"{folder / 'meta.json'}: scale {[sx, sy]} must be positive")
+    if not (MIN_SCALE <= sx <= 1 and MIN_SCALE <= sy <= 1):
+        raise InputError(f"{folder / 'meta.json'}: scale {[sx, sy]} must lie in [{MIN_SCALE}, 1] "
+                         f"(a vertex every 1 to {round(1 / MIN_SCALE)} pixels)")
     return sx, sy
 
 

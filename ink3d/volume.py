@@ -3,9 +3,12 @@
 Outputs are HDF5; inputs may also be zarr arrays or OME-Zarr multiscale groups (see `open_dataset`).
 """
 
+import atexit
 import contextlib
 import itertools
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import zarr
 from tqdm import tqdm
 
 from ink3d import InputError
+from ink3d.config import CHOICES
 from ink3d.files import checksum
 
 SCAN = "scan_volume"
@@ -32,9 +36,10 @@ BLOCK_CHECKSUMS = "block_checksums"  # prediction file: CRC-32 of each finished 
 os.environ.setdefault("BLOSC_NTHREADS", str(os.cpu_count() or 1))
 
 AXES = "zyx"
+SCALE = "scale"  # attribute: the zyx voxel size in voxels of full resolution of a volume made from an OME-Zarr level
 UINT16_TO_UINT8 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)  # round(v * 255 / 65535)
 DEFAULT_CHUNK = 128
-COMPRESSIONS = ("blosc-zstd", "blosc-lz4", "blosc-lz4-byteshuffle", "gzip", "lzf", "none")
+COMPRESSIONS = CHOICES["compression"]
 DEFAULT_COMPRESSION = "blosc-lz4"
 LABEL_COMPRESSION = "blosc-lz4-byteshuffle"  # sparse label volumes: bitshuffle halves the write speed for little size
 
@@ -78,8 +83,10 @@ def open_dataset(path: str | Path, name: str, mode: str = "r", level: int = 0, c
     """Open a volume: dataset `name` of an HDF5 file, or a zarr array, or level `level` of an OME-Zarr
     multiscale group (a folder). Returns (a handle to close, the volume), with errors naming both.
 
-    A zarr volume must have axes z, y, x and hold uint8 or uint16; uint16 reads as uint8 by
-    `round(v * 255 / 65535)`, as volume_to_hdf converts it. `cache_bytes` sizes HDF5's chunk cache.
+    A scan (dataset `scan_volume`, or any zarr volume) must hold uint8 or uint16 and have axes z, y, x; uint16
+    reads as uint8 by `round(v * 255 / 65535)`, as volume_to_hdf converts it, other dtypes are refused.
+    `level` picks an OME-Zarr level; HDF5 files hold one resolution (a scan refuses a level above 0, other
+    volumes were made at the level they were made from). `cache_bytes` sizes HDF5's chunk cache.
     """
     path = Path(path)
     if path.is_dir():
@@ -106,6 +113,16 @@ def open_dataset(path: str | Path, name: str, mode: str = "r", level: int = 0, c
         file.close()
         raise InputError(f"{path}: dataset '{name}' is not complete (its run was interrupted); "
                          "finish it with --resume true before using it")
+    if name == SCAN and level:
+        file.close()
+        raise InputError(f"{path}: --level {level} reads a level of an OME-Zarr scan; an HDF5 scan holds one resolution "
+                         "(volume_to_hdf --zarr --level converts one level, and records its voxel size)")
+    if name == SCAN and dataset.dtype == np.uint16:
+        return file, Uint8View(dataset, f"{path}[{name}]")
+    if name == SCAN and dataset.dtype != np.uint8:
+        file.close()
+        raise InputError(f"{path}: '{name}' holds {dataset.dtype}; scans must be uint8 or uint16 "
+                         "(volume_to_hdf converts a stack with a chosen intensity window)")
     return file, dataset
 
 
@@ -116,14 +133,17 @@ class _NothingToClose(contextlib.nullcontext):
         pass
 
 
-class ZarrVolume:
-    """A zarr array read as the pipeline's uint8 (z, y, x) volume: shape, dtype, chunks, attrs and slicing."""
+class Uint8View:
+    """A uint8 or uint16 (z, y, x) array read as the pipeline's uint8 volume (uint16 by `round(v * 255 / 65535)`,
+    as volume_to_hdf converts it): shape, dtype, chunks, attrs, slicing, and `scale`, the size of its voxel in
+    voxels of full resolution (zyx; an OME-Zarr level's)."""
 
-    def __init__(self, array, where: str):
+    def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0)):
         self.array, self.where = array, where
         self.shape, self.chunks, self.ndim = tuple(array.shape), tuple(array.chunks), 3
         self.dtype = np.dtype(np.uint8)
         self.attrs = {"axes": AXES}
+        self.scale = np.asarray(scale, dtype=np.float64)
         self._lut = None if array.dtype == np.uint8 else UINT16_TO_UINT8
 
     def __getitem__(self, key) -> np.ndarray:
@@ -131,7 +151,47 @@ class ZarrVolume:
         return values if self._lut is None else self._lut[values]
 
     def __repr__(self) -> str:
-        return f"ZarrVolume({self.where}, shape={self.shape})"
+        return f"{type(self).__name__}({self.where}, shape={self.shape})"
+
+
+class ZarrVolume(Uint8View):
+    """A zarr array as a uint8 volume that counts the chunks its reads found absent from a local store (they read
+    as 0: written empty, or never downloaded); the first is warned of, the count reported when the process ends."""
+
+    def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0)):
+        super().__init__(array, where, scale)
+        root = getattr(array.store, "root", None)
+        self._folder = None if root is None else Path(root) / array.path
+        self._grid = tuple(-(-size // chunk) for size, chunk in zip(self.shape, self.chunks))
+        self._seen, self.absent = set(), 0
+
+    def __getitem__(self, key) -> np.ndarray:
+        if self._folder is not None:
+            self._count_absent(key)
+        return super().__getitem__(key)
+
+    def _count_absent(self, key) -> None:
+        key = key if isinstance(key, tuple) else (key,)
+        ranges = []
+        for axis, size in enumerate(self.shape):
+            part = key[axis] if axis < len(key) else slice(None)
+            start, stop = (part, part + 1) if isinstance(part, (int, np.integer)) else part.indices(size)[:2]
+            ranges.append(range(start // self.chunks[axis], -(-stop // self.chunks[axis])) if stop > start else range(0))
+        for index in itertools.product(*ranges):
+            flat = int(np.ravel_multi_index(index, self._grid))
+            if flat in self._seen:
+                continue
+            self._seen.add(flat)
+            if not (self._folder / self.array.metadata.encode_chunk_key(index)).exists():
+                if not self.absent:
+                    warnings.warn(f"{self.where}: chunk {'/'.join(map(str, index))} is absent from the store and reads as 0 "
+                                  "(written empty, or not downloaded); absent chunks are counted", stacklevel=3)
+                    atexit.register(self._report)
+                self.absent += 1
+
+    def _report(self) -> None:
+        print(f"{self.where}: {self.absent} of the {len(self._seen)} chunks read were absent from the store and read as 0",
+              file=sys.stderr)
 
 
 def open_zarr(path: Path, level: int = 0) -> ZarrVolume:
@@ -141,7 +201,7 @@ def open_zarr(path: Path, level: int = 0) -> ZarrVolume:
     except Exception as error:  # zarr reports a missing or malformed store in several ways
         raise InputError(f"{path}: cannot open as zarr ({type(error).__name__}: {error})") from None
     where = str(path)
-    axes = None
+    axes, scale = None, (1.0, 1.0, 1.0)
     if isinstance(node, zarr.Group):
         attrs = node.attrs.asdict()
         multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")  # OME-Zarr 0.5 / 0.4
@@ -152,6 +212,7 @@ def open_zarr(path: Path, level: int = 0) -> ZarrVolume:
         if not 0 <= level < len(datasets):
             raise InputError(f"{path}: --level {level}: the multiscale has levels 0..{len(datasets) - 1}")
         axes = [axis["name"] if isinstance(axis, dict) else axis for axis in multiscales[0].get("axes", [])]
+        scale = np.asarray(_scale_of(datasets[level], level)) / np.asarray(_scale_of(datasets[0], 0))
         where = f"{path} level {level} ({datasets[level]['path']})"
         try:
             node = node[datasets[level]["path"]]
@@ -165,7 +226,22 @@ def open_zarr(path: Path, level: int = 0) -> ZarrVolume:
         raise InputError(f"{where}: shape {node.shape}, expected 3 axes (z, y, x)")
     if node.dtype not in (np.uint8, np.uint16):
         raise InputError(f"{where}: dtype {node.dtype}; volumes must be uint8 or uint16")
-    return ZarrVolume(node, where)
+    return ZarrVolume(node, where, scale)
+
+
+def _scale_of(dataset: dict, level: int) -> list[float]:
+    """The zyx voxel size an OME-Zarr multiscale dataset declares (its "scale" transformation), or 2^level."""
+    for transform in dataset.get("coordinateTransformations", []):
+        if transform.get("type") == "scale" and len(transform.get("scale", [])) == 3:
+            return [float(value) for value in transform["scale"]]
+    return [2.0**level] * 3
+
+
+def level_scale(dataset) -> np.ndarray:
+    """The zyx size of a volume's voxel in voxels of full resolution, what segment coordinates are divided by:
+    an OME-Zarr level's, or the `scale` attribute an HDF5 volume made from one records (1 when it has none)."""
+    scale = getattr(dataset, "scale", None)
+    return np.asarray(dataset.attrs.get(SCALE, np.ones(3)) if scale is None else scale, dtype=np.float64)
 
 
 def read_crop(dataset, origin, shape, fill=0) -> np.ndarray:
@@ -179,7 +255,12 @@ def read_crop(dataset, origin, shape, fill=0) -> np.ndarray:
         return out
     source = tuple(slice(a, b) for a, b in zip(low, high))
     target = tuple(slice(a, b) for a, b in zip(low - origin, high - origin))
-    out[target] = dataset[source]
+    try:
+        out[target] = dataset[source]
+    except (OSError, RuntimeError) as error:  # a damaged chunk of an input: not a failure of any output
+        where = getattr(dataset, "where", None) or f"{dataset.file.filename}[{dataset.name.lstrip('/')}]"
+        raise InputError(f"reading {where} at {low.tolist()}..{high.tolist()} failed ({str(error).splitlines()[0]}): "
+                         "the file is damaged or unreadable") from None
     return out
 
 

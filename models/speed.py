@@ -10,10 +10,21 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU."""
+    """'auto' picks CUDA when present, else the CPU; a CUDA device that is not there is refused by name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise InputError(f"--device {name}: " + (f"this machine has {count} CUDA devices (0..{count - 1})" if count
+                                                      else "no CUDA device is available here; use --device cpu"))
+    elif device.type != "cpu":
+        raise InputError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+    return device
 
 
 def switch(value: str, flag: str, on_cuda: bool, on_cpu: bool, device: torch.device) -> bool:

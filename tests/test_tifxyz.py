@@ -73,7 +73,8 @@ def test_grid_normals_of_a_cylinder_point_outwards():
     (lambda folder: (folder / "z.tif").unlink(), "tifxyz segment without z.tif"),
     (lambda folder: tifffile.imwrite(folder / "y.tif", np.zeros((3, 3), np.float32)), "x, y and z must be 2D images of one size"),
     (lambda folder: (folder / "meta.json").write_text("{}"), "needs \"scale\": \\[sx, sy\\]"),
-    (lambda folder: (folder / "meta.json").write_text(json.dumps({"scale": [0, 1]})), "scale \\[0.0, 1.0\\] must be positive"),
+    (lambda folder: (folder / "meta.json").write_text(json.dumps({"scale": [0, 1]})), "scale \\[0.0, 1.0\\] must lie in \\[0.01, 1\\]"),
+    (lambda folder: (folder / "meta.json").write_text(json.dumps({"scale": [1e-4, 1e-4]})), "scale \\[0.0001, 0.0001\\] must lie in"),
 ])
 def test_bad_tifxyz_folders_are_named(tmp_path, breaks, message):
     write_tifxyz(tmp_path / "seg", _plane_grid(4, 5, 1), (1.0, 1.0))

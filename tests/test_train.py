@@ -445,12 +445,16 @@ def test_checkpoint_precedes_validation_and_resume_redoes_an_interrupted_one(tmp
     assert [{**row, "train_loss": ""} for row in halves] == [{**row, "train_loss": ""} for row in whole]
 
 
-def test_resume_without_last_checkpoint_starts_a_new_log(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [(), ("--resume", "true")])
+def test_an_earlier_runs_outputs_without_last_checkpoint_are_kept_unless_overwritten(tmp_path, flags):
     root = _scene(tmp_path)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.csv").write_text("step,lr\n99,0.1\n")
-    _train(root, tmp_path / "run", "--resume", "true")
-    assert "does not exist; starting a new run" in capsys.readouterr().out
+    (tmp_path / "run" / "best.pth").write_bytes(b"an earlier run's")
+    with pytest.raises(InputError, match="holds an earlier run's best.pth, metrics.csv without its last.pth; pass --overwrite true"):
+        _train(root, tmp_path / "run", *flags)
+    assert (tmp_path / "run" / "best.pth").read_bytes() == b"an earlier run's"
+    _train(root, tmp_path / "run", *flags, "--overwrite", "true")
     assert [row["step"] for row in _rows(tmp_path / "run" / "metrics.csv")] == ["2", "4"]
 
 
@@ -530,7 +534,7 @@ def _no_columns(root):
     (_narrow_ink_range, "train.h5: made with ink range -1.5..1.5 of band 4.0; --ink_depth learned needs the whole band"),
     (_no_columns, "valid.h5: no label columns"),
     (lambda root: ["--augment", "cpu"], "--ink_depth learned moves the columns with each crop's transform"),
-    (lambda root: ["--ink_depth", "deep"], "--ink_depth 'deep': choose learned or fixed"),
+    (lambda root: ["--ink_depth", "deep"], "--ink_depth 'deep': choose one of learned, fixed"),
 ])
 def test_learning_the_depth_refuses_labels_that_cannot_teach_it(tmp_path, breaks, message):
     root = _scene(tmp_path)
