@@ -310,7 +310,7 @@ def predict(config, out: Path) -> Path:
                           compile=switch(config.compile, "--compile", on_cuda=True, on_cpu=False, device=device))
     predictor = WindowPredictor(model, config.patch, config.blend, config.batch_size, device,
                                 autocast_dtype(device, config.amp), channels_last, config.skip_max, config.tta,
-                                normalization)
+                                normalization, stride)
     if rank == 0:
         warn_if_short_of_space(out, int(np.prod([r.stop - r.start for r in region])))
 

@@ -83,8 +83,10 @@ class WindowPredictor:
     """Runs a model over the windows of one input box and blends them into probabilities."""
 
     def __init__(self, model, patch: int, blend: str, batch_size: int, device, dtype=None,
-                 channels_last: bool = False, skip_max: int = -1, tta: bool = False, normalization: Normalization = Normalization()):
+                 channels_last: bool = False, skip_max: int = -1, tta: bool = False, normalization: Normalization = Normalization(),
+                 stride: int | None = None):
         self.model, self.patch, self.batch_size = model, patch, batch_size
+        self.stride = stride or patch  # of the window grid: consecutive windows take consecutive slots of a batch
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
         self.weights = torch.from_numpy(importance_map(patch, blend)).to(self.device)
         self.skip_max = skip_max
@@ -109,16 +111,35 @@ class WindowPredictor:
         else:
             run = cells
         skipped = len(cells) - len(run)
-        for first in range(0, len(run), self.batch_size):
-            batch_cells = run[first:first + self.batch_size]
-            batch = self.normalization(torch.stack([box[cell] for cell in batch_cells])[:, None])
+        for batch_windows in self._batches(run, origin):
+            filler = next(index for index in batch_windows if index is not None)
+            batch = self.normalization(torch.stack([box[run[filler if index is None else index]] for index in batch_windows])[:, None])
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
             probabilities = self._probabilities(batch)
-            for cell, probability in zip(batch_cells, probabilities):
-                numerator[cell] += self.weights * probability
+            for slot in sorted((slot for slot, index in enumerate(batch_windows) if index is not None), key=batch_windows.__getitem__):
+                numerator[run[batch_windows[slot]]] += self.weights * probabilities[slot]  # in grid order
         inside = tuple(slice(o.start - b, o.stop - b) for o, b in zip(output, origin))
         return (numerator[inside] / denominator[inside]).cpu().numpy(), skipped
+
+    def _batches(self, cells, origin: np.ndarray) -> list[list[int | None]]:
+        """Batches of `batch_size` slots holding windows (indices into `cells`, in their order) or None, each window
+        in the slot its place on the volume's grid gives it (the sum of its grid indices, modulo the batch size); a
+        batch ends where the next window's slot is taken. Empty slots are run on a copy of one of the batch's windows
+        and their result is dropped. CPU kernels may compute a window differently at another batch size or slot, and
+        a window's result must not depend on the region it was run for: this way every run computes it in the same
+        slot of a batch of the same size, and the windows still come in grid order (the order their probabilities
+        are summed in)."""
+        batches, batch = [], [None] * self.batch_size
+        for index, cell in enumerate(cells):
+            slot = sum((piece.start + int(o)) // self.stride for piece, o in zip(cell, origin)) % self.batch_size
+            if batch[slot] is not None:
+                batches.append(batch)
+                batch = [None] * self.batch_size
+            batch[slot] = index
+        if any(index is not None for index in batch):
+            batches.append(batch)
+        return batches
 
     def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         total = None
