@@ -213,6 +213,25 @@ def config_path_for(output: str | Path) -> Path:
     return output.with_name(output.name + ".config.json")
 
 
+def _released_hdf5_object(error: BaseException | None, traceback) -> bool:
+    """Whether an error comes from releasing an HDF5 object (h5py's ObjectID._dealloc), which after a failed write
+    fails to flush again: the write failure itself is what the stage reports, once."""
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return (isinstance(error, (OSError, RuntimeError)) and traceback is not None
+            and traceback.tb_frame.f_code.co_name.endswith("_dealloc") and "h5py" in traceback.tb_frame.f_code.co_filename)
+
+
+def _quiet_unraisable(unraisable) -> None:
+    if not _released_hdf5_object(unraisable.exc_value, unraisable.exc_traceback) and "h5py._objects.ObjectID" not in repr(unraisable.object):
+        sys.__unraisablehook__(unraisable)
+
+
+def _quiet_excepthook(kind, error, traceback) -> None:  # Cython prints an error in __dealloc__ through sys.excepthook
+    if not _released_hdf5_object(error, traceback):
+        sys.__excepthook__(kind, error, traceback)
+
+
 WHOLE_OUTPUTS = "outputs appear under their names only when complete: earlier outputs are as they were; run it again"
 RESUMABLE = "finished work is kept in the .partial output: rerun the same command with --resume true"
 
@@ -224,6 +243,7 @@ def run_main(main, interrupted: str = WHOLE_OUTPUTS) -> None:
     After a failed write the process exits at once: releasing an HDF5 file whose write failed can
     crash the interpreter, and everything finished is already on disk.
     """
+    sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
     try:
         main()
     except InputError as error:

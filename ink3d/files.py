@@ -187,7 +187,8 @@ def writing(path: str | Path, resumable: bool = True, advice: str = ""):
         yield
     except (OSError, RuntimeError) as error:
         text = str(error)
-        reason = text.splitlines()[0] if text else type(error).__name__
+        reason = (error.strerror if isinstance(error, OSError) and error.strerror else text.splitlines()[0] if text
+                  else type(error).__name__)
         match = re.search(r"error message = '([^']+)'", text)
         if match:
             reason = match.group(1)
@@ -209,16 +210,18 @@ _ABANDONED = []  # HDF5 files whose write failed and that could not be closed: s
 
 
 def close_output(file: h5py.File, failed: bool, path: Path) -> None:
-    """Close an output file. After a failed write HDF5 may refuse to close it, and releasing such a file
-    can crash the interpreter, so it is kept open until the process exits (run_main exits without
-    releasing objects after a WriteError)."""
+    """Close an output file. After a failed write, closing (or releasing) the file can crash the interpreter in
+    HDF5, so such a file is kept open until the process exits (run_main exits without releasing objects after a
+    WriteError); everything finished is on disk already."""
+    if failed:
+        _ABANDONED.append(file)
+        return
     try:
         file.close()
     except (OSError, RuntimeError) as error:
         _ABANDONED.append(file)
-        if not failed:
-            with writing(path):
-                raise error
+        with writing(path):
+            raise error
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ shapes; `num_groups` is invisible in the weights and defaults to 4 (the publishe
 """
 
 import hashlib
+import io
 import pickle
 import re
 import zipfile
@@ -49,8 +50,10 @@ def save_checkpoint(path, model, model_args, config, step, **extra) -> None:
     if isinstance(model_args, UNetArgs):
         model_args = model_args.to_dict()
     payload = {"model": unwrap(model).state_dict(), "model_args": dict(model_args), "config": dict(config), "step": int(step), **extra}
+    buffer = io.BytesIO()  # serialised first: a full disk then fails as the file is written, with the system's reason
+    torch.save(payload, buffer)
     with atomic_output(path) as temporary:
-        torch.save(payload, temporary)
+        temporary.write_bytes(buffer.getbuffer())
 
 
 def read_checkpoint(path, trusted: bool = False) -> dict:

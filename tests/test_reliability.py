@@ -1,5 +1,10 @@
 """Failures every writing stage must meet the same way: a named error, nothing left behind."""
 
+import contextlib
+import re
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -12,7 +17,9 @@ import make_synthetic_scroll
 import pred_find_coords
 import score_3d
 import volume_to_hdf
+from conftest import ROOT, run_on_a_full_disk
 from ink3d import InputError, volume
+from ink3d.files import lock_path
 
 # each stage with its output (under `out`) and dummy inputs: outputs are checked before inputs are read
 STAGES = {
@@ -43,3 +50,139 @@ def test_a_label_file_without_ink_sum_is_named(tmp_path):
     with pytest.raises(InputError, match="labels.h5: no dataset 'ink_sum' \\(datasets: ink_count\\)"):
         pred_find_coords.main(["--labels", str(tmp_path / "labels.h5"), "--out", str(tmp_path / "c.npy")])
     assert not (tmp_path / "c.npy").exists()
+
+
+# --- one writer per output ---
+
+LOCKED = {  # the output each stage of STAGES locks first
+    "volume_to_hdf": "scan.h5", "inference": "p.h5", "all_labels_to_hdf": "v.h5", "pred_find_coords": "c.npy",
+    "score_3d": "s.json", "connected_components_explore": "out", "export_slices": "out", "make_synthetic_scroll": "out",
+}
+_HOLD = """
+import sys
+sys.path.insert(0, ".")
+from ink3d.files import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def another_run_writing(path):
+    """A second process holding the output's lock, as a run writing it does."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_second_run_on_an_output_being_written_is_refused_and_changes_nothing(tmp_path, stage):
+    module, argv = STAGES[stage]
+    target = tmp_path / LOCKED[stage]
+    folder = stage in ("connected_components_explore", "export_slices", "make_synthetic_scroll")  # writes into its out_dir
+    if folder:
+        target.mkdir()
+        (target / "earlier.txt").write_text("an earlier output")
+    else:
+        target.write_text("an earlier output")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with another_run_writing(target):
+        with pytest.raises(InputError, match=f"{target.name} is being written by another run \\(pid \\d+ on .*; lock .*{target.name}.lock\\)"):
+            module.main([*argv(target if folder else tmp_path), "--overwrite", "true"])
+        assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == sorted(before + [f"{target.name}.lock"])
+    assert (target / "earlier.txt" if target.is_dir() else target).read_text() == "an earlier output"
+    assert not lock_path(target).exists()  # the holder released it on its way out
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_message(pipeline, tmp_path, capsys):
+    out = tmp_path / "coords.npy"
+    lock_path(out).write_text("pid 4194303 on a-machine since 2026-01-01 00:00:00")  # no process holds it
+    pred_find_coords.main(["--labels", str(pipeline / "labels_train.h5"), "--out", str(out), "--block", "8"])
+    assert "taking over the lock of a run that ended without releasing it (pid 4194303 on a-machine" in capsys.readouterr().err
+    assert out.exists() and not lock_path(out).exists()
+
+
+def test_one_path_given_as_two_outputs_is_refused(pipeline, tmp_path):
+    with pytest.raises(InputError, match="same.h5: given as two outputs of one run"):
+        all_labels_to_hdf.main([*_labels_argv(pipeline), "--out_train", str(tmp_path / "same.h5"), "--out_valid", str(tmp_path / "same.h5")])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", ["volume_to_hdf", "inference", "pred_find_coords", "score_3d"])
+def test_a_folder_where_the_output_file_goes_is_refused_before_any_work(tmp_path, stage):
+    module, argv = STAGES[stage]
+    (tmp_path / LOCKED[stage]).mkdir()
+    with pytest.raises(InputError, match=f"{LOCKED[stage]} is a folder; the output is a file"):
+        module.main([*argv(tmp_path), "--overwrite", "true"])
+
+
+# --- a full disk in every stage ---
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A small synthetic scroll taken through the stages that make the files the others read: scan.h5,
+    labels_{train,valid}.h5, and predictions.h5 (the ground truth as uint8 probabilities)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    make_synthetic_scroll.main(["--out_dir", str(root / "scroll"), "--depth", "24"])
+    volume_to_hdf.main(["--tiff_dir", str(root / "scroll" / "volume"), "--out", str(root / "scan.h5"), "--chunk", "16"])
+    all_labels_to_hdf.main([*_labels_argv(root), "--out_train", str(root / "labels_train.h5"), "--out_valid", str(root / "labels_valid.h5")])
+    with h5py.File(root / "scroll" / "ground_truth.h5") as truth, h5py.File(root / "predictions.h5", "w") as file:
+        ink = truth[volume.GROUND_TRUTH][:]
+        volume.create_volume(file, volume.PREDICTIONS, ink.shape, np.uint8, chunk=16)[:] = np.where(ink > 0, 255, 0)
+    return root
+
+
+def _labels_argv(root):
+    return ["--ppm_dir", str(root / "scroll" / "paths"), "--labels_dir", str(root / "scroll" / "labels"),
+            "--volume", str(root / "scan.h5"), "--band", "4", "--chunk", "16"]
+
+
+FULL_DISK = {  # stage script, bytes a file may grow to, arguments (root: the pipeline, out: a fresh folder), output
+    "all_labels_to_hdf": ("all_labels_to_hdf.py", 60_000, lambda root, out: [*_labels_argv(root), "--out_train", str(out / "t.h5"),
+                                                                            "--out_valid", str(out / "v.h5")], "t.h5"),
+    "pred_find_coords": ("pred_find_coords.py", 60, lambda root, out: ["--labels", str(root / "labels_train.h5"),
+                                                                       "--out", str(out / "c.npy"), "--block", "4"], "c.npy"),
+    "flatten_3d --layers": ("flatten_3d.py", 20_000, lambda root, out: ["--predictions", str(root / "scan.h5"), "--dataset", "scan_volume",
+                                                                        "--ppm_dir", str(root / "scroll" / "paths"), "--out_dir", str(out),
+                                                                        "--layers", "true"], "*.png"),
+    "connected_components_explore": ("connected_components_explore.py", 2_000, lambda root, out: [
+        "--predictions", str(root / "predictions.h5"), "--volume", str(root / "scan.h5"), "--out_dir", str(out), "--block", "16"], "blobs.csv"),
+    "export_slices jpg": ("export_slices.py", 300, lambda root, out: ["--volume", str(root / "predictions.h5"), "--out_dir", str(out),
+                                                                        "--format", "jpg"], "export.json"),
+    "export_slices tif": ("export_slices.py", 2_000, lambda root, out: ["--volume", str(root / "scan.h5"), "--dataset", "scan_volume",
+                                                                        "--out_dir", str(out)], "export.json"),
+    "score_3d": ("score_3d.py", 100, lambda root, out: ["--predictions", str(root / "predictions.h5"), "--volume", str(root / "scan.h5"),
+                                                        "--ground_truth", str(root / "scroll" / "ground_truth.h5"),
+                                                        "--out", str(out / "s.json")], "s.json"),
+    "make_synthetic_scroll": ("make_synthetic_scroll.py", 20_000, lambda root, out: ["--out_dir", str(out), "--depth", "24"], "scroll.json"),
+}
+
+
+@pytest.mark.parametrize("stage", FULL_DISK)
+def test_a_full_disk_stops_every_stage_with_a_named_error_and_no_output(pipeline, tmp_path, stage):
+    script, file_bytes, argv, output = FULL_DISK[stage]
+    run = run_on_a_full_disk(script, file_bytes, argv(pipeline, tmp_path))
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert re.search(r"^error: .*writing failed \((File too large|\d+ requested and \d+ written)\)", run.stderr, re.MULTILINE), run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert not list(tmp_path.glob(output)) and not list(tmp_path.glob("*.lock"))
+
+
+def test_a_full_disk_in_training_is_named_and_says_how_to_resume(tmp_path):
+    from test_train import _scene
+
+    root = _scene(tmp_path)
+    argv = ["--volume", str(root / "scan.h5"), "--train_labels", str(root / "train.h5"), "--valid_labels", str(root / "valid.h5"),
+            "--train_coords", str(root / "train.npy"), "--valid_coords", str(root / "valid.npy"), "--out_dir", str(tmp_path / "run"),
+            "--patch", "16", "--f_maps", "4", "--num_levels", "2", "--batch_size", "2", "--max_steps", "4", "--valid_blocks", "1",
+            "--valid_every", "2", "--checkpoint_every", "2", "--workers", "0", "--exclusion_radius", "0"]
+    run = run_on_a_full_disk("train.py", 20_000, argv)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert re.search(r"error: .*writing failed \(File too large\); last.pth holds the last checkpoint: free disk space and rerun "
+                     r"with --resume true", run.stderr, re.MULTILINE), run.stderr[-3000:]
