@@ -411,3 +411,76 @@ def test_two_ranks_write_parts_and_merge_into_the_single_run(scan, model_path, t
     with h5py.File(tmp_path / "ranks.h5") as file:
         assert np.array_equal(file[volume.PREDICTIONS][:], single) and file[volume.PREDICTIONS].attrs["complete"]
     assert sorted(p.name for p in tmp_path.glob("ranks.h5*")) == ["ranks.h5", "ranks.h5.config.json"]
+
+
+def test_a_model_failure_is_named_as_such_and_the_output_resumes(scan, model_path, tmp_path, monkeypatch):
+    scan_path, _ = scan
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+    original, calls = inference.WindowPredictor._probabilities, []
+
+    def out_of_memory(self, batch):
+        calls.append(1)
+        if len(calls) == 20:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch)
+
+    monkeypatch.setattr(inference.WindowPredictor, "_probabilities", out_of_memory)
+    with pytest.raises(InputError, match=r"the model failed on block \d+ at .*\(OutOfMemoryError: CUDA out of memory.*\); finished "
+                                         r"blocks are kept: lower --batch_size or --patch, then rerun with --resume true") as error:
+        _infer(scan_path, model_path, tmp_path / "pred.h5")
+    assert not isinstance(error.value, WriteError) and "disk" not in str(error.value)
+    monkeypatch.setattr(inference.WindowPredictor, "_probabilities", original)
+    resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true")
+    assert np.array_equal(resumed, reference) and attrs["complete"]
+
+
+def _created_without_record(path):
+    with h5py.File(path, "w") as file:  # killed after creating the predictions, before recording finished blocks
+        volume.create_volume(file, volume.PREDICTIONS, (40, 35, 52), np.uint8)
+
+
+@pytest.mark.parametrize("make_partial", [lambda path: path.write_bytes(b""), lambda path: path.write_bytes(b"\x89HDF\r\n\x1a\n"),
+                                          _created_without_record])
+def test_a_run_killed_as_it_created_its_file_resumes_from_the_start(scan, model_path, tmp_path, make_partial, capsys):
+    scan_path, _ = scan
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+    make_partial(tmp_path / "pred.h5.partial")
+    resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true")
+    assert np.array_equal(resumed, reference) and attrs["complete"]
+    assert "no block was finished before the interruption; starting it anew" in capsys.readouterr().out
+
+
+def test_a_uint16_hdf5_scan_reads_as_volume_to_hdf_converts_it_and_a_float_scan_is_refused(scan, model_path, tmp_path):
+    scan_path, values = scan
+    wide = (values.astype(np.uint16) * 257 + np.random.default_rng(3).integers(-128, 128, values.shape)).clip(0, 65535).astype(np.uint16)
+    with h5py.File(tmp_path / "wide.h5", "w") as file:
+        volume.create_volume(file, volume.SCAN, wide.shape, np.uint16, chunk=16)[:] = wide
+    file, dataset = volume.open_dataset(tmp_path / "wide.h5", volume.SCAN)
+    with file:
+        assert dataset.dtype == np.uint8 and np.array_equal(dataset[3:9, :, 7:30], volume.UINT16_TO_UINT8[wide[3:9, :, 7:30]])
+    converted, _ = _infer(_scan(tmp_path / "narrow.h5", volume.UINT16_TO_UINT8[wide]), model_path, tmp_path / "a.h5")
+    direct, _ = _infer(tmp_path / "wide.h5", model_path, tmp_path / "b.h5")
+    assert np.array_equal(direct, converted)
+    with h5py.File(tmp_path / "float.h5", "w") as file:
+        volume.create_volume(file, volume.SCAN, values.shape, np.float32, chunk=16)[:] = values / 255
+    with pytest.raises(InputError, match="float.h5: 'scan_volume' holds float32; scans must be uint8 or uint16"):
+        _infer(tmp_path / "float.h5", model_path, tmp_path / "c.h5")
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_ctrl_c_stops_with_one_line_and_the_run_resumes(scan, model_path, tmp_path):
+    scan_path, _ = scan
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--block", "16")
+    argv = ["inference.py", "--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"),
+            "--patch", str(PATCH), "--batch_size", "3", "--block", "16", "--skip_max", "-1", "--channels_last", "false"]
+    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "pred.h5.partial").exists() and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate()
+    if process.returncode == 0:
+        pytest.skip("the run finished before the interrupt reached it")
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.rstrip().splitlines()[-1] == "interrupted: finished work is kept in the .partial output: rerun the same command with --resume true"
+    resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--block", "16", "--resume", "true")
+    assert np.array_equal(resumed, reference) and attrs["complete"]

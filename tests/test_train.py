@@ -469,6 +469,16 @@ def test_resume_refuses_other_data_unless_allowed(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train_coords"] == str(root / "other.npy")
 
 
+def test_resume_refuses_data_files_made_again_under_the_same_name(tmp_path):
+    root = _scene(tmp_path)
+    _train(root, tmp_path / "run", "--max_steps", "2")
+    np.save(root / "train.npy", np.array([[0, 0, 0], [16, 16, 0]], np.int32))  # the coords made again, fewer blocks
+    with pytest.raises(InputError, match="train.npy changed since the run began \\(other size or checksum: made again\\?\\); "
+                                         "pass --allow_new_data true"):
+        _train(root, tmp_path / "run", "--max_steps", "2", "--resume", "true")
+    _train(root, tmp_path / "run", "--max_steps", "2", "--resume", "true", "--allow_new_data", "true")
+
+
 @pytest.mark.parametrize("content, message", [
     (b"\x00\x01garbage", "cannot be read as a checkpoint"),
     ("truncated", "cannot be read as a checkpoint"),
