@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage
-from scipy.signal import find_peaks
 
 from ink3d import volume
 from ink3d.metrics import LEVELS, histogram_quantile
@@ -57,6 +56,8 @@ def air_level(counts: np.ndarray) -> int:
     """The air/papyrus boundary of a uint8 histogram: the lowest level of the valley between its two lowest modes
     (Otsu's threshold where the histogram has fewer than two). Levels 0 and 255 are left out: padding outside a
     scan's field of view and saturated voxels form modes of their own."""
+    from scipy.signal import find_peaks  # here: importing scipy.signal takes most of a second of every stage's start
+
     counts = np.asarray(counts, np.float64).copy()
     counts[0] = counts[-1] = 0
     smooth = ndimage.gaussian_filter1d(counts, AIR_SMOOTHING, mode="constant")
