@@ -89,9 +89,9 @@ def plan_attrs(config, shape, region, normalization: Normalization, weights_sha2
     }
 
 
-def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool) -> h5py.File:
-    """The prediction file, new or (resuming) checked to hold the same plan; with its finished-block record.
-    A file killed as it was created holds nothing finished and is made anew."""
+def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool, scale=(1.0, 1.0, 1.0)) -> h5py.File:
+    """The prediction file, new or (resuming) checked to hold the same plan; with its finished-block record and the
+    scan's voxel size (`scale`). A file killed as it was created holds nothing finished and is made anew."""
     if resume:
         file = open_interrupted(path, lambda f: {volume.PREDICTIONS, volume.FINISHED_BLOCKS, volume.BLOCK_CHECKSUMS} <= set(f))
         if file is None:
@@ -111,6 +111,7 @@ def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool) 
         for key, value in attrs.items():
             dataset.attrs[key] = json.dumps(value) if isinstance(value, list) else value
         dataset.attrs["complete"] = False
+        dataset.attrs[volume.SCALE] = scale
         file.create_dataset(volume.FINISHED_BLOCKS, shape=(block_count,), dtype=np.uint8)
         file.create_dataset(volume.BLOCK_CHECKSUMS, shape=(block_count,), dtype=np.uint32)
         file.flush()  # from here on the file can be reopened to resume
@@ -241,10 +242,10 @@ def predict_blocks(scan, file, blocks, predictor: WindowPredictor, device, bar, 
     return skipped
 
 
-def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict) -> None:
+def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict, scale) -> None:
     """Copy each part file's finished blocks into `out` (rank 0, after every rank finished)."""
     partial = partial_path(out)
-    file = open_output(partial, attrs["volume_shape"], attrs, len(blocks), resume=partial.exists())
+    file = open_output(partial, attrs["volume_shape"], attrs, len(blocks), partial.exists(), scale)
     with output_file(file, partial), writing(partial):
         target, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
         for part in parts:
@@ -314,7 +315,7 @@ def predict(config, out: Path) -> Path:
     if rank == 0:
         warn_if_short_of_space(out, int(np.prod([r.stop - r.start for r in region])))
 
-    file = open_output(part, scan.shape, attrs, len(blocks), resuming)
+    file = open_output(part, scan.shape, attrs, len(blocks), resuming, volume.level_scale(scan))
     with output_file(file, part), scan_file:
         mine = [b for b in blocks if b.index % world == rank]
         if resuming:
@@ -339,7 +340,7 @@ def predict(config, out: Path) -> Path:
     if distributed:
         dist.barrier()
     if world > 1 and rank == 0:
-        merge_parts(out, [out.with_name(f"{out.name}.rank{r}-of-{world}.h5") for r in range(world)], blocks, attrs)
+        merge_parts(out, [out.with_name(f"{out.name}.rank{r}-of-{world}.h5") for r in range(world)], blocks, attrs, volume.level_scale(scan))
     if rank == 0:
         save_config(config, config_path_for(out))
         seconds = time.perf_counter() - started

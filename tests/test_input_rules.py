@@ -111,6 +111,15 @@ def test_level_1_takes_segment_coordinates_to_its_voxels(two_levels, tmp_path):
         images[level] = [cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(float) for path in sorted((tmp_path / f"flat{level}").glob("*_prediction.png"))]
     for full_image, half_image in zip(images[0], images[1]):
         assert np.corrcoef(full_image.ravel(), half_image.ravel())[0, 1] > 0.5  # the same surface at half the resolution (unscaled: < 0.1)
+    _, half = volume.open_dataset(scroll / "volume.zarr", volume.SCAN, level=1)
+    with h5py.File(tmp_path / "half.h5", "w") as file:  # as inference writes a prediction of a level: with its voxel size
+        dataset = volume.create_volume(file, volume.PREDICTIONS, half.shape, np.uint8)
+        dataset[:] = half[:]
+        dataset.attrs[volume.SCALE] = half.scale
+    flatten_3d.main(["--predictions", str(tmp_path / "half.h5"), "--ppm_dir", str(scroll / "paths"), "--out_dir", str(tmp_path / "flat_h5"),
+                     "--band", "0", "--depth_map", "false"])
+    recorded = [cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(float) for path in sorted((tmp_path / "flat_h5").glob("*_prediction.png"))]
+    assert all(np.array_equal(a, b) for a, b in zip(recorded, images[1], strict=True))
 
 
 def test_an_hdf5_scan_refuses_a_level(tmp_path):
