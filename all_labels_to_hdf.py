@@ -227,7 +227,7 @@ def write_label_volume(path: Path, segments: list[Segment], shape, scale_zyx, co
     lines = []
     file, done = _open_output(path, shape, scale_zyx, config, config.update)
     temporary = partial_path(path)
-    with output_file(file, temporary), writing(temporary, resumable=False):
+    with output_file(file, temporary, resumable=False), writing(temporary, resumable=False):
         pixel_columns = ColumnWriter(file, shape, file[volume.INK_SUM].chunks[0], config.band)
         for segment in segments:
             if segment.segment_id in done:

@@ -160,13 +160,13 @@ def explore(config) -> Blobs:
 def _label_and_picture(config, out_dir: Path, scratch_path: Path, predictions, scan, truth, truth_file, roi, level):
     """Label the blobs into a scratch file and draw the pictures: (blobs, shown, in range, pictures, true ink)."""
     scratch = h5py.File(scratch_path, "w")
-    with output_file(scratch, scratch_path):
+    with output_file(scratch, scratch_path, resumable=False), writing(out_dir, resumable=False):
         min_scan = config.min_scan if config.min_scan >= 0 or scan is None else air_level(scan_histogram(scan))
         blobs = label_blocks(predictions, level, config.block, scratch, roi, scan, min_scan)
         if config.keep_labels:
             with atomic_output(out_dir / "blob_labels.h5") as temporary:
                 labels_file = h5py.File(temporary, "w")
-                with output_file(labels_file, temporary):
+                with output_file(labels_file, temporary, resumable=False), writing(out_dir, resumable=False):
                     labels = write_blob_labels(scratch[volume.BLOB_LABELS], blobs.label_to_blob, labels_file, config.block)
                     labels.attrs["roi_origin"] = [s.start for s in roi]
         true_ink = None

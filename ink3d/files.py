@@ -209,7 +209,7 @@ def writing(path: str | Path, resumable: bool = True, advice: str = ""):
 _ABANDONED = []  # HDF5 files whose write failed and that could not be closed: see close_output
 
 
-def close_output(file: h5py.File, failed: bool, path: Path) -> None:
+def close_output(file: h5py.File, failed: bool, path: Path, resumable: bool = True) -> None:
     """Close an output file. After a failed write, closing (or releasing) the file can crash the interpreter in
     HDF5, so such a file is kept open until the process exits (run_main exits without releasing objects after a
     WriteError); everything finished is on disk already."""
@@ -220,14 +220,15 @@ def close_output(file: h5py.File, failed: bool, path: Path) -> None:
         file.close()
     except (OSError, RuntimeError) as error:
         _ABANDONED.append(file)
-        with writing(path):
+        with writing(path, resumable):
             raise error
 
 
 @contextlib.contextmanager
-def output_file(file: h5py.File, path: Path):
+def output_file(file: h5py.File, path: Path, resumable: bool = True):
     """Write into the open HDF5 `file` (at `path`), closing it on the way out (see close_output for a file
-    whose write failed). Writes go inside `writing(path)`: reading and computing errors stay what they are."""
+    whose write failed; `resumable` as for `writing`). Writes go inside `writing(path)`: reading and computing
+    errors stay what they are."""
     failed = False
     try:
         yield file
@@ -235,7 +236,7 @@ def output_file(file: h5py.File, path: Path):
         failed = True
         raise
     finally:
-        close_output(file, failed, path)
+        close_output(file, failed, path, resumable)
 
 
 NEWLY_CREATED_BYTES = 1 << 20  # an output this small that cannot be opened was killed as it was created: nothing finished

@@ -171,6 +171,7 @@ def test_a_full_disk_stops_every_stage_with_a_named_error_and_no_output(pipeline
     assert run.returncode == 2, run.stderr[-3000:]
     assert re.search(r"^error: .*writing failed \((File too large|\d+ requested and \d+ written)\)", run.stderr, re.MULTILINE), run.stderr[-3000:]
     assert "Traceback" not in run.stderr
+    assert "--resume" not in run.stderr  # these stages start again from nothing
     assert not list(tmp_path.glob(output)) and not list(tmp_path.glob("*.lock"))
 
 
