@@ -49,6 +49,7 @@ from ink3d.files import (checksum, finish_output, open_interrupted, output_file,
                          warn_if_short_of_space, writing)
 from ink3d.sliding_window import WindowPredictor, plan_blocks, to_uint8
 from ink3d.intensity import Normalization
+from ink3d.prediction_store import PredictionStore, chunk_for, is_store
 from models import model_from_checkpoint, read_checkpoint, weights_digest
 from models.speed import autocast_dtype, prepare_model, resolve_device, switch
 
@@ -56,7 +57,7 @@ from models.speed import autocast_dtype, prepare_model, resolve_device, switch
 VOLUME = "runs/demo/scan.h5"  # scan volume (dataset scan_volume)
 LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 CHECKPOINT = "runs/demo/train/best.pth"  # train.py checkpoint or the published model.-prefixed state_dict
-OUT = "runs/demo/predictions.h5"  # prediction volume (dataset predictions, uint8, the scan's shape)
+OUT = "runs/demo/predictions.h5"  # prediction volume (uint8, the scan's shape): HDF5 (dataset predictions), or an OME-Zarr store when it ends in .zarr
 ROI = ""  # z0:z1,y0:y1,x0:x1 to predict; empty = the whole volume
 PATCH = 128  # window edge in voxels
 OVERLAP = 0.5  # window overlap fraction: stride = patch * (1 - overlap)
@@ -71,19 +72,23 @@ CHANNELS_LAST = "auto"  # channels_last_3d memory format: auto (on the CPU, wher
 COMPILE = "auto"  # torch.compile the model: auto (on CUDA: a minute's compile, then ~3.6x the eager speed), true, false
 TRUST_CHECKPOINT = False  # allow a checkpoint with pickled Python objects (only for files you trust)
 WEIGHTS = "ema"  # ema: the checkpoint's moving average of the weights where it has one; raw: the trained weights
+PARTS = 1  # OME-Zarr output (--out X.zarr): the number of independent workers sharing the work (a shell loop, a SLURM array, torchrun)
+PART = 0  # ... and which of them this is (0 .. parts - 1): it runs every parts-th macro-block
+FINALIZE = False  # OME-Zarr output: only build the lower levels and mark the store complete (once every part is done)
+VOXEL_SIZE = 0.0  # OME-Zarr output: voxel size in micrometres for the viewers; 0 = the scan's OME-Zarr metadata (1, no unit, without)
 RESUME = False  # complete an interrupted run into the same output
 OVERWRITE = False  # replace an existing output
 
 
 # what a resumed run must share with the interrupted one: the windows, their blending and the model
-PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "skip_max", "tta", "weights", "weights_sha256",
-             "normalization")
+PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "block_grid", "skip_max", "tta", "weights",
+             "weights_sha256", "normalization")
 
 
 def plan_attrs(config, shape, region, normalization: Normalization, weights_sha256: str) -> dict:
     return {
         "volume_shape": list(shape), "roi": [[s.start, s.stop] for s in region], "patch": config.patch,
-        "overlap": config.overlap, "blend": config.blend, "block": config.block, "skip_max": config.skip_max,
+        "overlap": config.overlap, "blend": config.blend, "block": config.block, "block_grid": "volume", "skip_max": config.skip_max,
         "tta": config.tta, "checkpoint": str(Path(config.checkpoint).resolve()), "weights": config.weights,
         "weights_sha256": weights_sha256, "normalization": normalization.to_config(),
     }
@@ -144,20 +149,28 @@ def _reader(scan, blocks, pin: bool, out_queue: queue.Queue, stop: threading.Eve
     out_queue.put(None)
 
 
-def _writer(dataset, finished, checksums, in_queue: queue.Queue, errors: list):
+def _writer(write, in_queue: queue.Queue, errors: list):
     while (item := in_queue.get()) is not None:
         if errors:
             continue
-        block, values = item
         try:
-            with writing(dataset.file.filename):
-                dataset[block.output] = values
-                dataset.file.flush()  # the data first: a block is recorded finished only once its bytes are saved
-                checksums[block.index] = checksum(values)
-                finished[block.index] = 1
-                dataset.file.flush()
+            write(*item)
         except BaseException as error:
             errors.append(error)
+
+
+def hdf5_writer(file: h5py.File):
+    """Write a block into a prediction file: its data flushed first, then recorded finished with its checksum."""
+    dataset, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
+
+    def write(block, values):
+        with writing(file.filename):
+            dataset[block.output] = values
+            file.flush()  # the data first: a block is recorded finished only once its bytes are saved
+            checksums[block.index] = checksum(values)
+            finished[block.index] = 1
+            file.flush()
+    return write
 
 
 @contextlib.contextmanager
@@ -188,14 +201,13 @@ class Timing:
                 f"{self.write_wait:.1f} s for writing")
 
 
-def predict_blocks(scan, file, blocks, predictor: WindowPredictor, device, bar, timing: Timing) -> int:
-    """Predict `blocks` into the prediction `file`, reading ahead and writing behind; returns windows skipped.
-    `timing` gathers how long the model waited for I/O."""
-    dataset, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
+def predict_blocks(scan, write, blocks, predictor: WindowPredictor, device, bar, timing: Timing) -> int:
+    """Predict `blocks`, reading ahead and handing each block's uint8 values to `write(block, values)` on a writer
+    thread; returns windows skipped. `timing` gathers how long the model waited for I/O."""
     read_queue, write_queue = queue.Queue(maxsize=2), queue.Queue(maxsize=2)
     stop, write_errors = threading.Event(), []
     reader = threading.Thread(target=_reader, args=(scan, blocks, device.type == "cuda", read_queue, stop), daemon=True)
-    writer = threading.Thread(target=_writer, args=(dataset, finished, checksums, write_queue, write_errors), daemon=True)
+    writer = threading.Thread(target=_writer, args=(write, write_queue, write_errors), daemon=True)
     reader.start()
     writer.start()
     skipped = windows = 0
@@ -271,32 +283,36 @@ def main(argv=None):
     config = parse_config(globals(), argv)
     out = Path(config.out)
     rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    if is_store(out):
+        parts, part = (world, rank) if world > 1 else (config.parts, config.part)
+        if part >= parts:
+            raise InputError(f"--part {part}: must be below --parts {parts} (parts are numbered 0..{parts - 1})")
+        with output_lock(out.with_name(f"{out.name}.part{part}-of-{parts}")):
+            return predict_into_store(config, out, parts, part)
+    if config.parts > 1 or config.finalize:
+        raise InputError(f"{out}: --parts and --finalize write an OME-Zarr store; give --out a name ending in .zarr")
     mine = out if world == 1 else out.with_name(f"{out.name}.rank{rank}-of-{world}.h5")
     with output_lock(*([mine] if rank else [out, mine] if world > 1 else [out])):
         return predict(config, out)
 
 
-def predict(config, out: Path) -> Path:
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = resolve_device(config.device)
-    if device.type == "cuda" and distributed:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
+@dataclass
+class Run:
+    """What every form of output shares: the scan, the region's blocks, the plan and the model around its windows."""
+
+    scan_file: object
+    scan: object
+    region: tuple
+    blocks: list
+    attrs: dict
+    predictor: WindowPredictor
+    device: torch.device
+
+
+def prepare(config, device: torch.device) -> Run:
     stride = int(config.patch * (1 - config.overlap))
     if not 0 < stride <= config.patch or config.block % stride:
         raise InputError(f"--overlap {config.overlap} gives stride {stride}; it must be in 1..patch and divide --block {config.block}")
-    target = resumable_output(out, config.overwrite, config.resume)
-    if target is None:
-        print(f"{out} is complete; nothing to resume (--overwrite true redoes it)")
-        return out
-    part = target[0] if world == 1 else out.with_name(f"{out.name}.rank{rank}-of-{world}.h5")
-    if world > 1 and part.exists() and not (config.resume or config.overwrite):
-        raise InputError(f"{part} exists (an interrupted run?); pass --resume true to complete it or --overwrite true")
-    resuming = config.resume and not config.overwrite and part.exists()
-
     scan_file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
     region = volume.parse_roi(config.roi, scan.shape)
     blocks = plan_blocks(region, tuple(slice(0, size) for size in scan.shape), config.patch, stride, config.block)
@@ -312,12 +328,116 @@ def predict(config, out: Path) -> Path:
     predictor = WindowPredictor(model, config.patch, config.blend, config.batch_size, device,
                                 autocast_dtype(device, config.amp), channels_last, config.skip_max, config.tta,
                                 normalization, stride)
-    if rank == 0:
-        warn_if_short_of_space(out, int(np.prod([r.stop - r.start for r in region])))
+    return Run(scan_file, scan, region, blocks, attrs, predictor, device)
 
-    file = open_output(part, scan.shape, attrs, len(blocks), resuming, volume.level_scale(scan))
-    with output_file(file, part), scan_file:
-        mine = [b for b in blocks if b.index % world == rank]
+
+def run_blocks(run: Run, write, todo, total_voxels: int, show: bool) -> tuple[int, Timing]:
+    """Predict the blocks `todo` through `write`, with a progress bar over `total_voxels`; (windows skipped, timing)."""
+    timing = Timing()
+    remaining = sum(int(np.prod([s.stop - s.start for s in b.output])) for b in todo)
+    with tqdm(total=total_voxels, initial=total_voxels - remaining, unit="vox", unit_scale=True, desc="inference", disable=not show) as bar:
+        skipped = predict_blocks(run.scan, write, todo, run.predictor, run.device, bar, timing)
+    return skipped, timing
+
+
+def report(todo, skipped: int, timing: Timing, started: float, out: Path) -> None:
+    windows = sum(len(b.windows) for b in todo)
+    print(f"{len(todo)} blocks, {windows} windows ({skipped} skipped as air) in {time.perf_counter() - started:.1f} s -> {out}")
+    print(timing.line())
+
+
+def predict_into_store(config, out: Path, parts: int, part: int) -> Path:
+    """Worker `part` of `parts`: predict every parts-th block into the OME-Zarr store `out`, then finalize it when
+    every block is recorded (or `--finalize true` asks)."""
+    device = resolve_device(config.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if config.overwrite and parts > 1:
+        raise InputError("--overwrite true with --parts: one worker would delete the others' work; remove the store, then start them")
+    run = prepare(config, device)
+    started = time.perf_counter()
+    with run.scan_file:
+        chunk = chunk_for(config.block)
+        voxel_size, unit = ([config.voxel_size] * 3, "micrometer") if config.voxel_size else store_voxel_size(run.scan)
+        plan = {key: run.attrs[key] for key in PLAN_KEYS}  # workers may name the same weights by other paths
+        store = PredictionStore.open(out, run.scan.shape, plan, chunk, voxel_size, unit, config.overwrite)
+        if store.complete():
+            print(f"{out} is complete; nothing to do (--overwrite true redoes it)")
+            return out
+        mine = [b for b in run.blocks if b.index % parts == part]
+        recorded = set(store.finished())
+        if recorded & {b.index for b in mine} and not config.resume:
+            raise InputError(f"{out}: part {part} of {parts} has finished blocks already; --resume true continues it")
+        with writing(out, advice="free disk space and start this worker again with --resume true"):
+            intact, damaged = store.verify(mine) if config.resume else ([], 0)
+        if intact or damaged:
+            print(f"resuming part {part} of {parts}: {len(intact)} finished blocks verified" + (f", {damaged} damaged ones redone" if damaged else ""))
+        todo = [b for b in mine if b.index not in set(intact)] if not config.finalize else []
+
+        def write(block, values):
+            with writing(out, advice="what was finished is kept: free disk space and start this worker again with --resume true"):
+                store.write_block(block, values)
+
+        skipped, timing = run_blocks(run, write, todo, sum(int(np.prod([s.stop - s.start for s in b.output])) for b in mine), part == 0)
+    missing = len(run.blocks) - len(store.finished())
+    if missing and config.finalize:
+        raise InputError(f"{out}: {missing} blocks are not finished yet; run the parts that hold them (with --resume true), then finalize")
+    if not missing:
+        finalize(store, out)
+    else:
+        print(f"part {part} of {parts} done; {missing} blocks of other parts to go before {out} is complete")
+    save_config(config, config_path_for(out.with_name(f"{out.name}.part{part}-of-{parts}")))
+    report(todo, skipped, timing, started, out)
+    return out
+
+
+def finalize(store: PredictionStore, out: Path) -> None:
+    """Build the lower levels and mark the store complete, unless another worker is doing it."""
+    try:
+        with output_lock(out.with_name(f"{out.name}.finalize")):
+            if store.complete():
+                return
+            with writing(out, advice="free disk space and run any worker again with --finalize true"):
+                levels = store.finalize()
+            print(f"{out}: every block finished; {levels} levels written, complete")
+    except InputError as error:
+        if "being written by another run" not in str(error):
+            raise
+        print(f"{out}: another worker is finalizing it")
+
+
+def store_voxel_size(scan) -> tuple[list[float], str]:
+    """The zyx voxel size (and its unit) the scan's OME-Zarr metadata gives its level, or 1 without a unit."""
+    metadata = getattr(scan, "voxel_size", None)
+    return (list(metadata[0]), metadata[1]) if metadata else ([1.0, 1.0, 1.0], "")
+
+
+def predict(config, out: Path) -> Path:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = resolve_device(config.device)
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    target = resumable_output(out, config.overwrite, config.resume)
+    if target is None:
+        print(f"{out} is complete; nothing to resume (--overwrite true redoes it)")
+        return out
+    part = target[0] if world == 1 else out.with_name(f"{out.name}.rank{rank}-of-{world}.h5")
+    if world > 1 and part.exists() and not (config.resume or config.overwrite):
+        raise InputError(f"{part} exists (an interrupted run?); pass --resume true to complete it or --overwrite true")
+    resuming = config.resume and not config.overwrite and part.exists()
+    run = prepare(config, device)
+    if rank == 0:
+        warn_if_short_of_space(out, int(np.prod([r.stop - r.start for r in run.region])))
+
+    file = open_output(part, run.scan.shape, run.attrs, len(run.blocks), resuming, volume.level_scale(run.scan))
+    started = time.perf_counter()
+    with output_file(file, part), run.scan_file:
+        mine = [b for b in run.blocks if b.index % world == rank]
         if resuming:
             with writing(part):
                 verified, damaged = verify_blocks(file, mine)
@@ -325,12 +445,8 @@ def predict(config, out: Path) -> Path:
                 print(f"resuming: {verified} finished blocks verified" + (f", {damaged} damaged ones redone" if damaged else ""))
         done = file[volume.FINISHED_BLOCKS][:]
         todo = [b for b in mine if not done[b.index]]
-        voxels = {b.index: int(np.prod([s.stop - s.start for s in b.output])) for b in mine}
-        started, timing = time.perf_counter(), Timing()
-        with tqdm(total=sum(voxels.values()), initial=sum(voxels.values()) - sum(voxels[b.index] for b in todo),
-                  unit="vox", unit_scale=True, desc="inference", disable=rank != 0) as bar:
-            skipped = predict_blocks(scan, file, todo, predictor, device, bar, timing)
-        windows = sum(len(b.windows) for b in todo)
+        skipped, timing = run_blocks(run, hdf5_writer(file), todo, sum(int(np.prod([s.stop - s.start for s in b.output])) for b in mine),
+                                     rank == 0)
         if world == 1:
             with writing(part):
                 file[volume.PREDICTIONS].attrs["complete"] = True
@@ -340,12 +456,11 @@ def predict(config, out: Path) -> Path:
     if distributed:
         dist.barrier()
     if world > 1 and rank == 0:
-        merge_parts(out, [out.with_name(f"{out.name}.rank{r}-of-{world}.h5") for r in range(world)], blocks, attrs, volume.level_scale(scan))
+        merge_parts(out, [out.with_name(f"{out.name}.rank{r}-of-{world}.h5") for r in range(world)], run.blocks, run.attrs,
+                    volume.level_scale(run.scan))
     if rank == 0:
         save_config(config, config_path_for(out))
-        seconds = time.perf_counter() - started
-        print(f"{len(todo)} blocks, {windows} windows ({skipped} skipped as air) in {seconds:.1f} s -> {out}")
-        print(timing.line())
+        report(todo, skipped, timing, started, out)
     if distributed:
         dist.destroy_process_group()
     return out

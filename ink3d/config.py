@@ -70,11 +70,11 @@ FRACTION = Bounds(0, 1, high_open=True)
 LIMITS = {
     **dict.fromkeys(("batch_size", "chunk", "patch", "f_maps", "num_levels", "num_groups", "max_steps", "max_tries",
                      "valid_blocks", "valid_every", "log_every", "checkpoint_every", "workers", "window_sample_slices", "tile",
-                     "tile_pixels", "cache_mb", "view_size", "max_views", "largest_blobs", "line_height", "depth",
+                     "tile_pixels", "cache_mb", "view_size", "max_views", "largest_blobs", "line_height", "depth", "parts",
                      "height", "width", "max_size", "band", "block", "pool_sharpness", "max_columns"), POSITIVE),
     **dict.fromkeys(("lr", "train.py:block", "warmup_steps", "min_labeled", "margin", "min_size", "exclusion_radius", "grad_clip",
                      "dice_weight", "background_weight", "weight_decay", "ink_thickness", "surface_jitter", "column_weight", "face_depth",
-                     "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "level", "tifxyz_step", "flatten_3d.py:band"), NON_NEGATIVE),
+                     "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "level", "tifxyz_step", "flatten_3d.py:band", "part", "voxel_size"), NON_NEGATIVE),
     **dict.fromkeys(("overlap", "label_smoothing", "ema_decay"), FRACTION),
     "threshold": Bounds(0, 1),
     "depth_threshold": Bounds(0, 1),

@@ -52,7 +52,9 @@ class Block:
 
 
 def plan_blocks(region, context, patch: int, stride: int, block: int) -> list[Block]:
-    """Output macro-blocks of `block` voxels tiling `region`, windows on the grid of `context`.
+    """Output macro-blocks tiling `region`: the cells of a grid of `block` voxels from the volume's origin, cut to
+    the region (so that a volume's chunks, when `block` is a multiple of them, each lie in one block), with
+    windows on the grid of `context`.
 
     `region` and `context` are zyx slices; `context` contains `region` and is where windows may
     read (the region plus real surrounding volume).
@@ -61,8 +63,8 @@ def plan_blocks(region, context, patch: int, stride: int, block: int) -> list[Bl
     per_axis = []
     for r, axis_starts in zip(region, starts):
         pieces = []
-        for a in range(r.start, r.stop, block):
-            b = min(a + block, r.stop)
+        for a in [r.start, *range((r.start // block + 1) * block, r.stop, block)]:
+            b = min((a // block + 1) * block, r.stop)
             touching = [s for s in axis_starts if s < b and s + patch > a]
             pieces.append((slice(a, b), touching))
         per_axis.append(pieces)

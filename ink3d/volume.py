@@ -36,6 +36,7 @@ BLOCK_CHECKSUMS = "block_checksums"  # prediction file: CRC-32 of each finished 
 os.environ.setdefault("BLOSC_NTHREADS", str(os.cpu_count() or 1))
 
 AXES = "zyx"
+PIPELINE_ATTRS = "ink3d"  # zarr group attribute of a prediction store this pipeline writes: its plan, complete
 SCALE = "scale"  # attribute: the zyx voxel size in voxels of full resolution of a volume made from an OME-Zarr level
 UINT16_TO_UINT8 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)  # round(v * 255 / 65535)
 DEFAULT_CHUNK = 128
@@ -144,6 +145,7 @@ class Uint8View:
         self.dtype = np.dtype(np.uint8)
         self.attrs = {"axes": AXES}
         self.scale = np.asarray(scale, dtype=np.float64)
+        self.voxel_size = None  # (zyx size, unit) where OME-Zarr metadata gives it
         self._lut = None if array.dtype == np.uint8 else UINT16_TO_UINT8
 
     def __getitem__(self, key) -> np.ndarray:
@@ -156,12 +158,13 @@ class Uint8View:
 
 class ZarrVolume(Uint8View):
     """A zarr array as a uint8 volume that counts the chunks its reads found absent from a local store (they read
-    as 0: written empty, or never downloaded); the first is warned of, the count reported when the process ends."""
+    as 0: written empty, or never downloaded); the first is warned of, the count reported when the process ends.
+    A prediction store of this pipeline leaves all-zero chunks unwritten: its absent chunks are not counted."""
 
-    def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0)):
+    def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0), count_absent: bool = True):
         super().__init__(array, where, scale)
         root = getattr(array.store, "root", None)
-        self._folder = None if root is None else Path(root) / array.path
+        self._folder = None if root is None or not count_absent else Path(root) / array.path
         self._grid = tuple(-(-size // chunk) for size, chunk in zip(self.shape, self.chunks))
         self._seen, self.absent = set(), 0
 
@@ -201,7 +204,7 @@ def open_zarr(path: Path, level: int = 0) -> ZarrVolume:
     except Exception as error:  # zarr reports a missing or malformed store in several ways
         raise InputError(f"{path}: cannot open as zarr ({type(error).__name__}: {error})") from None
     where = str(path)
-    axes, scale = None, (1.0, 1.0, 1.0)
+    axes, scale, sparse, voxel_size = None, (1.0, 1.0, 1.0), False, None
     if isinstance(node, zarr.Group):
         attrs = node.attrs.asdict()
         multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")  # OME-Zarr 0.5 / 0.4
@@ -211,8 +214,14 @@ def open_zarr(path: Path, level: int = 0) -> ZarrVolume:
         datasets = multiscales[0].get("datasets", [])
         if not 0 <= level < len(datasets):
             raise InputError(f"{path}: --level {level}: the multiscale has levels 0..{len(datasets) - 1}")
+        sparse = PIPELINE_ATTRS in attrs  # a prediction store leaves its all-zero chunks unwritten
+        if not attrs.get(PIPELINE_ATTRS, {}).get("complete", True):
+            raise InputError(f"{path}: its predictions are not complete (workers still running, interrupted, or not "
+                             "finalized); finish them with --resume true, or --finalize true once every part is done")
         axes = [axis["name"] if isinstance(axis, dict) else axis for axis in multiscales[0].get("axes", [])]
         scale = np.asarray(_scale_of(datasets[level], level)) / np.asarray(_scale_of(datasets[0], 0))
+        units = {axis.get("unit", "") for axis in multiscales[0].get("axes", []) if isinstance(axis, dict)}
+        voxel_size = (_scale_of(datasets[level], level), units.pop() if len(units) == 1 else "")
         where = f"{path} level {level} ({datasets[level]['path']})"
         try:
             node = node[datasets[level]["path"]]
@@ -226,7 +235,9 @@ def open_zarr(path: Path, level: int = 0) -> ZarrVolume:
         raise InputError(f"{where}: shape {node.shape}, expected 3 axes (z, y, x)")
     if node.dtype not in (np.uint8, np.uint16):
         raise InputError(f"{where}: dtype {node.dtype}; volumes must be uint8 or uint16")
-    return ZarrVolume(node, where, scale)
+    opened = ZarrVolume(node, where, scale, count_absent=not sparse)
+    opened.voxel_size = voxel_size
+    return opened
 
 
 def _scale_of(dataset: dict, level: int) -> list[float]:

@@ -1,0 +1,124 @@
+"""Predictions as an OME-Zarr store written by independent workers: equal to the HDF5 run, resumable per part,
+refused while incomplete, read by every stage."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import export_slices
+import inference
+import volume_to_hdf
+from ink3d import InputError, volume
+from models import UNet3D, save_checkpoint
+from test_reliability import another_run_writing
+
+SHAPE = (40, 35, 52)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    values = np.random.default_rng(0).integers(0, 256, SHAPE).astype(np.uint8)
+    values[:, :, :40] = 0  # air: windows there are skipped, the chunks only they reach stay unwritten
+    with h5py.File(root / "scan.h5", "w") as file:
+        volume.create_volume(file, volume.SCAN, SHAPE, np.uint8, chunk=16)[:] = values
+    torch.manual_seed(0)
+    model = UNet3D(f_maps=4, num_levels=2)
+    save_checkpoint(root / "model.pth", model, model.args, {}, step=0)
+    argv = ["--volume", str(root / "scan.h5"), "--checkpoint", str(root / "model.pth"), "--patch", "16", "--batch_size", "3",
+            "--block", "16", "--skip_max", "0"]
+    inference.main([*argv, "--out", str(root / "reference.h5")])
+    with h5py.File(root / "reference.h5") as file:
+        reference = file[volume.PREDICTIONS][:]
+    return root, argv, reference
+
+
+def _worker(setup, out, part, parts=3, *extra):
+    root, argv, _ = setup
+    return inference.main([*argv, "--out", str(out), "--parts", str(parts), "--part", str(part), *extra])
+
+
+def test_independent_workers_write_the_whole_run_in_place(setup, tmp_path):
+    _, _, reference = setup
+    out = tmp_path / "pred.zarr"
+    for part in (2, 0):
+        _worker(setup, out, part)
+        with pytest.raises(InputError, match="pred.zarr: its predictions are not complete"):
+            volume.open_dataset(out, volume.PREDICTIONS)
+    _worker(setup, out, 1)  # the last part to finish finalizes
+    _, predictions = volume.open_dataset(out, volume.PREDICTIONS)
+    assert np.array_equal(predictions[:], reference)
+    group = zarr.open_group(str(out), mode="r")
+    assert group["0"].metadata.zarr_format == 2 and group.attrs["multiscales"][0]["version"] == "0.4"
+    assert [d["path"] for d in group.attrs["multiscales"][0]["datasets"]] == ["0", "1", "2"]  # down to one chunk (16)
+    level1 = group["1"][:]
+    padded = np.pad(reference.astype(np.float32), [(0, 2 * n - s) for n, s in zip(level1.shape, SHAPE)], mode="edge")
+    assert np.array_equal(level1, np.rint(padded.reshape(20, 2, 18, 2, 26, 2).mean(axis=(1, 3, 5))))
+    chunks = {path.relative_to(out / "0").as_posix() for path in (out / "0").rglob("*") if path.is_file() and not path.name.startswith(".")}
+    assert "0/0/0" not in chunks and "0/0/1" not in chunks and "0/0/2" in chunks  # all-zero (air) chunks are not written
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["slices"], meta["height"], meta["width"], meta["format"]) == (*SHAPE, "zarr")
+
+
+def test_a_killed_worker_resumes_its_part_and_damaged_chunks_are_redone(setup, tmp_path, monkeypatch):
+    _, _, reference = setup
+    out = tmp_path / "pred.zarr"
+    original, calls = inference.WindowPredictor.predict, []
+
+    def killed(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(inference.WindowPredictor, "predict", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _worker(setup, out, 0, 2)
+    monkeypatch.setattr(inference.WindowPredictor, "predict", original)
+    with pytest.raises(InputError, match="part 0 of 2 has finished blocks already; --resume true continues it"):
+        _worker(setup, out, 0, 2)
+    _worker(setup, out, 1, 2)
+    chunk = out / "0" / "0" / "0" / "2"
+    chunk.write_bytes(chunk.read_bytes()[:-7] + bytes(7))  # a finished block's chunk damaged
+    _worker(setup, out, 0, 2, "--resume", "true")
+    _worker(setup, out, 1, 2, "--resume", "true")
+    _, predictions = volume.open_dataset(out, volume.PREDICTIONS)
+    assert np.array_equal(predictions[:], reference)
+
+
+def test_two_processes_on_one_part_are_refused(setup, tmp_path):
+    out = tmp_path / "pred.zarr"
+    with another_run_writing(tmp_path / "pred.zarr.part1-of-3"):
+        with pytest.raises(InputError, match="pred.zarr.part1-of-3 is being written by another run"):
+            _worker(setup, out, 1)
+    assert not out.exists()
+
+
+def test_finalize_waits_for_every_part_and_the_store_converts_back(setup, tmp_path):
+    _, _, reference = setup
+    out = tmp_path / "pred.zarr"
+    _worker(setup, out, 0, 2)
+    with pytest.raises(InputError, match="blocks are not finished yet; run the parts that hold them"):
+        _worker(setup, out, 1, 2, "--finalize", "true")
+    _worker(setup, out, 1, 2)
+    volume_to_hdf.main(["--zarr", str(out), "--out", str(tmp_path / "back.h5")])
+    with h5py.File(tmp_path / "back.h5") as file:
+        assert np.array_equal(file[volume.SCAN][:], reference)
+    export_slices.main(["--volume", str(out), "--out_dir", str(tmp_path / "slices"), "--roi", "3:5,:,:"])
+    assert sorted(path.name for path in (tmp_path / "slices").glob("*.tif")) == ["00003.tif", "00004.tif"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "p.h5", "--parts", "2"], "p.h5: --parts and --finalize write an OME-Zarr store; give --out a name ending in .zarr"),
+    (["--out", "p.zarr", "--parts", "2", "--part", "2"], "--part 2: must be below --parts 2"),
+    (["--out", "p.zarr", "--parts", "2", "--overwrite", "true"], "--overwrite true with --parts: one worker would delete the others' work"),
+])
+def test_part_settings_are_checked(setup, tmp_path, monkeypatch, flags, message):
+    root, argv, _ = setup
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=message):
+        inference.main([*argv, *flags])
