@@ -2,6 +2,10 @@
 refused while incomplete, read by every stage."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import h5py
 import numpy as np
@@ -13,6 +17,7 @@ import export_slices
 import inference
 import volume_to_hdf
 from ink3d import InputError, volume
+from conftest import ROOT
 from models import UNet3D, save_checkpoint
 from test_reliability import another_run_writing
 
@@ -122,3 +127,55 @@ def test_part_settings_are_checked(setup, tmp_path, monkeypatch, flags, message)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match=message):
         inference.main([*argv, *flags])
+
+
+def _chunks(store):
+    """Every chunk file of every level: relative path -> bytes (a chunk's temporary file, left by a worker killed as it
+    wrote it, is no chunk: zarr never reads it)."""
+    return {path.relative_to(store).as_posix(): path.read_bytes() for level in ("0", "1", "2")
+            for path in (store / level).rglob("*") if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".partial")}
+
+
+def test_three_worker_processes_write_every_chunk_as_one_process_does(setup, tmp_path):
+    root, argv, _ = setup
+    one = tmp_path / "one.zarr"
+    inference.main([*argv, "--out", str(one)])
+    three = tmp_path / "three.zarr"
+    workers = [subprocess.Popen([sys.executable, "inference.py", *argv, "--out", str(three), "--parts", "3", "--part", str(part)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for part in range(3)]
+    for worker in workers:
+        _, stderr = worker.communicate()
+        assert worker.returncode == 0, stderr[-2000:]
+    assert _chunks(three) == _chunks(one) and len(_chunks(one)) > 10
+    assert zarr.open_group(str(three), mode="r").attrs["ink3d"]["complete"]
+
+
+def test_kill_9_of_a_worker_then_resume_is_identical(setup, tmp_path):
+    root, argv, _ = setup
+    one = tmp_path / "one.zarr"
+    inference.main([*argv, "--out", str(one)])
+    out = tmp_path / "pred.zarr"
+    worker = [sys.executable, "inference.py", *argv, "--out", str(out), "--parts", "2"]
+    for delay in (0.0, 0.4):  # as the store is created, then among the blocks
+        process = subprocess.Popen([*worker, "--part", "0", "--resume", "true"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (out / "progress").exists() and process.poll() is None:
+            time.sleep(0.005)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    for part in (0, 1):
+        inference.main([*argv, "--out", str(out), "--parts", "2", "--part", str(part), "--resume", "true"])
+    assert _chunks(out) == _chunks(one)
+
+
+def test_the_metadata_opens_with_ome_zarr_py(setup, tmp_path):
+    reader = pytest.importorskip("ome_zarr.reader", reason="ome-zarr-py is the reference OME-Zarr reader (pip install ome-zarr)")
+    from ome_zarr.io import parse_url
+
+    root, argv, _ = setup
+    inference.main([*argv, "--out", str(tmp_path / "pred.zarr"), "--voxel_size", "7.91"])
+    image = next(iter(reader.Reader(parse_url(str(tmp_path / "pred.zarr")))()))
+    assert [axis["name"] for axis in image.metadata["axes"]] == ["z", "y", "x"]
+    assert {axis["unit"] for axis in image.metadata["axes"]} == {"micrometer"}
+    assert [t[0]["scale"] for t in image.metadata["coordinateTransformations"]] == [[7.91] * 3, [15.82] * 3, [31.64] * 3]
+    assert [level.shape for level in image.data] == [SHAPE, (20, 18, 26), (10, 9, 13)]
