@@ -44,6 +44,7 @@ import volume_to_hdf
 from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main
 from ink3d.files import output_lock, partial_path, write_image
+from ink3d.prediction_store import is_store
 from ink3d.metrics import best_fbeta
 
 # --- config ---
@@ -60,6 +61,7 @@ BATCH_SIZE = 2  # training batch
 DEVICE = "auto"  # auto (cuda if present) or cpu
 SUMMARY_COPY = ""  # also copy summary.png here (e.g. docs/summary.png)
 VOLUME_FORM = "tiff"  # tiff: the TIFF slices converted by volume_to_hdf; ome-zarr: the scroll's OME-Zarr read by every stage
+PREDICTION_FORM = "hdf5"  # hdf5: predictions.h5; ome-zarr: predictions.zarr, an OME-Zarr store (as viewers open it) read by every later stage
 SEGMENT_FORM = "ppm"  # ppm, or tifxyz: segments as tifxyz grids of one vertex per 4 pixels, interpolated
 INK_THICKNESS = 3.0  # synthetic scroll: voxels of the ink layer
 SURFACE_OFFSET = 1.5  # synthetic scroll: the segments' height above the papyrus face
@@ -100,6 +102,8 @@ class Stages:
 def _complete(path: Path, dataset: str) -> bool:
     if not path.exists():
         return False
+    if is_store(path):
+        return bool(json.loads((path / ".zattrs").read_text())[volume.PIPELINE_ATTRS]["complete"])
     with h5py.File(path, "r") as file:
         return dataset in file and bool(file[dataset].attrs.get("complete", False))
 
@@ -191,13 +195,16 @@ def main(argv=None):
 def run_demo(config):
     out = Path(config.out_dir)
     scroll, scan, flat, blobs = out / "scroll", out / "scan.h5", out / "flat", out / "blobs"
-    train_dir, predictions = out / "train", out / "predictions.h5"
+    train_dir = out / "train"
+    predictions = out / ("predictions.zarr" if config.prediction_form == "ome-zarr" else "predictions.h5")
     if config.fresh:  # only what the demo itself makes, in case out_dir holds anything else
-        for path in (scroll, scan, flat, blobs, train_dir, predictions, partial_path(scan), partial_path(predictions), out / "summary.png",
+        for path in (scroll, scan, flat, blobs, train_dir, out / "predictions.h5", out / "predictions.zarr", partial_path(scan),
+                     partial_path(out / "predictions.h5"), out / "summary.png",
                      out / "forms.json", out / "results.json",
                      *out.glob("labels_*.h5"), *out.glob("coords_*.npy"), *out.glob("score_3d*.json")):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    forms = {"volume_form": config.volume_form, "segment_form": config.segment_form, "ink_depth": config.ink_depth,
+    forms = {"volume_form": config.volume_form, "segment_form": config.segment_form, "prediction_form": config.prediction_form,
+             "ink_depth": config.ink_depth,
              **{flag: getattr(config, flag) for flag in VARIANT_FLAGS}}
     if (out / "forms.json").exists() and json.loads((out / "forms.json").read_text()) != forms and not config.fresh:
         raise InputError(f"{out} holds a run from {json.loads((out / 'forms.json').read_text())}; "

@@ -4,13 +4,15 @@
     python benchmarks/bench_inference.py --scroll runs/demo/scan.h5 --pad 64   # also: speed-up from skipping air
 
 MONAI gets the volume already in memory; inference.py reads it from HDF5 and writes its output,
-so the comparison is end to end for inference.py. With CUDA present it also runs the default
+so the comparison is end to end for inference.py. It also times the OME-Zarr output against the HDF5 one
+(same settings, same process) and one worker process against two (`--parts 2`). With CUDA present it also runs the default
 32-map model in bf16 on a 384^3 volume (patch 128) and prints voxels/s, the fraction of the
 compute bound (0.482 MFLOP per voxel x windows per voxel), and the projected hours for
 Scroll 1 (8096 x 7888 x 14376 voxels) at that rate.
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -65,6 +67,20 @@ def padded_scroll(path: Path, pad: int, out: Path) -> Path:
     return out
 
 
+def worker_processes(scan: Path, checkpoint: Path, tmp: Path, common: list[str]) -> tuple[float, float]:
+    """Wall seconds to write an OME-Zarr store with one process (all threads), and with two worker processes at once."""
+    argv = [sys.executable, str(ROOT / "inference.py"), "--volume", str(scan), "--checkpoint", str(checkpoint), *common]
+    started = time.perf_counter()
+    subprocess.run([*argv, "--out", str(tmp / "one.zarr")], check=True, capture_output=True)
+    one = time.perf_counter() - started
+    started = time.perf_counter()
+    workers = [subprocess.Popen([*argv, "--out", str(tmp / "two.zarr"), "--parts", "2", "--part", str(part)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}) for part in (0, 1)]
+    if any(worker.wait() for worker in workers):
+        raise SystemExit("a worker process failed")
+    return one, time.perf_counter() - started
+
+
 def gpu_report(tmp: Path) -> None:
     model = UNet3D().eval()
     checkpoint = tmp / "default.pth"
@@ -111,6 +127,8 @@ def main():
         monai_seconds = run_monai(values, model, args.patch, 0.5, args.batch_size, cpu)
         ours_seconds = run_ours(tmp / "scan.h5", checkpoint, tmp / "pred.h5", *common)
         plain_seconds = run_ours(tmp / "scan.h5", checkpoint, tmp / "pred.h5", *common, "--channels_last", "false")
+        store_seconds = run_ours(tmp / "scan.h5", checkpoint, tmp / "pred.zarr", *common)
+        one_worker, two_workers = worker_processes(tmp / "scan.h5", checkpoint, tmp, common)
         voxels = args.size**3
         print(f"CPU ({torch.get_num_threads()} threads), UNet f_maps={args.f_maps} num_levels={args.num_levels}, "
               f"volume {args.size}^3, patch {args.patch}, overlap 0.5, gaussian, batch {args.batch_size}")
@@ -119,6 +137,10 @@ def main():
               f"ratio {monai_seconds / ours_seconds:.2f}")
         print(f"  inference.py --channels_last false:         {voxels / plain_seconds / 1e3:.0f} kvoxel/s, "
               f"ratio {monai_seconds / plain_seconds:.2f}")
+        print(f"  inference.py --out X.zarr (OME-Zarr store): {voxels / store_seconds / 1e3:.0f} kvoxel/s, "
+              f"{store_seconds / ours_seconds:.3f}x the HDF5 output's time")
+        print(f"  OME-Zarr store by worker processes (wall, with start-up): 1 process {one_worker:.1f} s, "
+              f"2 processes (--parts 2, one thread each) {two_workers:.1f} s: {one_worker / two_workers:.2f}x")
         if args.scroll:
             scroll = padded_scroll(Path(args.scroll), args.pad, tmp / "padded.h5")
             common = ["--patch", str(args.patch), "--batch_size", str(args.batch_size), "--device", "cpu"]

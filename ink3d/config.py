@@ -105,6 +105,7 @@ CHOICES = {
     "augment": ("device", "cpu"),
     "compression": ("blosc-zstd", "blosc-lz4", "blosc-lz4-byteshuffle", "gzip", "lzf", "none"),
     "volume_form": ("tiff", "ome-zarr"),
+    "prediction_form": ("hdf5", "ome-zarr"),
     "segment_form": ("ppm", "tifxyz"),
 }
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

@@ -59,6 +59,9 @@ def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
     assert table.count("(reused)") == 12
 
     (out / "keep.txt").write_text("not the demo's")
-    demo.main(argv + ["--fresh", "true"])  # every stage again; other files in out_dir stay
+    demo.main(argv + ["--fresh", "true", "--prediction_form", "ome-zarr"])  # every stage again; other files in out_dir stay
     assert "(reused)" not in capsys.readouterr().out
     assert (out / "keep.txt").read_text() == "not the demo's"
+    assert not (out / "predictions.h5").exists() and (out / "predictions.zarr" / "meta.json").exists()
+    assert json.loads((out / "score_3d.json").read_text()) == whole  # the same predictions, in the other form
+    assert json.loads((out / "results.json").read_text())["held_out_f05"] == model_f05
