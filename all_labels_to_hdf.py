@@ -51,8 +51,7 @@ KEEP_ALL_VERSIONS = False  # use every version of a segment instead of only the 
 SKIP_BAD = False  # skip (and report) segments with a missing or malformed ppm, label or mask
 CHUNK = 128  # HDF5 chunk edge of the label volumes
 TILE_PIXELS = 32768  # pixels voxelized at once (rows of a band of columns, at most 65535): bounds the memory of one step
-CACHE_MB = 1024  # label chunks held in memory while a segment is voxelized, each read and written once when it leaves;
-# a segment whose rows reach more than about half of them is voxelized in bands of columns
+CACHE_MB = 1024  # label chunks held in memory while a segment is voxelized (a wider segment goes in bands of columns)
 OVERWRITE = False  # replace existing outputs
 UPDATE = False  # add new segments to existing outputs
 
