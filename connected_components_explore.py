@@ -3,7 +3,7 @@
     python connected_components_explore.py --predictions runs/demo/predictions.h5 --volume runs/demo/scan.h5 \\
         --out_dir runs/demo/blobs --min_size 200 --max_size 200000
 
-The prediction is thresholded block by block (with `--volume` and `--min_scan`, voxels of air are
+The prediction is thresholded block by block (with `--volume` and `--air_level`, voxels of air are
 left out: ink needs material) and labeled with connected-components-3d
 (26-connectivity); labels are joined across block faces, so a blob crossing block borders is
 one blob (ink3d/components.py). Writes `blobs.csv` (id, voxels, bbox, centroid, mean and max
@@ -27,7 +27,7 @@ from ink3d import InputError, volume
 from ink3d.components import Blobs, blob_overlap, label_blocks, write_blob_labels
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output, output_file, output_lock, write_image, writing
-from ink3d.intensity import air_level, scan_histogram
+from ink3d.intensity import scan_air_level
 
 # --- config ---
 PREDICTIONS = "runs/demo/predictions.h5"  # prediction volume (uint8, 255 = ink probability 1)
@@ -36,11 +36,11 @@ DATASET = "predictions"  # dataset to threshold
 VOLUME = ""  # optional scan volume: its views are shown beside the prediction's
 OUT_DIR = "runs/demo/blobs"  # blobs.csv, PNGs and index.html go here
 THRESHOLD = 0.5  # ink probability at or above which a voxel is ink
-MIN_SCAN = -1  # with --volume: only voxels whose scan value exceeds this (air level, uint8) can be ink; -1 = the scan's estimated air level
+AIR_LEVEL = "auto"  # with --volume: only voxels whose scan value exceeds this can be ink; auto: estimated from the scan's histogram, otsu, none (no filter), or a number (uint8)
 MIN_SIZE = 100  # smallest blob (voxels) that gets a picture
 MAX_SIZE = 1000000  # largest blob (voxels) that gets a picture
 MAX_VIEWS = 500  # pictures for at most this many blobs (largest first)
-BLOCK = 256  # block edge for labeling: bounds memory
+MACRO_BLOCK = 256  # edge of the blocks labeled at a time: bounds memory
 ROI = ""  # z0:z1,y0:y1,x0:x1 to explore; empty = the whole volume
 MARGIN = 8  # voxels around a blob's bounding box in its pictures
 VIEW_SIZE = 160  # each view is scaled to about this many pixels
@@ -161,19 +161,19 @@ def _label_and_picture(config, out_dir: Path, scratch_path: Path, predictions, s
     """Label the blobs into a scratch file and draw the pictures: (blobs, shown, in range, pictures, true ink)."""
     scratch = h5py.File(scratch_path, "w")
     with output_file(scratch, scratch_path, resumable=False), writing(out_dir, resumable=False):
-        min_scan = config.min_scan if config.min_scan >= 0 or scan is None else air_level(scan_histogram(scan))
-        blobs = label_blocks(predictions, level, config.block, scratch, roi, scan, min_scan)
+        air = scan_air_level(config.air_level, scan)
+        blobs = label_blocks(predictions, level, config.macro_block, scratch, roi, None if air is None else scan, air or 0)
         if config.keep_labels:
             with atomic_output(out_dir / "blob_labels.h5") as temporary:
                 labels_file = h5py.File(temporary, "w")
                 with output_file(labels_file, temporary, resumable=False), writing(out_dir, resumable=False):
-                    labels = write_blob_labels(scratch[volume.BLOB_LABELS], blobs.label_to_blob, labels_file, config.block)
+                    labels = write_blob_labels(scratch[volume.BLOB_LABELS], blobs.label_to_blob, labels_file, config.macro_block)
                     labels.attrs["roi_origin"] = [s.start for s in roi]
         true_ink = None
         if truth is not None:
             with truth_file:
                 true_ink = blob_overlap(scratch[volume.BLOB_LABELS], blobs.label_to_blob, len(blobs), truth,
-                                        [s.start for s in roi], config.block)
+                                        [s.start for s in roi], config.macro_block)
         in_range = [i for i in range(len(blobs)) if config.min_size <= blobs.voxels[i] <= config.max_size]
         shown = in_range[:config.max_views]
         pictures = {}

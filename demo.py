@@ -247,7 +247,7 @@ def run_demo(config):
                done=lambda path: _trained(train_dir, config.max_steps))
     stages.run("inference", predictions, inference.main,
                ["--volume", str(scan), "--checkpoint", str(train_dir / "best.pth"), "--out", str(predictions),
-                "--patch", str(config.patch), "--block", str(2 * config.patch), "--device", config.device, "--resume", "true"],
+                "--patch", str(config.patch), "--macro_block", str(2 * config.patch), "--device", config.device, "--resume", "true"],
                done=lambda path: _complete(path, volume.PREDICTIONS))
     scores = {"every voxel": out / "score_3d.json", "held-out region": out / "score_3d_held_out.json"}
     for (name, path), roi in zip(scores.items(), ("", held_out_region(coords["valid"], config.patch, description["shape"]))):
@@ -255,10 +255,10 @@ def run_demo(config):
                    ["--predictions", str(predictions), "--ground_truth", str(scroll / "ground_truth.h5"), "--volume", str(scan),
                     "--roi", roi, "--out", str(path), "--overwrite", "true"])
     stages.run("flatten_3d (prediction)", flat / f"{held_out}_prediction.png", flatten_3d.main,
-               ["--predictions", str(predictions), "--ppm_dir", str(segments), "--out_dir", str(flat),
+               ["--volume", str(predictions), "--ppm_dir", str(segments), "--out_dir", str(flat),
                 "--segments", held_out, "--overwrite", "true"])
     stages.run("flatten_3d (scan)", flat / f"{held_out}_scan.png", flatten_3d.main,
-               ["--predictions", str(scan), "--dataset", volume.SCAN, "--name", "scan", "--ppm_dir", str(segments),
+               ["--volume", str(scan), "--dataset", volume.SCAN, "--name", "scan", "--ppm_dir", str(segments),
                 "--out_dir", str(flat), "--segments", held_out, "--overwrite", "true"])
     stages.run("connected_components_explore", blobs / "index.html", connected_components_explore.main,
                ["--predictions", str(predictions), "--volume", str(scan), "--out_dir", str(blobs), "--threshold", str(BLOB_THRESHOLD),

@@ -1,9 +1,9 @@
 """Flatten a 3D volume onto segments: sample along each pixel's normal and reduce to an image.
 
-    python flatten_3d.py --predictions runs/demo/predictions.h5 --ppm_dir runs/demo/scroll/paths \\
+    python flatten_3d.py --volume runs/demo/predictions.h5 --ppm_dir runs/demo/scroll/paths \\
         --out_dir runs/demo/flat --segments 20231022170901
     # the usual 65-layer surface volume of the scan:
-    python flatten_3d.py --predictions runs/demo/scan.h5 --dataset scan_volume --band 32 --layers true \\
+    python flatten_3d.py --volume runs/demo/scan.h5 --dataset scan_volume --band 32 --layers true \\
         --name surface --ppm_dir runs/demo/scroll/paths --out_dir runs/demo/flat
 
 For every pixel with a valid ppm point, the volume is sampled at `p + t * n` for integer t in
@@ -41,7 +41,7 @@ from ink3d.files import atomic_output, check_output, output_lock, writing
 from ink3d.ppm import find_segment, open_segment, positions_along_normals, segment_size, valid_mask
 
 # --- config ---
-PREDICTIONS = "runs/demo/predictions.h5"  # volume to flatten (a prediction volume, or the scan)
+VOLUME = "runs/demo/predictions.h5"  # volume to flatten: a prediction volume, or the scan (with --dataset scan_volume)
 DATASET = "predictions"  # dataset in that file: predictions, scan_volume, ink, ...
 LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm, or tifxyz folders <ppm_dir>/<id>/
@@ -199,7 +199,7 @@ def flatten(config, ppms: dict[str, Path], outputs: dict[str, Path]) -> dict[str
         if depth_map:
             check_output(_depth_path(path), config.overwrite)
             check_output(_depth_path(path, ".json"), config.overwrite)
-    file, dataset = volume.open_dataset(config.predictions, config.dataset, level=config.level, cache_bytes=config.cache_mb << 20)
+    file, dataset = volume.open_dataset(config.volume, config.dataset, level=config.level, cache_bytes=config.cache_mb << 20)
     total = sum(int(np.prod(segment_size(path))) for path in ppms.values())
     full_scale = 255 if dataset.dtype == np.uint8 else 1
     with file, tqdm(total=total, unit="px", unit_scale=True, desc="flatten_3d") as bar:
@@ -215,7 +215,7 @@ def flatten(config, ppms: dict[str, Path], outputs: dict[str, Path]) -> dict[str
             if depth is not None:
                 write_depth(outputs[segment_id], depth, bar)
             save_config(config, config_path_for(outputs[segment_id]))
-    print(f"flattened {len(ppms)} segment(s) of {config.predictions}[{config.dataset}] -> {config.out_dir}")
+    print(f"flattened {len(ppms)} segment(s) of {config.volume}[{config.dataset}] -> {config.out_dir}")
     return outputs
 
 

@@ -13,7 +13,7 @@ uint8 = round(255 * p) to dataset `predictions`, the scan's shape. The grid belo
 volume, not to the region: an `--roi` result is the same voxels' result of a whole-volume run.
 The region is processed in output macro-blocks of `--block` voxels, each reading the input its
 windows need, so the result equals one pass over the whole region. Windows whose input maximum
-is <= `--skip_max` (air) are not run and predict 0. The scan is normalised as the checkpoint
+is at or below the air level (`--air_level`) are not run and predict 0. The scan is normalised as the checkpoint
 records (`scan / 255` when it records nothing). The next block is read and the last one
 written by background threads while the model runs.
 
@@ -48,7 +48,7 @@ from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, sav
 from ink3d.files import (checksum, finish_output, open_interrupted, output_file, output_lock, partial_path, resumable_output,
                          warn_if_short_of_space, writing)
 from ink3d.sliding_window import WindowPredictor, plan_blocks, to_uint8
-from ink3d.intensity import Normalization
+from ink3d.intensity import Normalization, parse_air_level
 from ink3d.prediction_store import PredictionStore, chunk_for, is_store
 from models import model_from_checkpoint, read_checkpoint, weights_digest
 from models.speed import autocast_dtype, prepare_model, resolve_device, switch
@@ -63,8 +63,8 @@ PATCH = 128  # window edge in voxels
 OVERLAP = 0.5  # window overlap fraction: stride = patch * (1 - overlap)
 BLEND = "gaussian"  # gaussian or constant window weights
 BATCH_SIZE = 4  # windows per forward pass
-BLOCK = 512  # output macro-block edge (a multiple of the stride): bounds memory, unit of resuming
-SKIP_MAX = -2  # windows whose input maximum is <= this (air, uint8) are not run and predict 0; -1 runs all; -2 = the checkpoint's air level (0 if it records none)
+MACRO_BLOCK = 512  # output macro-block edge (a multiple of the stride): bounds memory, unit of resuming
+AIR_LEVEL = "auto"  # windows whose input maximum is at or below this are air: not run, predicted 0. auto: the level the checkpoint was trained with (0 when it records none), none: run every window, or a number (uint8)
 TTA = False  # test-time augmentation: average the identity and a flip of each axis (4x the compute)
 DEVICE = "auto"  # auto (cuda if present), cuda, cuda:1, cpu
 AMP = "auto"  # autocast dtype: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU), bf16, fp16, fp32
@@ -81,14 +81,23 @@ OVERWRITE = False  # replace an existing output
 
 
 # what a resumed run must share with the interrupted one: the windows, their blending and the model
-PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "block_grid", "skip_max", "tta", "weights",
+PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "block_grid", "air_level", "tta", "weights",
              "weights_sha256", "normalization")
+
+
+def skipped_air(setting: str, trained: int | None) -> int:
+    """The `--air_level` as the window predictor's threshold: -1 runs every window."""
+    try:
+        level = parse_air_level(setting, ("auto", "none"))
+    except ValueError as error:
+        raise InputError(f"--air_level {error}") from None
+    return trained or 0 if level == "auto" else -1 if level == "none" else level
 
 
 def plan_attrs(config, shape, region, normalization: Normalization, weights_sha256: str) -> dict:
     return {
         "volume_shape": list(shape), "roi": [[s.start, s.stop] for s in region], "patch": config.patch,
-        "overlap": config.overlap, "blend": config.blend, "block": config.block, "block_grid": "volume", "skip_max": config.skip_max,
+        "overlap": config.overlap, "blend": config.blend, "block": config.macro_block, "block_grid": "volume", "air_level": config.air_level,
         "tta": config.tta, "checkpoint": str(Path(config.checkpoint).resolve()), "weights": config.weights,
         "weights_sha256": weights_sha256, "normalization": normalization.to_config(),
     }
@@ -311,22 +320,22 @@ class Run:
 
 def prepare(config, device: torch.device) -> Run:
     stride = int(config.patch * (1 - config.overlap))
-    if not 0 < stride <= config.patch or config.block % stride:
-        raise InputError(f"--overlap {config.overlap} gives stride {stride}; it must be in 1..patch and divide --block {config.block}")
+    if not 0 < stride <= config.patch or config.macro_block % stride:
+        raise InputError(f"--overlap {config.overlap} gives stride {stride}; it must be in 1..patch and divide --macro_block {config.macro_block}")
     scan_file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
     region = volume.parse_roi(config.roi, scan.shape)
-    blocks = plan_blocks(region, tuple(slice(0, size) for size in scan.shape), config.patch, stride, config.block)
+    blocks = plan_blocks(region, tuple(slice(0, size) for size in scan.shape), config.patch, stride, config.macro_block)
     checkpoint = read_checkpoint(config.checkpoint, config.trust_checkpoint)
     normalization = Normalization.from_config(checkpoint.get("config") if isinstance(checkpoint, dict) else None)
     model = model_from_checkpoint(checkpoint, config.checkpoint, weights=config.weights)
-    if config.skip_max == -2:
-        config.skip_max = int(((checkpoint.get("config") if isinstance(checkpoint, dict) else None) or {}).get("air_level_value") or 0)
+    recorded = (checkpoint.get("config") if isinstance(checkpoint, dict) else None) or {}
+    config.air_level = skipped_air(config.air_level, recorded.get("air_level_value"))
     attrs = plan_attrs(config, scan.shape, region, normalization, weights_digest(model))
     channels_last = switch(config.channels_last, "--channels_last", on_cuda=False, on_cpu=True, device=device)
     model = prepare_model(model, device, channels_last=channels_last,
                           compile=switch(config.compile, "--compile", on_cuda=True, on_cpu=False, device=device))
     predictor = WindowPredictor(model, config.patch, config.blend, config.batch_size, device,
-                                autocast_dtype(device, config.amp), channels_last, config.skip_max, config.tta,
+                                autocast_dtype(device, config.amp), channels_last, config.air_level, config.tta,
                                 normalization, stride)
     return Run(scan_file, scan, region, blocks, attrs, predictor, device)
 
@@ -358,7 +367,7 @@ def predict_into_store(config, out: Path, parts: int, part: int) -> Path:
     run = prepare(config, device)
     started = time.perf_counter()
     with run.scan_file:
-        chunk = chunk_for(config.block)
+        chunk = chunk_for(config.macro_block)
         voxel_size, unit = ([config.voxel_size] * 3, "micrometer") if config.voxel_size else store_voxel_size(run.scan)
         plan = {key: run.attrs[key] for key in PLAN_KEYS}  # workers may name the same weights by other paths
         store = PredictionStore.open(out, run.scan.shape, plan, chunk, voxel_size, unit, config.overwrite)

@@ -15,7 +15,7 @@ import json
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output, output_lock, writing
-from ink3d.intensity import air_level as estimate_air_level, scan_histogram
+from ink3d.intensity import scan_air_level
 from ink3d.metrics import score_volume
 
 # --- config ---
@@ -24,7 +24,7 @@ LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 GROUND_TRUTH = "runs/demo/scroll/ground_truth.h5"  # ground-truth ink volume (dataset ink, > 0 = ink)
 VOLUME = "runs/demo/scan.h5"  # scan volume: the intensity baseline and the air / papyrus split
 ROI = ""  # z0:z1,y0:y1,x0:x1 to score; empty = the whole volume
-AIR_LEVEL = -1  # scan values at or below this are air (uint8); -1 = the valley between the air and papyrus modes of the scan's histogram
+AIR_LEVEL = "auto"  # scan values at or below this are air (uint8): auto (the valley between the air and papyrus modes of the scan's histogram), otsu, or a number
 OUT = ""  # optional JSON file for the scores
 OVERWRITE = False  # replace an existing --out
 
@@ -54,7 +54,9 @@ def score(config) -> dict:
         for name, dataset in ((config.ground_truth, truth), (config.volume, scan)):
             if dataset.shape != predictions.shape:
                 raise InputError(f"{name}: shape {dataset.shape} differs from the predictions' {predictions.shape}")
-        air_level = config.air_level if config.air_level >= 0 else estimate_air_level(scan_histogram(scan))
+        air_level = scan_air_level(config.air_level, scan)
+        if air_level is None:
+            raise InputError("--air_level none: the score splits the voxels without ink into air and papyrus; give auto, otsu or a number")
         region = volume.parse_roi(config.roi, scan.shape)
         result = score_volume(predictions, truth, scan, air_level, region)
     result.update(air_level=air_level, roi=config.roi)

@@ -65,7 +65,7 @@ from ink3d.sliding_window import to_uint8
 from ink3d.files import atomic_output, check_output, file_checksum, output_lock, write_image, writing
 from models import UNet3D, load_weights, read_state_dict, save_checkpoint, unwrap
 from models.ema import EMA
-from models.speed import autocast, autocast_dtype, prepare_model, resolve_device
+from models.speed import autocast, autocast_dtype, prepare_model, resolve_device, switch
 
 # --- config ---
 VOLUME = "runs/demo/scan.h5"  # scan volume
@@ -115,8 +115,8 @@ CHECKPOINT_EVERY = 100  # write last.pth every this many steps
 WORKERS = 1  # data loader worker processes
 DEVICE = "auto"  # auto (cuda if present), cuda, cpu
 AMP = "auto"  # auto: bf16 on CUDA where supported, else fp16 with a GradScaler; fp32 on CPU
-CHANNELS_LAST = True  # channels_last_3d on CUDA
-COMPILE = False  # torch.compile the model
+CHANNELS_LAST = "auto"  # channels_last_3d memory format: auto (on CUDA, not on the CPU), true, false
+COMPILE = "auto"  # torch.compile the model: auto (on CUDA), true, false
 SEED = 0  # seed of the weights and of the sample stream
 TRUST_CHECKPOINT = False  # allow checkpoints with pickled Python objects (only files you trust)
 WANDB = False  # log to Weights & Biases (mode from WANDB_MODE; offline unless WANDB_API_KEY is set)
@@ -500,7 +500,8 @@ def train(config) -> float:
     if config.init_checkpoint and not resuming:
         load_weights(model, read_state_dict(config.init_checkpoint, config.trust_checkpoint)[0], config.init_checkpoint)
     dtype = autocast_dtype(device, config.amp)
-    channels_last = config.channels_last and device.type == "cuda"
+    channels_last = switch(config.channels_last, "--channels_last", on_cuda=True, on_cpu=False, device=device)
+    compiled = switch(config.compile, "--compile", on_cuda=True, on_cpu=False, device=device)
     model = prepare_model(model, device, channels_last=channels_last)
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -518,7 +519,7 @@ def train(config) -> float:
         random.setstate((version, tuple(internal), gauss))
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
+    if compiled:
         model = torch.compile(model)
 
     train_set = ScrollSamples(config.volume, config.train_labels, train_origins, config.patch, config.max_steps * config.batch_size,

@@ -89,7 +89,7 @@ def gpu_report(tmp: Path) -> None:
     values = np.random.default_rng(0).integers(1, 256, (size,) * 3).astype(np.uint8)
     with h5py.File(tmp / "gpu_scan.h5", "w") as file:
         volume.create_volume(file, volume.SCAN, values.shape, np.uint8)[:] = values
-    common = ["--patch", "128", "--batch_size", "8", "--block", "384", "--device", "cuda", "--amp", "bf16"]
+    common = ["--patch", "128", "--batch_size", "8", "--macro_block", "384", "--device", "cuda", "--amp", "bf16"]
     run_ours(tmp / "gpu_scan.h5", checkpoint, tmp / "warm.h5", *common, "--roi", "0:128,0:128,0:128")
     seconds = run_ours(tmp / "gpu_scan.h5", checkpoint, tmp / "gpu_pred.h5", *common)
     windows_per_axis = len(range(0, size - 128, 64)) + 1
@@ -123,7 +123,7 @@ def main():
         values = np.random.default_rng(0).integers(1, 256, (args.size,) * 3).astype(np.uint8)
         with h5py.File(tmp / "scan.h5", "w") as file:
             volume.create_volume(file, volume.SCAN, values.shape, np.uint8)[:] = values
-        common = ["--patch", str(args.patch), "--batch_size", str(args.batch_size), "--device", "cpu", "--skip_max", "-1"]
+        common = ["--patch", str(args.patch), "--batch_size", str(args.batch_size), "--device", "cpu", "--air_level", "none"]
         monai_seconds = run_monai(values, model, args.patch, 0.5, args.batch_size, cpu)
         ours_seconds = run_ours(tmp / "scan.h5", checkpoint, tmp / "pred.h5", *common)
         plain_seconds = run_ours(tmp / "scan.h5", checkpoint, tmp / "pred.h5", *common, "--channels_last", "false")
@@ -144,10 +144,10 @@ def main():
         if args.scroll:
             scroll = padded_scroll(Path(args.scroll), args.pad, tmp / "padded.h5")
             common = ["--patch", str(args.patch), "--batch_size", str(args.batch_size), "--device", "cpu"]
-            every = run_ours(scroll, checkpoint, tmp / "scroll.h5", *common, "--skip_max", "-1")
-            skipping = run_ours(scroll, checkpoint, tmp / "scroll.h5", *common, "--skip_max", "100")
+            every = run_ours(scroll, checkpoint, tmp / "scroll.h5", *common, "--air_level", "none")
+            skipping = run_ours(scroll, checkpoint, tmp / "scroll.h5", *common, "--air_level", "100")
             print(f"  {args.scroll} with {args.pad} voxels of air around it in y and x: all windows {every:.1f} s, "
-                  f"skipping air (--skip_max 100) {skipping:.1f} s, speed-up {every / skipping:.2f}x")
+                  f"skipping air (--air_level 100) {skipping:.1f} s, speed-up {every / skipping:.2f}x")
         if torch.cuda.is_available():
             gpu_report(tmp)
         else:

@@ -65,10 +65,10 @@ def main():
             stride = int(args.patch * (1 - overlap))
             started = time.perf_counter()
             inference.main(["--volume", str(scan), "--checkpoint", str(checkpoint), "--out", str(out), "--patch", str(args.patch),
-                            "--overlap", str(overlap), "--blend", blend, "--tta", str(tta), "--block", str(stride * -(-2 * args.patch // stride)),
+                            "--overlap", str(overlap), "--blend", blend, "--tta", str(tta), "--macro_block", str(stride * -(-2 * args.patch // stride)),
                             "--device", args.device, "--overwrite", "true"])
             seconds = time.perf_counter() - started
-            flatten_3d.main(["--predictions", str(out), "--ppm_dir", str(demo / "scroll" / "paths"), "--out_dir", str(tmp / "flat"),
+            flatten_3d.main(["--volume", str(out), "--ppm_dir", str(demo / "scroll" / "paths"), "--out_dir", str(tmp / "flat"),
                              "--segments", segment_id, "--overwrite", "true"])
             prediction_file, predictions = volume.open_dataset(out, volume.PREDICTIONS)
             truth_file, truth = volume.open_dataset(demo / "scroll" / "ground_truth.h5", volume.GROUND_TRUTH)

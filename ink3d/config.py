@@ -70,7 +70,7 @@ FRACTION = Bounds(0, 1, high_open=True)
 LIMITS = {
     **dict.fromkeys(("batch_size", "chunk", "patch", "f_maps", "num_levels", "num_groups", "max_steps", "max_tries",
                      "valid_blocks", "valid_every", "log_every", "checkpoint_every", "workers", "window_sample_slices", "tile",
-                     "tile_pixels", "cache_mb", "view_size", "max_views", "largest_blobs", "line_height", "depth", "parts",
+                     "tile_pixels", "cache_mb", "view_size", "max_views", "largest_blobs", "line_height", "depth", "parts", "macro_block",
                      "height", "width", "max_size", "band", "block", "pool_sharpness", "max_columns"), POSITIVE),
     **dict.fromkeys(("lr", "train.py:block", "warmup_steps", "min_labeled", "margin", "min_size", "exclusion_radius", "grad_clip",
                      "dice_weight", "background_weight", "weight_decay", "ink_thickness", "surface_jitter", "column_weight", "face_depth",
@@ -83,9 +83,6 @@ LIMITS = {
     "pitch": Bounds(2),
     "all_labels_to_hdf.py:tile_pixels": Bounds(1, 65535),  # a tile's pixels must fit the uint16 counts it holds
     "jpeg_quality": Bounds(1, 100),
-    "skip_max": Bounds(-2, 255),
-    "air_level": Bounds(-1, 255),
-    "min_scan": Bounds(-1, 255),
 }
 
 
@@ -109,6 +106,7 @@ CHOICES = {
     "segment_form": ("ppm", "tifxyz"),
 }
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+AIR_LEVEL = re.compile(r"^(auto|otsu|none|25[0-5]|2[0-4]\d|1?\d?\d)$")  # each stage says which words it takes
 
 
 def check_limits(script: str, config: SimpleNamespace) -> None:
@@ -123,6 +121,8 @@ def check_limits(script: str, config: SimpleNamespace) -> None:
         choices = CHOICES.get(name)
         if choices is not None and isinstance(value, str) and value not in choices:
             raise InputError(f"--{name} {value!r}: choose one of {', '.join(choices)}")
+        if name == "air_level" and not AIR_LEVEL.match(str(value)):
+            raise InputError(f"--air_level {value!r}: choose auto, otsu, none or a number in 0..255")
         if name == "device" and not DEVICE.match(str(value)):
             raise InputError(f"--device {value!r}: choose auto, cpu, cuda or cuda:N")
 
@@ -192,11 +192,32 @@ def build_parser(script_globals: dict) -> argparse.ArgumentParser:
     return parser
 
 
+# Flags renamed so that one concept has one name in every stage: the old spelling is refused with the new one.
+RENAMED = {
+    "skip_max": "--air_level (auto: the level the checkpoint was trained with; none: run every window; or a number)",
+    "min_scan": "--air_level (auto: estimated from the scan; none: no air filter; or a number)",
+    "inference.py:block": "--macro_block", "connected_components_explore.py:block": "--macro_block",
+    "flatten_3d.py:predictions": "--volume",
+}
+
+
+def refuse_renamed(script: str, declared, argv: list[str]) -> None:
+    for argument in argv:
+        if argument.startswith("--"):
+            name = argument[2:].split("=")[0]
+            hint = RENAMED.get(f"{script}:{name}") or (RENAMED.get(name) if name not in declared else None)
+            if hint:
+                raise InputError(f"--{name} is now {hint}")
+
+
 def parse_config(script_globals: dict, argv: list[str] | None = None) -> SimpleNamespace:
     """Resolved settings of a script: its constants, overridden by `argv` (default sys.argv), checked against `LIMITS`."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(script_globals)
-    config = SimpleNamespace(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
-    check_limits(Path(script_globals["__file__"]).name, config)
+    script = Path(script_globals["__file__"]).name
+    refuse_renamed(script, {action.dest for action in parser._actions}, argv)
+    config = SimpleNamespace(**vars(parser.parse_args(argv)))
+    check_limits(script, config)
     return config
 
 

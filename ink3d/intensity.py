@@ -71,21 +71,37 @@ def air_level(counts: np.ndarray) -> int:
 AIR_LEVELS = ("auto", "otsu", "none")
 
 
-def resolve_air_level(setting, counts: np.ndarray) -> int | None:
-    """The air level a setting names: `auto` (the valley, `air_level`), `otsu`, `none`, or a uint8 number."""
-    if setting == "auto":
-        return air_level(counts)
-    if setting == "otsu":
-        return otsu_level(counts)
-    if setting == "none":
-        return None
+def parse_air_level(setting: str, allowed=AIR_LEVELS) -> str | int:
+    """An `--air_level` setting: one of the words `allowed` (of auto, otsu, none), or a uint8 number."""
+    if setting in allowed:
+        return setting
     try:
         level = int(setting)
     except ValueError:
-        raise ValueError(f"{setting!r}: expected a number in 0..255, {', '.join(AIR_LEVELS)}") from None
+        level = -1
     if not 0 <= level <= 255:
-        raise ValueError(f"{setting!r}: expected a number in 0..255, {', '.join(AIR_LEVELS)}")
+        raise ValueError(f"{setting!r}: expected a number in 0..255, {', '.join(allowed)}")
     return level
+
+
+def resolve_air_level(setting, counts: np.ndarray) -> int | None:
+    """The air level a setting names: `auto` (the valley, `air_level`), `otsu`, `none`, or a uint8 number."""
+    level = parse_air_level(setting)
+    if level == "auto":
+        return air_level(counts)
+    if level == "otsu":
+        return otsu_level(counts)
+    return None if level == "none" else level
+
+
+def scan_air_level(setting: str, scan) -> int | None:
+    """The air level `setting` names for a stage that reads it off the scan (`volume`): the scan's histogram is
+    read (one streaming pass) only for `auto` and `otsu`. None for `none`, or without a scan."""
+    if scan is None or parse_air_level(setting) == "none":
+        return None
+    if setting in ("auto", "otsu"):
+        return resolve_air_level(setting, scan_histogram(scan))
+    return parse_air_level(setting)
 
 
 @dataclass(frozen=True)

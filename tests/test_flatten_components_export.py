@@ -42,7 +42,7 @@ def _tilted_segment(tmp_path, segment_id="20230101000000", height=7, width=9):
 
 
 def _flatten(tmp_path, *extra):
-    flatten_3d.main(["--predictions", str(tmp_path / "linear.h5"), "--dataset", "field", "--ppm_dir", str(tmp_path / "paths"),
+    flatten_3d.main(["--volume", str(tmp_path / "linear.h5"), "--dataset", "field", "--ppm_dir", str(tmp_path / "paths"),
                      "--out_dir", str(tmp_path / "flat"), "--overwrite", "true", *extra])
     return cv2.imread(str(tmp_path / "flat" / "20230101000000_prediction.png"), cv2.IMREAD_UNCHANGED)
 
@@ -95,12 +95,12 @@ def test_flatten_refuses_to_overwrite(tmp_path, linear_volume):
     _tilted_segment(tmp_path)
     _flatten(tmp_path)
     with pytest.raises(InputError, match="exists"):
-        flatten_3d.main(["--predictions", str(linear_volume), "--dataset", "field", "--ppm_dir", str(tmp_path / "paths"),
+        flatten_3d.main(["--volume", str(linear_volume), "--dataset", "field", "--ppm_dir", str(tmp_path / "paths"),
                          "--out_dir", str(tmp_path / "flat")])
 
 
 def test_flattening_ground_truth_reproduces_inklabels(synthetic_scroll, scroll_info, tmp_path):
-    flatten_3d.main(["--predictions", str(synthetic_scroll / "ground_truth.h5"), "--dataset", "ink", "--reduce", "max",
+    flatten_3d.main(["--volume", str(synthetic_scroll / "ground_truth.h5"), "--dataset", "ink", "--reduce", "max",
                      "--ppm_dir", str(synthetic_scroll / "paths"), "--out_dir", str(tmp_path)])
     for segment_id in scroll_info["segments"]:
         flat = cv2.imread(str(tmp_path / f"{segment_id}_prediction.png"), cv2.IMREAD_GRAYSCALE) > 127
@@ -137,7 +137,7 @@ def _components(tmp_path, values, *extra):
 @pytest.mark.parametrize("block", [4, 5, 8, 64])
 def test_blockwise_components_equal_whole_array(tmp_path, block):
     values = _blob_volume()
-    rows, labels = _components(tmp_path, values, "--block", str(block), "--min_size", "1")
+    rows, labels = _components(tmp_path, values, "--macro_block", str(block), "--min_size", "1")
     reference, count = cc3d.connected_components(values >= 127.5, connectivity=26, return_N=True)
     assert len(rows) == count == 5
     assert sorted(int(r["voxels"]) for r in rows) == sorted(np.bincount(reference.ravel())[1:].tolist()) == [1, 3, 16, 34, 72]
@@ -149,7 +149,7 @@ def test_blockwise_components_equal_whole_array(tmp_path, block):
 def test_random_volume_matches_cc3d(tmp_path):
     rng = np.random.default_rng(0)
     values = (rng.random((23, 17, 29)) < 0.3).astype(np.uint8) * 255
-    rows, labels = _components(tmp_path, values, "--block", "6", "--min_size", "1", "--max_views", "3")
+    rows, labels = _components(tmp_path, values, "--macro_block", "6", "--min_size", "1", "--max_views", "3")
     reference, count = cc3d.connected_components(values > 0, connectivity=26, return_N=True)
     assert len(rows) == count
     pairs = np.unique(np.stack([reference.ravel(), labels.ravel()], axis=1), axis=0)
@@ -158,7 +158,7 @@ def test_random_volume_matches_cc3d(tmp_path):
 
 def test_csv_fields_and_size_filter(tmp_path):
     values = _blob_volume()
-    rows, _ = _components(tmp_path, values, "--block", "8", "--min_size", "10", "--max_size", "40")
+    rows, _ = _components(tmp_path, values, "--macro_block", "8", "--min_size", "10", "--max_size", "40")
     big = rows[0]
     assert big["id"] == "1" and big["voxels"] == "72"
     assert [big[k] for k in ("z0", "y0", "x0", "z1", "y1", "x1")] == ["12", "0", "0", "20", "3", "3"]
@@ -199,7 +199,7 @@ def test_the_blob_is_outlined_on_its_scan_slices_only(tmp_path):
 
 
 def test_empty_volume(tmp_path):
-    rows, labels = _components(tmp_path, np.zeros((10, 10, 10), np.uint8), "--block", "4")
+    rows, labels = _components(tmp_path, np.zeros((10, 10, 10), np.uint8), "--macro_block", "4")
     assert rows == [] and not labels.any()
     assert "0 blobs" in (tmp_path / "blobs" / "index.html").read_text()
 
@@ -207,7 +207,7 @@ def test_empty_volume(tmp_path):
 def test_one_voxel(tmp_path):
     values = np.zeros((9, 9, 9), np.uint8)
     values[4, 4, 4] = 255
-    rows, _ = _components(tmp_path, values, "--block", "4", "--min_size", "1")
+    rows, _ = _components(tmp_path, values, "--macro_block", "4", "--min_size", "1")
     assert len(rows) == 1 and rows[0]["voxels"] == "1" and rows[0]["centroid_z"] == "4.00"
 
 
@@ -236,10 +236,10 @@ def test_air_in_the_scan_is_not_ink(tmp_path):
     scan[5:7] = 10  # ...crossing two slices of air, which split it in two
     with h5py.File(tmp_path / "scan.h5", "w") as file:
         volume.create_volume(file, volume.SCAN, scan.shape, np.uint8, chunk=8)[:] = scan
-    rows, _ = _components(tmp_path, values, "--block", "8", "--min_size", "1", "--volume", str(tmp_path / "scan.h5"),
-                          "--min_scan", "50")
+    rows, _ = _components(tmp_path, values, "--macro_block", "8", "--min_size", "1", "--volume", str(tmp_path / "scan.h5"),
+                          "--air_level", "50")
     assert sorted(int(r["voxels"]) for r in rows) == [12, 12]
-    rows, _ = _components(tmp_path, values, "--block", "8", "--min_size", "1")
+    rows, _ = _components(tmp_path, values, "--macro_block", "8", "--min_size", "1")
     assert [int(r["voxels"]) for r in rows] == [32]
 
 
@@ -251,7 +251,7 @@ def test_true_ink_of_each_blob_equals_a_count_over_its_voxels(tmp_path, roi):
     truth[14:] = 255
     with h5py.File(tmp_path / "truth.h5", "w") as file:
         volume.create_volume(file, volume.GROUND_TRUTH, truth.shape, np.uint8, chunk=8)[:] = truth
-    rows, labels = _components(tmp_path, values, "--block", "5", "--min_size", "1", "--ground_truth", str(tmp_path / "truth.h5"),
+    rows, labels = _components(tmp_path, values, "--macro_block", "5", "--min_size", "1", "--ground_truth", str(tmp_path / "truth.h5"),
                                *(["--roi", roi] if roi else []))
     origin = [int(part.split(":")[0]) for part in roi.split(",")] if roi else [0, 0, 0]
     region = truth[origin[0]:origin[0] + labels.shape[0], origin[1]:origin[1] + labels.shape[1], origin[2]:origin[2] + labels.shape[2]]
@@ -275,7 +275,7 @@ def test_depth_map_finds_the_ink_at_its_offset_and_warns_when_it_lies_behind(tmp
     data = np.zeros((6, 8, 6))
     data[..., 0], data[..., 1], data[..., 2], data[..., 5] = 5 + cols, 4 + rows, surface_z, normal_sign
     write_ppm(tmp_path / "paths" / "s" / "s.ppm", data)
-    flatten_3d.main(["--predictions", str(tmp_path / "pred.h5"), "--ppm_dir", str(tmp_path / "paths"),
+    flatten_3d.main(["--volume", str(tmp_path / "pred.h5"), "--ppm_dir", str(tmp_path / "paths"),
                      "--out_dir", str(tmp_path / "flat"), "--band", "6"])
     depth_map = tifffile.imread(tmp_path / "flat" / "s_prediction_depth.tif")
     summary = json.loads((tmp_path / "flat" / "s_prediction_depth.json").read_text())
@@ -285,7 +285,7 @@ def test_depth_map_finds_the_ink_at_its_offset_and_warns_when_it_lies_behind(tmp
     output = capsys.readouterr().out
     assert f"median depth of {np.median(depth_map):+.2f} voxels" in output
     assert summary["behind_surface"] == (depth < -1) and ("normals may point into the sheet" in output) == (depth < -1)
-    flatten_3d.main(["--predictions", str(tmp_path / "pred.h5"), "--ppm_dir", str(tmp_path / "paths"), "--out_dir",
+    flatten_3d.main(["--volume", str(tmp_path / "pred.h5"), "--ppm_dir", str(tmp_path / "paths"), "--out_dir",
                      str(tmp_path / "flat"), "--band", "6", "--depth_threshold", "0.9", "--overwrite", "true", "--name", "high"])
     assert np.isnan(tifffile.imread(tmp_path / "flat" / "s_high_depth.tif")).all()  # the peaks are 200 / 255 < 0.9
 

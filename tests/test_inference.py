@@ -51,7 +51,7 @@ def scan(tmp_path_factory):
 
 def _infer(scan_path, model_path, out, *extra):
     inference.main(["--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(out), "--patch", str(PATCH),
-                    "--batch_size", "3", "--block", "16", "--skip_max", "-1", "--channels_last", "false", *extra])
+                    "--batch_size", "3", "--macro_block", "16", "--air_level", "none", "--channels_last", "false", *extra])
     with h5py.File(out) as file:
         return file[volume.PREDICTIONS][:], dict(file[volume.PREDICTIONS].attrs)
 
@@ -120,8 +120,8 @@ def test_the_checkpoints_input_normalization_and_ema_weights_are_applied(scan, m
 @pytest.mark.parametrize("channels_last", ["false", "true"])  # true: the CPU default, whose kernels depend on the batch size
 def test_macro_blocks_equal_a_single_pass(scan, model_path, tmp_path, channels_last):
     scan_path, _ = scan
-    blocks, _ = _infer(scan_path, model_path, tmp_path / "blocks.h5", "--block", "8", "--channels_last", channels_last)
-    single, _ = _infer(scan_path, model_path, tmp_path / "single.h5", "--block", "64", "--channels_last", channels_last)
+    blocks, _ = _infer(scan_path, model_path, tmp_path / "blocks.h5", "--macro_block", "8", "--channels_last", channels_last)
+    single, _ = _infer(scan_path, model_path, tmp_path / "single.h5", "--macro_block", "64", "--channels_last", channels_last)
     assert np.array_equal(blocks, single)
 
 
@@ -220,22 +220,23 @@ def test_a_failed_write_stops_cleanly_and_resume_completes_the_run(scan, model_p
 def test_a_full_disk_stops_cleanly_and_resume_completes_the_run(model_path, tmp_path):
     values = np.random.default_rng(4).integers(0, 256, (64, 128, 128)).astype(np.uint8)
     scan_path = _scan(tmp_path / "scan.h5", values)
-    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--block", "32")
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--macro_block", "32")
     argv = ["--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"), "--patch", str(PATCH),
-            "--block", "32", "--skip_max", "-1", "--channels_last", "false"]
+            "--macro_block", "32", "--air_level", "none", "--channels_last", "false"]
     for file_bytes in (300_000, 600_000):  # the disk fills, space is freed, it fills again
         run = run_on_a_full_disk("inference.py", file_bytes, argv + (["--resume", "true"] if file_bytes > 300_000 else []))
         assert run.returncode == 2 and "pred.h5.partial: writing failed (File too large)" in run.stderr, run.stderr[-2000:]
-    resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--block", "32", "--resume", "true")
+    resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "32", "--resume", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch_size", "-1"], "--batch_size -1: must be > 0"),
     (["--batch_size", "0"], "--batch_size 0: must be > 0"),
-    (["--block", "0"], "--block 0: must be > 0"),
+    (["--macro_block", "0"], "--macro_block 0: must be > 0"),
     (["--overlap", "1"], "--overlap 1.0: must be in \\[0, 1\\)"),
-    (["--skip_max", "-5"], "--skip_max -5: must be in \\[-2, 255\\]"),
+    (["--air_level", "-5"], "--air_level '-5': choose auto, otsu, none or a number in 0..255"),
+    (["--air_level", "otsu"], "--air_level 'otsu': expected a number in 0..255, auto, none"),
 ])
 def test_bad_settings_are_refused_before_any_output(scan, model_path, tmp_path, flags, message):
     scan_path, _ = scan
@@ -256,9 +257,9 @@ def test_an_unfinished_scan_volume_is_refused(model_path, tmp_path):
 def test_kill_9_at_any_moment_then_resume_equals_the_uninterrupted_run(model_path, tmp_path):
     values = np.random.default_rng(5).integers(0, 256, (48, 96, 96)).astype(np.uint8)
     scan_path = _scan(tmp_path / "scan.h5", values)
-    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--block", "16")
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--macro_block", "16")
     argv = ["inference.py", "--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"),
-            "--patch", str(PATCH), "--batch_size", "3", "--block", "16", "--skip_max", "-1", "--channels_last", "false"]
+            "--patch", str(PATCH), "--batch_size", "3", "--macro_block", "16", "--air_level", "none", "--channels_last", "false"]
     partial = tmp_path / "pred.h5.partial"
     for delay in (0.0, 0.3, 0.6):  # seconds after the run starts writing: at its start, then further into the blocks
         written = partial.stat().st_mtime_ns if partial.exists() else None
@@ -270,10 +271,10 @@ def test_kill_9_at_any_moment_then_resume_equals_the_uninterrupted_run(model_pat
         process.wait()
     assert not (tmp_path / "pred.h5").exists()
     try:
-        resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--block", "16", "--resume", "true")
+        resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "16", "--resume", "true")
     except InputError as error:  # a kill inside HDF5's metadata flush can tear the file: named, never silently wrong
         assert "cannot be opened to resume" in str(error) or "cannot be repaired" in str(error)
-        resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--block", "16", "--overwrite", "true")
+        resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "16", "--overwrite", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
 
 
@@ -361,7 +362,7 @@ def test_air_is_not_run_through_the_model(model_path, tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(inference.WindowPredictor, "_batches", recorded)
-    pred, _ = _infer(scan_path, model_path, tmp_path / "pred.h5", "--skip_max", "0", "--block", "64")
+    pred, _ = _infer(scan_path, model_path, tmp_path / "pred.h5", "--air_level", "0", "--macro_block", "64")
     run = [index for batch in batches for index in batch if index is not None]
     assert len(run) == len(set(run)) == 3 * 3 * 2  # windows with x start 24 or 32 touch the non-air part; x start 0..16 are skipped
     assert not pred[:, :, :8].any()  # covered only by skipped windows
@@ -406,7 +407,7 @@ def test_two_ranks_write_parts_and_merge_into_the_single_run(scan, model_path, t
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     argv = ["--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "ranks.h5"), "--patch", str(PATCH),
-            "--batch_size", "3", "--block", "16", "--skip_max", "-1", "--channels_last", "false", "--device", "cpu"]
+            "--batch_size", "3", "--macro_block", "16", "--air_level", "none", "--channels_last", "false", "--device", "cpu"]
     torch.multiprocessing.spawn(_rank_main, args=(2, port, argv), nprocs=2, join=True)
     with h5py.File(tmp_path / "ranks.h5") as file:
         assert np.array_equal(file[volume.PREDICTIONS][:], single) and file[volume.PREDICTIONS].attrs["complete"]
@@ -470,9 +471,9 @@ def test_a_uint16_hdf5_scan_reads_as_volume_to_hdf_converts_it_and_a_float_scan_
 
 def test_ctrl_c_stops_with_one_line_and_the_run_resumes(scan, model_path, tmp_path):
     scan_path, _ = scan
-    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--block", "16")
+    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--macro_block", "16")
     argv = ["inference.py", "--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"),
-            "--patch", str(PATCH), "--batch_size", "3", "--block", "16", "--skip_max", "-1", "--channels_last", "false"]
+            "--patch", str(PATCH), "--batch_size", "3", "--macro_block", "16", "--air_level", "none", "--channels_last", "false"]
     process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not (tmp_path / "pred.h5.partial").exists() and process.poll() is None:
         time.sleep(0.005)
@@ -482,5 +483,5 @@ def test_ctrl_c_stops_with_one_line_and_the_run_resumes(scan, model_path, tmp_pa
         pytest.skip("the run finished before the interrupt reached it")
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.rstrip().splitlines()[-1] == "interrupted: finished work is kept in the .partial output: rerun the same command with --resume true"
-    resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--block", "16", "--resume", "true")
+    resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "16", "--resume", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]

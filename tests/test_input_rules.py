@@ -41,7 +41,7 @@ def _field(tmp_path):
 
 def _flatten(tmp_path, data, name, *extra):
     write_ppm(tmp_path / name / SEGMENT / f"{SEGMENT}.ppm", data)
-    flatten_3d.main(["--predictions", str(_field(tmp_path)), "--dataset", volume.SCAN, "--ppm_dir", str(tmp_path / name),
+    flatten_3d.main(["--volume", str(_field(tmp_path)), "--dataset", volume.SCAN, "--ppm_dir", str(tmp_path / name),
                      "--out_dir", str(tmp_path / f"flat_{name}"), "--band", "3", *extra])
     return cv2.imread(str(tmp_path / f"flat_{name}" / f"{SEGMENT}_prediction.png"), cv2.IMREAD_UNCHANGED)
 
@@ -106,7 +106,7 @@ def test_level_1_takes_segment_coordinates_to_its_voxels(two_levels, tmp_path):
     assert (half & pooled).sum() / half.sum() > 0.9  # where the full-resolution labels lie, at half the size
     images = {}
     for level in (0, 1):
-        flatten_3d.main(["--predictions", str(scroll / "volume.zarr"), "--dataset", volume.SCAN, "--level", str(level),
+        flatten_3d.main(["--volume", str(scroll / "volume.zarr"), "--dataset", volume.SCAN, "--level", str(level),
                          "--ppm_dir", str(scroll / "paths"), "--out_dir", str(tmp_path / f"flat{level}"), "--band", "0"])
         images[level] = [cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(float) for path in sorted((tmp_path / f"flat{level}").glob("*_prediction.png"))]
     for full_image, half_image in zip(images[0], images[1]):
@@ -116,7 +116,7 @@ def test_level_1_takes_segment_coordinates_to_its_voxels(two_levels, tmp_path):
         dataset = volume.create_volume(file, volume.PREDICTIONS, half.shape, np.uint8)
         dataset[:] = half[:]
         dataset.attrs[volume.SCALE] = half.scale
-    flatten_3d.main(["--predictions", str(tmp_path / "half.h5"), "--ppm_dir", str(scroll / "paths"), "--out_dir", str(tmp_path / "flat_h5"),
+    flatten_3d.main(["--volume", str(tmp_path / "half.h5"), "--ppm_dir", str(scroll / "paths"), "--out_dir", str(tmp_path / "flat_h5"),
                      "--band", "0", "--depth_map", "false"])
     recorded = [cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(float) for path in sorted((tmp_path / "flat_h5").glob("*_prediction.png"))]
     assert all(np.array_equal(a, b) for a, b in zip(recorded, images[1], strict=True))
@@ -194,3 +194,18 @@ def test_a_score_without_ink_is_valid_json_with_nulls(tmp_path):
     score = json.loads((tmp_path / "score.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
     assert score["auc"] is None and score["ink_median"] is None and score["ink_p95"] is None and score["threshold"] is None
     assert score["f05"] == 0.0 and score["air_median"] == pytest.approx(np.median(scan[scan <= 60] // 2) / 255, abs=1 / 255)
+
+
+@pytest.mark.parametrize("module, old, new", [
+    ("inference", "--skip_max", "--air_level \\(auto: the level the checkpoint was trained with; none: run every window; or a number\\)"),
+    ("inference", "--block", "--macro_block"),
+    ("connected_components_explore", "--min_scan", "--air_level \\(auto: estimated from the scan; none: no air filter"),
+    ("connected_components_explore", "--block", "--macro_block"),
+    ("flatten_3d", "--predictions", "--volume"),
+])
+def test_a_renamed_flag_is_refused_with_its_new_name(module, old, new, tmp_path):
+    stage = __import__(module)
+    with pytest.raises(InputError, match=f"^{old} is now {new}"):
+        stage.main([f"{old}=1", "--out_dir", str(tmp_path)] if module != "inference" else [old, "1", "--out", str(tmp_path / "p.h5")])
+    assert list(tmp_path.iterdir()) == []
+

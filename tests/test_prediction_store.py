@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     model = UNet3D(f_maps=4, num_levels=2)
     save_checkpoint(root / "model.pth", model, model.args, {}, step=0)
     argv = ["--volume", str(root / "scan.h5"), "--checkpoint", str(root / "model.pth"), "--patch", "16", "--batch_size", "3",
-            "--block", "16", "--skip_max", "0"]
+            "--macro_block", "16", "--air_level", "0"]
     inference.main([*argv, "--out", str(root / "reference.h5")])
     with h5py.File(root / "reference.h5") as file:
         reference = file[volume.PREDICTIONS][:]

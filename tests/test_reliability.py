@@ -148,11 +148,11 @@ FULL_DISK = {  # stage script, bytes a file may grow to, arguments (root: the pi
                                                                             "--out_valid", str(out / "v.h5")], "t.h5"),
     "pred_find_coords": ("pred_find_coords.py", 60, lambda root, out: ["--labels", str(root / "labels_train.h5"),
                                                                        "--out", str(out / "c.npy"), "--block", "4"], "c.npy"),
-    "flatten_3d --layers": ("flatten_3d.py", 20_000, lambda root, out: ["--predictions", str(root / "scan.h5"), "--dataset", "scan_volume",
+    "flatten_3d --layers": ("flatten_3d.py", 20_000, lambda root, out: ["--volume", str(root / "scan.h5"), "--dataset", "scan_volume",
                                                                         "--ppm_dir", str(root / "scroll" / "paths"), "--out_dir", str(out),
                                                                         "--layers", "true"], "*.png"),
     "connected_components_explore": ("connected_components_explore.py", 2_000, lambda root, out: [
-        "--predictions", str(root / "predictions.h5"), "--volume", str(root / "scan.h5"), "--out_dir", str(out), "--block", "16"], "blobs.csv"),
+        "--predictions", str(root / "predictions.h5"), "--volume", str(root / "scan.h5"), "--out_dir", str(out), "--macro_block", "16"], "blobs.csv"),
     "export_slices jpg": ("export_slices.py", 300, lambda root, out: ["--volume", str(root / "predictions.h5"), "--out_dir", str(out),
                                                                         "--format", "jpg"], "export.json"),
     "export_slices tif": ("export_slices.py", 2_000, lambda root, out: ["--volume", str(root / "scan.h5"), "--dataset", "scan_volume",

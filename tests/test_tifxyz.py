@@ -116,7 +116,7 @@ def test_labels_from_tifxyz_match_those_from_ppm(scroll, tmp_path):
 
 def test_flattening_onto_tifxyz_matches_the_ppm(scroll, tmp_path):
     for name, segments in (("ppm", scroll / "paths"), ("tifxyz", scroll / "tifxyz")):
-        flatten_3d.main(["--predictions", str(scroll / "volume.zarr"), "--dataset", "scan_volume", "--ppm_dir", str(segments),
+        flatten_3d.main(["--volume", str(scroll / "volume.zarr"), "--dataset", "scan_volume", "--ppm_dir", str(segments),
                          "--out_dir", str(tmp_path / name), "--segments", "20231022170901", "--name", "scan"])
     ppm, tifxyz = (cv2.imread(str(tmp_path / name / "20231022170901_scan.png"), cv2.IMREAD_GRAYSCALE) for name in ("ppm", "tifxyz"))
     masks = [cv2.imread(str(tmp_path / name / "20231022170901_scan_mask.png"), cv2.IMREAD_GRAYSCALE) > 0 for name in ("ppm", "tifxyz")]
@@ -140,7 +140,7 @@ def test_a_tifxyz_folder_missing_z_stops_before_any_output(scroll, tmp_path):
 def test_the_ome_zarr_volume_flattens_and_scores_like_its_hdf5_copy(scroll, tmp_path):
     volume_to_hdf.main(["--tiff_dir", str(scroll / "volume"), "--out", str(tmp_path / "scan.h5")])
     for name, source in (("hdf5", tmp_path / "scan.h5"), ("zarr", scroll / "volume.zarr")):
-        flatten_3d.main(["--predictions", str(source), "--dataset", "scan_volume", "--ppm_dir", str(scroll / "paths"),
+        flatten_3d.main(["--volume", str(source), "--dataset", "scan_volume", "--ppm_dir", str(scroll / "paths"),
                          "--out_dir", str(tmp_path / name), "--name", "scan"])
     for segment_id in json.loads((scroll / "scroll.json").read_text())["segments"]:
         images = [cv2.imread(str(tmp_path / name / f"{segment_id}_scan.png"), cv2.IMREAD_UNCHANGED) for name in ("hdf5", "zarr")]
