@@ -561,8 +561,8 @@ def train(config) -> float:
         network = ema.model if ema is not None else unwrap(model)
         metrics, picture_parts = validate(network, valid_loader, device, dtype, channels_last, config.dice_weight, truth,
                                           band, config.pool_sharpness)
-        picture = validation_picture(*picture_parts, title=f"step {step}: F0.5 {metrics['valid_f05']:.3f} "
-                                                         f"(threshold {metrics['valid_threshold_baseline_f05']:.3f})")
+        picture = validation_picture(*picture_parts, title=f"step {step}: model F0.5 {metrics['valid_f05']:.3f}, best intensity "
+                                                         f"threshold F0.5 {metrics['valid_threshold_baseline_f05']:.3f}")
         with writing(out_dir, advice=KEPT):
             write_image(out_dir / f"valid_{step:06d}.png", picture)
             log.write({"step": step, "lr": learning_rate, "train_loss": train_loss, "samples_per_s": samples_per_s,
