@@ -4,7 +4,7 @@
     python inference.py --volume /data/scroll1.h5 --checkpoint checkpoints/published_3d_ink.pth \\
         --out /data/scroll1_pred.h5 --roi 6000:7000,2000:5000,2000:5000 --batch_size 8
     python inference.py ... --resume true                       # after an interruption
-    torchrun --nproc_per_node=4 inference.py ... --batch_size 8  # several GPUs (see README)
+    torchrun --nproc_per_node=4 inference.py ... --batch_size 8  # several GPUs (see docs/REAL_SCROLL.md)
 
 Windows of `--patch` voxels on the volume's window grid (docs/DESIGN.md: stride
 patch * (1 - overlap) from the volume's origin, the last window flush with its far edge) are

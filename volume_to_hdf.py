@@ -38,7 +38,7 @@ ZARR = ""  # a local zarr array or OME-Zarr group (axes z, y, x; uint8 or uint16
 LEVEL = 0  # OME-Zarr: the multiscale level to convert (0 = full resolution)
 OUT = "runs/demo/scan.h5"  # output HDF5 file, dataset scan_volume (uint8, z, y, x)
 CHUNK = 128  # HDF5 chunk edge; also the slab depth written at once
-COMPRESSION = "blosc-lz4"  # blosc-zstd, blosc-lz4, blosc-lz4-byteshuffle, gzip, lzf or none (see README: Codec)
+COMPRESSION = "blosc-lz4"  # blosc-zstd, blosc-lz4, blosc-lz4-byteshuffle, gzip, lzf or none (see docs/REFERENCE.md: Codec)
 WINDOW = ""  # uint16 only: 'low,high' percentiles mapped to 0..255 (e.g. 0.5,99.5); empty = fixed v*255/65535
 WINDOW_SAMPLE_SLICES = 32  # slices sampled (evenly spaced) to estimate the window percentiles
 WORKERS = 0  # threads reading slices in parallel; 0 = one per CPU core
