@@ -88,10 +88,24 @@ def _row(views: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.pad(view, ((0, height - view.shape[0]), (0, 4), (0, 0))) for view in views], axis=1)
 
 
-def blob_picture(predictions, scan, low, high, centroid, size: int, blob_mask: np.ndarray | None = None) -> np.ndarray:
-    """Max projections along z, y, x of the prediction; under them, the scan's slices through the centroid,
-    with the outline of the blob (`blob_mask`, its voxels in the box) where the slice cuts it. BGR."""
+NEIGHBOURS = 1 / 3  # brightness of other voxels of the box, beside the blob's own, in its projections
+
+
+def blob_caption(blobs: Blobs, i: int, true_ink: np.ndarray | None) -> str:
+    """What a blob's picture and its gallery entry say of it."""
+    c = blobs.centroid[i]
+    caption = (f"#{i + 1}: {int(blobs.voxels[i])} voxels, centre z {c[0]:.0f} y {c[1]:.0f} x {c[2]:.0f}, "
+               f"max p {blobs.max_value[i] / 255:.2f}")
+    return caption + ("" if true_ink is None else f", {true_ink[i] / blobs.voxels[i]:.0%} true ink")
+
+
+def blob_picture(predictions, scan, low, high, centroid, size: int, blob_mask: np.ndarray | None = None, caption: str = "") -> np.ndarray:
+    """`caption` above the maximum projections along z, y, x of the prediction: the blob's own voxels (`blob_mask`, in
+    the box) at full brightness, the rest of the box (neighbouring sheets and blobs) dimmed; under them, the scan's
+    slices through the centroid, with the outline of the blob where the slice cuts it. BGR."""
     box = volume.read_crop(predictions, low, high - low)
+    if blob_mask is not None:
+        box = np.where(blob_mask, box, (box * NEIGHBOURS).astype(box.dtype))
     rows = [_row([_outlined(box.max(axis=axis), None, size) for axis in range(3)])]
     if scan is not None:
         crop = volume.read_crop(scan, low, high - low)
@@ -99,25 +113,27 @@ def blob_picture(predictions, scan, low, high, centroid, size: int, blob_mask: n
         cuts = [(middle[0],), (slice(None), middle[1]), (slice(None), slice(None), middle[2])]
         rows.append(_row([_outlined(crop[cut], None if blob_mask is None else blob_mask[cut], size) for cut in cuts]))
     width = max(row.shape[1] for row in rows)
-    return np.concatenate([np.pad(row, ((0, 4), (0, width - row.shape[1]), (0, 0))) for row in rows], axis=0)
+    picture = np.concatenate([np.pad(row, ((0, 4), (0, width - row.shape[1]), (0, 0))) for row in rows], axis=0)
+    if not caption:
+        return picture
+    band = np.zeros((18, max(width, 7 * len(caption)), 3), np.uint8)
+    cv2.putText(band, caption, (2, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return np.concatenate([band, np.pad(picture, ((0, 0), (0, band.shape[1] - width), (0, 0)))], axis=0)
 
 
-def write_index(path: Path, blobs: Blobs, shown: list[int], pictures: dict[int, str], true_ink: np.ndarray | None) -> None:
-    figures = []
-    for i in shown:
-        c = blobs.centroid[i]
-        caption = (f"#{i + 1}: {int(blobs.voxels[i])} voxels, centre z {c[0]:.0f} y {c[1]:.0f} x {c[2]:.0f}, "
-                   f"max p {blobs.max_value[i] / 255:.2f}")
-        if true_ink is not None:
-            caption += f", {true_ink[i] / blobs.voxels[i]:.0%} true ink"
-        figures.append(f'<figure><img src="{html.escape(pictures[i])}" loading="lazy"><figcaption>{html.escape(caption)}</figcaption></figure>')
+def write_index(path: Path, blobs: Blobs, shown: list[int], pictures: dict[int, str], true_ink: np.ndarray | None,
+                chosen: str) -> None:
+    figures = [f'<figure><img src="{html.escape(pictures[i])}" loading="lazy"><figcaption>{html.escape(blob_caption(blobs, i, true_ink))}'
+               "</figcaption></figure>" for i in shown]
     path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>ink blobs</title><style>"
         "body{font-family:sans-serif;background:#111;color:#ddd}figure{display:inline-block;margin:6px;vertical-align:top}"
         "img{image-rendering:pixelated;max-width:520px}figcaption{font-size:12px}</style></head><body>"
-        f"<h1>{len(shown)} blobs (of {len(blobs)}), largest first</h1>"
-        "<p>Top row: maximum projections of the prediction along z, y, x. Bottom row (with a scan): "
-        "scan slices through the blob's centre, the blob outlined in orange.</p>" + "\n".join(figures) + "</body></html>\n"
+        f"<h1>{len(shown)} blobs (of {len(blobs)}), largest first</h1><p>{html.escape(chosen)}</p>"
+        "<p>Top row: maximum projections of the prediction along z, y, x over the blob's box; the blob's own voxels "
+        "bright, everything else in the box (neighbouring sheets, other blobs) at a third of its brightness. "
+        "Bottom row (with a scan): scan slices through the blob's centre, the blob outlined in orange.</p>"
+        + "\n".join(figures) + "</body></html>\n"
     )
 
 
@@ -147,7 +163,9 @@ def explore(config) -> Blobs:
             blobs, shown, in_range, pictures, true_ink = _label_and_picture(config, out_dir, Path(scratch_dir) / "labels.h5", predictions,
                                                                             scan, truth, truth_file, roi, level)
         write_csv(out_dir / "blobs.csv", blobs, true_ink)
-        write_index(out_dir / "index.html", blobs, shown, pictures, true_ink)
+        write_index(out_dir / "index.html", blobs, shown, pictures, true_ink,
+                    f"Blobs: 26-connected voxels of p >= {config.threshold}" + (" above the scan's air level" if scan is not None else "")
+                    + f"; shown: those of {config.min_size} to {config.max_size} voxels, the {config.max_views} largest at most.")
         save_config(config, config_path_for(out_dir / "blobs.csv"))
     pred_file.close()
     if scan_file is not None:
@@ -182,7 +200,8 @@ def _label_and_picture(config, out_dir: Path, scratch_path: Path, predictions, s
             low = np.maximum(blobs.bbox_low[i] - config.margin, 0)
             high = np.minimum(blobs.bbox_high[i] + config.margin, shape)
             blob_mask = blobs.label_to_blob[volume.read_crop(scratch[volume.BLOB_LABELS], low - roi_origin, high - low)] == i + 1
-            picture = blob_picture(predictions, scan, low, high, blobs.centroid[i], config.view_size, blob_mask)
+            picture = blob_picture(predictions, scan, low, high, blobs.centroid[i], config.view_size, blob_mask,
+                                   blob_caption(blobs, i, true_ink))
             pictures[i] = f"blob_{i + 1:06d}.png"
             write_image(out_dir / pictures[i], picture)
     return blobs, shown, in_range, pictures, true_ink

@@ -152,14 +152,16 @@ def largest_blobs_true_ink(blobs_csv: Path, count: int, min_size: int, max_size:
 
 def summary_picture(scroll: Path, flat: Path, blobs: Path, segment_id: str, caption: str) -> np.ndarray:
     """The scores, then flattened scan | ink label | flattened prediction, then the largest blob's views, with titles."""
-    panels = [cv2.cvtColor(_read_gray(path), cv2.COLOR_GRAY2BGR) for path in (
-        flat / f"{segment_id}_scan.png", scroll / "labels" / f"{segment_id}_inklabels.png", flat / f"{segment_id}_prediction.png")]
-    titles = ["flattened scan", "ink label (held out)", "flattened 3D prediction"]
+    panels = [cv2.cvtColor(_read_gray(flat / f"{segment_id}_scan.png"), cv2.COLOR_GRAY2BGR),
+              cv2.cvtColor(_read_gray(scroll / "labels" / f"{segment_id}_inklabels.png"), cv2.COLOR_GRAY2BGR),
+              cv2.applyColorMap(_read_gray(flat / f"{segment_id}_prediction.png"), PROBABILITY_COLOURS)]
+    titles = ["flattened scan", "ink label (held out)", "flattened 3D prediction: ink probability"]
     scale = max(1, round(300 / panels[0].shape[0]))
     tiles = []
     for panel, title in zip(panels, titles):
         panel = cv2.resize(panel, (panel.shape[1] * scale, panel.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
         tiles.append(_titled(panel, title))
+    tiles.append(_titled(colour_bar(tiles[-1].shape[0] - 28), ""))
     row = _titled(_hstack(tiles), caption)
     blob_pictures = sorted(blobs.glob("blob_*.png"))
     if blob_pictures:
@@ -168,6 +170,19 @@ def summary_picture(scroll: Path, flat: Path, blobs: Path, segment_id: str, capt
         return _vstack([row, _titled(blob, f"largest 3D blob of p >= {BLOB_THRESHOLD} in the scroll: max projections along z, y, x; "
                                            "scan slices below, the blob outlined")])
     return _vstack([row, _titled(np.zeros((8, row.shape[1], 3), np.uint8), f"no 3D blob of p >= {BLOB_THRESHOLD} in the gallery's size range")])
+
+
+PROBABILITY_COLOURS = cv2.COLORMAP_VIRIDIS  # the flattened prediction's colours, uint8 255 = probability 1
+
+
+def colour_bar(height: int) -> np.ndarray:
+    """The probability scale of the flattened prediction: its colours from 1 (top) to 0, with the values written beside."""
+    values = np.linspace(255, 0, height).round().astype(np.uint8)[:, None].repeat(16, axis=1)
+    bar = np.zeros((height, 52, 3), np.uint8)
+    bar[:, :16] = cv2.applyColorMap(values, PROBABILITY_COLOURS)
+    for text, row in (("1", 10), ("0.5", height // 2 + 4), ("0", height - 2)):
+        cv2.putText(bar, text, (20, row), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return bar
 
 
 def _titled(image: np.ndarray, title: str) -> np.ndarray:
@@ -240,7 +255,7 @@ def run_demo(config):
                 "--train_coords", str(coords["train"]), "--valid_coords", str(coords["valid"]), "--out_dir", str(train_dir),
                 "--patch", str(config.patch), "--f_maps", str(config.f_maps), "--num_levels", str(config.num_levels),
                 "--batch_size", str(config.batch_size), "--max_steps", str(config.max_steps),
-                "--valid_every", str(max(1, config.max_steps // 3)), "--checkpoint_every", str(max(1, config.max_steps // 3)),
+                "--valid_every", str(-(-config.max_steps // 3)), "--checkpoint_every", str(-(-config.max_steps // 3)),  # the last at max_steps
                 "--exclusion_radius", str(config.patch), "--seed", str(config.seed), "--device", config.device,
                 "--augmentation", config.augmentation, "--ground_truth", str(scroll / "ground_truth.h5"), "--resume", "true",
                 "--ink_depth", config.ink_depth],

@@ -65,3 +65,10 @@ def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
     assert not (out / "predictions.h5").exists() and (out / "predictions.zarr" / "meta.json").exists()
     assert json.loads((out / "score_3d.json").read_text()) == whole  # the same predictions, in the other form
     assert json.loads((out / "results.json").read_text())["held_out_f05"] == model_f05
+
+
+def test_the_colour_bar_runs_from_probability_1_to_0_in_the_predictions_colours():
+    bar = demo.colour_bar(101)
+    colours = cv2.applyColorMap(np.array([[255], [128], [0]], np.uint8), demo.PROBABILITY_COLOURS)[:, 0]
+    assert np.array_equal(bar[0, :16], np.tile(colours[0], (16, 1))) and np.array_equal(bar[-1, :16], np.tile(colours[2], (16, 1)))
+    assert np.array_equal(bar[50, 0], colours[1]) and bar[:, 20:].any()  # the middle, and the values written beside

@@ -188,7 +188,7 @@ def test_the_blob_is_outlined_on_its_scan_slices_only(tmp_path):
     with h5py.File(tmp_path / "scan.h5", "w") as file:
         volume.create_volume(file, volume.SCAN, values.shape, np.uint8)[:] = 90
     _components(tmp_path, values, "--volume", str(tmp_path / "scan.h5"), "--min_size", "1", "--margin", "4", "--view_size", "17")
-    picture = cv2.imread(str(tmp_path / "blobs" / "blob_000001.png"))
+    picture = cv2.imread(str(tmp_path / "blobs" / "blob_000001.png"))[18:]  # below the caption's band
     orange = np.all(picture == connected_components_explore.OUTLINE, axis=-1)
     assert not orange[:17 + 4].any()  # the prediction's projections (17 rows, then a gap) carry no outline
     # the box is 2..16 on each axis (the cube 6..11 and a margin of 4), drawn 17 / 14 larger, each view followed by a
@@ -196,6 +196,11 @@ def test_the_blob_is_outlined_on_its_scan_slices_only(tmp_path):
     for view in (orange[21:, 0:17], orange[21:, 21:38], orange[21:, 42:59]):
         rows, cols = np.nonzero(view)
         assert (rows.min(), rows.max(), cols.min(), cols.max()) == (5, 12, 5, 12)
+    along_z = picture[:17, :17, 0]  # the neighbour (x 14..15: box 12..13, pixels 15..16) is dimmed to a third
+    assert along_z[8, 8] == 255 and along_z[8, 15] == 33
+    index = (tmp_path / "blobs" / "index.html").read_text()
+    assert "#1: 216 voxels, centre z 8 y 8 x 8, max p 1.00" in index
+    assert "Blobs: 26-connected voxels of p &gt;= 0.5 above the scan&#x27;s air level; shown: those of 1 to" in index
 
 
 def test_empty_volume(tmp_path):

@@ -469,6 +469,16 @@ def test_resume_refuses_other_data_unless_allowed(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train_coords"] == str(root / "other.npy")
 
 
+def test_the_validation_picture_says_what_its_numbers_are(tmp_path, monkeypatch):
+    titles = []
+    original = train.validation_picture
+    monkeypatch.setattr(train, "validation_picture", lambda *parts, title: titles.append(title) or original(*parts, title=title))
+    _train(_scene(tmp_path), tmp_path / "run")
+    rows = _rows(tmp_path / "run" / "metrics.csv")
+    assert titles == [f"step {row['step']}: model F0.5 {float(row['valid_f05']):.3f}, best intensity threshold F0.5 "
+                      f"{float(row['valid_threshold_baseline_f05']):.3f}" for row in rows]
+
+
 def test_resume_refuses_data_files_made_again_under_the_same_name(tmp_path):
     root = _scene(tmp_path)
     _train(root, tmp_path / "run", "--max_steps", "2")
