@@ -6,12 +6,12 @@
     python flatten_3d.py --volume runs/demo/scan.h5 --dataset scan_volume --band 32 --layers true \\
         --name surface --ppm_dir runs/demo/scroll/paths --out_dir runs/demo/flat
 
-For every pixel with a valid ppm point, the volume is sampled at `p + t * n` for integer t in
-[-band, band] with trilinear interpolation and reduced along t (mean or max) into
+For every pixel with a valid ppm point, the volume is sampled at `p + t * n` for t = -band, -band + 1,
+... up to band, with trilinear interpolation and reduced along t (mean or max) into
 `<out_dir>/<id>_<name>.png` (uint8, values as they are: no contrast stretch, so images of
 different runs compare). Only samples inside the volume count; `<id>_<name>_mask.png` is 255
 where a pixel has at least one, 0 where it has none or lies off the surface (such pixels are 0
-in the image). `--layers true` also writes the `(2 * band + 1)`-page stack
+in the image). `--layers true` also writes the stack of one page per sample
 `<id>_<name>_layers.tif` (0 for samples outside the volume).
 
 For a prediction (`--depth_map auto`), `<id>_<name>_depth.tif` (float32) holds where along the
@@ -47,10 +47,10 @@ LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 PPM_DIR = "runs/demo/scroll/paths"  # segments: <ppm_dir>/<id>/<id>.ppm, or tifxyz folders <ppm_dir>/<id>/
 OUT_DIR = "runs/demo/flat"  # images go here
 SEGMENTS = ""  # comma-separated segment ids; empty = every segment in ppm_dir
-BAND = 8  # samples at integer offsets -band..band along the normal
+BAND = 8.0  # half-width of the band along the normal, in voxels (as all_labels_to_hdf's): samples every voxel from -band to +band
 REDUCE = "mean"  # mean or max along the normal
 NAME = "prediction"  # images are <id>_<name>.png
-LAYERS = False  # also write the (2 * band + 1)-layer stack as <id>_<name>_layers.tif
+LAYERS = False  # also write the stack of layers (one per sample along the normal) as <id>_<name>_layers.tif
 DEPTH_MAP = "auto"  # also write <id>_<name>_depth.tif, where along the normal the volume peaks: true, false, auto (for --dataset predictions)
 DEPTH_THRESHOLD = 0.5  # the depth map covers pixels whose peak reaches this fraction of full scale (ink probability)
 TILE = 128  # tile edge in pixels: bounds memory
@@ -117,7 +117,7 @@ def depth_summary(depth: np.ndarray) -> dict:
     return {"pixels": int(len(finite)), "median": median, "q25": q25, "q75": q75, "behind_surface": median < BEHIND}
 
 
-def flatten_segment(dataset, ppm_path: Path, band: int, reduce: str, tile: int, bar, layers_path: Path | None,
+def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int, bar, layers_path: Path | None,
                     depth_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The reduced uint8 image of one segment, its mask (255: sampled inside the volume) and, with a
     `depth_threshold` (in the volume's units), its depth map; the layer stack goes straight into `layers_path` if given."""
