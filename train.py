@@ -575,66 +575,65 @@ def train(config) -> float:
     if rank == 0 and resuming and (step % config.valid_every == 0 or step == config.max_steps) and not log.has_step(step):
         validate_and_log(float("nan"), float("nan"))  # the run stopped during the validation that follows its checkpoint
     model.train()
-    bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="train", disable=rank != 0)
     started, samples, running = time.perf_counter(), 0, []
-    for images, labels, sample_redraws, *transforms in loader:
-        columns = transforms.pop().to(device, non_blocking=True) if learned else None
-        learning_rate = config.lr * lr_factor(step, config.warmup_steps, config.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
-        redraws += int(sample_redraws.sum())
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if transforms:  # raw crops: normalise, resample and scale the batch here (ink3d.augment)
-            matrices, offsets, scales = (t.to(device, non_blocking=True) for t in transforms)
-            images, labels = warp(normalization(images), labels, matrices, offsets, config.patch, image_mode)
-            images = images * scales.view(-1, 1, 1, 1, 1)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last_3d)
-        labeled = torch.tensor([(labels >= 0).sum().item() + (0 if columns is None else (columns[..., 6] >= 0).sum().item())],
-                               dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(labeled)
-        if labeled.item() == 0:  # no rank has a labeled voxel: nothing to learn, step skipped
-            skipped_batches += 1
-        else:
-            with autocast(device, dtype):
-                logits = model(images)
-            loss, _ = masked_loss(logits, labels, 0.0 if learned else config.dice_weight, config.background_weight,
-                                  config.label_smoothing)
-            if learned:
-                column_logits, counted = sample_columns(logits, columns, band, matrices, offsets)
-                if bool(counted.any()):
-                    loss = loss + config.column_weight * column_loss(
-                        column_logits[counted], columns[..., 6][counted], config.pool_sharpness, config.dice_weight,
-                        face_bags(columns[counted], band))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model)
-            running.append(loss.item())
-        step += 1
-        samples += len(images) * world
-        rate = samples / (time.perf_counter() - started)
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(running[-20:]) if running else float('nan'):.4f}", samples_per_s=f"{rate:.2f}")
-        if rank == 0 and step % config.log_every == 0:
-            bar.write(f"step {step}: train loss {np.mean(running[-config.log_every:]) if running else float('nan'):.4f}, "
-                      f"lr {learning_rate:.2e}, {rate:.2f} samples/s, {skipped_batches} skipped batches, {redraws} redraws")
-        if rank == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
-            checkpoint(last_path)  # before validation: a failing validation loses no training
-        if rank == 0 and (step % config.valid_every == 0 or step == config.max_steps):
-            metrics = validate_and_log(float(np.mean(running[-config.valid_every:])) if running else float("nan"), rate)
-            bar.write(f"step {step}: valid F0.5 {metrics['valid_f05']:.3f} (intensity threshold {metrics['valid_threshold_baseline_f05']:.3f}), "
-                      f"AUC {metrics['valid_auc']:.3f}, loss {metrics['valid_loss']:.4f}"
-                      + (f"; 3D F0.5 {metrics['valid_3d_f05']:.3f} (scan {metrics['valid_3d_scan_f05']:.3f})" if truth else ""))
-        if world > 1:
-            dist.barrier()
-    bar.close()
+    with tqdm(total=config.max_steps, initial=step, unit="step", desc="train", disable=rank != 0) as bar:
+        for images, labels, sample_redraws, *transforms in loader:
+            columns = transforms.pop().to(device, non_blocking=True) if learned else None
+            learning_rate = config.lr * lr_factor(step, config.warmup_steps, config.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+            redraws += int(sample_redraws.sum())
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if transforms:  # raw crops: normalise, resample and scale the batch here (ink3d.augment)
+                matrices, offsets, scales = (t.to(device, non_blocking=True) for t in transforms)
+                images, labels = warp(normalization(images), labels, matrices, offsets, config.patch, image_mode)
+                images = images * scales.view(-1, 1, 1, 1, 1)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last_3d)
+            labeled = torch.tensor([(labels >= 0).sum().item() + (0 if columns is None else (columns[..., 6] >= 0).sum().item())],
+                                   dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(labeled)
+            if labeled.item() == 0:  # no rank has a labeled voxel: nothing to learn, step skipped
+                skipped_batches += 1
+            else:
+                with autocast(device, dtype):
+                    logits = model(images)
+                loss, _ = masked_loss(logits, labels, 0.0 if learned else config.dice_weight, config.background_weight,
+                                      config.label_smoothing)
+                if learned:
+                    column_logits, counted = sample_columns(logits, columns, band, matrices, offsets)
+                    if bool(counted.any()):
+                        loss = loss + config.column_weight * column_loss(
+                            column_logits[counted], columns[..., 6][counted], config.pool_sharpness, config.dice_weight,
+                            face_bags(columns[counted], band))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                if ema is not None:
+                    ema.update(model)
+                running.append(loss.item())
+            step += 1
+            samples += len(images) * world
+            rate = samples / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(running[-20:]) if running else float('nan'):.4f}", samples_per_s=f"{rate:.2f}")
+            if rank == 0 and step % config.log_every == 0:
+                bar.write(f"step {step}: train loss {np.mean(running[-config.log_every:]) if running else float('nan'):.4f}, "
+                          f"lr {learning_rate:.2e}, {rate:.2f} samples/s, {skipped_batches} skipped batches, {redraws} redraws")
+            if rank == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
+                checkpoint(last_path)  # before validation: a failing validation loses no training
+            if rank == 0 and (step % config.valid_every == 0 or step == config.max_steps):
+                metrics = validate_and_log(float(np.mean(running[-config.valid_every:])) if running else float("nan"), rate)
+                bar.write(f"step {step}: valid F0.5 {metrics['valid_f05']:.3f} (intensity threshold {metrics['valid_threshold_baseline_f05']:.3f}), "
+                          f"AUC {metrics['valid_auc']:.3f}, loss {metrics['valid_loss']:.4f}"
+                          + (f"; 3D F0.5 {metrics['valid_3d_f05']:.3f} (scan {metrics['valid_3d_scan_f05']:.3f})" if truth else ""))
+            if world > 1:
+                dist.barrier()
     if rank == 0:
         log.close()
         if truth is not None:

@@ -240,8 +240,8 @@ def _write_slabs(stack, dataset, lut, workers: int) -> None:
     slabs = _slabs(dataset)
     started = time.perf_counter()
     done_slices = sum(s[0].stop - s[0].start for s, value in zip(slabs, checksums) if value is not None)
-    bar = tqdm(total=stack.shape[0], initial=done_slices, unit="slice", desc="volume_to_hdf")
-    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool, \
+            tqdm(total=stack.shape[0], initial=done_slices, unit="slice", desc="volume_to_hdf") as bar:
         for index, slab in enumerate(slabs):
             if checksums[index] is not None:
                 continue
@@ -257,7 +257,6 @@ def _write_slabs(stack, dataset, lut, workers: int) -> None:
             bar.update(slab[0].stop - slab[0].start)
             elapsed = time.perf_counter() - started
             bar.set_postfix_str(f"{(bar.n - bar.initial) * slice_bytes / 1e6 / elapsed:.0f} MB/s read")
-    bar.close()
 
 
 def main(argv=None):
