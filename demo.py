@@ -155,7 +155,7 @@ def summary_picture(scroll: Path, flat: Path, blobs: Path, segment_id: str, capt
     panels = [cv2.cvtColor(_read_gray(flat / f"{segment_id}_scan.png"), cv2.COLOR_GRAY2BGR),
               cv2.cvtColor(_read_gray(scroll / "labels" / f"{segment_id}_inklabels.png"), cv2.COLOR_GRAY2BGR),
               cv2.applyColorMap(_read_gray(flat / f"{segment_id}_prediction.png"), PROBABILITY_COLOURS)]
-    titles = ["flattened scan", "ink label (held out)", "flattened 3D prediction: ink probability"]
+    titles = ["flattened scan", "ink label (held out)", "flattened prediction: mean p"]
     scale = max(1, round(300 / panels[0].shape[0]))
     tiles = []
     for panel, title in zip(panels, titles):
