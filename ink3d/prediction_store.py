@@ -56,7 +56,8 @@ def _creating(path: Path):
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
-        finally:
+        finally:  # a worker still waiting on the unlinked file finds the store made, and joins it
+            lock_path(path).unlink(missing_ok=True)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 

@@ -148,6 +148,9 @@ def test_three_worker_processes_write_every_chunk_as_one_process_does(setup, tmp
         assert worker.returncode == 0, stderr[-2000:]
     assert _chunks(three) == _chunks(one) and len(_chunks(one)) > 10
     assert zarr.open_group(str(three), mode="r").attrs["ink3d"]["complete"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["one.zarr", "one.zarr.part0-of-1.config.json", "three.zarr",
+                                                               "three.zarr.part0-of-3.config.json", "three.zarr.part1-of-3.config.json",
+                                                               "three.zarr.part2-of-3.config.json"]  # no lock left behind
 
 
 def test_kill_9_of_a_worker_then_resume_is_identical(setup, tmp_path):
