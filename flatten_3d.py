@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output, output_lock, writing
-from ink3d.ppm import find_segment, open_segment, positions_along_normals, segment_size, valid_mask
+from ink3d.ppm import find_segment, open_segment, segment_size, valid_mask
 
 # --- config ---
 VOLUME = "runs/demo/predictions.h5"  # volume to flatten: a prediction volume, or the scan (with --dataset scan_volume)
@@ -70,15 +70,29 @@ def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndar
     inside = np.zeros(samples.shape, bool)
     if not valid.any():
         return samples, inside
-    positions = positions_along_normals(data[valid], offsets)  # (n, T, 3) zyx
-    within = np.all((positions >= 0) & (positions <= np.array(dataset.shape) - 1), axis=-1)
-    if not within.any():
+    points = data[valid]
+    coordinates = np.empty((3, len(points), len(offsets)))  # zyx rows of p + t * n, as positions_along_normals gives them
+    within = np.ones(coordinates.shape[1:], bool)
+    for axis, (column, size) in enumerate(zip((2, 1, 0), dataset.shape)):
+        np.multiply.outer(points[:, column + 3], offsets, out=coordinates[axis])
+        coordinates[axis] += points[:, column, None]
+        within &= (coordinates[axis] >= 0) & (coordinates[axis] <= size - 1)
+    reached = np.flatnonzero(within.any(axis=1))
+    if not len(reached):
         return samples, inside
-    low = np.floor(positions[within].min(axis=0)).astype(np.int64)  # the samples inside bound the read, whatever lies outside
-    high = np.floor(positions[within].max(axis=0)).astype(np.int64) + 2
-    box = volume.read_crop(dataset, low, high - low, fill=0).astype(np.float32)
-    local = (positions - low).reshape(-1, 3).T
-    values = ndimage.map_coordinates(box, local, order=1, mode="constant", cval=0.0, prefilter=False)
+    # a pixel's samples inside the volume are one run of t, and p + t * n is monotonic in t: the run's two ends bound
+    # the read (whatever lies outside the volume, however far)
+    first = within[reached].argmax(axis=1)
+    last = len(offsets) - 1 - within[reached, ::-1].argmax(axis=1)
+    ends = np.concatenate([coordinates[:, reached, first], coordinates[:, reached, last]], axis=1)
+    low = np.floor(ends.min(axis=1)).astype(np.int64)
+    high = np.floor(ends.max(axis=1)).astype(np.int64) + 2
+    box = volume.read_crop(dataset, low, high - low, fill=0)
+    if box.dtype not in (np.uint8, np.float32):
+        box = box.astype(np.float32)
+    coordinates -= low[:, None, None]
+    values = ndimage.map_coordinates(box, coordinates.reshape(3, -1), output=np.float32, order=1, mode="constant", cval=0.0,
+                                     prefilter=False)
     samples[valid] = np.where(within, values.reshape(-1, len(offsets)), 0)
     inside[valid] = within
     return samples, inside
