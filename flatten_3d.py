@@ -27,6 +27,7 @@ an order that keeps neighbouring tiles' HDF5 chunks in the chunk cache.
 import contextlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -55,6 +56,7 @@ DEPTH_MAP = "auto"  # also write <id>_<name>_depth.tif, where along the normal t
 DEPTH_THRESHOLD = 0.5  # the depth map covers pixels whose peak reaches this fraction of full scale (ink probability)
 TILE = 128  # tile edge in pixels: bounds memory
 CACHE_MB = 512  # HDF5 chunk cache: neighbouring tiles reuse decompressed chunks
+WORKERS = 0  # threads sampling tiles (0 = one per core)
 OVERWRITE = False  # replace existing images
 
 
@@ -132,9 +134,10 @@ def depth_summary(depth: np.ndarray) -> dict:
 
 
 def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int, bar, layers_path: Path | None,
-                    depth_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                    depth_threshold: float | None = None, workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The reduced uint8 image of one segment, its mask (255: sampled inside the volume) and, with a
-    `depth_threshold` (in the volume's units), its depth map; the layer stack goes straight into `layers_path` if given."""
+    `depth_threshold` (in the volume's units), its depth map; the layer stack goes straight into `layers_path` if given.
+    Tiles are sampled by `workers` threads (0: one per core), a few at a time, and written in order."""
     ppm = open_segment(ppm_path, scale_zyx=volume.level_scale(dataset))
     offsets = np.arange(-band, band + 1, dtype=np.float64)
     image = np.zeros((ppm.height, ppm.width), np.uint8)
@@ -146,17 +149,25 @@ def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int
             layers = tifffile.memmap(layers_path, shape=(len(offsets), ppm.height, ppm.width), dtype=np.uint8)
             with open(layers_path, "r+b") as stream:  # a full disk fails here, not as a bus error in a page of the map
                 os.posix_fallocate(stream.fileno(), 0, os.fstat(stream.fileno()).st_size)
-    for row in range(0, ppm.height, tile):
-        for col in range(0, ppm.width, tile):
-            data = np.asarray(ppm.data[row:row + tile, col:col + tile])
-            samples, inside = sample_tile(dataset, data, offsets)
-            image[row:row + tile, col:col + tile] = _to_uint8(reduce_samples(samples, inside, reduce))
-            mask[row:row + tile, col:col + tile] = np.where(inside.any(axis=-1), 255, 0)
-            if depth is not None:
-                depth[row:row + tile, col:col + tile] = peak_depth(samples, inside, offsets, depth_threshold)
-            if layers is not None:
-                layers[:, row:row + tile, col:col + tile] = np.moveaxis(_to_uint8(samples), -1, 0)
-            bar.update(data.shape[0] * data.shape[1])
+
+    def flatten_tile(origin: tuple[int, int]):
+        tile_box = (slice(origin[0], origin[0] + tile), slice(origin[1], origin[1] + tile))
+        samples, inside = sample_tile(dataset, np.asarray(ppm.data[tile_box]), offsets)
+        return (tile_box, _to_uint8(reduce_samples(samples, inside, reduce)), np.where(inside.any(axis=-1), 255, 0),
+                None if depth is None else peak_depth(samples, inside, offsets, depth_threshold),
+                None if layers is None else np.moveaxis(_to_uint8(samples), -1, 0))
+
+    origins = [(row, col) for row in range(0, ppm.height, tile) for col in range(0, ppm.width, tile)]
+    threads = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(threads) as pool:  # the interpolation releases the GIL
+        for first in range(0, len(origins), 4 * threads):  # a few tiles in flight at a time: bounded memory
+            for tile_box, image_tile, mask_tile, depth_tile, layers_tile in pool.map(flatten_tile, origins[first:first + 4 * threads]):
+                image[tile_box], mask[tile_box] = image_tile, mask_tile
+                if depth is not None:
+                    depth[tile_box] = depth_tile
+                if layers is not None:
+                    layers[(slice(None), *tile_box)] = layers_tile
+                bar.update(image_tile.size)
     if layers is not None:
         layers.flush()
         del layers
@@ -222,7 +233,8 @@ def flatten(config, ppms: dict[str, Path], outputs: dict[str, Path]) -> dict[str
             with atomic_output(outputs[segment_id]) as temporary, atomic_output(_mask_path(outputs[segment_id])) as temporary_mask, \
                     layers as temporary_layers:
                 image, mask, depth = flatten_segment(dataset, ppm_path, config.band, config.reduce, config.tile, bar,
-                                                     temporary_layers, config.depth_threshold * full_scale if depth_map else None)
+                                                     temporary_layers, config.depth_threshold * full_scale if depth_map else None,
+                                                     config.workers)
                 with writing(temporary, resumable=False):
                     temporary.write_bytes(cv2.imencode(".png", image)[1].tobytes())
                     temporary_mask.write_bytes(cv2.imencode(".png", mask)[1].tobytes())

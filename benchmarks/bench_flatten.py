@@ -25,9 +25,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flatten_3d import sample_tile  # noqa: E402
+from flatten_3d import flatten_segment, sample_tile  # noqa: E402
 from ink3d import volume  # noqa: E402
-from ink3d.ppm import positions_along_normals, valid_mask  # noqa: E402
+from ink3d.ppm import positions_along_normals, valid_mask, write_ppm  # noqa: E402
 
 
 def make_scene(root: Path, size: int) -> tuple[Path, np.ndarray]:
@@ -88,13 +88,17 @@ def main():
             dataset = file[volume.PREDICTIONS]
             tiled = np.concatenate([sample_tile(dataset, rows[:, c:c + args.tile], offsets)[0] for c in range(0, args.size, args.tile)], axis=1)
             assert np.array_equal(reference, tiled), "tiled sampling differs from the per-pixel loop"
-            started = time.perf_counter()
-            for row in tqdm(range(0, args.size, args.tile), desc="tiles", unit="row band"):
-                for col in range(0, args.size, args.tile):
-                    sample_tile(dataset, data[row:row + args.tile, col:col + args.tile], offsets)[0].mean(axis=-1)
-            rate = args.size**2 / (time.perf_counter() - started)
+            write_ppm(Path(tmp) / "segment.ppm", data)
+            rates = {}
+            for workers in (1, 0):  # one thread, then one per core (the stage's default)
+                started = time.perf_counter()
+                with tqdm(total=args.size**2, desc=f"flatten_segment, workers {workers}", unit="px") as bar:
+                    flatten_segment(dataset, Path(tmp) / "segment.ppm", args.band, "mean", args.tile, bar, None, 127.5, workers)
+                rates[workers] = args.size**2 / (time.perf_counter() - started)
+        rate = rates[0]
         print(f"segment {args.size} x {args.size}, band {args.band} ({len(offsets)} samples per pixel)")
-        print(f"flatten_3d tiles of {args.tile}: {rate:,.0f} px/s on {args.size**2:,} pixels")
+        print(f"flatten_3d (image, mask and depth map) in tiles of {args.tile}: {rate:,.0f} px/s on {args.size**2:,} pixels "
+              f"with a thread per core; {rates[1]:,.0f} px/s with one ({rate / rates[1]:.2f}x)")
         for cache_mb, reference_rate in reference_rates.items():
             print(f"per-pixel loop, {cache_mb} MB chunk cache: {reference_rate:,.0f} px/s on {rows.shape[0] * rows.shape[1]} pixels "
                   f"(identical output); flatten_3d is {rate / reference_rate:.0f}x faster")
