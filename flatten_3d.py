@@ -20,8 +20,9 @@ a parabola, where that peak reaches `--depth_threshold` (NaN elsewhere); `<id>_<
 and the printed summary give its median and quartiles. Predicted ink that peaks behind the surface
 (median below -1 voxel) is warned about: the segment's normals may point into the sheet.
 
-Work goes in square tiles of pixels; each tile reads only the bounding box of its samples, in
-an order that keeps neighbouring tiles' HDF5 chunks in the chunk cache.
+Work goes in square tiles of pixels, sampled by `--workers` threads a few at a time; each tile reads
+only the bounding box of its samples inside the volume, in an order that keeps neighbouring tiles'
+HDF5 chunks in the chunk cache.
 """
 
 import contextlib
