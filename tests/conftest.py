@@ -24,7 +24,7 @@ def scroll_info(synthetic_scroll) -> dict:
 
 
 ROOT = Path(__file__).resolve().parents[1]
-_FULL_DISK = """
+FULL_DISK_RUNNER = """
 import resource, runpy, signal, sys
 sys.path.insert(0, ".")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, as on a full disk
@@ -36,4 +36,4 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def run_on_a_full_disk(script: str, file_bytes: int, argv: list[str]) -> subprocess.CompletedProcess:
     """Run a stage script in a process that cannot write a file past `file_bytes`: a full disk."""
-    return subprocess.run([sys.executable, "-c", _FULL_DISK, str(file_bytes), script, *argv], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", FULL_DISK_RUNNER, str(file_bytes), script, *argv], cwd=ROOT, capture_output=True, text=True)

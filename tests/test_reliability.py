@@ -17,7 +17,7 @@ import make_synthetic_scroll
 import pred_find_coords
 import score_3d
 import volume_to_hdf
-from conftest import ROOT, run_on_a_full_disk
+from conftest import FULL_DISK_RUNNER, ROOT, run_on_a_full_disk
 from ink3d import InputError, volume
 from ink3d.files import lock_path
 
@@ -164,10 +164,24 @@ FULL_DISK = {  # stage script, bytes a file may grow to, arguments (root: the pi
 }
 
 
+@pytest.fixture(scope="module")
+def full_disk_runs(pipeline, tmp_path_factory):
+    """Every stage of FULL_DISK run at once, each in its own process and folder: stage -> (its run, its folder)."""
+    folders = {stage: tmp_path_factory.mktemp("full_disk") for stage in FULL_DISK}
+    started = {stage: subprocess.Popen([sys.executable, "-c", FULL_DISK_RUNNER, str(file_bytes), script, *argv(pipeline, folders[stage])],
+                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for stage, (script, file_bytes, argv, _) in FULL_DISK.items()}
+    runs = {}
+    for stage, process in started.items():
+        stdout, stderr = process.communicate()
+        runs[stage] = (subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), folders[stage])
+    return runs
+
+
 @pytest.mark.parametrize("stage", FULL_DISK)
-def test_a_full_disk_stops_every_stage_with_a_named_error_and_no_output(pipeline, tmp_path, stage):
-    script, file_bytes, argv, output = FULL_DISK[stage]
-    run = run_on_a_full_disk(script, file_bytes, argv(pipeline, tmp_path))
+def test_a_full_disk_stops_every_stage_with_a_named_error_and_no_output(full_disk_runs, stage):
+    output = FULL_DISK[stage][3]
+    run, tmp_path = full_disk_runs[stage]
     assert run.returncode == 2, run.stderr[-3000:]
     assert re.search(r"^error: .*writing failed \((File too large|\d+ requested and \d+ written)\)", run.stderr, re.MULTILINE), run.stderr[-3000:]
     assert "Traceback" not in run.stderr
