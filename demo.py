@@ -44,7 +44,7 @@ import volume_to_hdf
 from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main
 from ink3d.files import output_lock, partial_path, write_image
-from ink3d.prediction_store import is_store
+from ink3d.prediction_store import is_complete, is_store
 from ink3d.metrics import best_fbeta
 
 # --- config ---
@@ -103,7 +103,7 @@ def _complete(path: Path, dataset: str) -> bool:
     if not path.exists():
         return False
     if is_store(path):
-        return bool(json.loads((path / ".zattrs").read_text())[volume.PIPELINE_ATTRS]["complete"])
+        return is_complete(path)
     with h5py.File(path, "r") as file:
         return dataset in file and bool(file[dataset].attrs.get("complete", False))
 

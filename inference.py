@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
-from ink3d.files import (checksum, finish_output, open_interrupted, output_file, output_lock, partial_path, resumable_output,
-                         warn_if_short_of_space, writing)
+from ink3d.files import (OutputBusy, checksum, finish_output, open_interrupted, output_file, output_lock, partial_path,
+                         resumable_output, warn_if_short_of_space, writing)
 from ink3d.sliding_window import WindowPredictor, plan_blocks, to_uint8
 from ink3d.intensity import Normalization, parse_air_level
 from ink3d.prediction_store import PredictionStore, chunk_for, is_store
@@ -91,7 +91,9 @@ def skipped_air(setting: str, trained: int | None) -> int:
         level = parse_air_level(setting, ("auto", "none"))
     except ValueError as error:
         raise InputError(f"--air_level {error}") from None
-    return trained or 0 if level == "auto" else -1 if level == "none" else level
+    if level == "auto":
+        return trained or 0
+    return -1 if level == "none" else level
 
 
 def plan_attrs(config, shape, region, normalization: Normalization, weights_sha256: str) -> dict:
@@ -340,11 +342,12 @@ def prepare(config, device: torch.device) -> Run:
     return Run(scan_file, scan, region, blocks, attrs, predictor, device)
 
 
-def run_blocks(run: Run, write, todo, total_voxels: int, show: bool) -> tuple[int, Timing]:
-    """Predict the blocks `todo` through `write`, with a progress bar over `total_voxels`; (windows skipped, timing)."""
+def run_blocks(run: Run, write, mine, todo, show: bool) -> tuple[int, Timing]:
+    """Predict the blocks `todo` through `write`, with a progress bar over this worker's blocks `mine`;
+    (windows skipped, timing)."""
     timing = Timing()
-    remaining = sum(int(np.prod([s.stop - s.start for s in b.output])) for b in todo)
-    with tqdm(total=total_voxels, initial=total_voxels - remaining, unit="vox", unit_scale=True, desc="inference", disable=not show) as bar:
+    total, remaining = (sum(int(np.prod([s.stop - s.start for s in b.output])) for b in blocks) for blocks in (mine, todo))
+    with tqdm(total=total, initial=total - remaining, unit="vox", unit_scale=True, desc="inference", disable=not show) as bar:
         skipped = predict_blocks(run.scan, write, todo, run.predictor, run.device, bar, timing)
     return skipped, timing
 
@@ -382,13 +385,14 @@ def predict_into_store(config, out: Path, parts: int, part: int) -> Path:
             intact, damaged = store.verify(mine) if config.resume else ([], 0)
         if intact or damaged:
             print(f"resuming part {part} of {parts}: {len(intact)} finished blocks verified" + (f", {damaged} damaged ones redone" if damaged else ""))
-        todo = [b for b in mine if b.index not in set(intact)] if not config.finalize else []
+        finished = set(intact)
+        todo = [] if config.finalize else [b for b in mine if b.index not in finished]
 
         def write(block, values):
             with writing(out, advice="what was finished is kept: free disk space and start this worker again with --resume true"):
                 store.write_block(block, values)
 
-        skipped, timing = run_blocks(run, write, todo, sum(int(np.prod([s.stop - s.start for s in b.output])) for b in mine), part == 0)
+        skipped, timing = run_blocks(run, write, mine, todo, part == 0)
     missing = len(run.blocks) - len(store.finished())
     if missing and config.finalize:
         raise InputError(f"{out}: {missing} blocks are not finished yet; run the parts that hold them (with --resume true), then finalize")
@@ -410,9 +414,7 @@ def finalize(store: PredictionStore, out: Path) -> None:
             with writing(out, advice="free disk space and run any worker again with --finalize true"):
                 levels = store.finalize()
             print(f"{out}: every block finished; {levels} levels written, complete")
-    except InputError as error:
-        if "being written by another run" not in str(error):
-            raise
+    except OutputBusy:
         print(f"{out}: another worker is finalizing it")
 
 
@@ -454,8 +456,7 @@ def predict(config, out: Path) -> Path:
                 print(f"resuming: {verified} finished blocks verified" + (f", {damaged} damaged ones redone" if damaged else ""))
         done = file[volume.FINISHED_BLOCKS][:]
         todo = [b for b in mine if not done[b.index]]
-        skipped, timing = run_blocks(run, hdf5_writer(file), todo, sum(int(np.prod([s.stop - s.start for s in b.output])) for b in mine),
-                                     rank == 0)
+        skipped, timing = run_blocks(run, hdf5_writer(file), mine, todo, rank == 0)
         if world == 1:
             with writing(part):
                 file[volume.PREDICTIONS].attrs["complete"] = True

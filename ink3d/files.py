@@ -5,11 +5,11 @@ import contextlib
 import errno
 import fcntl
 import os
-import socket
-import time
 import re
 import shutil
+import socket
 import sys
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -19,6 +19,10 @@ import h5py
 import numpy as np
 
 from ink3d import InputError
+
+
+class OutputBusy(InputError):
+    """Another run holds the lock of an output."""
 
 
 class WriteError(InputError):
@@ -66,7 +70,7 @@ def _take_lock(path: Path) -> int:
         except BlockingIOError:
             holder = os.read(descriptor, 200).decode(errors="replace").strip() or "a run"
             os.close(descriptor)
-            raise InputError(f"{path} is being written by another run ({holder}; lock {lock}); "
+            raise OutputBusy(f"{path} is being written by another run ({holder}; lock {lock}); "
                              "wait for it to end or stop it, or choose another output") from None
         try:  # a run that finished unlinked the file between our open and flock: lock the new one
             if os.stat(lock).st_ino == os.fstat(descriptor).st_ino:
@@ -206,7 +210,7 @@ def writing(path: str | Path, resumable: bool = True, advice: str = ""):
                          "start over with --overwrite true") from None
 
 
-_ABANDONED = []  # HDF5 files whose write failed and that could not be closed: see close_output
+_ABANDONED = []  # HDF5 files whose write failed, never closed: see close_output
 
 
 def close_output(file: h5py.File, failed: bool, path: Path, resumable: bool = True) -> None:

@@ -97,11 +97,10 @@ def resolve_air_level(setting, counts: np.ndarray) -> int | None:
 def scan_air_level(setting: str, scan) -> int | None:
     """The air level `setting` names for a stage that reads it off the scan (`volume`): the scan's histogram is
     read (one streaming pass) only for `auto` and `otsu`. None for `none`, or without a scan."""
-    if scan is None or parse_air_level(setting) == "none":
+    level = parse_air_level(setting)
+    if scan is None or level == "none":
         return None
-    if setting in ("auto", "otsu"):
-        return resolve_air_level(setting, scan_histogram(scan))
-    return parse_air_level(setting)
+    return resolve_air_level(level, scan_histogram(scan)) if level in ("auto", "otsu") else level
 
 
 @dataclass(frozen=True)

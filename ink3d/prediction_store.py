@@ -18,7 +18,6 @@ marks the store complete; until then `attrs["ink3d"]["complete"]` is false and r
 
 import contextlib
 import fcntl
-import itertools
 import json
 import math
 import os
@@ -41,6 +40,12 @@ CHUNK = 128
 def is_store(path: str | Path) -> bool:
     """Whether an output path names an OME-Zarr prediction store (by its suffix)."""
     return Path(path).suffix == ".zarr"
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether a prediction store is marked complete, as its metadata on disk says now (another worker may have
+    finalized it since this one opened it)."""
+    return bool(json.loads((Path(path) / ".zattrs").read_text())[KEY]["complete"])
 
 
 def chunk_for(block: int) -> int:
@@ -119,13 +124,14 @@ class PredictionStore:
             except Exception:  # a chunk that does not decode: zarr's codecs fail in several ways
                 pass
             (self.path / PROGRESS / f"{block.index}.json").unlink(missing_ok=True)
-            for index in itertools.product(*(range(b.start // c, -(-b.stop // c)) for b, c in zip(block.output, self.level0.chunks))):
+            for chunk in volume.chunks_of(self.level0, block.output):
+                index = tuple(piece.start // size for piece, size in zip(chunk, self.level0.chunks))
                 (self.path / "0" / self.level0.metadata.encode_chunk_key(index)).unlink(missing_ok=True)
             damaged += 1
         return intact, damaged
 
     def complete(self) -> bool:
-        return bool(self.group.attrs[KEY]["complete"])
+        return is_complete(self.path)
 
     def finalize(self) -> int:
         """Write the lower levels from level 0 and mark the store complete; returns the number of levels."""
@@ -136,7 +142,7 @@ class PredictionStore:
             target = self.group.create_array(str(len(levels)), shape=shape, chunks=self.level0.chunks, dtype=np.uint8,
                                              fill_value=0, compressor=_compressor(), chunk_key_encoding={"name": "v2", "separator": "/"},
                                              overwrite=True)
-            _downsample(levels[-1], target)
+            volume.downsample_into(levels[-1], target)
             levels.append(target)
         attrs = self.group.attrs.asdict()
         multiscale = attrs["multiscales"][0]
@@ -174,12 +180,3 @@ def _create(path: Path, shape, plan: dict, chunk: int, voxel_size: list[float], 
         "type": "vol", "uuid": path.stem, "name": path.stem, "format": "zarr", "width": int(shape[2]), "height": int(shape[1]),
         "slices": int(shape[0]), "voxelsize": float(voxel_size[-1]), "min": 0.0, "max": 255.0}, indent=2) + "\n")
 
-
-def _downsample(source, target) -> None:
-    """`target` = the 2 x 2 x 2 mean of `source` (rounded; edges padded by repetition), a chunk of `target` at a
-    time; all-zero chunks stay unwritten."""
-    for box in volume.iter_blocks(target.shape, target.chunks):
-        data = np.asarray(source[tuple(slice(2 * b.start, 2 * b.stop) for b in box)], dtype=np.float32)
-        sizes = [b.stop - b.start for b in box]
-        data = np.pad(data, [(0, 2 * n - s) for n, s in zip(sizes, data.shape)], mode="edge")
-        target[box] = np.rint(data.reshape(sizes[0], 2, sizes[1], 2, sizes[2], 2).mean(axis=(1, 3, 5)))
