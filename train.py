@@ -134,29 +134,30 @@ RESUME_KEYS = ("patch", "block", "batch_size", "lr", "weight_decay", "warmup_ste
 
 
 def masked_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 0.0, background_weight: float = 0.0,
-                label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE with logits averaged over labeled voxels (labels >= 0), plus an optional soft Dice term over
     them, plus `background_weight` x the BCE (target 0) averaged over BACKGROUND voxels. Each mean
     is over its own voxels, so the many air voxels of a crop do not drown the few labeled ones.
 
-    Returns (loss, number of labeled voxels). With nothing to learn from the loss is an exact 0
-    that still depends on `logits` (so every DistributedDataParallel rank runs backward).
+    Returns (loss, number of labeled voxels), both tensors on the logits' device: the voxels are masked, not
+    selected, so nothing waits for the host. With nothing to learn from the loss is an exact 0 that still
+    depends on `logits` (so every DistributedDataParallel rank runs backward).
     """
     logits = logits.float()
-    loss = logits.sum() * 0.0
     labeled = labels >= 0
-    count = int(labeled.sum())
-    if count:
-        targets = labels[labeled]
-        loss = loss + F.binary_cross_entropy_with_logits(logits[labeled], targets * (1 - label_smoothing) + label_smoothing / 2)
-        if dice_weight:
-            probabilities = torch.sigmoid(logits[labeled])
-            dice = 1 - (2 * (probabilities * targets).sum() + 1) / (probabilities.sum() + targets.sum() + 1)
-            loss = loss + dice_weight * dice
-    background = labels == BACKGROUND
-    if background_weight and bool(background.any()):
-        air_logits = logits[background]
-        loss = loss + background_weight * F.binary_cross_entropy_with_logits(air_logits, torch.full_like(air_logits, label_smoothing / 2))
+    count = labeled.sum()
+    weight = labeled.float()
+    targets = torch.where(labeled, labels, torch.zeros_like(labels)).float()
+    smoothed = targets * (1 - label_smoothing) + label_smoothing / 2
+    bce = F.binary_cross_entropy_with_logits(logits, smoothed, reduction="none")
+    loss = (bce * weight).sum() / count.clamp(min=1)
+    if dice_weight:
+        probabilities = torch.sigmoid(logits) * weight
+        loss = loss + dice_weight * (1 - (2 * (probabilities * targets).sum() + 1) / (probabilities.sum() + targets.sum() + 1))
+    if background_weight:
+        background = (labels == BACKGROUND).float()
+        air = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label_smoothing / 2), reduction="none")
+        loss = loss + background_weight * (air * background).sum() / background.sum().clamp(min=1)
     return loss, count
 
 
@@ -342,13 +343,12 @@ def validate(model, loader, device, dtype, channels_last, dice_weight, truth: Va
             logits = model(batch)
         logits = logits.float().cpu()
         loss, count = masked_loss(logits, labels, 0.0 if columns else dice_weight)
+        count = int(count)
         if columns:
             column_logits, counted = sample_columns(logits, columns[0], band)
             targets = columns[0][..., 6][counted]
-            if bool(counted.any()):
-                loss = loss + column_loss(column_logits[counted], targets, sharpness, dice_weight,
-                                          bag=face_bags(columns[0][counted], band))
-                count += int(counted.sum())
+            loss = loss + column_loss(column_logits, columns[0][..., 6], sharpness, dice_weight, face_bags(columns[0], band), counted)
+            count += int(counted.sum())
             scores.append(torch.sigmoid(column_logits[counted].max(dim=-1).values).numpy())
             truths.append(targets.numpy() > 0.5)
             intensities.append(sample_columns(images, columns[0], band)[0][counted].mean(dim=-1).numpy())
@@ -429,6 +429,48 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def train_step(model, optimizer, scaler, ema, images, labels, columns, matrices, shifts, config, band: float,
+               dtype: torch.dtype | None, world: int) -> torch.Tensor:
+    """One optimizer step on a batch on the training device, without the host waiting for the device.
+
+    A batch without a labeled voxel (on any rank) has nothing to learn from: the optimizer's update and the EMA's
+    are skipped on the device (the fused AdamW's `found_inf`, as a GradScaler skips a step that overflowed; under
+    fp16 the loss is made NaN so that the GradScaler skips it, which also halves its scale once). Returns the
+    (loss, skipped) of the step as one tensor on the device, for the host to read when it logs."""
+    learned = columns is not None
+    labeled = (labels >= 0).sum() + (0 if columns is None else (columns[..., 6] >= 0).sum())
+    if world > 1:
+        dist.all_reduce(labeled)
+    skipped = labeled == 0
+    with autocast(images.device, dtype):
+        logits = model(images)
+    loss, _ = masked_loss(logits, labels, 0.0 if learned else config.dice_weight, config.background_weight, config.label_smoothing)
+    if learned:
+        column_logits, counted = sample_columns(logits, columns, band, matrices, shifts)
+        loss = loss + config.column_weight * column_loss(column_logits, columns[..., 6], config.pool_sharpness, config.dice_weight,
+                                                         face_bags(columns, band), counted)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler.is_enabled():
+        scaler.scale(loss * torch.where(skipped, torch.nan, 1.0)).backward()
+    else:
+        loss.backward()
+    if config.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.found_inf, optimizer.grad_scale = skipped.float(), None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    if ema is not None:
+        ema.update(model, skipped)
+    return torch.stack([loss.detach(), skipped.float()])
+
+
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, resolve_device(device_name)
@@ -504,7 +546,8 @@ def train(config) -> float:
     compiled = switch(config.compile, "--compile", on_cuda=True, on_cpu=False, device=device)
     model = prepare_model(model, device, channels_last=channels_last)
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel for the whole update, which also skips a step on the device (train_step)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     step, best_f05, skipped_batches, redraws = 0, -1.0, 0, 0
     if state is not None:
@@ -575,7 +618,18 @@ def train(config) -> float:
     if rank == 0 and resuming and (step % config.valid_every == 0 or step == config.max_steps) and not log.has_step(step):
         validate_and_log(float("nan"), float("nan"))  # the run stopped during the validation that follows its checkpoint
     model.train()
-    started, samples, running = time.perf_counter(), 0, []
+    started, samples, running, pending = time.perf_counter(), 0, [], []
+
+    def read_pending():
+        """The host reads the steps' losses and skips since it last did (one wait for the device)."""
+        nonlocal skipped_batches
+        for loss, skipped in torch.stack(pending).tolist() if pending else []:
+            if skipped:
+                skipped_batches += 1
+            else:
+                running.append(loss)
+        pending.clear()
+
     with tqdm(total=config.max_steps, initial=step, unit="step", desc="train", disable=rank != 0) as bar:
         for images, labels, sample_redraws, *transforms in loader:
             columns = transforms.pop().to(device, non_blocking=True) if learned else None
@@ -584,44 +638,23 @@ def train(config) -> float:
                 group["lr"] = learning_rate
             redraws += int(sample_redraws.sum())
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            matrices = offsets = None
             if transforms:  # raw crops: normalise, resample and scale the batch here (ink3d.augment)
                 matrices, offsets, scales = (t.to(device, non_blocking=True) for t in transforms)
                 images, labels = warp(normalization(images), labels, matrices, offsets, config.patch, image_mode)
                 images = images * scales.view(-1, 1, 1, 1, 1)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last_3d)
-            labeled = torch.tensor([(labels >= 0).sum().item() + (0 if columns is None else (columns[..., 6] >= 0).sum().item())],
-                                   dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(labeled)
-            if labeled.item() == 0:  # no rank has a labeled voxel: nothing to learn, step skipped
-                skipped_batches += 1
-            else:
-                with autocast(device, dtype):
-                    logits = model(images)
-                loss, _ = masked_loss(logits, labels, 0.0 if learned else config.dice_weight, config.background_weight,
-                                      config.label_smoothing)
-                if learned:
-                    column_logits, counted = sample_columns(logits, columns, band, matrices, offsets)
-                    if bool(counted.any()):
-                        loss = loss + config.column_weight * column_loss(
-                            column_logits[counted], columns[..., 6][counted], config.pool_sharpness, config.dice_weight,
-                            face_bags(columns[counted], band))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update(model)
-                running.append(loss.item())
+            pending.append(train_step(model, optimizer, scaler, ema, images, labels, columns, matrices, offsets, config, band,
+                                      dtype, world))
             step += 1
             samples += len(images) * world
             rate = samples / (time.perf_counter() - started)
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(running[-20:]) if running else float('nan'):.4f}", samples_per_s=f"{rate:.2f}")
+            due = [step % every == 0 for every in (config.log_every, config.checkpoint_every, config.valid_every)]
+            if any(due) or step == config.max_steps:
+                read_pending()
+                bar.set_postfix(loss=f"{np.mean(running[-20:]) if running else float('nan'):.4f}", samples_per_s=f"{rate:.2f}")
             if rank == 0 and step % config.log_every == 0:
                 bar.write(f"step {step}: train loss {np.mean(running[-config.log_every:]) if running else float('nan'):.4f}, "
                           f"lr {learning_rate:.2e}, {rate:.2f} samples/s, {skipped_batches} skipped batches, {redraws} redraws")

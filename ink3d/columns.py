@@ -122,10 +122,10 @@ def fixed_size(columns: np.ndarray, count: int, rng: np.random.Generator) -> np.
     return out
 
 
-def offsets(band: float) -> torch.Tensor:
-    """Sample offsets along a column: -band .. band, STEP apart."""
+def offsets(band: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """Sample offsets along a column: -band .. band, STEP apart (made on `device`: no copy to wait for)."""
     steps = int(round(2 * band / STEP))
-    return torch.linspace(-band, band, steps + 1)
+    return torch.linspace(-band, band, steps + 1, device=device)
 
 
 def with_face_windows(columns: np.ndarray, scan: np.ndarray, band: float, air_level: int | None, face_depth: float) -> np.ndarray:
@@ -159,7 +159,7 @@ def with_face_windows(columns: np.ndarray, scan: np.ndarray, band: float, air_le
 
 def face_bags(columns: torch.Tensor, band: float) -> torch.Tensor:
     """(..., T) bool: the samples of each column (..., FIELDS) inside its face window (all of them without one)."""
-    t = offsets(band).to(columns.device)
+    t = offsets(band, columns.device)
     low, high = columns[..., 7:8], columns[..., 8:9]
     return torch.where(torch.isnan(low), torch.ones_like(t, dtype=torch.bool), (t >= low) & (t <= high))
 
@@ -172,11 +172,11 @@ def sample_columns(volume_: torch.Tensor, columns: torch.Tensor, band: float, ma
     `matrices` (B, 3, 3) and `shifts` (B, 3) are the samples' maps from patch voxels to crop voxels
     (`crop = A @ patch + b`, ink3d.augment), so the columns move with each crop's augmentation; without them
     crop and patch coincide."""
-    t = offsets(band).to(columns.device)
+    t = offsets(band, columns.device)
     points, normals, labels = columns[..., :3], columns[..., 3:6], columns[..., 6]
     positions = points[:, :, None, :] + t[None, None, :, None] * normals[:, :, None, :]  # (B, M, T, 3) in the crop
     if matrices is not None:
-        inverse = torch.linalg.inv(matrices.double()).float()
+        inverse = torch.linalg.inv_ex(matrices.double()).inverse.float()  # inv_ex: no host check of the result
         positions = torch.einsum("bij,bmtj->bmti", inverse, positions - shifts[:, None, None, :].float())
     size = volume_.shape[-1]
     inside = ((positions >= 0) & (positions <= size - 1)).all(-1).all(-1)
@@ -197,19 +197,27 @@ def pool(logits: torch.Tensor, sharpness: float, bag: torch.Tensor | None = None
 
 
 def column_loss(samples: torch.Tensor, targets: torch.Tensor, sharpness: float, dice_weight: float = 0.0,
-                bag: torch.Tensor | None = None) -> torch.Tensor:
-    """Loss of columns' sampled logits (n, T) against their labels (n,): the BCE of the logits pooled over each
+                bag: torch.Tensor | None = None, counted: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss of columns' sampled logits (..., T) against their labels (...): the BCE of the logits pooled over each
     column's `bag` (all its samples by default), plus `dice_weight` x a soft Dice over the columns, plus the BCE
     (target 0) of the samples outside the bags, weighed by the columns' labels (a column without ink is all
-    negative in the voxel labels already)."""
+    negative in the voxel labels already). Only the `counted` columns (all by default) take part; the others are
+    masked rather than dropped, so that the loss is computed without the host reading how many count (0 when none)."""
+    length = samples.shape[-1]
+    samples, targets = samples.reshape(-1, length), targets.reshape(-1)
+    counted = torch.ones_like(targets, dtype=torch.bool) if counted is None else counted.reshape(-1)
+    weight = counted.float()
+    targets = torch.where(counted, targets, torch.zeros_like(targets))  # padding rows hold NaN
+    if bag is not None:  # a column that does not count pools over every sample: finite, and weighed 0
+        bag = bag.reshape(-1, length) | ~counted[:, None]
     pooled = pool(samples, sharpness, bag)
-    loss = F.binary_cross_entropy_with_logits(pooled, targets)
+    loss = (F.binary_cross_entropy_with_logits(pooled, targets, reduction="none") * weight).sum() / weight.sum().clamp(min=1)
     if dice_weight:
-        probabilities = torch.sigmoid(pooled)
+        probabilities = torch.sigmoid(pooled) * weight
         loss = loss + dice_weight * (1 - (2 * (probabilities * targets).sum() + 1) / (probabilities.sum() + targets.sum() + 1))
     if bag is not None:
         outside = (~bag).float() * targets[:, None]
-        if bool(outside.any()):
-            negatives = F.binary_cross_entropy_with_logits(samples, torch.zeros_like(samples), reduction="none")
-            loss = loss + (negatives * outside).sum() / outside.sum()
+        negatives = F.binary_cross_entropy_with_logits(samples, torch.zeros_like(samples), reduction="none")
+        total = outside.sum()
+        loss = loss + (negatives * outside).sum() / torch.where(total > 0, total, torch.ones_like(total))
     return loss

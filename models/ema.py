@@ -22,13 +22,17 @@ class EMA:
         self.decay, self.updates = decay, 0
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, skipped: torch.Tensor | None = None) -> None:
+        """One update; where `skipped` (a bool tensor on the model's device) is true the average is left as it
+        is, decided on the device (the update still counts towards the decay's warm-up)."""
         self.updates += 1
         weight = 1 - ema_decay(self.decay, self.updates)
+        if skipped is not None:
+            weight = torch.where(skipped, 0.0, weight)
         current = unwrap(model).state_dict()
         for name, average in self.model.state_dict().items():
-            if average.dtype.is_floating_point:
-                average.lerp_(current[name].detach(), weight)
+            if average.dtype.is_floating_point:  # a tensor weight must have the average's dtype
+                average.lerp_(current[name].detach(), weight if skipped is None else weight.to(average.dtype))
             else:
                 average.copy_(current[name])
 

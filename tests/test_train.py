@@ -577,3 +577,100 @@ def test_learned_validation_scores_the_columns(tmp_path):
     np.save(root / "valid.npy", np.array([[16, 16, 16]], np.int32))
     _train(root, tmp_path / "run2", "--max_steps", "2", "--valid_every", "2")
     assert int(_rows(tmp_path / "run2" / "metrics.csv")[-1]["valid_voxels"]) == 0  # y 16..31 cuts every band
+
+
+HOST_READS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu", "nonzero", "masked_select",
+              "unique", "linalg_inv", "repeat_interleave"}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Refuses what makes the host wait for a device's result: reading a value, or an op whose output size or
+    error check depends on values (boolean indexing, nonzero, ...)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        indices = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else ()
+        boolean = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices if isinstance(indices, tuple) else (indices,)))
+        if name in HOST_READS or boolean:
+            raise AssertionError(f"{name}{' with a boolean index' if boolean else ''} reads a device value on the host")
+        return func(*args, **(kwargs or {}))
+
+
+def _step_setup(device: str, ema_decay: float = 0.5):
+    from types import SimpleNamespace
+    from ink3d.columns import FIELDS, PAD
+    torch.manual_seed(0)
+    model = train.UNet3D(in_channels=1, out_channels=1, f_maps=4, num_levels=2, num_groups=2).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2, fused=True)
+    scaler = torch.amp.GradScaler(device, enabled=False)
+    config = SimpleNamespace(dice_weight=0.5, background_weight=0.3, label_smoothing=0.1, column_weight=1.0, pool_sharpness=2.0,
+                             grad_clip=1.0)
+    images = torch.rand(2, 1, 16, 16, 16, device=device)
+    labels = torch.full((2, 1, 16, 16, 16), -1.0, device=device)
+    labels[:, :, 6:10, 6:10, 6:10] = (torch.rand(2, 1, 4, 4, 4, device=device) > 0.5).float()
+    labels[:, :, :2] = BACKGROUND
+    columns = torch.full((2, 5, FIELDS), float(PAD), device=device)
+    columns[:, :3, :3] = torch.tensor([8.0, 7.5, 8.2], device=device)
+    columns[:, :3, 3:6] = torch.tensor([1.0, 0.0, 0.0], device=device)
+    columns[:, :3, 6] = torch.tensor([1.0, 0.0, 1.0], device=device)
+    columns[:, 1, 7:9] = torch.tensor([-1.0, 0.5], device=device)  # a face window
+    matrices, shifts = torch.eye(3, device=device).repeat(2, 1, 1), torch.zeros(2, 3, device=device)
+    return model, optimizer, scaler, EMA(model, ema_decay), config, images, labels, columns, matrices, shifts
+
+
+def _state(model, optimizer, ema):
+    return ([p.detach().clone() for p in model.parameters()], [v.clone() for s in optimizer.state.values() for v in s.values()],
+            [v.clone() for v in ema.state_dict().values()])
+
+
+def test_train_step_reads_nothing_on_the_host_and_skips_on_the_device():
+    model, optimizer, scaler, ema, config, images, labels, columns, matrices, shifts = _step_setup("cpu")
+    with HostReads():
+        learned = train.train_step(model, optimizer, scaler, ema, images, labels, columns, matrices, shifts, config, 1.0, None, 1)
+    loss, skipped = learned.tolist()
+    assert skipped == 0 and math.isfinite(loss) and loss > 0
+    before = _state(model, optimizer, ema)
+    nothing = torch.full_like(labels, -1.0)
+    nothing[:, :, :2] = BACKGROUND  # background voxels alone are nothing to learn from
+    padding = torch.full_like(columns, float("nan"))
+    with HostReads():
+        result = train.train_step(model, optimizer, scaler, ema, images, nothing, padding, matrices, shifts, config, 1.0, None, 1)
+    assert result[1].item() == 1
+    after = _state(model, optimizer, ema)
+    assert all(torch.equal(a, b) for part_a, part_b in zip(before, after) for a, b in zip(part_a, part_b))
+    # the next labeled batch learns again
+    train.train_step(model, optimizer, scaler, ema, images, labels, columns, matrices, shifts, config, 1.0, None, 1)
+    assert not torch.equal(next(model.parameters()), before[0][0])
+
+
+def test_masked_losses_equal_the_selected_voxels_and_columns():
+    from ink3d.columns import column_loss, face_bags, sample_columns
+    _, _, _, _, config, images, labels, columns, matrices, shifts = _step_setup("cpu")
+    logits = torch.randn_like(images) * 3
+    loss, count = train.masked_loss(logits, labels, dice_weight=0.5)
+    labeled = labels >= 0
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[labeled], labels[labeled])
+    probabilities = torch.sigmoid(logits[labeled])
+    dice = 1 - (2 * (probabilities * labels[labeled]).sum() + 1) / (probabilities.sum() + labels[labeled].sum() + 1)
+    assert count.item() == int(labeled.sum()) and loss.item() == pytest.approx((bce + 0.5 * dice).item(), rel=1e-5)
+    samples, counted = sample_columns(logits, columns, 1.0, matrices, shifts)
+    masked = column_loss(samples, columns[..., 6], 2.0, 0.5, face_bags(columns, 1.0), counted)
+    selected = column_loss(samples[counted], columns[..., 6][counted], 2.0, 0.5, face_bags(columns[counted], 1.0))
+    assert counted.sum() == 6 and masked.item() == pytest.approx(selected.item(), rel=1e-6)
+    assert column_loss(samples, columns[..., 6], 2.0, 0.5, face_bags(columns, 1.0), torch.zeros_like(counted)).item() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the check is CUDA's synchronisation debug mode")
+def test_train_step_never_synchronises_on_cuda():
+    model, optimizer, scaler, ema, config, images, labels, columns, matrices, shifts = _step_setup("cuda")
+    train.train_step(model, optimizer, scaler, ema, images, labels, columns, matrices, shifts, config, 1.0, torch.bfloat16, 1)
+    torch.cuda.synchronize()  # the first step's lazy initialisations may synchronise
+    nothing = torch.full_like(labels, -1.0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch_labels in (labels, nothing, labels):
+            images_, labels_ = train.warp(images, batch_labels, matrices, shifts, 16)
+            train.train_step(model, optimizer, scaler, ema, images_, labels_, columns, matrices, shifts, config, 1.0,
+                             torch.bfloat16, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
