@@ -33,7 +33,8 @@ from ink3d import InputError, volume
 from ink3d.columns import COLUMNS, ColumnWriter
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output, output_file, output_lock, partial_path, writing
-from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, reuse_freed_memory, voxelize_tile
+from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, voxelize_tile
+from ink3d.memory import reuse_freed_memory
 from ink3d.ppm import find_segment, open_segment, segment_size, valid_mask
 
 # --- config ---

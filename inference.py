@@ -47,7 +47,8 @@ from ink3d import InputError, volume
 from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
 from ink3d.files import (OutputBusy, checksum, finish_output, open_interrupted, output_file, output_lock, partial_path,
                          resumable_output, warn_if_short_of_space, writing)
-from ink3d.sliding_window import WindowPredictor, plan_blocks, to_uint8
+from ink3d.memory import reuse_freed_memory
+from ink3d.sliding_window import WindowPredictor, plan_blocks
 from ink3d.intensity import Normalization, parse_air_level
 from ink3d.prediction_store import PredictionStore, chunk_for, is_store
 from models import model_from_checkpoint, read_checkpoint, weights_digest
@@ -238,15 +239,15 @@ def predict_blocks(scan, write, blocks, predictor: WindowPredictor, device, bar,
             block, array = item
             with model_errors_named(block):
                 box = array.to(device, non_blocking=True)
-                probabilities, block_skipped = predictor.predict(box, block.input_origin, block.windows, block.output)
-                values = to_uint8(probabilities)  # the copy to the host waits for the device: compute ends here
+                # the copy to the host waits for the device: compute ends here
+                values, block_skipped = predictor.predict(box, block.input_origin, block.windows, block.output)
             handing = time.perf_counter()
             timing.compute += handing - computing
             write_queue.put((block, values))
             timing.write_wait += time.perf_counter() - handing
             skipped += block_skipped
             windows += len(block.windows)
-            bar.update(int(np.prod(probabilities.shape)))
+            bar.update(values.size)
             bar.set_postfix_str(f"skipped {skipped / max(windows, 1):.0%} of windows")
     finally:
         stop.set()
@@ -292,6 +293,8 @@ def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict, scale) -> Non
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    if resolve_device(config.device).type == "cpu":
+        reuse_freed_memory()  # the model's activations on the CPU: the same sizes batch after batch
     out = Path(config.out)
     rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     if is_store(out):

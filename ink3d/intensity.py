@@ -129,11 +129,15 @@ class Normalization:
         low, high = histogram_quantile(material, low_percent / 100), histogram_quantile(material, high_percent / 100)
         return cls(float(low), float(max(high, low + 1)))
 
+    def normalize_(self, values: torch.Tensor) -> torch.Tensor:
+        """The model input from scan values already in a float32 tensor, in place."""
+        return values.sub_(self.low).div_(self.high - self.low).clamp_(0, 1)
+
     def to_config(self) -> list[float]:
         return [self.low, self.high]
 
     def __call__(self, scan):
         """Float input of the model from uint8 scan values (a numpy array or a torch tensor)."""
         if isinstance(scan, torch.Tensor):
-            return ((scan.float() - self.low) / (self.high - self.low)).clamp_(0, 1)
+            return self.normalize_(scan.to(torch.float32, copy=True))
         return np.clip((np.asarray(scan, np.float32) - np.float32(self.low)) / np.float32(self.high - self.low), 0, 1)

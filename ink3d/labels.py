@@ -8,8 +8,6 @@ added to `ink_count`. A voxel reached from both parts keeps the pixel's label. C
 gathered per HDF5 chunk in memory (bounded) and each chunk is read and written once per segment.
 """
 
-import ctypes
-import ctypes.util
 import functools
 import queue
 import threading
@@ -22,22 +20,6 @@ import numcodecs
 import numpy as np
 
 COUNT_MAX = np.iinfo(np.uint16).max
-
-
-def reuse_freed_memory() -> None:
-    """Keep memory that arrays free within the process for the next ones (glibc's allocator).
-
-    Voxelizing a tile allocates and frees arrays of a few MB; by default glibc maps each such array
-    afresh and hands it back when it is freed, and every first touch of a fresh page is a page fault:
-    on a segment that costs more than the arithmetic. Elsewhere (not glibc) the defaults stay.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)  # arrays up to 32 MB (glibc's largest setting) from the heap...
-    mallopt(m_trim_threshold, 1 << 30)  # ... which keeps up to 1 GB of freed memory
 
 
 @dataclass

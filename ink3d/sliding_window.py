@@ -9,6 +9,7 @@ same order) that one in-memory pass over the whole region would give them: no se
 """
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,11 +79,15 @@ def plan_blocks(region, context, patch: int, stride: int, block: int) -> list[Bl
     return blocks
 
 
+SLAB_VOXELS = 1 << 23  # the blending weights' sums are made this many voxels at a time
 FLIPS = [(), (2,), (3,), (4,)]  # test-time augmentation: identity and a flip of each axis of (N, C, D, H, W)
 
 
 class WindowPredictor:
-    """Runs a model over the windows of one input box and blends them into probabilities."""
+    """Runs a model over the windows of one input box and blends them into uint8 probabilities.
+
+    The input batch and the blending's sums are buffers kept from block to block (grown to the largest block),
+    so that a long run does not allocate, and the system does not zero, fresh memory for every block."""
 
     def __init__(self, model, patch: int, blend: str, batch_size: int, device, dtype=None,
                  channels_last: bool = False, skip_max: int = -1, tta: bool = False, normalization: Normalization = Normalization(),
@@ -94,35 +99,70 @@ class WindowPredictor:
         self.skip_max = skip_max
         self.flips = FLIPS if tta else [()]
         self.normalization = normalization
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape) -> torch.Tensor:
+        """A float32 tensor of `shape` in the buffer `name`, which is grown when it is too small."""
+        count = math.prod(shape)
+        if name not in self.buffers or self.buffers[name].numel() < count:
+            self.buffers.pop(name, None)  # freed before its successor is made
+            self.buffers[name] = torch.empty(count, dtype=torch.float32, device=self.device)
+        return self.buffers[name][:count].view(shape)
 
     @torch.no_grad()
     def predict(self, box: torch.Tensor, origin: np.ndarray, windows, output) -> tuple[np.ndarray, int]:
-        """Blended probabilities (float32) of the `output` slices, and the number of windows skipped.
+        """The blended probabilities of the `output` slices as uint8 (`round(255 p)`, on the host), and the number of
+        windows skipped.
 
-        `box` is the uint8 input (D, H, W) on the device, read at volume position `origin`.
+        `box` is the uint8 input (D, H, W) on the device, read at volume position `origin`. Only the output's voxels
+        are summed (each window's part inside it), in the order a sum over the whole box would take.
         """
         p = self.patch
-        numerator = torch.zeros(box.shape, dtype=torch.float32, device=self.device)
-        denominator = torch.zeros(box.shape, dtype=torch.float32, device=self.device)
-        cells = [tuple(slice(int(w - o), int(w - o) + p) for w, o in zip(window, origin)) for window in windows]
-        for cell in cells:
-            denominator[cell] += self.weights
+        inside = [(o.start - int(b), o.stop - int(b)) for o, b in zip(output, origin)]
+        shape = tuple(stop - start for start, stop in inside)
+        numerator = self._buffer("numerator", shape).zero_()
+        cells, parts = [], []  # per window: its box slices; (its part inside the output, the same part in the window)
+        for window in windows:
+            starts = [int(w - o) for w, o in zip(window, origin)]
+            cells.append(tuple(slice(a, a + p) for a in starts))
+            low = [max(a, i0) for a, (i0, _) in zip(starts, inside)]
+            high = [min(a + p, i1) for a, (_, i1) in zip(starts, inside)]
+            parts.append((tuple(slice(l - i0, h - i0) for l, h, (i0, _) in zip(low, high, inside)),
+                          tuple(slice(l - a, h - a) for l, h, a in zip(low, high, starts))))
         if self.skip_max >= 0:  # air: probability 0, the model is not run; one device sync for all windows
             maxima = torch.stack([box[cell].amax() for cell in cells]).tolist()
-            run = [cell for cell, maximum in zip(cells, maxima) if maximum > self.skip_max]
+            run = [index for index, maximum in enumerate(maxima) if maximum > self.skip_max]
         else:
-            run = cells
-        skipped = len(cells) - len(run)
-        for batch_windows in self._batches(run, origin):
+            run = list(range(len(cells)))
+        batch = self._buffer("batch", (self.batch_size, 1, p, p, p))
+        for batch_windows in self._batches([cells[index] for index in run], origin):
             filler = next(index for index in batch_windows if index is not None)
-            batch = self.normalization(torch.stack([box[run[filler if index is None else index]] for index in batch_windows])[:, None])
-            if self.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last_3d)
-            probabilities = self._probabilities(batch)
+            for slot, index in enumerate(batch_windows):
+                batch[slot, 0].copy_(box[cells[run[filler if index is None else index]]])
+            model_input = self.normalization.normalize_(batch)
+            if self.channels_last:  # a single channel: the same memory, only marked channels-last
+                model_input = model_input.contiguous(memory_format=torch.channels_last_3d)
+            probabilities = self._probabilities(model_input)
             for slot in sorted((slot for slot, index in enumerate(batch_windows) if index is not None), key=batch_windows.__getitem__):
-                numerator[run[batch_windows[slot]]] += self.weights * probabilities[slot]  # in grid order
-        inside = tuple(slice(o.start - b, o.stop - b) for o, b in zip(output, origin))
-        return (numerator[inside] / denominator[inside]).cpu().numpy(), skipped
+                target, source = parts[run[batch_windows[slot]]]
+                numerator[target] += self.weights[source] * probabilities[slot][source]  # in grid order
+        self._divide_by_weights(numerator, parts)
+        values = numerator.clamp_(0, 1).mul_(255).round_().to(torch.uint8)  # as to_uint8
+        return values.cpu().numpy(), len(cells) - len(run)
+
+    def _divide_by_weights(self, numerator: torch.Tensor, parts) -> None:
+        """Divide the sums by the windows' summed weights, added up (in window order) a slab of planes at a time."""
+        depth, height, width = numerator.shape
+        planes = max(1, SLAB_VOXELS // (height * width))
+        for start in range(0, depth, planes):
+            stop = min(start + planes, depth)
+            denominator = self._buffer("denominator", (stop - start, height, width)).zero_()
+            for target, source in parts:
+                low, high = max(target[0].start, start), min(target[0].stop, stop)
+                if low < high:
+                    shift = source[0].start - target[0].start
+                    denominator[(slice(low - start, high - start), *target[1:])] += self.weights[(slice(low + shift, high + shift), *source[1:])]
+            numerator[start:stop].div_(denominator)
 
     def _batches(self, cells, origin: np.ndarray) -> list[list[int | None]]:
         """Batches of `batch_size` slots holding windows (indices into `cells`, in their order) or None, each window
@@ -151,8 +191,8 @@ class WindowPredictor:
                 logits = self.model(flipped)
             probability = torch.sigmoid(logits.float())
             probability = probability.flip(dims) if dims else probability
-            total = probability if total is None else total + probability
-        return (total / len(self.flips))[:, 0]
+            total = probability if total is None else total.add_(probability)
+        return (total.div_(len(self.flips)) if len(self.flips) > 1 else total)[:, 0]
 
 
 def to_uint8(probabilities: np.ndarray) -> np.ndarray:

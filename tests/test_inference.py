@@ -16,6 +16,7 @@ from conftest import ROOT, run_on_a_full_disk
 from ink3d import InputError, volume
 from ink3d.files import WriteError, partial_path
 from ink3d.volume import write_ome_zarr
+from ink3d import sliding_window
 from ink3d.sliding_window import importance_map, plan_blocks, window_starts
 from models import UNet3D, save_checkpoint
 
@@ -123,6 +124,14 @@ def test_macro_blocks_equal_a_single_pass(scan, model_path, tmp_path, channels_l
     blocks, _ = _infer(scan_path, model_path, tmp_path / "blocks.h5", "--macro_block", "8", "--channels_last", channels_last)
     single, _ = _infer(scan_path, model_path, tmp_path / "single.h5", "--macro_block", "64", "--channels_last", channels_last)
     assert np.array_equal(blocks, single)
+
+
+def test_weights_summed_a_few_planes_at_a_time_equal_one_sum(scan, model_path, tmp_path, monkeypatch):
+    scan_path, _ = scan
+    whole, _ = _infer(scan_path, model_path, tmp_path / "whole.h5", "--macro_block", "64")
+    monkeypatch.setattr(sliding_window, "SLAB_VOXELS", 35 * 52 * 3)  # 3 planes of the one 40 x 35 x 52 block
+    slabs, _ = _infer(scan_path, model_path, tmp_path / "slabs.h5", "--macro_block", "64")
+    assert np.array_equal(whole, slabs)
 
 
 @pytest.mark.parametrize("roi, channels_last", [("8:32,16:35,8:40", "false"), ("5:29,3:30,7:45", "false"),

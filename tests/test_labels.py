@@ -280,13 +280,14 @@ def test_freed_memory_is_reused_without_page_faults():
     churn = textwrap.dedent("""
         import resource, sys
         import numpy as np
-        from ink3d.labels import reuse_freed_memory
+        from ink3d.memory import reuse_freed_memory
         if sys.argv[1] == "reuse":
             reuse_freed_memory()
-        np.ones(1 << 20)  # 8 MB: the first one costs its pages either way
+        for size in (1 << 20, 1 << 25):  # 8 MB and 256 MB (above what glibc's heap takes by default)
+            np.ones(size)  # the first one costs its pages either way
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(20):
-            np.ones(1 << 20)
+        for _ in range(10):
+            np.ones(1 << 20), np.ones(1 << 25)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     """)
     faults = {how: int(subprocess.run([sys.executable, "-c", churn, how], capture_output=True, text=True, check=True,

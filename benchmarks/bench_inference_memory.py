@@ -1,0 +1,98 @@
+"""inference.py's memory on the CPU against the model's own: peak RSS, page faults, time in the kernel.
+
+    python benchmarks/bench_inference_memory.py                       # f_maps 8, 3 levels, patch 128, batch 4, 256^3
+    python benchmarks/bench_inference_memory.py --size 384 --macro_block 256
+
+Each measurement runs in a process of its own (its peak RSS is its own, VmHWM):
+1. the reference: the model loaded as inference.py loads it (channels-last, its CPU default) and one forward
+   pass of a batch under `torch.inference_mode`, nothing else;
+2. inference.py over a `--size`^3 random scan (every window run: --air_level none), HDF5 in and out.
+The ratio of the peak RSS of 2 to that of 1 is what inference adds to the model's own needs (its input and
+output buffers, the blending, the reader and writer); minor page faults and the kernel's share of CPU time
+show memory handed back to the system and taken again.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ink3d import volume  # noqa: E402
+from models import UNet3D, save_checkpoint  # noqa: E402
+
+MEASURE = """
+import json, re, resource, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+{body}
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({{"seconds": time.perf_counter() - started, "user": after.ru_utime - before.ru_utime,
+                  "system": after.ru_stime - before.ru_stime, "minor_faults": after.ru_minflt - before.ru_minflt,
+                  "peak_rss": int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024}}))
+"""
+FORWARD = """
+import torch
+from models import load_model
+from models.speed import prepare_model
+model = prepare_model(load_model({checkpoint!r}), torch.device("cpu"), channels_last=True)  # inference.py's CPU default
+with torch.inference_mode():
+    model(torch.rand({batch}, 1, {patch}, {patch}, {patch}).contiguous(memory_format=torch.channels_last_3d))
+"""
+INFERENCE = """
+import inference
+inference.main({argv!r})
+"""
+
+
+def measure(body: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", MEASURE.format(root=str(ROOT), body=body)], check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def describe(name: str, figures: dict) -> str:
+    cpu = figures["user"] + figures["system"]
+    return (f"  {name}: peak RSS {figures['peak_rss'] / 2**20:,.0f} MB, {figures['seconds']:.1f} s, {figures['minor_faults']:,} minor "
+            f"page faults, kernel {figures['system']:.1f} s of {cpu:.1f} s CPU ({figures['system'] / max(cpu, 1e-9):.1%})")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--f_maps", type=int, default=8)
+    parser.add_argument("--num_levels", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--macro_block", type=int, default=512)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = UNet3D(f_maps=args.f_maps, num_levels=args.num_levels)
+        save_checkpoint(tmp / "model.pth", model, model.args, {}, 0)
+        values = np.random.default_rng(0).integers(1, 256, (args.size,) * 3).astype(np.uint8)
+        with h5py.File(tmp / "scan.h5", "w") as file:
+            volume.create_volume(file, volume.SCAN, values.shape, np.uint8)[:] = values
+        forward = measure(FORWARD.format(checkpoint=str(tmp / "model.pth"), batch=args.batch_size, patch=args.patch))
+        argv = ["--volume", str(tmp / "scan.h5"), "--checkpoint", str(tmp / "model.pth"), "--out", str(tmp / "pred.h5"),
+                "--patch", str(args.patch), "--batch_size", str(args.batch_size), "--macro_block", str(args.macro_block),
+                "--device", "cpu", "--air_level", "none"]
+        run = measure(INFERENCE.format(argv=argv))
+        print(f"CPU ({torch.get_num_threads()} threads), UNet f_maps={args.f_maps} num_levels={args.num_levels}, patch {args.patch}, "
+              f"batch {args.batch_size}, scan {args.size}^3, macro-block {args.macro_block}")
+        print(describe("one forward pass alone (the reference)", forward))
+        print(describe("inference.py, whole scan             ", run))
+        print(f"  peak RSS of inference / the forward's own: {run['peak_rss'] / forward['peak_rss']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
