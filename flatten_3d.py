@@ -25,6 +25,7 @@ only the bounding box of its samples inside the volume, in an order that keeps n
 HDF5 chunks in the chunk cache.
 """
 
+import collections
 import contextlib
 import json
 import os
@@ -34,7 +35,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import tifffile
-from scipy import ndimage
 from tqdm import tqdm
 
 from ink3d import InputError, volume
@@ -61,6 +61,7 @@ WORKERS = 0  # threads sampling tiles (0 = one per core)
 OVERWRITE = False  # replace existing images
 
 
+TRILINEAR_CHUNK = 32768  # samples interpolated at a time: their arrays stay in the CPU's cache
 BEHIND = -1.0  # a median depth of the peaks below this (voxels) warns that the normals may point into the sheet
 
 
@@ -69,50 +70,96 @@ def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndar
     they lie inside the volume (bool, same shape; an interpolated sample needs all its 8 voxels inside).
     Samples off the surface or outside the volume are 0."""
     valid = valid_mask(data)
-    samples = np.zeros(data.shape[:2] + (len(offsets),), np.float32)
-    inside = np.zeros(samples.shape, bool)
+    shape = data.shape[:2] + (len(offsets),)
+    samples, inside = np.zeros(shape, np.float32), np.zeros(shape, bool)
     if not valid.any():
         return samples, inside
     points = data[valid]
     coordinates = np.empty((3, len(points), len(offsets)))  # zyx rows of p + t * n, as positions_along_normals gives them
-    within = np.ones(coordinates.shape[1:], bool)
+    within, scratch = np.ones(coordinates.shape[1:], bool), np.empty(coordinates.shape[1:], bool)
     for axis, (column, size) in enumerate(zip((2, 1, 0), dataset.shape)):
         np.multiply.outer(points[:, column + 3], offsets, out=coordinates[axis])
         coordinates[axis] += points[:, column, None]
-        within &= (coordinates[axis] >= 0) & (coordinates[axis] <= size - 1)
-    reached = np.flatnonzero(within.any(axis=1))
-    if not len(reached):
+        within &= np.greater_equal(coordinates[axis], 0, out=scratch)
+        within &= np.less_equal(coordinates[axis], size - 1, out=scratch)
+    if not within.any():
         return samples, inside
-    # a pixel's samples inside the volume are one run of t, and p + t * n is monotonic in t: the run's two ends bound
-    # the read (whatever lies outside the volume, however far)
-    first = within[reached].argmax(axis=1)
-    last = len(offsets) - 1 - within[reached, ::-1].argmax(axis=1)
-    ends = np.concatenate([coordinates[:, reached, first], coordinates[:, reached, last]], axis=1)
-    low = np.floor(ends.min(axis=1)).astype(np.int64)
-    high = np.floor(ends.max(axis=1)).astype(np.int64) + 2
+    # the read spans the samples inside the volume only (whatever lies outside, however far)
+    everywhere = bool(within.all())
+    low = np.array([np.floor(c.min() if everywhere else np.min(c, where=within, initial=np.inf)) for c in coordinates], np.int64)
+    high = np.array([np.floor(c.max() if everywhere else np.max(c, where=within, initial=-np.inf)) for c in coordinates],
+                    np.int64) + 2
     box = volume.read_crop(dataset, low, high - low, fill=0)
     if box.dtype not in (np.uint8, np.float32):
         box = box.astype(np.float32)
-    coordinates -= low[:, None, None]
-    values = ndimage.map_coordinates(box, coordinates.reshape(3, -1), output=np.float32, order=1, mode="constant", cval=0.0,
-                                     prefilter=False)
-    samples[valid] = np.where(within, values.reshape(-1, len(offsets)), 0)
-    inside[valid] = within
+    values = trilinear(box, coordinates.reshape(3, -1), low.astype(np.float64)).reshape(within.shape)
+    if not everywhere:
+        np.copyto(values, 0, where=~within)
+    if valid.all():  # no pixel off the surface: the arrays as they are
+        return values.reshape(samples.shape), within.reshape(inside.shape)
+    samples[valid], inside[valid] = values, within
     return samples, inside
 
 
-def reduce_samples(samples: np.ndarray, inside: np.ndarray, reduce: str) -> np.ndarray:
-    """Mean or max along the last axis over the samples inside the volume; 0 where there is none."""
-    count = inside.sum(axis=-1)
+def trilinear(box: np.ndarray, coordinates: np.ndarray, origin: np.ndarray, chunk: int = TRILINEAR_CHUNK) -> np.ndarray:
+    """Trilinear samples (float32) of `box` (uint8 or float32, read at volume position `origin`) at volume zyx
+    `coordinates` (3, N) float64, equal bit for bit to `scipy.ndimage.map_coordinates(box, coordinates - origin,
+    order=1, prefilter=False)` wherever a coordinate's 8 voxels lie in the box (elsewhere the value is of no use:
+    callers mask it).
+
+    It computes what map_coordinates does for order 1 — per corner, in C order, the value times the z, y and x
+    weights (1 - f or f of the fractional part f), in that order, summed in float64 — but as whole-array steps on
+    `chunk` samples at a time (small enough to stay in the CPU's cache), ~3x faster than its per-sample loop."""
+    depth, height, width = box.shape
+    flat = box.ravel()
+    # corner (dz, dy, dx) of a sample whose first corner is at flat index i lies at i + (dz * height + dy) * width + dx
+    steps = [(dz, dy, dx, (dz * height + dy) * width + dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+    count = coordinates.shape[1]
+    out = np.empty(count, np.float32)
+    position, floor, upper, lower = (np.empty((3, chunk)) for _ in range(4))
+    index, value, total = np.empty(chunk, np.intp), np.empty(chunk), np.empty(chunk)
+    last = flat.size - 1
+    for start in range(0, count, chunk):
+        n = min(chunk, count - start)
+        p, f, up, low, i, v, t = position[:, :n], floor[:, :n], upper[:, :n], lower[:, :n], index[:n], value[:n], total[:n]
+        np.subtract(coordinates[:, start:start + n], origin[:, None], out=p)  # exact: origin holds integers
+        np.floor(p, out=f)
+        np.subtract(p, f, out=up)  # the weight of the upper neighbour along each axis ...
+        np.subtract(1.0, up, out=low)  # ... and of the lower one
+        np.multiply(f[0], height, out=i, casting="unsafe")
+        np.add(i, f[1], out=i, casting="unsafe")
+        np.multiply(i, width, out=i)
+        np.add(i, f[2], out=i, casting="unsafe")
+        np.clip(i, 0, last - steps[-1][3], out=i)  # coordinates outside the box read some voxel: their value is masked
+        for corner, (dz, dy, dx, step) in enumerate(steps):
+            term = v if corner else t  # the first corner's term starts the sum
+            np.multiply(flat[step:][i], (up if dz else low)[0], out=term)
+            term *= (up if dy else low)[1]
+            term *= (up if dx else low)[2]
+            if 0 < corner < len(steps) - 1:
+                t += v
+        np.add(t, v, out=out[start:start + n])  # the last corner's term, and the sum rounded to float32
+    return out
+
+
+def reduce_samples(samples: np.ndarray, inside: np.ndarray, reduce: str, count: np.ndarray | None = None) -> np.ndarray:
+    """Mean or max along the last axis over the samples inside the volume (`count` of them per pixel, if known); 0
+    where there is none."""
+    count = inside_count(inside) if count is None else count
     if reduce == "mean":
         return np.divide(samples.sum(axis=-1), count, out=np.zeros(count.shape, np.float32), where=count > 0)
     return np.where(count > 0, np.where(inside, samples, -np.inf).max(axis=-1), 0)
 
 
+def inside_count(inside: np.ndarray) -> np.ndarray:
+    """How many of each pixel's samples (..., T) lie inside the volume (summed as bytes: faster than as booleans)."""
+    return inside.view(np.uint8).sum(axis=-1, dtype=np.uint8 if inside.shape[-1] < 256 else np.int64)
+
+
 def peak_depth(samples: np.ndarray, inside: np.ndarray, offsets: np.ndarray, threshold: float) -> np.ndarray:
     """Per pixel, the offset where the samples (..., T) inside the volume peak, refined by the parabola through the
     peak and its two neighbours; NaN where the peak is below `threshold` or no sample is inside."""
-    values = np.where(inside, samples, -np.inf)
+    values = samples if inside.all() else np.where(inside, samples, -np.inf)
     peak = values.argmax(axis=-1)
     top = np.take_along_axis(values, peak[..., None], -1)[..., 0]
     before = np.take_along_axis(values, np.maximum(peak - 1, 0)[..., None], -1)[..., 0]
@@ -154,21 +201,30 @@ def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int
     def flatten_tile(origin: tuple[int, int]):
         tile_box = (slice(origin[0], origin[0] + tile), slice(origin[1], origin[1] + tile))
         samples, inside = sample_tile(dataset, np.asarray(ppm.data[tile_box]), offsets)
-        return (tile_box, _to_uint8(reduce_samples(samples, inside, reduce)), np.where(inside.any(axis=-1), 255, 0),
+        count = inside_count(inside)
+        return (tile_box, _to_uint8(reduce_samples(samples, inside, reduce, count)), np.where(count > 0, np.uint8(255), np.uint8(0)),
                 None if depth is None else peak_depth(samples, inside, offsets, depth_threshold),
                 None if layers is None else np.moveaxis(_to_uint8(samples), -1, 0))
 
     origins = [(row, col) for row in range(0, ppm.height, tile) for col in range(0, ppm.width, tile)]
     threads = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(threads) as pool:  # the interpolation releases the GIL
-        for first in range(0, len(origins), 4 * threads):  # a few tiles in flight at a time: bounded memory
-            for tile_box, image_tile, mask_tile, depth_tile, layers_tile in pool.map(flatten_tile, origins[first:first + 4 * threads]):
-                image[tile_box], mask[tile_box] = image_tile, mask_tile
-                if depth is not None:
-                    depth[tile_box] = depth_tile
-                if layers is not None:
-                    layers[(slice(None), *tile_box)] = layers_tile
-                bar.update(image_tile.size)
+
+    def store(tile_box, image_tile, mask_tile, depth_tile, layers_tile):
+        image[tile_box], mask[tile_box] = image_tile, mask_tile
+        if depth is not None:
+            depth[tile_box] = depth_tile
+        if layers is not None:
+            layers[(slice(None), *tile_box)] = layers_tile
+        bar.update(image_tile.size)
+
+    in_flight = collections.deque()
+    with ThreadPoolExecutor(threads) as pool:  # numpy and HDF5's decompression release the GIL
+        for origin in origins:  # a few tiles in flight at a time (bounded memory), stored in order as they finish
+            in_flight.append(pool.submit(flatten_tile, origin))
+            if len(in_flight) >= 4 * threads:
+                store(*in_flight.popleft().result())
+        while in_flight:
+            store(*in_flight.popleft().result())
     if layers is not None:
         layers.flush()
         del layers

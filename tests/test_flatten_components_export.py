@@ -47,6 +47,19 @@ def _flatten(tmp_path, *extra):
     return cv2.imread(str(tmp_path / "flat" / "20230101000000_prediction.png"), cv2.IMREAD_UNCHANGED)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_trilinear_equals_map_coordinates_bit_for_bit(dtype):
+    rng = np.random.default_rng(3)
+    box = (rng.integers(0, 256, (9, 11, 13)) if dtype == np.uint8 else rng.normal(0, 100, (9, 11, 13))).astype(dtype)
+    origin = np.array([40.0, -7.0, 1000.0])  # the box's place in the volume: coordinates are the volume's
+    local = np.concatenate([rng.uniform(0, np.array(box.shape)[:, None] - 1, (3, 5000)),  # anywhere inside
+                            rng.integers(0, np.array(box.shape)[:, None] - 1, (3, 200)).astype(float),  # on voxels
+                            np.array(box.shape, float)[:, None] - 1 - rng.uniform(0, 1e-9, (3, 50))], axis=1)  # at the far faces
+    expected = ndimage.map_coordinates(box, local, output=np.float32, order=1, mode="constant", cval=0.0, prefilter=False)
+    for chunk in (64, 777, 1 << 14):  # whole chunks and a ragged last one
+        assert np.array_equal(flatten_3d.trilinear(box, local + origin[:, None], origin, chunk), expected)
+
+
 @pytest.mark.parametrize("reduce", ["mean", "max"])
 def test_flatten_linear_field_exactly(tmp_path, linear_volume, reduce):
     data = _tilted_segment(tmp_path)
