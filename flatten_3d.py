@@ -71,9 +71,8 @@ def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndar
     Samples off the surface or outside the volume are 0."""
     valid = valid_mask(data)
     shape = data.shape[:2] + (len(offsets),)
-    samples, inside = np.zeros(shape, np.float32), np.zeros(shape, bool)
     if not valid.any():
-        return samples, inside
+        return np.zeros(shape, np.float32), np.zeros(shape, bool)
     points = data[valid]
     coordinates = np.empty((3, len(points), len(offsets)))  # zyx rows of p + t * n, as positions_along_normals gives them
     within, scratch = np.ones(coordinates.shape[1:], bool), np.empty(coordinates.shape[1:], bool)
@@ -83,7 +82,7 @@ def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndar
         within &= np.greater_equal(coordinates[axis], 0, out=scratch)
         within &= np.less_equal(coordinates[axis], size - 1, out=scratch)
     if not within.any():
-        return samples, inside
+        return np.zeros(shape, np.float32), np.zeros(shape, bool)
     # the read spans the samples inside the volume only (whatever lies outside, however far)
     everywhere = bool(within.all())
     low = np.array([np.floor(c.min() if everywhere else np.min(c, where=within, initial=np.inf)) for c in coordinates], np.int64)
@@ -96,7 +95,8 @@ def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndar
     if not everywhere:
         np.copyto(values, 0, where=~within)
     if valid.all():  # no pixel off the surface: the arrays as they are
-        return values.reshape(samples.shape), within.reshape(inside.shape)
+        return values.reshape(shape), within.reshape(shape)
+    samples, inside = np.zeros(shape, np.float32), np.zeros(shape, bool)
     samples[valid], inside[valid] = values, within
     return samples, inside
 

@@ -125,10 +125,10 @@ class WindowPredictor:
         for window in windows:
             starts = [int(w - o) for w, o in zip(window, origin)]
             cells.append(tuple(slice(a, a + p) for a in starts))
-            low = [max(a, i0) for a, (i0, _) in zip(starts, inside)]
-            high = [min(a + p, i1) for a, (_, i1) in zip(starts, inside)]
-            parts.append((tuple(slice(l - i0, h - i0) for l, h, (i0, _) in zip(low, high, inside)),
-                          tuple(slice(l - a, h - a) for l, h, a in zip(low, high, starts))))
+            first = [max(a, i0) for a, (i0, _) in zip(starts, inside)]
+            stop = [min(a + p, i1) for a, (_, i1) in zip(starts, inside)]
+            parts.append((tuple(slice(f - i0, e - i0) for f, e, (i0, _) in zip(first, stop, inside)),
+                          tuple(slice(f - a, e - a) for f, e, a in zip(first, stop, starts))))
         if self.skip_max >= 0:  # air: probability 0, the model is not run; one device sync for all windows
             maxima = torch.stack([box[cell].amax() for cell in cells]).tolist()
             run = [index for index, maximum in enumerate(maxima) if maximum > self.skip_max]
