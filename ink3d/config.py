@@ -278,3 +278,20 @@ def run_main(main, interrupted: str = WHOLE_OUTPUTS) -> None:
     except KeyboardInterrupt:
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception as error:
+        if not _interrupted(error):
+            raise
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether `error` was raised while a Ctrl-C was being handled: h5py's Cython code, interrupted inside HDF5, can
+    turn the KeyboardInterrupt into another error whose context it is."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__context__
+    return False

@@ -172,14 +172,35 @@ def test_a_cuda_device_that_is_not_there_is_named(tmp_path):
                         "--device", "cuda:1"])
 
 
-def test_ctrl_c_exits_130_with_one_line(capsys):
-    def interrupted():
-        raise KeyboardInterrupt
+def _interrupt():
+    raise KeyboardInterrupt
 
+
+def _converted_interrupt():  # as h5py's Cython code does when Ctrl-C lands inside HDF5
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise TypeError("Operation not defined for data type class") from None
+
+
+def _unrelated_failure():
+    try:
+        raise ValueError("handled")
+    except ValueError:
+        raise TypeError("a real bug") from None
+
+
+@pytest.mark.parametrize("stage", [_interrupt, _converted_interrupt])
+def test_ctrl_c_exits_130_with_one_line(capsys, stage):
     with pytest.raises(SystemExit) as stop:
-        run_main(interrupted, interrupted="what is kept, and how to go on")
+        run_main(stage, interrupted="what is kept, and how to go on")
     assert stop.value.code == 130
     assert capsys.readouterr().err == "\ninterrupted: what is kept, and how to go on\n"
+
+
+def test_other_errors_pass_through_run_main():
+    with pytest.raises(TypeError, match="a real bug"):
+        run_main(_unrelated_failure)
 
 
 def test_a_score_without_ink_is_valid_json_with_nulls(tmp_path):
