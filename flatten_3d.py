@@ -142,10 +142,9 @@ def trilinear(box: np.ndarray, coordinates: np.ndarray, origin: np.ndarray, chun
     return out
 
 
-def reduce_samples(samples: np.ndarray, inside: np.ndarray, reduce: str, count: np.ndarray | None = None) -> np.ndarray:
-    """Mean or max along the last axis over the samples inside the volume (`count` of them per pixel, if known); 0
-    where there is none."""
-    count = inside_count(inside) if count is None else count
+def reduce_samples(samples: np.ndarray, inside: np.ndarray, reduce: str, count: np.ndarray) -> np.ndarray:
+    """Mean or max along the last axis over the samples inside the volume (`count` of them per pixel, inside_count);
+    0 where there is none."""
     if reduce == "mean":
         return np.divide(samples.sum(axis=-1), count, out=np.zeros(count.shape, np.float32), where=count > 0)
     return np.where(count > 0, np.where(inside, samples, -np.inf).max(axis=-1), 0)

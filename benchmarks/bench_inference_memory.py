@@ -13,8 +13,6 @@ show memory handed back to the system and taken again.
 """
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,19 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ink3d import volume  # noqa: E402
+from measure import measure  # noqa: E402
 from models import UNet3D, save_checkpoint  # noqa: E402
 
-MEASURE = """
-import json, re, resource, sys, time
-from pathlib import Path
-sys.path.insert(0, {root!r})
-started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-{body}
-after = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({{"seconds": time.perf_counter() - started, "user": after.ru_utime - before.ru_utime,
-                  "system": after.ru_stime - before.ru_stime, "minor_faults": after.ru_minflt - before.ru_minflt,
-                  "peak_rss": int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024}}))
-"""
 FORWARD = """
 import torch
 from models import load_model
@@ -52,11 +40,6 @@ INFERENCE = """
 import inference
 inference.main({argv!r})
 """
-
-
-def measure(body: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", MEASURE.format(root=str(ROOT), body=body)], check=True, capture_output=True, text=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def describe(name: str, figures: dict) -> str:

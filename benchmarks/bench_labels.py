@@ -22,7 +22,6 @@ along the arc, which is what makes the chunk I/O matter.
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,20 +38,9 @@ import all_labels_to_hdf  # noqa: E402
 from ink3d import volume  # noqa: E402
 from ink3d.labels import band_voxels  # noqa: E402
 from ink3d.ppm import read_ppm, valid_mask, write_ppm  # noqa: E402
+from measure import measure  # noqa: E402
 
 SEGMENT = "20240101000000"
-# the peak RSS of this process alone: getrusage's ru_maxrss would start from the RSS of the benchmark that started it
-RUN = """
-import re, resource, sys, time
-from pathlib import Path
-sys.path.insert(0, {root!r})
-import all_labels_to_hdf
-before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-all_labels_to_hdf.main({argv!r})
-after = resource.getrusage(resource.RUSAGE_SELF)
-print(time.perf_counter() - started, re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1),
-      after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
-"""
 
 
 def make_scene(root: Path, height: int, width: int, radius: float, band: float, ink: float, inside: float = 1.0) -> tuple[int, int, int]:
@@ -200,12 +188,12 @@ def main():
         # the system does not write it back during the measurement
         os.sync()
         for run in range(1, args.runs + 1):
-            result = subprocess.run([sys.executable, "-c", RUN.format(root=str(ROOT), argv=common + ["--out_train", str(root / "full.h5")])],
-                                    check=True, capture_output=True, text=True)
-            seconds, rss, user, system = (float(value) for value in result.stdout.strip().splitlines()[-1].split())
-            rate = args.size * width / seconds
-            print(f"all_labels_to_hdf, whole segment, run {run}: {args.size * width:,} pixels in {seconds:.1f} s = {rate:,.0f} px/s, "
-                  f"peak RSS {rss / 1024:.0f} MB, CPU {user:.1f} s user + {system:.1f} s system; / box fill: {rate / box_rate:.1f}x")
+            argv = common + ["--out_train", str(root / "full.h5")]
+            figures = measure(f"all_labels_to_hdf.main({argv!r})", setup="import all_labels_to_hdf")
+            rate = args.size * width / figures["seconds"]
+            print(f"all_labels_to_hdf, whole segment, run {run}: {args.size * width:,} pixels in {figures['seconds']:.1f} s = "
+                  f"{rate:,.0f} px/s, peak RSS {figures['peak_rss'] / 2**20:.0f} MB, CPU {figures['user']:.1f} s user + "
+                  f"{figures['system']:.1f} s system; / box fill: {rate / box_rate:.1f}x")
 
 if __name__ == "__main__":
     main()
