@@ -86,8 +86,8 @@ def main():
                 reference_rates[cache_mb] = rows.shape[0] * rows.shape[1] / (time.perf_counter() - started)
         with h5py.File(path, "r", rdcc_nbytes=512 << 20, rdcc_nslots=80000) as file:  # as flatten_3d.py opens it
             dataset = file[volume.PREDICTIONS]
-            tiled = np.concatenate([sample_tile(dataset, rows[:, c:c + args.tile], offsets)[0] for c in range(0, args.size, args.tile)], axis=1)
-            assert np.array_equal(reference, tiled), "tiled sampling differs from the per-pixel loop"
+            tiled = np.concatenate([sample_tile(dataset, rows[:, c:c + args.tile], offsets)[0] for c in range(0, args.size, args.tile)], axis=2)
+            assert np.array_equal(np.moveaxis(reference, -1, 0), tiled), "tiled sampling differs from the per-pixel loop"
             write_ppm(Path(tmp) / "segment.ppm", data)
             rates = {}
             for workers in (0, 1, 0):  # a first run fills the chunk cache; then one thread, and one per core (the default)
