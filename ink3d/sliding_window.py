@@ -184,15 +184,21 @@ class WindowPredictor:
         return batches
 
     def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        total = None
-        for dims in self.flips:
+        """The model's probabilities (N, D, H, W) for a batch (N, 1, D, H, W), averaged over the flips, in a buffer: the
+        memory the model's activations take batch after batch then never holds an earlier batch's result (on the CPU,
+        such a remnant between them grows the process by a second set of activations)."""
+        total = self._buffer("probabilities", (batch.shape[0], *batch.shape[2:]))
+        for flip, dims in enumerate(self.flips):
             flipped = batch.flip(dims) if dims else batch
             with autocast(self.device, self.dtype):
                 logits = self.model(flipped)
-            probability = torch.sigmoid(logits.float())
-            probability = probability.flip(dims) if dims else probability
-            total = probability if total is None else total.add_(probability)
-        return (total.div_(len(self.flips)) if len(self.flips) > 1 else total)[:, 0]
+            logits = (logits.flip(dims) if dims else logits)[:, 0].float()
+            if flip:
+                total.add_(torch.sigmoid(logits))
+            else:
+                torch.sigmoid(logits, out=total)
+            del logits
+        return total.div_(len(self.flips)) if len(self.flips) > 1 else total
 
 
 def to_uint8(probabilities: np.ndarray) -> np.ndarray:

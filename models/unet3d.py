@@ -59,8 +59,8 @@ class Decoder(nn.Module):
         self.basic_module = double_conv(in_channels, out_channels, out_channels, num_groups)
 
     def forward(self, skip, x):
-        x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
-        return self.basic_module(torch.cat((skip, x), dim=1))
+        # the upsampled x is freed once concatenated: at the first level it is the largest tensor alive
+        return self.basic_module(torch.cat((skip, F.interpolate(x, size=skip.shape[2:], mode="nearest")), dim=1))
 
 
 class UNet3D(nn.Module):

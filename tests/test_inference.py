@@ -358,6 +358,23 @@ def test_windows_take_their_grid_slot_once_each_in_grid_order(shape, batch_size)
             assert index is None or slot == sum(piece.start // 2 + int(o) // 2 for piece, o in zip(cells[index], origin)) % batch_size
 
 
+def test_each_batch_probabilities_go_into_one_buffer(model_path, tmp_path, monkeypatch):
+    """The model's probabilities land in the same memory batch after batch: no earlier batch's result is held
+    while the next batch's activations are allocated."""
+    addresses = []
+    original = inference.WindowPredictor._probabilities
+
+    def recorded(self, batch):
+        result = original(self, batch)
+        addresses.append(result.data_ptr())
+        return result
+
+    monkeypatch.setattr(inference.WindowPredictor, "_probabilities", recorded)
+    values = np.random.default_rng(4).integers(1, 256, (32, 32, 48)).astype(np.uint8)
+    _infer(_scan(tmp_path / "scan.h5", values), model_path, tmp_path / "pred.h5", "--tta", "true")
+    assert len(addresses) > 1 and len(set(addresses)) == 1
+
+
 def test_air_is_not_run_through_the_model(model_path, tmp_path, monkeypatch):
     values = np.zeros((32, 32, 48), np.uint8)
     values[:, :, 32:] = np.random.default_rng(1).integers(1, 256, (32, 32, 16))

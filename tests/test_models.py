@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 
@@ -132,6 +134,28 @@ def test_odd_input_sizes_keep_their_shape():
     model = UNet3D(f_maps=4, num_levels=3).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 1, 13, 22, 9)).shape == (2, 1, 13, 22, 9)
+
+
+def test_the_upsampled_features_are_freed_before_the_decoder_convolves(monkeypatch):
+    """At the first level the upsampled features are the largest tensor alive: once concatenated with the skip they
+    must not outlive the concatenation (the model's peak memory)."""
+    from models import unet3d
+
+    upsampled, alive_at_decoders = [], []
+    interpolate = unet3d.F.interpolate
+
+    def recorded(*args, **kwargs):
+        result = interpolate(*args, **kwargs)
+        upsampled.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(unet3d.F, "interpolate", recorded)
+    model = UNet3D(f_maps=4, num_levels=3).eval()
+    for decoder in model.decoders:
+        decoder.basic_module.register_forward_pre_hook(lambda module, inputs: alive_at_decoders.append(upsampled[-1]() is not None))
+    with torch.no_grad():
+        model(torch.rand(1, 1, 16, 16, 16))
+    assert alive_at_decoders == [False, False]
 
 
 def test_small_model_learns_a_fixed_batch():
