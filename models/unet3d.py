@@ -58,9 +58,11 @@ class Decoder(nn.Module):
         super().__init__()
         self.basic_module = double_conv(in_channels, out_channels, out_channels, num_groups)
 
-    def forward(self, skip, x):
-        # the upsampled x is freed once concatenated: at the first level it is the largest tensor alive
-        return self.basic_module(torch.cat((skip, F.interpolate(x, size=skip.shape[2:], mode="nearest")), dim=1))
+    def forward(self, skips: list[torch.Tensor], x):
+        """Takes its skip connection off the end of `skips`: the skip and the upsampled x are then freed once
+        concatenated (at the first level they are the largest tensors alive besides the concatenation)."""
+        size = skips[-1].shape[2:]
+        return self.basic_module(torch.cat((skips.pop(), F.interpolate(x, size=size, mode="nearest")), dim=1))
 
 
 class UNet3D(nn.Module):
@@ -81,9 +83,10 @@ class UNet3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(N, C, D, H, W)` -> logits of the same spatial size."""
         skips = []
-        for encoder in self.encoders:
+        for encoder in self.encoders[:-1]:
             x = encoder(x)
             skips.append(x)
-        for decoder, skip in zip(self.decoders, reversed(skips[:-1])):
-            x = decoder(skip, x)
+        x = self.encoders[-1](x)
+        for decoder in self.decoders:  # each takes the deepest skip left
+            x = decoder(skips, x)
         return self.final_conv(x)

@@ -136,12 +136,12 @@ def test_odd_input_sizes_keep_their_shape():
         assert model(torch.rand(2, 1, 13, 22, 9)).shape == (2, 1, 13, 22, 9)
 
 
-def test_the_upsampled_features_are_freed_before_the_decoder_convolves(monkeypatch):
-    """At the first level the upsampled features are the largest tensor alive: once concatenated with the skip they
-    must not outlive the concatenation (the model's peak memory)."""
+def test_skips_and_upsampled_features_are_freed_before_the_decoder_convolves(monkeypatch):
+    """At the first level the skip and the upsampled features are the largest tensors alive besides their
+    concatenation: once concatenated they must not outlive it (the model's peak memory in inference)."""
     from models import unet3d
 
-    upsampled, alive_at_decoders = [], []
+    upsampled, skips, alive_at_decoders = [], {}, []
     interpolate = unet3d.F.interpolate
 
     def recorded(*args, **kwargs):
@@ -150,12 +150,16 @@ def test_the_upsampled_features_are_freed_before_the_decoder_convolves(monkeypat
         return result
 
     monkeypatch.setattr(unet3d.F, "interpolate", recorded)
-    model = UNet3D(f_maps=4, num_levels=3).eval()
-    for decoder in model.decoders:
-        decoder.basic_module.register_forward_pre_hook(lambda module, inputs: alive_at_decoders.append(upsampled[-1]() is not None))
+    model = UNet3D(f_maps=4, num_levels=4).eval()
+    for level, encoder in enumerate(model.encoders):
+        encoder.register_forward_hook(lambda module, inputs, output, level=level: skips.__setitem__(level, weakref.ref(output)))
+    for index, decoder in enumerate(model.decoders):  # decoder 0 joins the skip of level num_levels - 2
+        decoder.basic_module.register_forward_pre_hook(lambda module, inputs, level=2 - index: alive_at_decoders.append(
+            (level, upsampled[-1]() is not None, skips[level]() is not None, skips[0]() is not None)))
     with torch.no_grad():
         model(torch.rand(1, 1, 16, 16, 16))
-    assert alive_at_decoders == [False, False]
+    # each decoder's own skip and upsampled features are gone; the first level's skip waits for the last decoder
+    assert alive_at_decoders == [(2, False, False, True), (1, False, False, True), (0, False, False, False)]
 
 
 def test_small_model_learns_a_fixed_batch():
