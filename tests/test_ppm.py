@@ -60,3 +60,13 @@ def test_valid_mask_and_positions_along_normals():
     assert positions.shape == (1, 2, 3, 3)
     expected = [[29.2, 19.4, 10.0], [30.0, 20.0, 10.0], [31.6, 21.2, 10.0]]  # zyx
     assert np.allclose(positions[0, 0], expected)
+
+
+def test_valid_mask_is_finite_and_not_all_zero_for_every_kind_of_value():
+    kinds = [0.0, -0.0, 1.0, -2.5, 5e-324, 1e308, np.inf, -np.inf, np.nan]
+    rng = np.random.default_rng(0)
+    data = rng.choice(kinds, size=(50, 40, 6), p=[0.5, 0.1, 0.1, 0.1, 0.05, 0.05, 0.03, 0.03, 0.04])
+    data[:5] = 0.0  # whole rows off the surface
+    expected = [[any(v != 0 for v in pixel) and all(np.isfinite(v) for v in pixel) for pixel in row] for row in data]
+    assert valid_mask(data).tolist() == expected
+    assert valid_mask(data[3, 7]) == expected[3][7] and valid_mask(data[20, 4]) == expected[20][4]  # one pixel
