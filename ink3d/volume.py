@@ -4,10 +4,12 @@ Outputs are HDF5; inputs may also be zarr arrays or OME-Zarr multiscale groups (
 """
 
 import atexit
+import collections
 import contextlib
 import itertools
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,13 +89,14 @@ def open_dataset(path: str | Path, name: str, mode: str = "r", level: int = 0, c
     A scan (dataset `scan_volume`, or any zarr volume) must hold uint8 or uint16 and have axes z, y, x; uint16
     reads as uint8 by `round(v * 255 / 65535)`, as volume_to_hdf converts it, other dtypes are refused.
     `level` picks an OME-Zarr level; HDF5 files hold one resolution (a scan refuses a level above 0, other
-    volumes were made at the level they were made from). `cache_bytes` sizes HDF5's chunk cache.
+    volumes were made at the level they were made from). `cache_bytes` sizes the chunk cache: HDF5's own, or for
+    zarr, which keeps none, one of decompressed chunks held here, so that overlapping reads decompress a chunk once.
     """
     path = Path(path)
     if path.is_dir():
         if mode != "r":
             raise InputError(f"{path}: zarr volumes are read only here; outputs are HDF5")
-        return _NothingToClose(), open_zarr(path, level)
+        return _NothingToClose(), open_zarr(path, level, cache_bytes or 0)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     cache = {} if cache_bytes is None else {"rdcc_nbytes": cache_bytes, "rdcc_nslots": cache_bytes // 65536 * 10 + 1}
@@ -159,19 +162,67 @@ class Uint8View:
 class ZarrVolume(Uint8View):
     """A zarr array as a uint8 volume that counts the chunks its reads found absent from a local store (they read
     as 0: written empty, or never downloaded); the first is warned of, the count reported when the process ends.
-    A prediction store of this pipeline leaves all-zero chunks unwritten: its absent chunks are not counted."""
+    A prediction store of this pipeline leaves all-zero chunks unwritten: its absent chunks are not counted.
 
-    def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0), count_absent: bool = True):
+    With `cache_bytes`, a box (slices of step 1) is read a chunk at a time through a cache of decompressed chunks,
+    the least recently used dropped beyond that many bytes, shared by threads: zarr decompresses every chunk that
+    a read touches, each time, so neighbouring reads (a segment's tiles, overlapping windows) would decompress the
+    chunks they share again and again."""
+
+    def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0), count_absent: bool = True, cache_bytes: int = 0):
         super().__init__(array, where, scale)
         root = getattr(array.store, "root", None)
         self._folder = None if root is None or not count_absent else Path(root) / array.path
         self._grid = tuple(-(-size // chunk) for size, chunk in zip(self.shape, self.chunks))
         self._seen, self.absent = set(), 0
+        self._cache, self._cache_bytes, self._cached_bytes = collections.OrderedDict(), cache_bytes, 0
+        self._cache_lock = threading.Lock()
 
     def __getitem__(self, key) -> np.ndarray:
         if self._folder is not None:
             self._count_absent(key)
-        return super().__getitem__(key)
+        box = self._box(key) if self._cache_bytes else None
+        return super().__getitem__(key) if box is None else self._read_through_cache(box)
+
+    def _box(self, key) -> list[tuple[int, int]] | None:
+        """(start, stop) per axis of a key of slices with step 1; None for any other key."""
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 3 or not all(isinstance(part, slice) and part.step in (None, 1) for part in key):
+            return None
+        key += (slice(None),) * (3 - len(key))
+        return [part.indices(size)[:2] for part, size in zip(key, self.shape)]
+
+    def _read_through_cache(self, box: list[tuple[int, int]]) -> np.ndarray:
+        out = np.empty([max(stop - start, 0) for start, stop in box], self.dtype)
+        if not out.size:
+            return out
+        ranges = [range(start // chunk, -(-stop // chunk)) for (start, stop), chunk in zip(box, self.chunks)]
+        for index in itertools.product(*ranges):
+            chunk_start = [i * chunk for i, chunk in zip(index, self.chunks)]
+            source, target = [], []
+            for (start, stop), first, chunk in zip(box, chunk_start, self.chunks):
+                low, high = max(start, first), min(stop, first + chunk)
+                source.append(slice(low - first, high - first))
+                target.append(slice(low - start, high - start))
+            out[tuple(target)] = self._chunk(index, chunk_start)[tuple(source)]
+        return out
+
+    def _chunk(self, index: tuple[int, ...], start: list[int]) -> np.ndarray:
+        """Chunk `index` (uint8), from the cache or read and kept there."""
+        with self._cache_lock:
+            values = self._cache.get(index)
+            if values is not None:
+                self._cache.move_to_end(index)
+                return values
+        # read outside the lock: threads decompress different chunks side by side
+        values = super().__getitem__(tuple(slice(s, min(s + chunk, size)) for s, chunk, size in zip(start, self.chunks, self.shape)))
+        with self._cache_lock:
+            if index not in self._cache:
+                self._cache[index] = values
+                self._cached_bytes += values.nbytes
+                while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
+                    self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return values
 
     def _count_absent(self, key) -> None:
         key = key if isinstance(key, tuple) else (key,)
@@ -197,8 +248,9 @@ class ZarrVolume(Uint8View):
               file=sys.stderr)
 
 
-def open_zarr(path: Path, level: int = 0) -> ZarrVolume:
-    """A zarr array, or level `level` of an OME-Zarr multiscale group (axes from its metadata)."""
+def open_zarr(path: Path, level: int = 0, cache_bytes: int = 0) -> ZarrVolume:
+    """A zarr array, or level `level` of an OME-Zarr multiscale group (axes from its metadata), read through a cache
+    of `cache_bytes` of decompressed chunks if given."""
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as error:  # zarr reports a missing or malformed store in several ways
@@ -235,7 +287,7 @@ def open_zarr(path: Path, level: int = 0) -> ZarrVolume:
         raise InputError(f"{where}: shape {node.shape}, expected 3 axes (z, y, x)")
     if node.dtype not in (np.uint8, np.uint16):
         raise InputError(f"{where}: dtype {node.dtype}; volumes must be uint8 or uint16")
-    opened = ZarrVolume(node, where, scale, count_absent=not sparse)
+    opened = ZarrVolume(node, where, scale, count_absent=not sparse, cache_bytes=cache_bytes)
     opened.voxel_size = voxel_size
     return opened
 

@@ -104,6 +104,24 @@ def test_flatten_counts_only_samples_inside_the_volume(tmp_path, linear_volume, 
     assert np.array_equal(mask, np.array([[255] * 6, [0, 0, 0, 255, 255, 255]], np.uint8))
 
 
+def test_flatten_reads_an_ome_zarr_scan_as_its_hdf5_copy(tmp_path):
+    values = np.random.default_rng(5).integers(0, 256, (30, 24, 20)).astype(np.uint8)
+    with h5py.File(tmp_path / "scan.h5", "w") as file:
+        volume.create_volume(file, volume.SCAN, values.shape, np.uint8, chunk=8)[:] = values
+    volume.write_ome_zarr(tmp_path / "scan.zarr", values, levels=1, chunk=8)
+    _tilted_segment(tmp_path)
+    outputs = []
+    for name in ("h5", "zarr"):  # small tiles in two threads: neighbouring tiles share chunks through zarr's chunk cache
+        flatten_3d.main(["--volume", str(tmp_path / f"scan.{name}"), "--dataset", volume.SCAN, "--name", name, "--ppm_dir",
+                         str(tmp_path / "paths"), "--out_dir", str(tmp_path / "flat"), "--band", "3", "--tile", "3", "--workers", "2",
+                         "--layers", "true", "--depth_map", "true", "--cache_mb", "1"])
+        stem = tmp_path / "flat" / f"20230101000000_{name}"
+        outputs.append([cv2.imread(f"{stem}.png", cv2.IMREAD_UNCHANGED), cv2.imread(f"{stem}_mask.png", cv2.IMREAD_UNCHANGED),
+                        tifffile.imread(f"{stem}_layers.tif"), tifffile.imread(f"{stem}_depth.tif")])
+    assert outputs[0][2].any() and outputs[0][2].shape == (7, 7, 9)
+    assert all(np.array_equal(h5, zarr_, equal_nan=True) for h5, zarr_ in zip(*outputs))
+
+
 def test_flatten_refuses_to_overwrite(tmp_path, linear_volume):
     _tilted_segment(tmp_path)
     _flatten(tmp_path)

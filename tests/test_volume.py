@@ -7,8 +7,8 @@ import zarr
 
 from ink3d import InputError
 from ink3d.files import check_output, warn_if_short_of_space
-from ink3d.volume import (chunks_of, create_volume, iter_blocks, open_dataset, parse_roi, read_crop, reset_unreadable_chunks,
-                          write_ome_zarr)
+from ink3d.volume import (UINT16_TO_UINT8, chunks_of, create_volume, iter_blocks, open_dataset, parse_roi, read_crop,
+                          reset_unreadable_chunks, write_ome_zarr)
 
 
 @pytest.fixture
@@ -160,3 +160,46 @@ def test_a_level_the_multiscale_lacks_is_named(tmp_path):
     write_ome_zarr(tmp_path / "v.zarr", np.zeros((4, 4, 4), np.uint8), levels=2, chunk=4)
     with pytest.raises(InputError, match="--level 2: the multiscale has levels 0..1"):
         open_dataset(tmp_path / "v.zarr", "scan_volume", level=2)
+
+
+class _ReadSpy:
+    """A zarr array that records the keys read from it."""
+
+    def __init__(self, array):
+        self.array, self.keys = array, []
+
+    def __getitem__(self, key):
+        self.keys.append(key)
+        return self.array[key]
+
+    def boxes(self) -> list[tuple]:
+        return [tuple((part.start, part.stop) for part in key) for key in self.keys]
+
+    def __getattr__(self, name):
+        return getattr(self.array, name)
+
+
+def test_zarr_reads_through_the_chunk_cache_decompress_each_chunk_once(tmp_path):
+    values = np.random.default_rng(0).integers(0, 65536, (9, 10, 11)).astype(np.uint16)
+    _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=1 << 20)
+    spy = scan.array = _ReadSpy(scan.array)
+    expected = UINT16_TO_UINT8[values]
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        origin, shape = rng.integers(-3, 10, 3), rng.integers(1, 8, 3)
+        assert np.array_equal(read_crop(scan, origin, shape), np.pad(expected, 12)[tuple(slice(o + 12, o + 12 + s) for o, s in zip(origin, shape))])
+    assert np.array_equal(scan[2:7], expected[2:7]) and np.array_equal(scan[:, 3:9], expected[:, 3:9]) and scan[5:5].shape == (0, 10, 11)
+    chunk_boxes = {tuple((4 * i, min(4 * i + 4, size)) for i, size in zip(index, values.shape)) for index in np.ndindex(3, 3, 3)}
+    assert set(spy.boxes()) <= chunk_boxes and len(spy.boxes()) == len(set(spy.boxes()))  # whole chunks, each read once
+    spy.keys.clear()
+    assert scan[1, 2:4, :].tolist() == expected[1, 2:4, :].tolist() and scan[::2, 0, 0].tolist() == expected[::2, 0, 0].tolist()
+    assert spy.keys == [(1, slice(2, 4), slice(None)), (slice(None, None, 2), 0, 0)]  # other keys are read as they are
+
+
+def test_the_zarr_chunk_cache_drops_the_least_recently_used_chunk(tmp_path):
+    values = np.arange(4 * 4 * 16, dtype=np.uint8).reshape(4, 4, 16)
+    _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=2 * 4**3)  # two chunks
+    spy = scan.array = _ReadSpy(scan.array)
+    for chunk in (0, 1, 0, 2, 0, 1):  # 2 drops 1 (0 was used since); 1 then drops 2
+        assert np.array_equal(scan[:, :, 4 * chunk:4 * chunk + 4], values[:, :, 4 * chunk:4 * chunk + 4])
+    assert [box[2][0] // 4 for box in spy.boxes()] == [0, 1, 2, 1]
