@@ -160,8 +160,8 @@ class Uint8View:
 
 
 class ZarrVolume(Uint8View):
-    """A zarr array as a uint8 volume that counts the chunks its reads found absent from a local store (they read
-    as 0: written empty, or never downloaded); the first is warned of, the count reported when the process ends.
+    """A zarr array as a uint8 volume that counts the chunks (the shards of a sharded array: its files) its reads
+    found absent from a local store (they read as 0: written empty, or never downloaded); the first is warned of, the count reported when the process ends.
     A prediction store of this pipeline leaves all-zero chunks unwritten: its absent chunks are not counted.
 
     With `cache_bytes`, a box (slices of step 1) is read a chunk at a time through a cache of decompressed chunks,
@@ -173,7 +173,8 @@ class ZarrVolume(Uint8View):
         super().__init__(array, where, scale)
         root = getattr(array.store, "root", None)
         self._folder = None if root is None or not count_absent else Path(root) / array.path
-        self._grid = tuple(-(-size // chunk) for size, chunk in zip(self.shape, self.chunks))
+        self._stored = tuple(getattr(array, "shards", None) or self.chunks)  # a sharded array stores a file per shard
+        self._grid = tuple(-(-size // chunk) for size, chunk in zip(self.shape, self._stored))
         self._seen, self.absent = set(), 0
         self._cache, self._cache_bytes, self._cached_bytes = collections.OrderedDict(), cache_bytes, 0
         self._cache_lock = threading.Lock()
@@ -230,7 +231,7 @@ class ZarrVolume(Uint8View):
         for axis, size in enumerate(self.shape):
             part = key[axis] if axis < len(key) else slice(None)
             start, stop = (part, part + 1) if isinstance(part, (int, np.integer)) else part.indices(size)[:2]
-            ranges.append(range(start // self.chunks[axis], -(-stop // self.chunks[axis])) if stop > start else range(0))
+            ranges.append(range(start // self._stored[axis], -(-stop // self._stored[axis])) if stop > start else range(0))
         for index in itertools.product(*ranges):
             flat = int(np.ravel_multi_index(index, self._grid))
             if flat in self._seen:

@@ -153,6 +153,16 @@ def test_absent_zarr_chunks_are_counted_and_warned_of(tmp_path):
     assert scan.absent == 1
 
 
+def test_absent_shards_of_a_sharded_zarr_are_counted_as_files_not_inner_chunks(tmp_path):
+    array = zarr.create_array(str(tmp_path / "scan.zarr"), shape=(16, 16, 16), chunks=(4, 4, 4), shards=(8, 8, 8), dtype=np.uint8)
+    array[:] = 7
+    (tmp_path / "scan.zarr" / "c" / "0" / "1" / "1").unlink()  # a shard (8 inner chunks) that never arrived
+    _, scan = volume.open_dataset(tmp_path / "scan.zarr", volume.SCAN)
+    with pytest.warns(UserWarning, match="chunk 0/1/1 is absent"):
+        crop = volume.read_crop(scan, (0, 0, 0), (16, 16, 16))
+    assert scan.absent == 1 and not crop[:8, 8:, 8:].any() and (crop[8:] == 7).all()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--overlap", "nan"], "--overlap nan: must be a finite number"),
     (["--batch_size", "2", "--blend", "cosine"], "--blend 'cosine': choose one of gaussian, constant"),
