@@ -1,4 +1,5 @@
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -203,3 +204,21 @@ def test_the_zarr_chunk_cache_drops_the_least_recently_used_chunk(tmp_path):
     for chunk in (0, 1, 0, 2, 0, 1):  # 2 drops 1 (0 was used since); 1 then drops 2
         assert np.array_equal(scan[:, :, 4 * chunk:4 * chunk + 4], values[:, :, 4 * chunk:4 * chunk + 4])
     assert [box[2][0] // 4 for box in spy.boxes()] == [0, 1, 2, 1]
+
+
+def test_threads_read_the_same_values_through_a_small_zarr_chunk_cache(tmp_path):
+    values = np.random.default_rng(2).integers(0, 256, (12, 12, 12)).astype(np.uint8)
+    _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=3 * 4**3)  # 3 of 27 chunks: evictions
+
+    def crops(seed: int) -> bool:
+        rng = np.random.default_rng(seed)
+        for _ in range(100):
+            origin, shape = rng.integers(0, 11, 3), rng.integers(1, 6, 3)
+            box = tuple(slice(o, o + s) for o, s in zip(origin, shape))
+            if not np.array_equal(scan[box], values[box]):
+                return False
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(crops, range(8)))
+    assert sum(chunk.nbytes for chunk in scan._cache.values()) <= 3 * 4**3
