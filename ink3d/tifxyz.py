@@ -152,18 +152,28 @@ class SurfaceMap:
         fr, fc = (row - r0)[:, None, None], (col - c0)[None, :, None]
         r1, c1 = np.minimum(r0 + 1, last_row), np.minimum(c0 + 1, last_col)
         inside = (row <= last_row)[:, None] & (col <= last_col)[None, :]
+        grid_rows, at = np.unique(np.concatenate([r0, r1]), return_inverse=True)  # the few grid rows the pixels span
+        at_r0, at_r1 = at[:len(r0)], at[len(r0):]
 
         def bilinear(grid):
-            return ((1 - fr) * ((1 - fc) * grid[r0][:, c0] + fc * grid[r0][:, c1])
-                    + fr * ((1 - fc) * grid[r1][:, c0] + fc * grid[r1][:, c1]))
+            """(1 - fr) ((1 - fc) g00 + fc g01) + fr ((1 - fc) g10 + fc g11), operation for operation, with the inner
+            sums formed once per grid row spanned rather than once per pixel row."""
+            spanned = grid[grid_rows]
+            along_columns = (1 - fc) * spanned[:, c0] + fc * spanned[:, c1]
+            return (1 - fr) * along_columns[at_r0] + fr * along_columns[at_r1]
 
         point = bilinear(self.points)
         normal = bilinear(self.normals)
-        length = np.linalg.norm(normal, axis=-1, keepdims=True)
-        valid = inside & np.isfinite(point).all(axis=-1) & np.isfinite(normal).all(axis=-1) & (length[..., 0] > 0)
-        out[valid, :3] = point[valid]
-        out[valid, 3:] = (normal / np.where(length > 0, length, 1))[valid]
+        length = np.sqrt(normal[..., 0] ** 2 + normal[..., 1] ** 2 + normal[..., 2] ** 2)  # np.linalg.norm's sum
+        valid = inside & _finite(point) & _finite(normal) & (length > 0)
+        out[..., :3] = np.where(valid[..., None], point, 0)
+        out[..., 3:] = np.where(valid[..., None], normal / np.where(valid, length, 1)[..., None], 0)
         return out
+
+
+def _finite(vectors: np.ndarray) -> np.ndarray:
+    """Whether each (..., 3) vector is finite: column by column, far faster than reducing the short last axis."""
+    return np.isfinite(vectors[..., 0]) & np.isfinite(vectors[..., 1]) & np.isfinite(vectors[..., 2])
 
 
 class _PixelData:

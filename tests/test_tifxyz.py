@@ -61,6 +61,27 @@ def test_invalid_vertices_and_the_mask_take_their_cells_off_the_surface(tmp_path
     assert np.isnan(read_tifxyz(tmp_path / "seg")[0][1, 1]).all()
 
 
+def test_pixels_equal_a_per_pixel_loop_of_the_bilinear_formula(tmp_path):
+    rng = np.random.default_rng(4)
+    points = np.cumsum(rng.normal(1, 0.3, (9, 7, 3)), axis=0) + np.cumsum(rng.normal(1, 0.3, (9, 7, 3)), axis=1) + 50
+    points[2, 3] = points[6, 0] = np.nan  # invalid vertices
+    write_tifxyz(tmp_path / "seg", points, (1 / 3, 1 / 3))
+    surface = SurfaceMap(tmp_path / "seg", shape=(27, 20))  # one row past the last vertex: off the surface
+    grids, last_row, last_col = (surface.points, surface.normals), points.shape[0] - 1, points.shape[1] - 1
+    expected = np.zeros((27, 20, 6))
+    for i, j in np.ndindex(27, 20):
+        row, col = i * surface.sy, j * surface.sx
+        r0, c0 = min(int(np.floor(row)), last_row - 1), min(int(np.floor(col)), last_col - 1)
+        r1, c1, fr, fc = min(r0 + 1, last_row), min(c0 + 1, last_col), row - r0, col - c0
+        point, normal = ((1 - fr) * ((1 - fc) * g[r0, c0] + fc * g[r0, c1]) + fr * ((1 - fc) * g[r1, c0] + fc * g[r1, c1]) for g in grids)
+        length = np.sqrt(normal[0] ** 2 + normal[1] ** 2 + normal[2] ** 2)
+        if row <= last_row and col <= last_col and np.isfinite(point).all() and np.isfinite(normal).all() and length > 0:
+            expected[i, j] = np.concatenate([point, normal / length])
+    assert 0 < (expected != 0).any(axis=-1).sum() < 27 * 20
+    assert np.array_equal(surface.data[:, :], expected)
+    assert all(np.array_equal(surface.data[r:r + 5, c:c + 6], expected[r:r + 5, c:c + 6]) for r in range(0, 27, 5) for c in range(0, 20, 6))
+
+
 def test_grid_normals_of_a_cylinder_point_outwards():
     theta, z = np.meshgrid(np.linspace(0, 1, 9), np.arange(5.0), indexing="xy")
     points = np.stack([50 + 30 * np.cos(theta), 40 + 30 * np.sin(theta), z], axis=-1)  # rows along z, columns along the arc
