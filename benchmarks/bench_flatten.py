@@ -10,7 +10,9 @@ decompressed, which suits a pixel-by-pixel walk) and with HDF5 1.x's (1 MB: smal
 chunk, so every pixel decompresses its chunk again). It runs on the first `--reference_rows`
 rows; flatten_3d.py runs on those rows (identity) and on the whole segment. The volume's OME-Zarr copy
 (as write_ome_zarr writes it: 128^3 chunks, blosc zstd) is flattened too, once through the cache of
-decompressed chunks that flatten_3d gives zarr volumes and once without, each from a fresh open.
+decompressed chunks that flatten_3d gives zarr volumes and once without, each from a fresh open. Last, the
+surface as a tifxyz segment with a vertex every 20 pixels (VC3D's scale 0.05), against its .ppm, both with the
+chunk cache filled.
 """
 
 import argparse
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from flatten_3d import flatten_segment, sample_tile  # noqa: E402
 from ink3d import volume  # noqa: E402
 from ink3d.ppm import positions_along_normals, valid_mask, write_ppm  # noqa: E402
+from ink3d.tifxyz import write_tifxyz  # noqa: E402
 
 
 def make_scene(root: Path, size: int) -> tuple[Path, np.ndarray]:
@@ -98,6 +101,14 @@ def main():
                     image = flatten_segment(dataset, Path(tmp) / "segment.ppm", args.band, "mean", args.tile, bar, None, 127.5, workers)[0]
                 rates.append(args.size**2 / (time.perf_counter() - started))
             volume.write_ome_zarr(Path(tmp) / "pred.zarr", dataset, levels=1)
+            step = 20
+            write_tifxyz(Path(tmp) / "segment", data[::step, ::step, :3], (1 / step, 1 / step))
+            surface_rates = {}
+            for name in ("segment", "segment.ppm"):
+                started = time.perf_counter()
+                with tqdm(total=args.size**2, desc=f"flatten_segment, {name}", unit="px") as bar:
+                    flatten_segment(dataset, Path(tmp) / name, args.band, "mean", args.tile, bar, None, 127.5)
+                surface_rates[name] = bar.n / (time.perf_counter() - started)
         zarr_rates = {}
         for cache_mb in (512, 0):  # flatten_3d's default, and none: zarr itself keeps no decompressed chunk
             _, opened = volume.open_dataset(Path(tmp) / "pred.zarr", volume.PREDICTIONS, cache_bytes=cache_mb << 20)
@@ -116,6 +127,8 @@ def main():
                   f"(identical output); flatten_3d is {rate / reference_rate:.0f}x faster")
     print(f"OME-Zarr copy, each run from a fresh open: {zarr_rates[512]:,.0f} px/s through the chunk cache, {zarr_rates[0]:,.0f} px/s "
           f"decompressing each tile's chunks anew ({zarr_rates[512] / zarr_rates[0]:.2f}x; identical image)")
+    print(f"tifxyz, a vertex every {step} pixels: {surface_rates['segment']:,.0f} px/s against {surface_rates['segment.ppm']:,.0f} px/s "
+          f"for the .ppm ({surface_rates['segment'] / surface_rates['segment.ppm']:.2f}x)")
 
 
 if __name__ == "__main__":
