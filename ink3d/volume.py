@@ -161,13 +161,14 @@ class Uint8View:
 
 class ZarrVolume(Uint8View):
     """A zarr array as a uint8 volume that counts the chunks (the shards of a sharded array: its files) its reads
-    found absent from a local store (they read as 0: written empty, or never downloaded); the first is warned of, the count reported when the process ends.
-    A prediction store of this pipeline leaves all-zero chunks unwritten: its absent chunks are not counted.
+    found absent from a local store (they read as 0: written empty, or never downloaded); the first is warned of,
+    the count reported when the process ends. A prediction store of this pipeline leaves all-zero chunks unwritten:
+    its absent chunks are not counted.
 
-    With `cache_bytes`, a box (slices of step 1) is read a chunk at a time through a cache of decompressed chunks,
-    the least recently used dropped beyond that many bytes, shared by threads: zarr decompresses every chunk that
-    a read touches, each time, so neighbouring reads (a segment's tiles, overlapping windows) would decompress the
-    chunks they share again and again."""
+    With `cache_bytes`, a box (slices of step 1) is read through a cache of decompressed chunks, the least recently
+    used dropped beyond that many bytes, shared by threads: zarr decompresses every chunk that a read touches, each
+    time, so neighbouring reads (a segment's tiles, overlapping windows) would decompress the chunks they share
+    again and again. A box's missing chunks are read in one call where they fill the box they span."""
 
     def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0), count_absent: bool = True, cache_bytes: int = 0):
         super().__init__(array, where, scale)
@@ -177,7 +178,7 @@ class ZarrVolume(Uint8View):
         self._grid = tuple(-(-size // chunk) for size, chunk in zip(self.shape, self._stored))
         self._seen, self.absent = set(), 0
         self._cache, self._cache_bytes, self._cached_bytes = collections.OrderedDict(), cache_bytes, 0
-        self._cache_lock = threading.Lock()
+        self._cache_lock, self._read_lock = threading.Lock(), threading.Lock()
 
     def __getitem__(self, key) -> np.ndarray:
         if self._folder is not None:
@@ -197,33 +198,56 @@ class ZarrVolume(Uint8View):
         out = np.empty([max(stop - start, 0) for start, stop in box], self.dtype)
         if not out.size:
             return out
-        ranges = [range(start // chunk, -(-stop // chunk)) for (start, stop), chunk in zip(box, self.chunks)]
-        for index in itertools.product(*ranges):
-            chunk_start = [i * chunk for i, chunk in zip(index, self.chunks)]
+        indices = list(itertools.product(*(range(start // chunk, -(-stop // chunk)) for (start, stop), chunk in zip(box, self.chunks))))
+        chunks = self._chunks(indices)
+        for index in indices:
             source, target = [], []
-            for (start, stop), first, chunk in zip(box, chunk_start, self.chunks):
-                low, high = max(start, first), min(stop, first + chunk)
-                source.append(slice(low - first, high - first))
+            for (start, stop), i, chunk in zip(box, index, self.chunks):
+                low, high = max(start, i * chunk), min(stop, (i + 1) * chunk)
+                source.append(slice(low - i * chunk, high - i * chunk))
                 target.append(slice(low - start, high - start))
-            out[tuple(target)] = self._chunk(index, chunk_start)[tuple(source)]
+            out[tuple(target)] = chunks[index][tuple(source)]
         return out
 
-    def _chunk(self, index: tuple[int, ...], start: list[int]) -> np.ndarray:
-        """Chunk `index` (uint8), from the cache or read and kept there."""
+    def _chunks(self, indices: list[tuple[int, ...]]) -> dict:
+        """Chunks (uint8) by index, from the cache or read and kept there. One thread reads at a time, so that no
+        chunk is decompressed twice; zarr decodes the chunks of one read side by side."""
+        found = self._cached(indices)
+        if len(found) < len(indices):
+            with self._read_lock:
+                found.update(self._cached([index for index in indices if index not in found]))  # read meanwhile
+                missing = [index for index in indices if index not in found]
+                if missing:
+                    found.update(self._read(missing))
+        return found
+
+    def _cached(self, indices: list[tuple[int, ...]]) -> dict:
         with self._cache_lock:
-            values = self._cache.get(index)
-            if values is not None:
+            found = {index: self._cache[index] for index in indices if index in self._cache}
+            for index in found:
                 self._cache.move_to_end(index)
-                return values
-        # read outside the lock: threads decompress different chunks side by side
-        values = super().__getitem__(tuple(slice(s, min(s + chunk, size)) for s, chunk, size in zip(start, self.chunks, self.shape)))
+        return found
+
+    def _read(self, missing: list[tuple[int, ...]]) -> dict:
+        """Read chunks and keep them: in one read where they fill the box they span (~1.5x faster than one by one
+        for zarr), else one by one, so that no chunk already kept is read again."""
+        low, high = np.min(missing, axis=0), np.max(missing, axis=0) + 1
+        groups = [(low, high)] if int(np.prod(high - low)) == len(missing) else [(np.array(i), np.array(i) + 1) for i in missing]
+        chunk = np.array(self.chunks)
+        read = {}
+        for first, last in groups:
+            span = Uint8View.__getitem__(self, tuple(slice(a, min(b, size)) for a, b, size in zip(first * chunk, last * chunk, self.shape)))
+            for index in itertools.product(*(range(a, b) for a, b in zip(first, last))):
+                offset = (np.array(index) - first) * chunk
+                values = span[tuple(slice(o, o + c) for o, c in zip(offset, chunk))]
+                read[index] = values if int(np.prod(last - first)) == 1 else values.copy()  # a view would keep the whole read alive
         with self._cache_lock:
-            if index not in self._cache:
+            for index, values in read.items():
                 self._cache[index] = values
                 self._cached_bytes += values.nbytes
-                while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
-                    self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
-        return values
+            while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:  # the least recently used go first
+                self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return read
 
     def _count_absent(self, key) -> None:
         key = key if isinstance(key, tuple) else (key,)

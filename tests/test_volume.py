@@ -1,4 +1,7 @@
+import itertools
 import shutil
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
@@ -180,6 +183,13 @@ class _ReadSpy:
         return getattr(self.array, name)
 
 
+def _chunks_of_aligned(box, shape, chunk: int) -> list[tuple]:
+    """The chunks a read of `box` covers, which must be whole chunks."""
+    for (start, stop), size in zip(box, shape):
+        assert start % chunk == 0 and (stop % chunk == 0 or stop == size), f"{box} is not chunk-aligned"
+    return list(itertools.product(*(range(start // chunk, -(-stop // chunk)) for start, stop in box)))
+
+
 def test_zarr_reads_through_the_chunk_cache_decompress_each_chunk_once(tmp_path):
     values = np.random.default_rng(0).integers(0, 65536, (9, 10, 11)).astype(np.uint16)
     _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=1 << 20)
@@ -190,8 +200,8 @@ def test_zarr_reads_through_the_chunk_cache_decompress_each_chunk_once(tmp_path)
         origin, shape = rng.integers(-3, 10, 3), rng.integers(1, 8, 3)
         assert np.array_equal(read_crop(scan, origin, shape), np.pad(expected, 12)[tuple(slice(o + 12, o + 12 + s) for o, s in zip(origin, shape))])
     assert np.array_equal(scan[2:7], expected[2:7]) and np.array_equal(scan[:, 3:9], expected[:, 3:9]) and scan[5:5].shape == (0, 10, 11)
-    chunk_boxes = {tuple((4 * i, min(4 * i + 4, size)) for i, size in zip(index, values.shape)) for index in np.ndindex(3, 3, 3)}
-    assert set(spy.boxes()) <= chunk_boxes and len(spy.boxes()) == len(set(spy.boxes()))  # whole chunks, each read once
+    read = [index for box in spy.boxes() for index in _chunks_of_aligned(box, values.shape, 4)]
+    assert len(read) == len(set(read)) == len({index for index in np.ndindex(3, 3, 3)} & set(read))  # each chunk read once
     spy.keys.clear()
     assert scan[1, 2:4, :].tolist() == expected[1, 2:4, :].tolist() and scan[::2, 0, 0].tolist() == expected[::2, 0, 0].tolist()
     assert spy.keys == [(1, slice(2, 4), slice(None)), (slice(None, None, 2), 0, 0)]  # other keys are read as they are
@@ -222,3 +232,28 @@ def test_threads_read_the_same_values_through_a_small_zarr_chunk_cache(tmp_path)
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(crops, range(8)))
     assert sum(chunk.nbytes for chunk in scan._cache.values()) <= 3 * 4**3
+
+
+def test_a_chunk_two_threads_ask_for_at_once_is_decompressed_once(tmp_path):
+    values = np.random.default_rng(3).integers(0, 256, (8, 8, 8)).astype(np.uint8)
+    _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=1 << 20)
+    reading, asked = threading.Event(), threading.Event()
+
+    class SlowRead(_ReadSpy):
+        def __getitem__(self, key):
+            reading.set()
+            asked.wait(5)  # the other thread asks for the same chunk while this read is under way
+            time.sleep(0.1)
+            return super().__getitem__(key)
+
+    spy = scan.array = SlowRead(scan.array)
+
+    def ask_while_it_is_read():
+        reading.wait(5)
+        asked.set()
+        return scan[0:4, 0:4, 0:4]
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.submit(lambda: scan[0:4, 0:4, 0:4]), pool.submit(ask_while_it_is_read)
+        assert np.array_equal(first.result(), values[:4, :4, :4]) and np.array_equal(second.result(), values[:4, :4, :4])
+    assert spy.keys == [(slice(0, 4), slice(0, 4), slice(0, 4))]
