@@ -178,7 +178,7 @@ class ZarrVolume(Uint8View):
         self._grid = tuple(-(-size // chunk) for size, chunk in zip(self.shape, self._stored))
         self._seen, self.absent = set(), 0
         self._cache, self._cache_bytes, self._cached_bytes = collections.OrderedDict(), cache_bytes, 0
-        self._cache_lock, self._read_lock = threading.Lock(), threading.Lock()
+        self._cache_lock, self._reading = threading.Lock(), {}  # chunk index -> set once the thread reading it is done
 
     def __getitem__(self, key) -> np.ndarray:
         if self._folder is not None:
@@ -210,22 +210,30 @@ class ZarrVolume(Uint8View):
         return out
 
     def _chunks(self, indices: list[tuple[int, ...]]) -> dict:
-        """Chunks (uint8) by index, from the cache or read and kept there. One thread reads at a time, so that no
-        chunk is decompressed twice; zarr decodes the chunks of one read side by side."""
-        found = self._cached(indices)
-        if len(found) < len(indices):
-            with self._read_lock:
-                found.update(self._cached([index for index in indices if index not in found]))  # read meanwhile
-                missing = [index for index in indices if index not in found]
-                if missing:
-                    found.update(self._read(missing))
-        return found
-
-    def _cached(self, indices: list[tuple[int, ...]]) -> dict:
-        with self._cache_lock:
-            found = {index: self._cache[index] for index in indices if index in self._cache}
-            for index in found:
-                self._cache.move_to_end(index)
+        """Chunks (uint8) by index, from the cache or read and kept there. A thread reads the missing chunks that no
+        other thread is reading, and waits for those that one is: threads read different chunks side by side, and
+        no chunk is decompressed twice."""
+        found = {}
+        while len(found) < len(indices):
+            with self._cache_lock:
+                for index in indices:
+                    if index not in found and index in self._cache:
+                        found[index] = self._cache[index]
+                        self._cache.move_to_end(index)
+                mine = [index for index in indices if index not in found and index not in self._reading]
+                theirs = {self._reading[index] for index in indices if index not in found and index in self._reading}
+                done = threading.Event()
+                self._reading.update(dict.fromkeys(mine, done))
+            if mine:
+                try:
+                    found.update(self._read(mine))
+                finally:
+                    with self._cache_lock:
+                        for index in mine:
+                            del self._reading[index]
+                    done.set()
+            for reading in theirs:  # then taken from the cache, or read here if it was dropped or its read failed
+                reading.wait()
         return found
 
     def _read(self, missing: list[tuple[int, ...]]) -> dict:

@@ -257,3 +257,20 @@ def test_a_chunk_two_threads_ask_for_at_once_is_decompressed_once(tmp_path):
         first, second = pool.submit(lambda: scan[0:4, 0:4, 0:4]), pool.submit(ask_while_it_is_read)
         assert np.array_equal(first.result(), values[:4, :4, :4]) and np.array_equal(second.result(), values[:4, :4, :4])
     assert spy.keys == [(slice(0, 4), slice(0, 4), slice(0, 4))]
+
+
+def test_threads_read_different_zarr_chunks_side_by_side(tmp_path):
+    values = np.random.default_rng(4).integers(0, 256, (8, 8, 8)).astype(np.uint8)
+    _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=1 << 20)
+    started = {0: threading.Event(), 4: threading.Event()}  # by the first z of the chunk read
+
+    class MeetingRead(_ReadSpy):
+        def __getitem__(self, key):
+            started[key[0].start].set()
+            assert started[4 - key[0].start].wait(30), "one read waited for the other"  # both under way at once
+            return super().__getitem__(key)
+
+    scan.array = MeetingRead(scan.array)
+    with ThreadPoolExecutor(2) as pool:
+        low, high = pool.submit(lambda: scan[0:4, 0:4, 0:4]), pool.submit(lambda: scan[4:8, 0:4, 0:4])
+        assert np.array_equal(low.result(), values[:4, :4, :4]) and np.array_equal(high.result(), values[4:, :4, :4])
