@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ink3d import InputError
-from ink3d.tifxyz import SurfaceMap, is_tifxyz, tifxyz_size
+from ink3d.tifxyz import SurfaceMap, is_tifxyz, tifxyz_size, vector_length
 
 HEADER_END = b"<>\n"
 MAX_HEADER_BYTES = 1 << 16
@@ -142,8 +142,7 @@ def in_volume_voxels(pixels: np.ndarray, scale_zyx=(1.0, 1.0, 1.0)) -> np.ndarra
     if np.any(scale_xyz != 1):
         out[..., :3] /= scale_xyz
         out[..., 3:] /= scale_xyz
-    normals = out[..., 3:]
-    length = np.sqrt(normals[..., 0] ** 2 + normals[..., 1] ** 2 + normals[..., 2] ** 2)  # np.linalg.norm's sum, ~8x faster
+    length = vector_length(out[..., 3:])
     valid = valid_mask(out) & (length > 0)
     rescale = valid & (np.abs(length - 1) > UNIT_TOLERANCE)
     out[rescale, 3:] /= length[rescale, None]

@@ -117,7 +117,7 @@ def grid_normals(points: np.ndarray) -> np.ndarray:
         return np.where(np.isnan(central), np.where(np.isnan(forward), backward, forward), central)
 
     normal = np.cross(derivative(1), derivative(0))
-    length = np.linalg.norm(normal, axis=-1, keepdims=True)
+    length = vector_length(normal)[..., None]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(length > 0, normal / length, np.nan)
 
@@ -164,7 +164,7 @@ class SurfaceMap:
 
         point = bilinear(self.points)
         normal = bilinear(self.normals)
-        length = np.sqrt(normal[..., 0] ** 2 + normal[..., 1] ** 2 + normal[..., 2] ** 2)  # np.linalg.norm's sum
+        length = vector_length(normal)
         valid = inside & _finite(point) & _finite(normal) & (length > 0)
         out[..., :3] = np.where(valid[..., None], point, 0)
         out[..., 3:] = np.where(valid[..., None], normal / np.where(valid, length, 1)[..., None], 0)
@@ -174,6 +174,12 @@ class SurfaceMap:
 def _finite(vectors: np.ndarray) -> np.ndarray:
     """Whether each (..., 3) vector is finite: column by column, far faster than reducing the short last axis."""
     return np.isfinite(vectors[..., 0]) & np.isfinite(vectors[..., 1]) & np.isfinite(vectors[..., 2])
+
+
+def vector_length(vectors: np.ndarray) -> np.ndarray:
+    """The length of each (..., 3) vector, bit for bit np.linalg.norm's (the same sum of squares), ~8x faster: column
+    by column rather than reducing the short last axis."""
+    return np.sqrt(vectors[..., 0] ** 2 + vectors[..., 1] ** 2 + vectors[..., 2] ** 2)
 
 
 class _PixelData:

@@ -267,7 +267,7 @@ def test_threads_read_different_zarr_chunks_side_by_side(tmp_path):
     class MeetingRead(_ReadSpy):
         def __getitem__(self, key):
             started[key[0].start].set()
-            assert started[4 - key[0].start].wait(30), "one read waited for the other"  # both under way at once
+            assert started[4 - key[0].start].wait(120), "one read waited for the other"  # both under way at once (never near 120 s)
             return super().__getitem__(key)
 
     scan.array = MeetingRead(scan.array)
