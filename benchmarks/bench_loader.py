@@ -9,13 +9,19 @@ samples, same run. Then the full augmentation two ways, samples/s with one loade
 loader (volumentations-3D) against raw crops resampled a batch at a time with torch
 (ink3d.augment, `train.py --augment device`), here on the CPU; with CUDA present, on the GPU too.
 Then seconds per step (forward, backward, AdamW) for the small demo model (f_maps 8, 4 levels,
-patch 64) and the default model (f_maps 32, 5 levels, patch 128).
+patch 64) and the default model (f_maps 32, 5 levels, patch 128). With CUDA present, train.py's own
+step (train.train_step: bf16, channels_last_3d, fused AdamW, EMA) for the default model at patch 128
+and batch 4 on random data, eager and compiled, with the fixed ink range and with the learned depth
+(8192 columns per sample): ms per step, samples/s, the hours of a 20,000-step run and the GPU's peak
+memory.
 """
 
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -24,9 +30,13 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import train  # noqa: E402
 from ink3d.augment import warp  # noqa: E402
-from ink3d.dataset import ScrollSamples  # noqa: E402
+from ink3d.columns import FIELDS  # noqa: E402
+from ink3d.dataset import BACKGROUND, ScrollSamples  # noqa: E402
 from models import UNet3D  # noqa: E402
+from models.ema import EMA  # noqa: E402
+from models.speed import prepare_model  # noqa: E402
 from train import masked_loss  # noqa: E402
 
 
@@ -77,6 +87,63 @@ def seconds_per_step(f_maps: int, num_levels: int, patch: int, batch: int, steps
     return (time.perf_counter() - started) / steps
 
 
+def random_batch(batch: int, patch: int, band: float, columns: int, device: torch.device):
+    """Images, voxel labels (a labeled slab, air as background, the rest unlabeled) and columns (points inside the
+    patch, unit normals, half ink, half with a face window) as train.py's loader hands them over."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 1, patch, patch, patch, generator=generator)
+    labels = torch.full_like(images, -1.0)
+    middle = slice(patch // 2 - 8, patch // 2 + 8)
+    labels[:, :, middle] = (torch.rand(labels[:, :, middle].shape, generator=generator) > 0.9).float()
+    labels[:, :, : patch // 8] = BACKGROUND
+    rows = torch.full((batch, columns, FIELDS), float("nan"))
+    rows[..., :3] = band + torch.rand(batch, columns, 3, generator=generator) * (patch - 1 - 2 * band)
+    normals = torch.randn(batch, columns, 3, generator=generator)
+    rows[..., 3:6] = normals / normals.norm(dim=-1, keepdim=True)
+    rows[..., 6] = (torch.rand(batch, columns, generator=generator) > 0.5).float()
+    rows[:, ::2, 7:9] = torch.tensor([-1.0, 2.0])
+    matrices, shifts = torch.eye(3).repeat(batch, 1, 1), torch.zeros(batch, 3)
+    return [t.to(device) for t in (images, labels, rows, matrices, shifts)]
+
+
+def gpu_steps(batch: int = 4, patch: int = 128, band: float = 10.0, steps: int = 10) -> None:
+    """train.train_step's time on the GPU for the default model, eager and compiled, fixed range and learned depth."""
+    device = torch.device("cuda")
+    config = SimpleNamespace(dice_weight=train.DICE_WEIGHT, background_weight=train.BACKGROUND_WEIGHT,
+                             label_smoothing=train.LABEL_SMOOTHING, column_weight=train.COLUMN_WEIGHT,
+                             pool_sharpness=train.POOL_SHARPNESS, grad_clip=train.GRAD_CLIP)
+    images, labels, columns, matrices, shifts = random_batch(batch, patch, band, train.MAX_COLUMNS, device)
+    images = images.contiguous(memory_format=torch.channels_last_3d)
+    print(f"GPU {torch.cuda.get_device_name()}: train.train_step, default model (f_maps 32, 5 levels), patch {patch}, "
+          f"batch {batch}, bf16, channels_last_3d, fused AdamW, EMA")
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = prepare_model(UNet3D(), device, channels_last=True)
+        ema = EMA(model, train.EMA_DECAY)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=train.LR, weight_decay=train.WEIGHT_DECAY, fused=True)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        if compiled:
+            model = torch.compile(model)
+        for name, step_columns in (("fixed range", None), ("learned depth", columns)):
+            step = partial(train.train_step, model, optimizer, scaler, ema, images, labels, step_columns, matrices, shifts,
+                           config, band, torch.bfloat16, 1)
+            started = time.perf_counter()
+            for _ in range(3):  # warm-up (and compilation)
+                step()
+            torch.cuda.synchronize()
+            warm_up = time.perf_counter() - started
+            torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            for _ in range(steps):
+                result = step()
+            torch.cuda.synchronize()
+            seconds = (time.perf_counter() - started) / steps
+            loss = result[0].item()
+            print(f"  {'compiled' if compiled else 'eager':<8} {name:<13} {seconds * 1e3:7.1f} ms/step, "
+                  f"{batch / seconds:6.1f} samples/s, 20,000 steps in {20000 * seconds / 3600:.2f} h; "
+                  f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; warm-up {warm_up:.0f} s; loss {loss:.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--volume", default="runs/demo/scan.h5")
@@ -103,6 +170,10 @@ def main():
     for name, f_maps, levels, patch, batch, steps in (("small", 8, 4, 64, 2, 5), ("default", 32, 5, 128, 1, 1)):
         seconds = seconds_per_step(f_maps, levels, patch, batch, steps)
         print(f"CPU step, {name} model (f_maps {f_maps}, {levels} levels, patch {patch}, batch {batch}): {seconds:.2f} s/step")
+    if torch.cuda.is_available():
+        gpu_steps()
+    else:
+        print("no CUDA device: GPU steps skipped")
 
 
 if __name__ == "__main__":
