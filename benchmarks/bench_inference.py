@@ -6,9 +6,10 @@
 MONAI gets the volume already in memory; inference.py reads it from HDF5 and writes its output,
 so the comparison is end to end for inference.py. It also times the OME-Zarr output against the HDF5 one
 (same settings, same process) and one worker process against two (`--parts 2`). With CUDA present it also runs the default
-32-map model in bf16 (compiled) over 384^3 and 768^3 volumes (patch 128) and prints voxels/s, TFLOP/s
-(0.482 MFLOP per window voxel), the rate without fixed costs (the difference of the two runs), and
-the GPU hours for Scroll 1 (8096 x 7888 x 14376 voxels) at that rate.
+32-map model in bf16 (compiled) over 512^3 and 1024^3 volumes (patch 128), with the default macro-block
+and with 1024, and prints voxels/s, TFLOP/s (0.482 MFLOP per window voxel run), the rate without fixed
+costs (the difference of the two runs), and the GPU hours for Scroll 1 (8096 x 7888 x 14376 voxels)
+at that rate.
 
     python -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_inference; bench_inference.gpu_only()"   # GPU part alone
 """
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import inference  # noqa: E402
 from ink3d import volume  # noqa: E402
+from ink3d.sliding_window import plan_blocks  # noqa: E402
 from models import UNet3D, save_checkpoint  # noqa: E402
 
 MFLOP_PER_VOXEL = 0.482
@@ -83,48 +85,58 @@ def worker_processes(scan: Path, checkpoint: Path, tmp: Path, common: list[str])
     return one, time.perf_counter() - started
 
 
-def gpu_report(tmp: Path, sizes=(384, 768), patch: int = 128, batch: int = 8) -> None:
+def windows_run(shape, patch: int, stride: int, block: int) -> int:
+    """How many windows inference.py runs over a whole volume of `shape`: a window that reaches into several macro-blocks
+    is run once for each (the plan's windows per block are the product of those along each axis)."""
+    total = 1
+    for size in shape:
+        axis = (slice(0, size),)
+        total *= sum(len(b.windows) for b in plan_blocks(axis, axis, patch, stride, block))
+    return total
+
+
+def gpu_report(tmp: Path, sizes=(512, 1024), patch: int = 128, batch: int = 8, block: int = inference.MACRO_BLOCK) -> None:
     """The default model in bf16 (compiled, as inference.py runs it on CUDA) over random scans of two sizes. The
-    difference between the two runs is the rate without the fixed costs (start-up, compilation), and that rate, in
-    window voxels per second, projects Scroll 1 at the 8 window passes per voxel that overlap 0.5 gives inside a
-    large volume."""
+    difference between the two runs is the rate without the fixed costs (start-up, compilation), in window voxels
+    per second, which gives the GPU hours of Scroll 1 from the windows its plan runs."""
     model = UNet3D().eval()
     checkpoint = tmp / "default.pth"
     save_checkpoint(checkpoint, model, model.args, {}, 0)
-    common = ["--patch", str(patch), "--batch_size", str(batch), "--macro_block", "384", "--device", "cuda", "--amp", "bf16",
-              "--air_level", "none"]
+    common = ["--patch", str(patch), "--batch_size", str(batch), "--macro_block", str(block), "--device", "cuda",
+              "--amp", "bf16", "--air_level", "none"]
     stride = patch // 2
     print(f"GPU {torch.cuda.get_device_name()}: default UNet (f_maps 32), bf16, compiled, patch {patch}, overlap 0.5, "
-          f"batch {batch}, HDF5 in and out")
+          f"batch {batch}, macro-block {block}, HDF5 in and out")
     runs = []
     for size in sizes:
-        values = np.random.default_rng(0).integers(1, 256, (size,) * 3, dtype=np.uint8)
         scan = tmp / f"gpu_scan_{size}.h5"
-        with h5py.File(scan, "w") as file:
-            volume.create_volume(file, volume.SCAN, values.shape, np.uint8)[:] = values
-        del values
+        if not scan.exists():
+            values = np.random.default_rng(0).integers(1, 256, (size,) * 3, dtype=np.uint8)
+            with h5py.File(scan, "w") as file:
+                volume.create_volume(file, volume.SCAN, values.shape, np.uint8)[:] = values
+            del values
         if not runs:  # the first compilation, out of every measurement
             run_ours(scan, checkpoint, tmp / "warm.h5", *common, "--roi", f"0:{patch},0:{patch},0:{patch}")
         seconds = run_ours(scan, checkpoint, tmp / "gpu_pred.h5", *common)
-        window_voxels = (len(range(0, size - patch, stride)) + 1) ** 3 * patch**3
-        runs.append((size**3, window_voxels, seconds))
+        window_voxels = windows_run((size,) * 3, patch, stride, block) * patch**3
+        runs.append((window_voxels, seconds))
         print(f"  {size}^3: {seconds:.1f} s, {size**3 / seconds / 1e6:.2f} Mvoxel/s of output "
-              f"({window_voxels / size**3:.2f} window passes per voxel), "
+              f"({window_voxels / size**3:.2f} window voxels per voxel), "
               f"{window_voxels * MFLOP_PER_VOXEL * 1e6 / seconds / 1e12:.1f} TFLOP/s")
-    (_, small_windows, small_seconds), (_, large_windows, large_seconds) = runs[0], runs[-1]
-    window_rate = (large_windows - small_windows) / (large_seconds - small_seconds)
-    passes = (patch // stride) ** 3
-    print(f"  without the fixed costs ({sizes[-1]}^3 minus {sizes[0]}^3): {window_rate / 1e6:.1f} M window voxels/s, "
-          f"{window_rate * MFLOP_PER_VOXEL * 1e6 / 1e12:.1f} TFLOP/s, {window_rate / passes / 1e6:.2f} Mvoxel/s of output "
-          f"inside a large volume ({passes} passes per voxel)")
-    print(f"  Scroll 1 ({SCROLL_1[0]} x {SCROLL_1[1]} x {SCROLL_1[2]}): {np.prod(SCROLL_1, dtype=np.float64) * passes / window_rate / 3600:.1f} "
-          f"GPU hours at this rate, without skipping air")
-    print(subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv"], capture_output=True, text=True).stdout)
+    (small_voxels, small_seconds), (large_voxels, large_seconds) = runs[0], runs[-1]
+    rate = (large_voxels - small_voxels) / (large_seconds - small_seconds)
+    scroll = windows_run(SCROLL_1, patch, stride, block) * patch**3
+    print(f"  without the fixed costs ({sizes[-1]}^3 minus {sizes[0]}^3): {rate / 1e6:.1f} M window voxels/s, "
+          f"{rate * MFLOP_PER_VOXEL * 1e6 / 1e12:.1f} TFLOP/s")
+    print(f"  Scroll 1 ({SCROLL_1[0]} x {SCROLL_1[1]} x {SCROLL_1[2]}, {scroll / np.prod(SCROLL_1, dtype=np.float64):.2f} window "
+          f"voxels per voxel): {scroll / rate / 3600:.1f} GPU hours at this rate, without skipping air")
 
 
-def gpu_only() -> None:
+def gpu_only(blocks=(inference.MACRO_BLOCK, 1024)) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        gpu_report(Path(tmp))
+        for block in blocks:
+            gpu_report(Path(tmp), block=block)
+    print(subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv"], capture_output=True, text=True).stdout)
 
 
 def main():

@@ -106,19 +106,21 @@ def random_batch(batch: int, patch: int, band: float, columns: int, device: torc
     return [t.to(device) for t in (images, labels, rows, matrices, shifts)]
 
 
-def gpu_steps(batch: int = 4, patch: int = 128, band: float = 10.0, steps: int = 10) -> None:
+def gpu_steps(batch: int = 4, patch: int = 128, band: float = 10.0, steps: int = 10, channels_last: bool = True,
+              eager: bool = True) -> None:
     """train.train_step's time on the GPU for the default model, eager and compiled, fixed range and learned depth."""
     device = torch.device("cuda")
     config = SimpleNamespace(dice_weight=train.DICE_WEIGHT, background_weight=train.BACKGROUND_WEIGHT,
                              label_smoothing=train.LABEL_SMOOTHING, column_weight=train.COLUMN_WEIGHT,
                              pool_sharpness=train.POOL_SHARPNESS, grad_clip=train.GRAD_CLIP)
     images, labels, columns, matrices, shifts = random_batch(batch, patch, band, train.MAX_COLUMNS, device)
-    images = images.contiguous(memory_format=torch.channels_last_3d)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last_3d)
     print(f"GPU {torch.cuda.get_device_name()}: train.train_step, default model (f_maps 32, 5 levels), patch {patch}, "
-          f"batch {batch}, bf16, channels_last_3d, fused AdamW, EMA")
-    for compiled in (False, True):
+          f"batch {batch}, bf16, {'channels_last_3d' if channels_last else 'contiguous'}, fused AdamW, EMA")
+    for compiled in (False, True) if eager else (True,):
         torch.manual_seed(0)
-        model = prepare_model(UNet3D(), device, channels_last=True)
+        model = prepare_model(UNet3D(), device, channels_last=channels_last)
         ema = EMA(model, train.EMA_DECAY)
         optimizer = torch.optim.AdamW(model.parameters(), lr=train.LR, weight_decay=train.WEIGHT_DECAY, fused=True)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
