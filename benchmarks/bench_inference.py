@@ -6,8 +6,8 @@
 MONAI gets the volume already in memory; inference.py reads it from HDF5 and writes its output,
 so the comparison is end to end for inference.py. It also times the OME-Zarr output against the HDF5 one
 (same settings, same process) and one worker process against two (`--parts 2`). With CUDA present it also runs the default
-32-map model in bf16 (compiled) over 512^3 and 1024^3 volumes (patch 128), with the default macro-block
-and with 1024, and prints voxels/s, TFLOP/s (0.482 MFLOP per window voxel run), the rate without fixed
+32-map model in bf16 (compiled) over 512^3 and 1024^3 volumes (patch 128, the default macro-block)
+and prints voxels/s, TFLOP/s (0.482 MFLOP per window voxel run), the rate without fixed
 costs (the difference of the two runs), and the GPU hours for Scroll 1 (8096 x 7888 x 14376 voxels)
 at that rate.
 
@@ -132,10 +132,9 @@ def gpu_report(tmp: Path, sizes=(512, 1024), patch: int = 128, batch: int = 8, b
           f"voxels per voxel): {scroll / rate / 3600:.1f} GPU hours at this rate, without skipping air")
 
 
-def gpu_only(blocks=(inference.MACRO_BLOCK, 1024)) -> None:
+def gpu_only() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        for block in blocks:
-            gpu_report(Path(tmp), block=block)
+        gpu_report(Path(tmp))
     print(subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv"], capture_output=True, text=True).stdout)
 
 
