@@ -87,8 +87,11 @@ class ColumnReader:
     """The columns of a label file whose point lies in a box."""
 
     def __init__(self, group: h5py.Group, shape):
-        self.group, self.shape = group, np.asarray(shape)
+        self.shape = np.asarray(shape)
         self.chunk, self.band = int(group.attrs["chunk"]), float(group.attrs["band"])
+        # held open: each opening of a dataset starts with an empty chunk cache, so runs in one HDF5 chunk would
+        # decompress it again and again
+        self.points, self.normals, self.labels = group["points"], group["normals"], group["labels"]
         runs = group["runs"][:]
         self.runs = runs[np.argsort(runs[:, 0], kind="stable")]
 
@@ -104,9 +107,9 @@ class ColumnReader:
         chosen = self.runs[np.isin(self.runs[:, 0], keys)]
         if not len(chosen):
             return np.zeros((0, STORED), np.float32)
-        points = np.concatenate([self.group["points"][a:b] for _, a, b in chosen])
-        normals = np.concatenate([self.group["normals"][a:b] for _, a, b in chosen])
-        labels = np.concatenate([self.group["labels"][a:b] for _, a, b in chosen])
+        points = np.concatenate([self.points[a:b] for _, a, b in chosen])
+        normals = np.concatenate([self.normals[a:b] for _, a, b in chosen])
+        labels = np.concatenate([self.labels[a:b] for _, a, b in chosen])
         voxel = np.rint(points) - corner
         inside = np.all((voxel >= 0) & (voxel < size), axis=1)
         return np.concatenate([points[inside] - corner, normals[inside], labels[inside, None] / np.float32(255)],
@@ -138,8 +141,8 @@ def with_face_windows(columns: np.ndarray, scan: np.ndarray, band: float, air_le
     if air_level is not None and len(columns) and face_depth > 0:
         t = offsets(band).numpy()
         positions = columns[:, None, :3] + t[None, :, None] * columns[:, None, 3:6]
-        values = ndimage.map_coordinates(scan.astype(np.float32), positions.reshape(-1, 3).T, order=1, mode="constant",
-                                         cval=0.0).reshape(len(columns), len(t))
+        values = ndimage.map_coordinates(scan, positions.reshape(-1, 3).T, output=np.float32, order=1, mode="constant",
+                                         cval=0.0).reshape(len(columns), len(t))  # from uint8: no float copy of the crop
         material = values > air_level
         centre = len(t) // 2
         front_air = ~material[:, centre:]  # from the surface forwards

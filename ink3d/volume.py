@@ -341,22 +341,25 @@ def level_scale(dataset) -> np.ndarray:
 
 
 def read_crop(dataset, origin, shape, fill=0) -> np.ndarray:
-    """The box of `shape` at zyx `origin`, clipped to the volume and padded with `fill` outside."""
+    """The box of `shape` at zyx `origin` of an HDF5 dataset or a zarr volume (a new array), clipped to the volume and
+    padded with `fill` outside."""
     origin = np.asarray(origin, dtype=np.int64)
     shape = tuple(int(size) for size in shape)
-    out = np.full(shape, fill, dtype=dataset.dtype)
     low = np.maximum(origin, 0)
     high = np.minimum(origin + shape, dataset.shape)
     if np.any(high <= low):
-        return out
+        return np.full(shape, fill, dtype=dataset.dtype)
     source = tuple(slice(a, b) for a, b in zip(low, high))
-    target = tuple(slice(a, b) for a, b in zip(low - origin, high - origin))
     try:
-        out[target] = dataset[source]
+        inside = dataset[source]
     except (OSError, RuntimeError) as error:  # a damaged chunk of an input: not a failure of any output
         where = getattr(dataset, "where", None) or f"{dataset.file.filename}[{dataset.name.lstrip('/')}]"
         raise InputError(f"reading {where} at {low.tolist()}..{high.tolist()} failed ({str(error).splitlines()[0]}): "
                          "the file is damaged or unreadable") from None
+    if inside.shape == shape:  # wholly inside the volume: nothing to pad
+        return inside
+    out = np.full(shape, fill, dtype=dataset.dtype)
+    out[tuple(slice(a, b) for a, b in zip(low - origin, high - origin))] = inside
     return out
 
 

@@ -40,7 +40,8 @@ def test_read_crop_clips_and_pads(dataset, origin):
     padded[10:15, 10:16, 10:17] = data
     z, y, x = (o + 10 for o in origin)
     expected = padded[z:z + 3, y:y + 4, x:x + 5]
-    assert np.array_equal(read_crop(stored, origin, shape, fill=9999), expected)
+    crop = read_crop(stored, origin, shape, fill=9999)
+    assert np.array_equal(crop, expected) and crop.dtype == data.dtype and crop.flags.writeable
 
 
 def test_iter_blocks_tiles_exactly_once():
