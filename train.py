@@ -58,7 +58,7 @@ from ink3d.config import parse_config, run_main, save_config
 from ink3d.coords import drop_near
 from ink3d.augment import warp
 from ink3d.columns import COLUMNS, column_loss, face_bags, sample_columns
-from ink3d.dataset import BACKGROUND, ScrollSamples
+from ink3d.dataset import BACKGROUND, ScrollSamples, loader_worker_init
 from ink3d.intensity import Normalization, resolve_air_level, scan_histogram
 from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
 from ink3d.sliding_window import to_uint8
@@ -571,7 +571,8 @@ def train(config) -> float:
                               level=config.level, on_device=on_device, columns=config.max_columns if learned else 0,
                               face_depth=config.face_depth)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=range(step * config.batch_size, len(train_set)),
-                        num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
+                        num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+                        worker_init_fn=loader_worker_init)
     valid_loader = None
     log = None
     truth = None

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from ink3d.augment import warp  # noqa: E402
 from ink3d.columns import FIELDS  # noqa: E402
-from ink3d.dataset import BACKGROUND, ScrollSamples  # noqa: E402
+from ink3d.dataset import BACKGROUND, ScrollSamples, loader_worker_init  # noqa: E402
 from models import UNet3D  # noqa: E402
 from models.ema import EMA  # noqa: E402
 from models.speed import prepare_model  # noqa: E402
@@ -52,9 +52,9 @@ class OpenPerSample(ScrollSamples):
                 file.close()
 
 
-def samples_per_second(dataset, workers: int, batch: int = 2, device: torch.device | None = None) -> float:
+def samples_per_second(dataset, workers: int, batch: int = 2, device: torch.device | None = None, worker_init_fn=None) -> float:
     """Samples/s through a DataLoader; with `device`, raw crops are resampled there a batch at a time."""
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=False)
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=False, worker_init_fn=worker_init_fn)
     started = time.perf_counter()
     count = 0
     for images, labels, _, *transforms in loader:
@@ -162,6 +162,13 @@ def main():
     for workers in (0, 1, 2):
         rate = samples_per_second(ScrollSamples(args.volume, args.labels, origins, **common), workers)
         print(f"  ScrollSamples, {workers} worker(s):     {rate:.2f} samples/s ({rate / naive:.2f}x)")
+    kept = {}
+    for init in (None, loader_worker_init, None, loader_worker_init):
+        rate = samples_per_second(ScrollSamples(args.volume, args.labels, origins, **common), 1, worker_init_fn=init)
+        kept.setdefault(init, []).append(rate)
+    default, keeping = (max(kept[init]) for init in (None, loader_worker_init))
+    print(f"  1 worker keeping the memory its samples free (train.py's): {keeping:.2f} samples/s against {default:.2f} "
+          f"({keeping / default:.2f}x; best of two each)")
     print(f"full augmentation, patch {args.patch}, 1 loader worker, batch 4:")
     in_loader = samples_per_second(ScrollSamples(args.volume, args.labels, origins, **common), 1, batch=4)
     print(f"  volumentations-3D in the loader: {in_loader:.2f} samples/s")
