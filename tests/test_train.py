@@ -1,12 +1,12 @@
 import csv
-import ctypes
-import ctypes.util
 import json
 import math
 import platform
-import resource
 import shutil
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 import train
 from ink3d import InputError, volume
 from ink3d.columns import COLUMNS, ColumnWriter
-from ink3d.dataset import BACKGROUND, ScrollSamples, augmentation, label_air, loader_worker_init
+from ink3d.dataset import BACKGROUND, ScrollSamples, augmentation, label_air
 from ink3d.intensity import Normalization, scan_histogram
 from models import load_model
 from models.ema import EMA
@@ -284,34 +284,35 @@ def test_hdf5_files_open_once_per_worker(tmp_path, monkeypatch):
     assert len(pids) == 4 and len(set(pids)) == 2  # scan + labels, once in each of the 2 workers
 
 
-class _Churn(torch.utils.data.Dataset):
-    """The minor page faults of allocating and freeing five arrays of a crop's size, as a worker does sample after
-    sample, with glibc's default allocation policy set first (whatever the test process set) and then `init`."""
-
-    def __init__(self, init):
-        self.init = init
-
-    def __len__(self):
-        return 1
-
-    def __getitem__(self, index):
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-        mallopt(-3, 128 << 10), mallopt(-4, 65536), mallopt(-1, 128 << 10)  # M_MMAP_THRESHOLD, M_MMAP_MAX, M_TRIM_THRESHOLD
-        if self.init is not None:
-            self.init(0)
-        np.ones(1 << 22)  # 32 MB: the first one costs its pages either way
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(5):
-            np.ones(1 << 22)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
 def test_loader_workers_keep_the_memory_their_samples_free():
-    faults = {init: int(next(iter(torch.utils.data.DataLoader(_Churn(init), num_workers=1, multiprocessing_context="fork"))))
-              for init in (None, loader_worker_init)}
-    assert faults[None] >= 20  # every fresh array faults its pages in (4 kB or 2 MB ones)
-    assert faults[loader_worker_init] < faults[None] / 10
+    """A worker's minor page faults while it allocates and frees arrays of a crop's size, as it does sample after
+    sample, without and with train.py's worker_init_fn (in a fresh process: a worker inherits its parent's heap)."""
+    churn = textwrap.dedent("""
+        import resource
+        import numpy as np
+        import torch
+        from ink3d.dataset import loader_worker_init
+
+        class Churn(torch.utils.data.Dataset):
+            def __len__(self):
+                return 1
+
+            def __getitem__(self, index):
+                np.ones(1 << 22)  # 32 MB: the first one costs its pages either way
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                for _ in range(5):
+                    np.ones(1 << 22)
+                return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        for init in (None, loader_worker_init):
+            loader = torch.utils.data.DataLoader(Churn(), num_workers=1, worker_init_fn=init, multiprocessing_context="fork")
+            print(int(next(iter(loader))))
+    """)
+    default, kept = (int(line) for line in subprocess.run([sys.executable, "-c", churn], capture_output=True, text=True, check=True,
+                                                          cwd=Path(__file__).resolve().parents[1]).stdout.split())
+    assert default >= 20  # every fresh array faults its pages in (4 kB or 2 MB ones)
+    assert kept < default / 10
 
 
 def test_training_run_writes_checkpoints_and_metrics(tmp_path):
