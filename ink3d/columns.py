@@ -25,9 +25,9 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ink3d import volume
+from ink3d.sampling import trilinear
 
 COLUMNS = "columns"
 ROWS = 1 << 16  # HDF5 chunk of the column datasets, in columns
@@ -141,8 +141,11 @@ def with_face_windows(columns: np.ndarray, scan: np.ndarray, band: float, air_le
     if air_level is not None and len(columns) and face_depth > 0:
         t = offsets(band).numpy()
         positions = columns[:, None, :3] + t[None, :, None] * columns[:, None, 3:6]
-        values = ndimage.map_coordinates(scan, positions.reshape(-1, 3).T, output=np.float32, order=1, mode="constant",
-                                         cval=0.0).reshape(len(columns), len(t))  # from uint8: no float copy of the crop
+        coordinates = positions.reshape(-1, 3).T.astype(np.float64)
+        values = trilinear(scan, coordinates, np.zeros(3, np.int64))
+        beyond = np.any((coordinates < 0) | (coordinates > np.array(scan.shape)[:, None] - 1), axis=0)
+        values[beyond] = 0  # as map_coordinates' constant mode: no value beyond the crop's edge voxels
+        values = values.reshape(len(columns), len(t))
         material = values > air_level
         centre = len(t) // 2
         front_air = ~material[:, centre:]  # from the surface forwards

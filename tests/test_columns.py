@@ -9,6 +9,7 @@ import torch
 from scipy import ndimage
 
 import all_labels_to_hdf
+import ink3d.columns
 from ink3d.augment import draw_affine, warp
 from ink3d.columns import (COLUMNS, FIELDS, PAD, STEP, ColumnReader, column_loss, face_bags, fixed_size, offsets, pool,
                            sample_columns, with_face_windows)
@@ -98,6 +99,24 @@ def test_the_face_window_starts_where_the_column_leaves_the_material(material, f
     else:  # the slab's edge is resampled trilinearly: the face lies within a step of it
         assert abs(window[1] - STEP - face) <= STEP and window[1] - window[0] == pytest.approx(6.0 + STEP)
     assert np.isnan(with_face_windows(columns, scan, 10.0, None, 6.0)[0, 7:]).all()  # no air level: no window
+
+
+def test_face_windows_sample_the_scan_as_map_coordinates_does(monkeypatch):
+    """The face windows of columns anywhere in a crop, some of whose samples leave it, are those found from scipy's
+    trilinear samples (0 beyond the crop's edge voxels)."""
+    rng = np.random.default_rng(7)
+    scan = rng.integers(0, 256, (24, 20, 28)).astype(np.uint8)
+    normals = rng.normal(size=(300, 3))
+    columns = np.concatenate([rng.uniform(-1, np.array(scan.shape) - 1 + 1, (300, 3)), normals / np.linalg.norm(normals, axis=1, keepdims=True),
+                              rng.integers(0, 2, (300, 1))], axis=1).astype(np.float32)
+    windows = with_face_windows(columns, scan, 4.0, 100, 3.0)
+
+    def scipy_trilinear(box, coordinates, origin):
+        return ndimage.map_coordinates(box, coordinates - origin[:, None], output=np.float32, order=1, mode="constant", cval=0.0)
+
+    monkeypatch.setattr(ink3d.columns, "trilinear", scipy_trilinear)
+    expected = with_face_windows(columns, scan, 4.0, 100, 3.0)
+    assert np.array_equal(windows, expected, equal_nan=True) and np.isfinite(expected[:, 7]).sum() > 100
 
 
 def test_pooled_loss_follows_the_samples_transform():

@@ -14,6 +14,7 @@ import export_slices
 import flatten_3d
 from ink3d import InputError, volume
 from ink3d.ppm import write_ppm
+from ink3d.sampling import trilinear
 
 GRADIENT = np.array([2.0, 3.0, 5.0])  # zyx: value = 2 z + 3 y + 5 x + 1
 
@@ -57,7 +58,7 @@ def test_trilinear_equals_map_coordinates_bit_for_bit(dtype):
                             np.array(box.shape, float)[:, None] - 1 - rng.uniform(0, 1e-9, (3, 50))], axis=1)  # at the far faces
     expected = ndimage.map_coordinates(box, local, output=np.float32, order=1, mode="constant", cval=0.0, prefilter=False)
     for chunk in (64, 777, 1 << 14):  # whole chunks and a ragged last one
-        assert np.array_equal(flatten_3d.trilinear(box, local + origin[:, None], origin, chunk), expected)
+        assert np.array_equal(trilinear(box, local + origin[:, None], origin, chunk), expected)
 
 
 @pytest.mark.parametrize("reduce", ["mean", "max"])
