@@ -34,6 +34,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,9 @@ from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, sav
 from ink3d.files import (OutputBusy, checksum, finish_output, open_interrupted, output_file, output_lock, partial_path,
                          resumable_output, warn_if_short_of_space, writing)
 from ink3d.memory import reuse_freed_memory
-from ink3d.sliding_window import WindowPredictor, plan_blocks
+from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, plan_blocks
 from ink3d.intensity import Normalization, parse_air_level
-from ink3d.prediction_store import PredictionStore, chunk_for, is_store
+from ink3d.prediction_store import CHUNK, PredictionStore, chunk_for, is_store
 from models import model_from_checkpoint, read_checkpoint, weights_digest
 from models.speed import autocast_dtype, prepare_model, resolve_device, switch
 
@@ -84,6 +85,7 @@ OVERWRITE = False  # replace an existing output
 # what a resumed run must share with the interrupted one: the windows, their blending and the model
 PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "block_grid", "air_level", "tta", "weights",
              "weights_sha256", "normalization")
+BATCH_FILL_WARNING = 0.9  # warn when the windows take less than this share of the batches' slots
 
 
 def skipped_air(setting: str, trained: int | None) -> int:
@@ -339,6 +341,12 @@ def prepare(config, device: torch.device) -> Run:
     channels_last = switch(config.channels_last, "--channels_last", on_cuda=False, on_cpu=True, device=device)
     model = prepare_model(model, device, channels_last=channels_last,
                           compile=switch(config.compile, "--compile", on_cuda=True, on_cpu=False, device=device))
+    fill = batch_fill(config.patch, stride, config.macro_block, config.batch_size)
+    if fill < BATCH_FILL_WARNING:
+        advice = fuller_batches(config.patch, stride, config.macro_block, config.batch_size, CHUNK)
+        warnings.warn(f"--batch_size {config.batch_size} with --macro_block {config.macro_block}: a block's batches run {fill:.0%} "
+                      f"full (each window keeps its slot; the empty ones repeat a window), so the model does {1 / fill:.2f}x "
+                      "the work" + (f"; {advice} fills them" if advice else ""), stacklevel=2)
     predictor = WindowPredictor(model, config.patch, config.blend, config.batch_size, device,
                                 autocast_dtype(device, config.amp), channels_last, config.air_level, config.tta,
                                 normalization, stride)

@@ -79,6 +79,45 @@ def plan_blocks(region, context, patch: int, stride: int, block: int) -> list[Bl
     return blocks
 
 
+def batch_slots(grid_indices, batch_size: int) -> list[list[int | None]]:
+    """Batches of `batch_size` slots holding windows (indices into `grid_indices`, the windows' places on the
+    volume's window grid, in grid order) or None, each window in the slot its place gives it (the sum of its grid
+    indices, modulo the batch size); a batch ends where the next window's slot is taken. Empty slots are run on a
+    copy of one of the batch's windows and their result is dropped. CPU kernels may compute a window differently at
+    another batch size or slot, and a window's result must not depend on the region it was run for: this way every
+    run computes it in the same slot of a batch of the same size, and the windows still come in grid order (the
+    order their probabilities are summed in)."""
+    batches, batch = [], [None] * batch_size
+    for index, place in enumerate(grid_indices):
+        slot = sum(place) % batch_size
+        if batch[slot] is not None:
+            batches.append(batch)
+            batch = [None] * batch_size
+        batch[slot] = index
+    if any(index is not None for index in batch):
+        batches.append(batch)
+    return batches
+
+
+def batch_fill(patch: int, stride: int, block: int, batch_size: int) -> float:
+    """The share of the batches' slots that windows take in a macro-block inside the volume (the others repeat a
+    window): close to 1 where a block's rows of windows are a multiple of the batch size or one more, e.g. where the
+    batch size divides block / stride at overlap 0.5."""
+    axis = range((block - patch) // stride + 1, (2 * block - 1) // stride + 1)  # the windows reaching into [block, 2 block)
+    windows = list(itertools.product(axis, axis, axis))
+    return len(windows) / (len(batch_slots(windows, batch_size)) * batch_size)
+
+
+def fuller_batches(patch: int, stride: int, block: int, batch_size: int, chunk: int = 1, enough: float = 0.97) -> str:
+    """As advice: the macro-block nearest `block` among the multiples of both the stride and `chunk`, and the largest
+    batch size below `batch_size`, whose batches are at least `enough` full."""
+    unit = math.lcm(stride, chunk)
+    blocks = sorted(range(unit, 4 * max(block, unit) + 1, unit), key=lambda size: (abs(size - block), size))
+    choices = [f"--macro_block {size}" for size in blocks if batch_fill(patch, stride, size, batch_size) >= enough][:1]
+    choices += [f"--batch_size {size}" for size in range(batch_size - 1, 1, -1) if batch_fill(patch, stride, block, size) >= enough][:1]
+    return " or ".join(choices)
+
+
 SLAB_VOXELS = 1 << 23  # the blending weights' sums are made this many voxels at a time
 FLIPS = [(), (2,), (3,), (4,)]  # test-time augmentation: identity and a flip of each axis of (N, C, D, H, W)
 
@@ -165,23 +204,10 @@ class WindowPredictor:
             numerator[start:stop].div_(denominator)
 
     def _batches(self, cells, origin: np.ndarray) -> list[list[int | None]]:
-        """Batches of `batch_size` slots holding windows (indices into `cells`, in their order) or None, each window
-        in the slot its place on the volume's grid gives it (the sum of its grid indices, modulo the batch size); a
-        batch ends where the next window's slot is taken. Empty slots are run on a copy of one of the batch's windows
-        and their result is dropped. CPU kernels may compute a window differently at another batch size or slot, and
-        a window's result must not depend on the region it was run for: this way every run computes it in the same
-        slot of a batch of the same size, and the windows still come in grid order (the order their probabilities
-        are summed in)."""
-        batches, batch = [], [None] * self.batch_size
-        for index, cell in enumerate(cells):
-            slot = sum((piece.start + int(o)) // self.stride for piece, o in zip(cell, origin)) % self.batch_size
-            if batch[slot] is not None:
-                batches.append(batch)
-                batch = [None] * self.batch_size
-            batch[slot] = index
-        if any(index is not None for index in batch):
-            batches.append(batch)
-        return batches
+        """Batches of the windows `cells` of a box read at `origin` (indices into `cells`, in their order): see
+        batch_slots."""
+        return batch_slots([tuple((piece.start + int(o)) // self.stride for piece, o in zip(cell, origin)) for cell in cells],
+                           self.batch_size)
 
     def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """The model's probabilities (N, D, H, W) for a batch (N, 1, D, H, W), averaged over the flips, in a buffer: the

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import h5py
 import numpy as np
@@ -356,6 +357,29 @@ def test_windows_take_their_grid_slot_once_each_in_grid_order(shape, batch_size)
         assert len(batch) == batch_size
         for slot, index in enumerate(batch):
             assert index is None or slot == sum(piece.start // 2 + int(o) // 2 for piece, o in zip(cells[index], origin)) % batch_size
+
+
+@pytest.mark.parametrize("patch, stride, block, batch_size", [(128, 64, 512, 8), (128, 64, 512, 16), (128, 64, 384, 8),
+                                                             (128, 96, 576, 8), (16, 8, 32, 3), (16, 12, 36, 4)])
+def test_batch_fill_is_the_share_of_slots_an_inner_block_fills(patch, stride, block, batch_size):
+    region = tuple(slice(0, 3 * block) for _ in range(3))
+    inner = next(b for b in inference.plan_blocks(region, region, patch, stride, block) if all(s.start == block for s in b.output))
+    predictor = inference.WindowPredictor(torch.nn.Identity(), patch, "constant", batch_size, "cpu", stride=stride)
+    cells = [tuple(slice(int(w - o), int(w - o) + patch) for w, o in zip(window, inner.input_origin)) for window in inner.windows]
+    batches = predictor._batches(cells, inner.input_origin)
+    assert inference.batch_fill(patch, stride, block, batch_size) == len(cells) / (len(batches) * batch_size)
+
+
+def test_batches_left_part_empty_are_warned_of_with_settings_that_fill_them(scan, model_path, tmp_path):
+    scan_path, _ = scan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _infer(scan_path, model_path, tmp_path / "full.h5")  # rows of 3 windows, batches of 3
+    with pytest.warns(UserWarning, match=r"--batch_size 4 with --macro_block 16: a block's batches run 75% full") as caught:
+        _infer(scan_path, model_path, tmp_path / "part.h5", "--batch_size", "4")
+    block, batch_size = (int(v) for v in re.search(r"--macro_block (\d+) or --batch_size (\d+) fills them", str(caught[0].message)).groups())
+    assert block % 128 == 0 and inference.batch_fill(PATCH, PATCH // 2, block, 4) >= 0.97
+    assert batch_size < 4 and inference.batch_fill(PATCH, PATCH // 2, 16, batch_size) >= 0.97
 
 
 def test_each_batch_probabilities_go_into_one_buffer(model_path, tmp_path, monkeypatch):
