@@ -5,7 +5,8 @@
 
 Samples/s of ink3d.dataset.ScrollSamples with 1 and 2 DataLoader workers (HDF5 files opened once
 per worker) against the naive pattern of opening both HDF5 files for every sample, same
-samples, same run. Then the full augmentation two ways, samples/s with one loader worker: in the
+samples, same run, and one worker keeping the memory its samples free (train.py's
+`worker_init_fn`) against one with the allocator's defaults. Then the full augmentation two ways, samples/s with one loader worker: in the
 loader (volumentations-3D) against raw crops resampled a batch at a time with torch
 (ink3d.augment, `train.py --augment device`), here on the CPU; with CUDA present, on the GPU too.
 Then seconds per step (forward, backward, AdamW) for the small demo model (f_maps 8, 4 levels,
