@@ -119,6 +119,7 @@ def test_the_checkpoints_input_normalization_and_ema_weights_are_applied(scan, m
     assert json.loads(attrs["plan"])["normalization"] == [50.0, 150.0]
 
 
+@pytest.mark.filterwarnings("ignore:--batch_size .* batches run")  # small blocks on purpose: their batches run part empty
 @pytest.mark.parametrize("channels_last", ["false", "true"])  # true: the CPU default, whose kernels depend on the batch size
 def test_macro_blocks_equal_a_single_pass(scan, model_path, tmp_path, channels_last):
     scan_path, _ = scan
@@ -173,6 +174,7 @@ def _interrupted(scan_path, model_path, tmp_path, monkeypatch) -> np.ndarray:
     return reference
 
 
+@pytest.mark.filterwarnings("ignore:--batch_size .* batches run")  # small blocks on purpose: their batches run part empty
 def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_path, monkeypatch):
     scan_path, _ = scan
     reference = _interrupted(scan_path, model_path, tmp_path, monkeypatch)
@@ -227,6 +229,7 @@ def test_a_failed_write_stops_cleanly_and_resume_completes_the_run(scan, model_p
     assert np.array_equal(resumed, reference) and attrs["complete"]
 
 
+@pytest.mark.filterwarnings("ignore:--batch_size .* batches run")  # small blocks on purpose: their batches run part empty
 def test_a_full_disk_stops_cleanly_and_resume_completes_the_run(model_path, tmp_path):
     values = np.random.default_rng(4).integers(0, 256, (64, 128, 128)).astype(np.uint8)
     scan_path = _scan(tmp_path / "scan.h5", values)
