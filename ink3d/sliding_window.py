@@ -105,7 +105,8 @@ def batch_fill(patch: int, stride: int, block: int, batch_size: int) -> float:
     batch size divides block / stride at overlap 0.5. Counted over at most 2 x batch_size planes and rows of the
     block (a row's first slot moves by one from row to row and from plane to plane, so the pattern about repeats:
     within a few hundredths of the whole block's count), so that it stays quick for blocks of many windows."""
-    axis = range((block - patch) // stride + 1, (2 * block - 1) // stride + 1)  # the windows reaching into [block, 2 block)
+    line = (slice(0, 4 * block + patch),)  # the volume's far end, with its flush window, out of the second block's reach
+    axis = [start // stride for (start,) in plan_blocks(line, line, patch, stride, block)[1].windows]
     rows = axis[:2 * batch_size]
     windows = list(itertools.product(rows, rows, axis))
     return len(windows) / (len(batch_slots(windows, batch_size)) * batch_size)
