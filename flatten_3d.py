@@ -134,8 +134,10 @@ def peak_depth(samples: np.ndarray, inside: np.ndarray, offsets: np.ndarray, thr
     """Per pixel, the offset where the samples (T, ...) inside the volume peak, refined by the parabola through the
     peak and its two neighbours; NaN where the peak is below `threshold` or no sample is inside."""
     values = samples if inside.all() else np.where(inside, samples, -np.inf)
-    peak = values.argmax(axis=0)
-    top = np.take_along_axis(values, peak[None], 0)[0]
+    top = values.max(axis=0)
+    peak = np.zeros(top.shape, np.intp)
+    for k in range(len(values) - 1, -1, -1):  # the first layer reaching the top, as argmax finds it (but ~2x faster)
+        np.copyto(peak, k, where=values[k] == top)
     before = np.take_along_axis(values, np.maximum(peak - 1, 0)[None], 0)[0]
     after = np.take_along_axis(values, np.minimum(peak + 1, len(offsets) - 1)[None], 0)[0]
     with np.errstate(invalid="ignore", divide="ignore"):  # -inf marks samples outside the volume

@@ -327,6 +327,29 @@ def test_depth_map_finds_the_ink_at_its_offset_and_warns_when_it_lies_behind(tmp
     assert np.isnan(tifffile.imread(tmp_path / "flat" / "s_high_depth.tif")).all()  # the peaks are 200 / 255 < 0.9
 
 
+def test_peak_depth_equals_a_per_pixel_loop_with_ties_and_samples_outside():
+    """Each pixel's depth by a plain loop over its samples: the first highest sample inside the volume, refined by the
+    parabola through it and its neighbours when both are inside and it bends down; NaN below the threshold."""
+    rng = np.random.default_rng(3)
+    offsets = np.arange(-3.0, 4.0)
+    samples = rng.integers(0, 4, (len(offsets), 9, 11)).astype(np.float32)  # few values: many ties
+    inside = rng.random(samples.shape) > 0.2
+    inside[:, 0, 0] = False
+    expected = np.full(samples.shape[1:], np.nan, np.float32)
+    for row, col in np.ndindex(*samples.shape[1:]):
+        values = [samples[k, row, col] if inside[k, row, col] else -np.inf for k in range(len(offsets))]
+        peak = max(range(len(values)), key=lambda k: (values[k], -k))
+        if values[peak] < 2:
+            continue
+        shift = 0.0
+        if 0 < peak < len(values) - 1 and np.isfinite(values[peak - 1]) and np.isfinite(values[peak + 1]):
+            curvature = values[peak - 1] - 2 * values[peak] + values[peak + 1]
+            if curvature < 0:
+                shift = 0.5 * (values[peak - 1] - values[peak + 1]) / curvature
+        expected[row, col] = offsets[peak] + shift
+    assert np.allclose(flatten_3d.peak_depth(samples, inside, offsets, 2), expected, equal_nan=True, rtol=0, atol=1e-6)
+
+
 def test_depth_map_is_written_for_predictions_only_unless_asked(tmp_path, linear_volume):
     _tilted_segment(tmp_path)
     _flatten(tmp_path, "--band", "2")
