@@ -5,6 +5,7 @@ import torch
 
 from ink3d import InputError
 from models import UNet3D, infer_model_args, load_model, save_checkpoint
+from models import unet3d
 from models.unet3d import UNetArgs
 
 try:
@@ -43,8 +44,12 @@ def test_parity_with_pytorch3dunet(config, direction):
     target.load_state_dict(source.state_dict(), strict=True)
     ours.eval(), theirs.eval()
     x = torch.rand(1, 1, 32, 48, 64)
-    with torch.no_grad():
-        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5)  # the same operations (with autograd: the training path)
+    with torch.no_grad():  # inference's: norms in place, statistics combined in float64; float32's own error
+        exact = UNet3D(**config).double()
+        exact.load_state_dict(ours.state_dict())
+        truth = exact(x.double())
+        assert (ours(x) - truth).abs().max() <= 2 * (theirs(x) - truth).abs().max() + 1e-6
 
 
 def _weights(model):
@@ -136,30 +141,69 @@ def test_odd_input_sizes_keep_their_shape():
         assert model(torch.rand(2, 1, 13, 22, 9)).shape == (2, 1, 13, 22, 9)
 
 
-def test_skips_and_upsampled_features_are_freed_before_the_decoder_convolves(monkeypatch):
-    """At the first level the skip and the upsampled features are the largest tensors alive besides their
-    concatenation: once concatenated they must not outlive it (the model's peak memory in inference)."""
-    from models import unet3d
-
-    upsampled, skips, alive_at_decoders = [], {}, []
-    interpolate = unet3d.F.interpolate
-
-    def recorded(*args, **kwargs):
-        result = interpolate(*args, **kwargs)
-        upsampled.append(weakref.ref(result))
-        return result
-
-    monkeypatch.setattr(unet3d.F, "interpolate", recorded)
+def test_joined_features_are_freed_before_the_decoder_convolves_again():
+    """At the first level the skip and its join with the upsampled features are the largest tensors: the skip must
+    not outlive the join, nor the join the first convolution (the model's peak memory in inference)."""
+    skips, joined, alive = {}, [], []
     model = UNet3D(f_maps=4, num_levels=4).eval()
     for level, encoder in enumerate(model.encoders):
         encoder.register_forward_hook(lambda module, inputs, output, level=level: skips.__setitem__(level, weakref.ref(output)))
+
+    def joining(level):
+        def hook(module, inputs):
+            joined.append(weakref.ref(inputs[0]))
+            alive.append((level, skips[level]() is not None, skips[0]() is not None))
+        return hook
+
     for index, decoder in enumerate(model.decoders):  # decoder 0 joins the skip of level num_levels - 2
-        decoder.basic_module.register_forward_pre_hook(lambda module, inputs, level=2 - index: alive_at_decoders.append(
-            (level, upsampled[-1]() is not None, skips[level]() is not None, skips[0]() is not None)))
+        decoder.basic_module.SingleConv1.register_forward_pre_hook(joining(2 - index))
+        decoder.basic_module.SingleConv2.register_forward_pre_hook(lambda module, inputs: alive.append(joined[-1]() is not None))
     with torch.no_grad():
         model(torch.rand(1, 1, 16, 16, 16))
-    # each decoder's own skip and upsampled features are gone; the first level's skip waits for the last decoder
-    assert alive_at_decoders == [(2, False, False, True), (1, False, False, True), (0, False, False, False)]
+    # each decoder's own skip and join are gone in turn; the first level's skip waits for the last decoder
+    assert alive == [(2, False, True), False, (1, False, True), False, (0, False, False), False]
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 24, 16), (1, 1, 13, 22, 9)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_forward_equals_the_training_forward_and_leaves_its_input_alone(shape, channels_last):
+    """Inference normalizes in place and upsamples into the join (odd sizes through F.interpolate): the same
+    function as the training path, to float32's rounding, and the caller's batch is not written."""
+    torch.manual_seed(2)
+    model = UNet3D(f_maps=8, num_levels=3).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    x = torch.rand(shape)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last_3d), x.contiguous(memory_format=torch.channels_last_3d)
+    before = x.clone()
+    training = model(x).detach()
+    with torch.inference_mode():
+        inference = model(x)
+    assert torch.equal(x, before)
+    assert torch.allclose(inference, training, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_in_place_is_a_group_norm_in_float64(channels_last):
+    norm = torch.nn.GroupNorm(4, 12)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 12, 20, 18, 16) * 3 + 5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    expected = torch.nn.functional.group_norm(x.double(), 4, norm.weight.double(), norm.bias.double(), norm.eps)
+    with torch.no_grad():
+        out = unet3d.group_norm_(x, norm)
+    assert out.data_ptr() == x.data_ptr() and torch.allclose(out.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("skip_shape, x_shape", [((2, 3, 8, 6, 4), (2, 5, 4, 3, 2)), ((1, 2, 7, 5, 3), (1, 4, 3, 2, 1))])
+def test_join_upsampled_equals_cat_of_interpolate(skip_shape, x_shape):
+    skip, x = torch.randn(skip_shape).contiguous(memory_format=torch.channels_last_3d), torch.randn(x_shape)
+    expected = torch.cat((skip, torch.nn.functional.interpolate(x, size=skip_shape[2:], mode="nearest")), dim=1)
+    joined = unet3d._join_upsampled(skip, x)
+    assert torch.equal(joined, expected) and joined.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_small_model_learns_a_fixed_batch():
