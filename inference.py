@@ -150,9 +150,10 @@ def verify_blocks(file: h5py.File, blocks) -> tuple[int, int]:
     return sum(intact), sum(value is not None for value in recorded) - sum(intact)
 
 
-def _reader(scan, blocks, pin: bool, out_queue: queue.Queue, stop: threading.Event):
+def _reader(scan, blocks, pin: bool, out_queue: queue.Queue, stop: threading.Event, ahead: threading.Semaphore):
     try:
         for block in blocks:
+            ahead.acquire()  # released as the model takes a block: one input box read ahead at most
             if stop.is_set():
                 break
             array = torch.from_numpy(volume.read_crop(scan, block.input_origin, block.input_shape))
@@ -218,9 +219,11 @@ class Timing:
 def predict_blocks(scan, write, blocks, predictor: WindowPredictor, device, bar, timing: Timing) -> int:
     """Predict `blocks`, reading ahead and handing each block's uint8 values to `write(block, values)` on a writer
     thread; returns windows skipped. `timing` gathers how long the model waited for I/O."""
-    read_queue, write_queue = queue.Queue(maxsize=2), queue.Queue(maxsize=2)
+    # a block's compute outlasts reading and writing one: one block read ahead and one waiting to be written hide
+    # them, and more would only hold more input boxes and outputs of a macro-block in memory
+    read_queue, write_queue, ahead = queue.Queue(), queue.Queue(maxsize=1), threading.Semaphore(1)
     stop, write_errors = threading.Event(), []
-    reader = threading.Thread(target=_reader, args=(scan, blocks, device.type == "cuda", read_queue, stop), daemon=True)
+    reader = threading.Thread(target=_reader, args=(scan, blocks, device.type == "cuda", read_queue, stop, ahead), daemon=True)
     writer = threading.Thread(target=_writer, args=(write, write_queue, write_errors), daemon=True)
     reader.start()
     writer.start()
@@ -239,6 +242,7 @@ def predict_blocks(scan, write, blocks, predictor: WindowPredictor, device, bar,
             if write_errors:
                 raise write_errors[0]
             block, array = item
+            ahead.release()
             with model_errors_named(block):
                 box = array.to(device, non_blocking=True)
                 # the copy to the host waits for the device: compute ends here
@@ -253,11 +257,8 @@ def predict_blocks(scan, write, blocks, predictor: WindowPredictor, device, bar,
             bar.set_postfix_str(f"skipped {skipped / max(windows, 1):.0%} of windows")
     finally:
         stop.set()
-        while reader.is_alive():  # let a reader blocked on a full queue finish
-            try:
-                read_queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
+        ahead.release()  # a reader waiting to read ahead sees the stop
+        reader.join()
         handing = time.perf_counter()
         write_queue.put(None)
         writer.join()

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 import inference
 from conftest import ROOT, run_on_a_full_disk
@@ -344,6 +345,32 @@ def test_a_run_reports_where_its_time_went(scan, model_path, tmp_path, capsys):
     busy, total, read_wait, write_wait = (float(v) for v in re.fullmatch(
         r"model busy (\d+)% of ([\d.]+) s; waited ([\d.]+) s for reading, ([\d.]+) s for writing", line).groups())
     assert 0 < busy <= 100 and read_wait + write_wait <= total * (1 - busy / 100) + 0.1
+
+
+def test_one_input_box_is_read_ahead_and_every_block_written(monkeypatch):
+    """The reader reads a block's input only as the model takes the block before it, so that at most two input
+    boxes of a macro-block are held at once; every block's values reach the writer, in order."""
+    blocks = plan_blocks((slice(0, 40),) * 3, (slice(0, 40),) * 3, PATCH, PATCH // 2, 16)
+    reads, written, boxes_held = [], [], []
+    read_crop = volume.read_crop
+
+    def counted(dataset, origin, shape, fill=0):
+        reads.append(tuple(origin))
+        time.sleep(0.002)  # a reader left unchecked would run ahead meanwhile
+        return read_crop(dataset, origin, shape, fill)
+
+    class Predictor:
+        def predict(self, box, origin, windows, output):
+            time.sleep(0.01)
+            boxes_held.append(len(reads) - len(boxes_held))  # this block's box and those read after it
+            return np.full([s.stop - s.start for s in output], len(boxes_held), np.uint8), 0
+
+    monkeypatch.setattr(inference.volume, "read_crop", counted)
+    scan = np.zeros((40, 40, 40), np.uint8)
+    skipped = inference.predict_blocks(scan, lambda block, values: written.append((block.index, int(values.flat[0]))), blocks,
+                                       Predictor(), torch.device("cpu"), tqdm(disable=True), inference.Timing())
+    assert skipped == 0 and len(blocks) == 27 and reads == [tuple(block.input_origin) for block in blocks]
+    assert max(boxes_held) == 2 and written == [(block.index, n + 1) for n, block in enumerate(blocks)]
 
 
 @pytest.mark.parametrize("shape, batch_size", [((3, 4, 9), 4), ((2, 5, 5), 3), ((1, 1, 7), 2)])
