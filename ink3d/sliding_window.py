@@ -158,12 +158,14 @@ class WindowPredictor:
         windows skipped.
 
         `box` is the uint8 input (D, H, W) on the device, read at volume position `origin`. Only the output's voxels
-        are summed (each window's part inside it), in the order a sum over the whole box would take.
+        are summed (each window's part inside it), in the order a sum over the whole box would take. The sums are
+        kept for the planes that windows still reach only, in a ring of planes: windows come in grid order, so the
+        planes before a batch's first window are final, and are divided, rounded into the output and their ring
+        planes reused (about patch + stride planes instead of the block's depth).
         """
         p = self.patch
         inside = [(o.start - int(b), o.stop - int(b)) for o, b in zip(output, origin)]
         shape = tuple(stop - start for start, stop in inside)
-        numerator = self._buffer("numerator", shape).zero_()
         cells, parts = [], []  # per window: its box slices; (its part inside the output, the same part in the window)
         for window in windows:
             starts = [int(w - o) for w, o in zip(window, origin)]
@@ -177,35 +179,69 @@ class WindowPredictor:
             run = [index for index, maximum in enumerate(maxima) if maximum > self.skip_max]
         else:
             run = list(range(len(cells)))
+        batches = [[None if index is None else run[index] for index in batch] for batch in self._batches([cells[index] for index in run], origin)]
+        reach = [(parts[min(i for i in batch if i is not None)][0][0].start, max(parts[i][0][0].stop for i in batch if i is not None))
+                 for batch in batches]
+        depth = min(shape[0], max([p] + [stop - start for start, stop in reach]))
+        numerator = self._buffer("numerator", (depth, *shape[1:])).zero_()
+        values = torch.empty(shape, dtype=torch.uint8, device=self.device)
+        final = 0  # the output's planes before this are in `values`
         batch = self._buffer("batch", (self.batch_size, 1, p, p, p))
-        for batch_windows in self._batches([cells[index] for index in run], origin):
+        for batch_windows, (start, _) in zip(batches, reach):
+            self._finish(numerator, values, final, start, parts)
+            final = start
             filler = next(index for index in batch_windows if index is not None)
             for slot, index in enumerate(batch_windows):
-                batch[slot, 0].copy_(box[cells[run[filler if index is None else index]]])
+                batch[slot, 0].copy_(box[cells[filler if index is None else index]])
             model_input = self.normalization.normalize_(batch)
             if self.channels_last:  # a single channel: the same memory, only marked channels-last
                 model_input = model_input.contiguous(memory_format=torch.channels_last_3d)
             probabilities = self._probabilities(model_input)
             for slot in sorted((slot for slot, index in enumerate(batch_windows) if index is not None), key=batch_windows.__getitem__):
-                target, source = parts[run[batch_windows[slot]]]
-                numerator[target] += self.weights[source] * probabilities[slot][source]  # in grid order
-        self._divide_by_weights(numerator, parts)
-        values = numerator.clamp_(0, 1).mul_(255).round_().to(torch.uint8)  # as to_uint8
+                target, source = parts[batch_windows[slot]]
+                self._add(numerator, target, self.weights[source] * probabilities[slot][source])  # in grid order
+        self._finish(numerator, values, final, shape[0], parts)
         return values.cpu().numpy(), len(cells) - len(run)
 
-    def _divide_by_weights(self, numerator: torch.Tensor, parts) -> None:
-        """Divide the sums by the windows' summed weights, added up (in window order) a slab of planes at a time."""
-        depth, height, width = numerator.shape
-        planes = max(1, SLAB_VOXELS // (height * width))
-        for start in range(0, depth, planes):
-            stop = min(start + planes, depth)
-            denominator = self._buffer("denominator", (stop - start, height, width)).zero_()
-            for target, source in parts:
-                low, high = max(target[0].start, start), min(target[0].stop, stop)
-                if low < high:
-                    shift = source[0].start - target[0].start
-                    denominator[(slice(low - start, high - start), *target[1:])] += self.weights[(slice(low + shift, high + shift), *source[1:])]
-            numerator[start:stop].div_(denominator)
+    @staticmethod
+    def _ring(depth: int, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """The output planes start..stop as (first plane, ring plane, count) runs of the ring of `depth` planes."""
+        runs = []
+        while start < stop:
+            ring = start % depth
+            count = min(stop - start, depth - ring)
+            runs.append((start, ring, count))
+            start += count
+        return runs
+
+    def _add(self, numerator: torch.Tensor, target, addend: torch.Tensor) -> None:
+        """numerator[target] += addend, the target's planes taken in the ring."""
+        for plane, ring, count in self._ring(numerator.shape[0], target[0].start, target[0].stop):
+            offset = plane - target[0].start
+            numerator[(slice(ring, ring + count), *target[1:])] += addend[offset:offset + count]
+
+    def _finish(self, numerator: torch.Tensor, values: torch.Tensor, start: int, stop: int, parts) -> None:
+        """Divide the output planes start..stop by their windows' summed weights, round them into `values` (as
+        to_uint8) and clear their ring planes for the planes to come."""
+        height, width = numerator.shape[1:]
+        slab = max(1, SLAB_VOXELS // (height * width))
+        for plane, ring, count in self._ring(numerator.shape[0], start, stop):
+            for offset in range(0, count, slab):
+                low, high = plane + offset, plane + min(offset + slab, count)
+                sums = numerator[ring + offset:ring + offset + high - low]
+                sums.div_(self._summed_weights(low, high, height, width, parts))
+                values[low:high].copy_(sums.clamp_(0, 1).mul_(255).round_())
+                sums.zero_()
+
+    def _summed_weights(self, start: int, stop: int, height: int, width: int, parts) -> torch.Tensor:
+        """The windows' weights summed (in window order) over the output planes start..stop."""
+        denominator = self._buffer("denominator", (stop - start, height, width)).zero_()
+        for target, source in parts:
+            low, high = max(target[0].start, start), min(target[0].stop, stop)
+            if low < high:
+                shift = source[0].start - target[0].start
+                denominator[(slice(low - start, high - start), *target[1:])] += self.weights[(slice(low + shift, high + shift), *source[1:])]
+        return denominator
 
     def _batches(self, cells, origin: np.ndarray) -> list[list[int | None]]:
         """Batches of the windows `cells` of a box read at `origin` (indices into `cells`, in their order): see

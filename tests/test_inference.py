@@ -373,6 +373,27 @@ def test_one_input_box_is_read_ahead_and_every_block_written(monkeypatch):
     assert max(boxes_held) == 2 and written == [(block.index, n + 1) for n, block in enumerate(blocks)]
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_sums_kept_in_a_ring_of_planes_equal_a_plain_sum_over_the_whole_block(batch_size):
+    """A block deeper than a window and a stride keeps its sums in a ring of planes (finished planes are divided and
+    rounded as the windows move on): the values equal a plain loop that sums every window over the whole block."""
+    box = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (48, 20, 20)).astype(np.uint8))
+    predictor = inference.WindowPredictor(torch.nn.Identity(), PATCH, "gaussian", batch_size, "cpu", stride=PATCH // 2)
+    windows = list(itertools.product(*(window_starts(0, size, PATCH, PATCH // 2) for size in box.shape)))
+    values, skipped = predictor.predict(box, np.zeros(3, np.int64), windows, tuple(slice(0, size) for size in box.shape))
+    weights = torch.from_numpy(importance_map(PATCH, "gaussian"))
+    numerator, denominator = torch.zeros(box.shape), torch.zeros(box.shape)
+    for window in windows:
+        cell = tuple(slice(start, start + PATCH) for start in window)
+        probabilities = torch.sigmoid(predictor.normalization.normalize_(box[cell].float()[None, None]))[0, 0]
+        numerator[cell] += weights * probabilities
+    for window in windows:
+        denominator[tuple(slice(start, start + PATCH) for start in window)] += weights
+    expected = (numerator / denominator).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    assert skipped == 0 and np.array_equal(values, expected)
+    assert predictor.buffers["numerator"].numel() <= (PATCH + PATCH // 2) * 20 * 20  # a ring of 24 planes, not the 48
+
+
 @pytest.mark.parametrize("shape, batch_size", [((3, 4, 9), 4), ((2, 5, 5), 3), ((1, 1, 7), 2)])
 def test_windows_take_their_grid_slot_once_each_in_grid_order(shape, batch_size):
     predictor = inference.WindowPredictor(torch.nn.Identity(), 4, "constant", batch_size, "cpu", stride=2)
