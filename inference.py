@@ -48,7 +48,6 @@ from ink3d import InputError, volume
 from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
 from ink3d.files import (OutputBusy, checksum, finish_output, open_interrupted, output_file, output_lock, partial_path,
                          resumable_output, warn_if_short_of_space, writing)
-from ink3d.memory import reuse_freed_memory
 from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, plan_blocks
 from ink3d.intensity import Normalization, parse_air_level
 from ink3d.prediction_store import CHUNK, PredictionStore, chunk_for, is_store
@@ -296,8 +295,6 @@ def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict, scale) -> Non
 
 def main(argv=None):
     config = parse_config(globals(), argv)
-    if resolve_device(config.device).type == "cpu":
-        reuse_freed_memory()  # the model's activations on the CPU: the same sizes batch after batch
     out = Path(config.out)
     rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     if is_store(out):
@@ -350,7 +347,7 @@ def prepare(config, device: torch.device) -> Run:
                       "the work" + (f"; {advice} fills them" if advice else ""), stacklevel=2)
     predictor = WindowPredictor(model, config.patch, config.blend, config.batch_size, device,
                                 autocast_dtype(device, config.amp), channels_last, config.air_level, config.tta,
-                                normalization, stride)
+                                normalization, stride, keep_freed_memory=device.type == "cpu")
     return Run(scan_file, scan, region, blocks, attrs, predictor, device)
 
 

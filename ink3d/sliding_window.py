@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ink3d.intensity import Normalization
+from ink3d.memory import reuse_freed_memory
 from models.speed import autocast
 
 GAUSSIAN_SIGMA_SCALE = 0.125
@@ -134,7 +135,7 @@ class WindowPredictor:
 
     def __init__(self, model, patch: int, blend: str, batch_size: int, device, dtype=None,
                  channels_last: bool = False, skip_max: int = -1, tta: bool = False, normalization: Normalization = Normalization(),
-                 stride: int | None = None):
+                 stride: int | None = None, keep_freed_memory: bool = False):
         self.model, self.patch, self.batch_size = model, patch, batch_size
         self.stride = stride or patch  # of the window grid: consecutive windows take consecutive slots of a batch
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
@@ -143,6 +144,11 @@ class WindowPredictor:
         self.flips = FLIPS if tta else [()]
         self.normalization = normalization
         self.buffers: dict[str, torch.Tensor] = {}
+        # from the second batch on, memory the model frees stays in the process for the next batch (ink3d.memory). The
+        # first batch runs under the system's default, which maps large blocks apart: what the model's first run keeps
+        # for good (oneDNN's caches) then settles in the heap before any activation does, not in the holes between
+        # them, where it would leave the next batch's activations no room (the heap grows by one, batch after batch)
+        self.keep_freed_memory = keep_freed_memory
 
     def _buffer(self, name: str, shape) -> torch.Tensor:
         """A float32 tensor of `shape` in the buffer `name`, which is grown when it is too small."""
@@ -264,6 +270,9 @@ class WindowPredictor:
             else:
                 torch.sigmoid(logits, out=total)
             del logits
+        if self.keep_freed_memory:
+            reuse_freed_memory()
+            self.keep_freed_memory = False
         return total.div_(len(self.flips)) if len(self.flips) > 1 else total
 
 

@@ -373,6 +373,18 @@ def test_one_input_box_is_read_ahead_and_every_block_written(monkeypatch):
     assert max(boxes_held) == 2 and written == [(block.index, n + 1) for n, block in enumerate(blocks)]
 
 
+def test_cpu_inference_keeps_freed_memory_from_its_second_batch_on(scan, model_path, tmp_path, monkeypatch):
+    """The first batch runs under the system's memory policy (what the model's first run keeps for good settles before
+    any activation); then the process keeps freed memory, once, before the second batch's forward."""
+    scan_path, _ = scan
+    events = []
+    monkeypatch.setattr(sliding_window, "reuse_freed_memory", lambda: events.append("keep"))
+    forward = UNet3D.forward
+    monkeypatch.setattr(UNet3D, "forward", lambda self, x: events.append("forward") or forward(self, x))
+    _infer(scan_path, model_path, tmp_path / "pred.h5", "--device", "cpu")
+    assert events[:3] == ["forward", "keep", "forward"] and events.count("keep") == 1 and events.count("forward") > 3
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 4])
 def test_sums_kept_in_a_ring_of_planes_equal_a_plain_sum_over_the_whole_block(batch_size):
     """A block deeper than a window and a stride keeps its sums in a ring of planes (finished planes are divided and
