@@ -7,7 +7,7 @@ Each measurement runs in a process of its own (its peak RSS is its own, VmHWM); 
 are set up before the measured part, so its times are the work's own:
 1. the reference: the model loaded as inference.py loads it (channels-last, its CPU default) and one forward
    pass of a batch under `torch.inference_mode`, nothing else;
-2. the same forward with freed memory kept in the heap, as inference.py sets glibc (`ink3d.memory`);
+2. the same forward with freed memory kept in the heap, as inference.py sets glibc (`ink3d.memory`) from its second batch on;
 3. inference.py over a `--size`^3 random scan (every window run: --air_level none), HDF5 in and out.
 The ratio of the peak RSS of 3 to that of 1 is what inference adds to the model's own needs (its input and
 output buffers, the blending, the reader and writer, and the heap's holes); against 2 it leaves out what the
