@@ -144,11 +144,7 @@ class WindowPredictor:
         self.flips = FLIPS if tta else [()]
         self.normalization = normalization
         self.buffers: dict[str, torch.Tensor] = {}
-        # from the second batch on, memory the model frees stays in the process for the next batch (ink3d.memory). The
-        # first batch runs under the system's default, which maps large blocks apart: what the model's first run keeps
-        # for good (oneDNN's caches) then settles in the heap before any activation does, not in the holes between
-        # them, where it would leave the next batch's activations no room (the heap grows by one, batch after batch)
-        self.keep_freed_memory = keep_freed_memory
+        self.keep_freed_memory = keep_freed_memory  # from the second batch on (see predict)
 
     def _buffer(self, name: str, shape) -> torch.Tensor:
         """A float32 tensor of `shape` in the buffer `name`, which is grown when it is too small."""
@@ -203,6 +199,13 @@ class WindowPredictor:
             if self.channels_last:  # a single channel: the same memory, only marked channels-last
                 model_input = model_input.contiguous(memory_format=torch.channels_last_3d)
             probabilities = self._probabilities(model_input)
+            if self.keep_freed_memory:
+                # memory the model frees now stays in the process for the next batch (ink3d.memory). The first batch
+                # ran under the system's default, which maps large blocks apart: what the model's first run keeps for
+                # good (oneDNN's caches) settled in the heap before any activation, not in holes between them, where
+                # it would have left the next batch's activations no room
+                reuse_freed_memory()
+                self.keep_freed_memory = False
             for slot in sorted((slot for slot, index in enumerate(batch_windows) if index is not None), key=batch_windows.__getitem__):
                 target, source = parts[batch_windows[slot]]
                 self._add(numerator, target, self.weights[source] * probabilities[slot][source])  # in grid order
@@ -270,9 +273,6 @@ class WindowPredictor:
             else:
                 torch.sigmoid(logits, out=total)
             del logits
-        if self.keep_freed_memory:
-            reuse_freed_memory()
-            self.keep_freed_memory = False
         return total.div_(len(self.flips)) if len(self.flips) > 1 else total
 
 

@@ -134,7 +134,7 @@ def _join_upsampled(skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     written into it without an upsampled copy where each side doubles."""
     layout = torch.contiguous_format if skip.is_contiguous() else torch.channels_last_3d
     n, skip_channels, *size = skip.shape
-    joined = torch.empty((n, skip_channels + x.shape[1], *size), dtype=x.dtype, memory_format=layout)
+    joined = torch.empty((n, skip_channels + x.shape[1], *size), dtype=x.dtype, device=x.device, memory_format=layout)
     joined[:, :skip_channels] = skip
     upsampled = joined[:, skip_channels:]
     if all(s == 2 * t for s, t in zip(size, x.shape[2:])):  # voxel i of x fills 2i and 2i + 1 on each axis
