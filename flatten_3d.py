@@ -41,6 +41,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output, output_lock, writing
+from ink3d.memory import reuse_freed_memory
 from ink3d.ppm import find_segment, open_segment, segment_size, valid_mask
 from ink3d.sampling import trilinear
 
@@ -257,6 +258,7 @@ def flatten(config, ppms: dict[str, Path], outputs: dict[str, Path]) -> dict[str
         if depth_map:
             check_output(_depth_path(path), config.overwrite)
             check_output(_depth_path(path, ".json"), config.overwrite)
+    reuse_freed_memory()  # each tile's arrays and each decompressed chunk would otherwise touch fresh pages: half the page faults
     file, dataset = volume.open_dataset(config.volume, config.dataset, level=config.level, cache_bytes=config.cache_mb << 20)
     total = sum(int(np.prod(segment_size(path))) for path in ppms.values())
     full_scale = 255 if dataset.dtype == np.uint8 else 1

@@ -42,6 +42,8 @@ from pathlib import Path
 from tqdm import tqdm
 from flatten_3d import flatten_segment
 from ink3d import volume
+from ink3d.memory import reuse_freed_memory
+reuse_freed_memory()  # as flatten_3d.py does
 handle, opened = volume.open_dataset({path!r}, volume.PREDICTIONS, cache_bytes=512 << 20)  # flatten_3d's default
 """
 FLATTEN = """

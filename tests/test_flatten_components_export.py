@@ -131,6 +131,18 @@ def test_flatten_refuses_to_overwrite(tmp_path, linear_volume):
                          "--out_dir", str(tmp_path / "flat")])
 
 
+def test_flatten_keeps_freed_memory_before_it_reads(tmp_path, linear_volume, monkeypatch):
+    """Tiles' arrays and decompressed chunks come and go by the thousand: the process keeps freed memory from the
+    start instead of touching fresh pages for each."""
+    events = []
+    monkeypatch.setattr(flatten_3d, "reuse_freed_memory", lambda: events.append("keep"))
+    read_crop = volume.read_crop
+    monkeypatch.setattr(volume, "read_crop", lambda *args, **kwargs: events.append("read") or read_crop(*args, **kwargs))
+    _tilted_segment(tmp_path)
+    _flatten(tmp_path, "--tile", "4")
+    assert events[0] == "keep" and events.count("keep") == 1 and events.count("read") == 6
+
+
 def test_flattening_ground_truth_reproduces_inklabels(synthetic_scroll, scroll_info, tmp_path):
     flatten_3d.main(["--volume", str(synthetic_scroll / "ground_truth.h5"), "--dataset", "ink", "--reduce", "max",
                      "--ppm_dir", str(synthetic_scroll / "paths"), "--out_dir", str(tmp_path)])
