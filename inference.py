@@ -14,8 +14,8 @@ volume, not to the region: an `--roi` result is the same voxels' result of a who
 The region is processed in output macro-blocks of `--block` voxels, each reading the input its
 windows need, so the result equals one pass over the whole region. Windows whose input maximum
 is at or below the air level (`--air_level`) are not run and predict 0. The scan is normalised as the checkpoint
-records (`scan / 255` when it records nothing). The next block is read and the last one
-written by background threads while the model runs.
+records (`scan / 255` when it records nothing). Background threads read the input ahead and write
+the output, in slabs of planes, while the model runs.
 
 The output is written as `<out>.partial` and renamed to `<out>` when complete. Each finished
 block is recorded, with a checksum of its bytes, after its data is flushed: `--resume true`
@@ -35,6 +35,7 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from ink3d import InputError, volume
 from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
 from ink3d.files import (OutputBusy, checksum, finish_output, open_interrupted, output_file, output_lock, partial_path,
                          resumable_output, warn_if_short_of_space, writing)
-from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, plan_blocks
+from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, input_slabs, plan_blocks
 from ink3d.intensity import Normalization, parse_air_level
 from ink3d.prediction_store import CHUNK, PredictionStore, chunk_for, is_store
 from models import model_from_checkpoint, read_checkpoint, weights_digest
@@ -149,42 +150,74 @@ def verify_blocks(file: h5py.File, blocks) -> tuple[int, int]:
     return sum(intact), sum(value is not None for value in recorded) - sum(intact)
 
 
-def _reader(scan, blocks, pin: bool, out_queue: queue.Queue, stop: threading.Event, ahead: threading.Semaphore):
+@dataclass
+class BlockWriter:
+    """Where blocks' predictions go: `slab(block, planes, values)` writes the block's output planes `planes` (a slice of
+    the volume's z) and `finish(block, crc)` records the block finished with the CRC-32 of its bytes, once its slabs
+    are saved. Slabs end on multiples of `align` planes of the volume (the output's chunk depth) or at a block's end."""
+
+    slab: Callable
+    finish: Callable
+    align: int
+
+
+def hdf5_writer(file: h5py.File) -> BlockWriter:
+    """Write blocks into a prediction file: a block's data flushed first, then recorded finished with its checksum."""
+    dataset, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
+
+    def slab(block, planes, values):
+        with writing(file.filename):
+            dataset[(planes, *block.output[1:])] = values
+
+    def finish(block, crc):
+        with writing(file.filename):
+            file.flush()  # the data first: a block is recorded finished only once its bytes are saved
+            checksums[block.index] = crc
+            finished[block.index] = 1
+            file.flush()
+    return BlockWriter(slab, finish, dataset.chunks[0])
+
+
+def _reader(scan, blocks, patch: int, pin: bool, out_queue: queue.Queue, stop: threading.Event, ahead: threading.Semaphore):
+    """Read the blocks' input boxes, slab after slab (input_slabs), into `out_queue`."""
     try:
         for block in blocks:
-            ahead.acquire()  # released as the model takes a block: one input box read ahead at most
-            if stop.is_set():
-                break
-            array = torch.from_numpy(volume.read_crop(scan, block.input_origin, block.input_shape))
-            out_queue.put((block, array.pin_memory() if pin else array))
+            for start, stop_plane in input_slabs(block, patch):
+                ahead.acquire()  # released as the model takes a slab: one slab read ahead at most
+                if stop.is_set():
+                    return
+                origin = block.input_origin + np.array([start, 0, 0])
+                array = torch.from_numpy(volume.read_crop(scan, origin, (stop_plane - start, *block.input_shape[1:])))
+                out_queue.put(array.pin_memory() if pin else array)
     except BaseException as error:  # handed to the main thread, which re-raises it
         out_queue.put(error)
-        return
-    out_queue.put(None)
 
 
-def _writer(write, in_queue: queue.Queue, errors: list):
+def _writer(writer: BlockWriter, in_queue: queue.Queue, errors: list):
+    """Write the slabs of `in_queue` ((block, planes, values), or (block, None, None) once a block is done) and record
+    each block finished with the CRC-32 of its bytes, its slabs taken in order (C order: z is the outer axis)."""
+    crc = 0
     while (item := in_queue.get()) is not None:
         if errors:
             continue
+        block, planes, values = item
         try:
-            write(*item)
+            if values is None:
+                writer.finish(block, crc)
+                crc = 0
+            else:
+                writer.slab(block, planes, values)
+                crc = checksum(values, crc)
         except BaseException as error:
             errors.append(error)
 
 
-def hdf5_writer(file: h5py.File):
-    """Write a block into a prediction file: its data flushed first, then recorded finished with its checksum."""
-    dataset, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
+class _FromThread(Exception):
+    """The reader's or the writer's error, met while the model runs a block: raised through model_errors_named as it is."""
 
-    def write(block, values):
-        with writing(file.filename):
-            dataset[block.output] = values
-            file.flush()  # the data first: a block is recorded finished only once its bytes are saved
-            checksums[block.index] = checksum(values)
-            finished[block.index] = 1
-            file.flush()
-    return write
+    def __init__(self, error: BaseException):
+        super().__init__(error)
+        self.error = error
 
 
 @contextlib.contextmanager
@@ -215,44 +248,54 @@ class Timing:
                 f"{self.write_wait:.1f} s for writing")
 
 
-def predict_blocks(scan, write, blocks, predictor: WindowPredictor, device, bar, timing: Timing) -> int:
-    """Predict `blocks`, reading ahead and handing each block's uint8 values to `write(block, values)` on a writer
-    thread; returns windows skipped. `timing` gathers how long the model waited for I/O."""
-    # a block's compute outlasts reading and writing one: one block read ahead and one waiting to be written hide
-    # them, and more would only hold more input boxes and outputs of a macro-block in memory
+def predict_blocks(scan, writer: BlockWriter, blocks, predictor: WindowPredictor, device, bar, timing: Timing) -> int:
+    """Predict `blocks`, reading their input ahead and handing their output to `writer` on a writer thread, both in
+    slabs of planes; returns windows skipped. `timing` gathers how long the model waited for I/O."""
+    # a block's input and output go in slabs of planes (input_slabs; the output's chunks): its rows of windows outlast
+    # reading and writing one, so one slab read ahead and one waiting to be written hide them, and what a block holds
+    # does not grow with its depth
     read_queue, write_queue, ahead = queue.Queue(), queue.Queue(maxsize=1), threading.Semaphore(1)
     stop, write_errors = threading.Event(), []
-    reader = threading.Thread(target=_reader, args=(scan, blocks, device.type == "cuda", read_queue, stop, ahead), daemon=True)
-    writer = threading.Thread(target=_writer, args=(write, write_queue, write_errors), daemon=True)
+    reader = threading.Thread(target=_reader, args=(scan, blocks, predictor.patch, device.type == "cuda", read_queue, stop, ahead),
+                              daemon=True)
+    writer_thread = threading.Thread(target=_writer, args=(writer, write_queue, write_errors), daemon=True)
     reader.start()
-    writer.start()
+    writer_thread.start()
     skipped = windows = 0
     started = time.perf_counter()
-    try:
-        while True:
+
+    def slabs(block):
+        for _ in input_slabs(block, predictor.patch):
             waiting = time.perf_counter()
             item = read_queue.get()
-            computing = time.perf_counter()
-            timing.read_wait += computing - waiting
-            if item is None:
-                break
+            timing.read_wait += time.perf_counter() - waiting
             if isinstance(item, BaseException):
-                raise item
-            if write_errors:
-                raise write_errors[0]
-            block, array = item
+                raise _FromThread(item)
             ahead.release()
-            with model_errors_named(block):
-                box = array.to(device, non_blocking=True)
-                # the copy to the host waits for the device: compute ends here
-                values, block_skipped = predictor.predict(box, block.input_origin, block.windows, block.output)
-            handing = time.perf_counter()
-            timing.compute += handing - computing
-            write_queue.put((block, values))
-            timing.write_wait += time.perf_counter() - handing
-            skipped += block_skipped
-            windows += len(block.windows)
+            yield item.to(device, non_blocking=True)
+
+    def hand_on(block, planes, values):
+        if write_errors:
+            raise _FromThread(write_errors[0])
+        waiting = time.perf_counter()
+        write_queue.put((block, planes, values))
+        timing.write_wait += time.perf_counter() - waiting
+        if values is not None:
             bar.update(values.size)
+
+    try:
+        for block in blocks:
+            computing, waited = time.perf_counter(), timing.read_wait + timing.write_wait
+            try:
+                with model_errors_named(block):
+                    # the copies to the host wait for the device: compute ends with the block's last slab
+                    skipped += predictor.predict(slabs(block), block.input_origin, block.windows, block.output,
+                                                 lambda planes, values, block=block: hand_on(block, planes, values), writer.align)
+                timing.compute += time.perf_counter() - computing - (timing.read_wait + timing.write_wait - waited)
+                hand_on(block, None, None)
+            except _FromThread as failure:
+                raise failure.error from None
+            windows += len(block.windows)
             bar.set_postfix_str(f"skipped {skipped / max(windows, 1):.0%} of windows")
     finally:
         stop.set()
@@ -260,7 +303,7 @@ def predict_blocks(scan, write, blocks, predictor: WindowPredictor, device, bar,
         reader.join()
         handing = time.perf_counter()
         write_queue.put(None)
-        writer.join()
+        writer_thread.join()
         timing.write_wait += time.perf_counter() - handing
         timing.total += time.perf_counter() - started
     if write_errors:
@@ -351,13 +394,13 @@ def prepare(config, device: torch.device) -> Run:
     return Run(scan_file, scan, region, blocks, attrs, predictor, device)
 
 
-def run_blocks(run: Run, write, mine, todo, show: bool) -> tuple[int, Timing]:
-    """Predict the blocks `todo` through `write`, with a progress bar over this worker's blocks `mine`;
+def run_blocks(run: Run, writer: BlockWriter, mine, todo, show: bool) -> tuple[int, Timing]:
+    """Predict the blocks `todo` into `writer`, with a progress bar over this worker's blocks `mine`;
     (windows skipped, timing)."""
     timing = Timing()
     total, remaining = (sum(int(np.prod([s.stop - s.start for s in b.output])) for b in blocks) for blocks in (mine, todo))
     with tqdm(total=total, initial=total - remaining, unit="vox", unit_scale=True, desc="inference", disable=not show) as bar:
-        skipped = predict_blocks(run.scan, write, todo, run.predictor, run.device, bar, timing)
+        skipped = predict_blocks(run.scan, writer, todo, run.predictor, run.device, bar, timing)
     return skipped, timing
 
 
@@ -397,11 +440,18 @@ def predict_into_store(config, out: Path, parts: int, part: int) -> Path:
         finished = set(intact)
         todo = [] if config.finalize else [b for b in mine if b.index not in finished]
 
-        def write(block, values):
-            with writing(out, advice="what was finished is kept: free disk space and start this worker again with --resume true"):
-                store.write_block(block, values)
+        advice = "what was finished is kept: free disk space and start this worker again with --resume true"
 
-        skipped, timing = run_blocks(run, write, mine, todo, part == 0)
+        def slab(block, planes, values):
+            with writing(out, advice=advice):
+                store.write_slab(block, planes, values)
+
+        def finish(block, crc):
+            with writing(out, advice=advice):
+                store.record_finished(block, crc)
+
+        writer = BlockWriter(slab, finish, store.level0.chunks[0])
+        skipped, timing = run_blocks(run, writer, mine, todo, part == 0)
     missing = len(run.blocks) - len(store.finished())
     if missing and config.finalize:
         raise InputError(f"{out}: {missing} blocks are not finished yet; run the parts that hold them (with --resume true), then finalize")

@@ -172,9 +172,10 @@ def write_image(path: str | Path, image: np.ndarray, params=()) -> None:
     path.write_bytes(data.tobytes())
 
 
-def checksum(array: np.ndarray) -> int:
-    """CRC-32 of an array's bytes (C order): what a finished block or slab is checked against on resume."""
-    return zlib.crc32(np.ascontiguousarray(array).data)
+def checksum(array: np.ndarray, previous: int = 0) -> int:
+    """CRC-32 of an array's bytes (C order): what a finished block or slab is checked against on resume. With the
+    CRC-32 of the bytes before them (`previous`), that of all of them: a block's from its slabs of planes."""
+    return zlib.crc32(np.ascontiguousarray(array).data, previous)
 
 
 # failures of the filesystem, not of the file: freeing space (or fixing permissions) and resuming completes the output

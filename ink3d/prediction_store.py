@@ -102,12 +102,15 @@ class PredictionStore:
                 records[int(entry.name[:-5])] = json.loads(Path(entry.path).read_text())["crc32"]
         return records
 
-    def write_block(self, block, values: np.ndarray) -> None:
-        """Write a block's uint8 values, then record it finished (the record only once its chunks are on disk)."""
-        self.level0[block.output] = values
+    def write_slab(self, block, planes: slice, values: np.ndarray) -> None:
+        """Write a block's uint8 values of the volume's planes `planes` (whole chunks of them but at the block's end)."""
+        self.level0[(planes, *block.output[1:])] = values
+
+    def record_finished(self, block, crc: int) -> None:
+        """Record a block finished, with the CRC-32 of its bytes (once its chunks are on disk)."""
         record = self.path / PROGRESS / f"{block.index}.json"
         temporary = record.with_name(f"{record.name}.{uuid.uuid4().hex}.partial")
-        temporary.write_text(json.dumps({"crc32": checksum(values)}))
+        temporary.write_text(json.dumps({"crc32": crc}))
         os.replace(temporary, record)
 
     def verify(self, blocks) -> tuple[list[int], int]:

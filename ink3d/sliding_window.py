@@ -8,8 +8,10 @@ touches it, reading the input those windows need, so its voxels get exactly the 
 same order) that one in-memory pass over the whole region would give them: no seams.
 """
 
+import collections
 import itertools
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,24 +82,32 @@ def plan_blocks(region, context, patch: int, stride: int, block: int) -> list[Bl
     return blocks
 
 
-def batch_slots(grid_indices, batch_size: int) -> list[list[int | None]]:
-    """Batches of `batch_size` slots holding windows (indices into `grid_indices`, the windows' places on the
-    volume's window grid, in grid order) or None, each window in the slot its place gives it (the sum of its grid
-    indices, modulo the batch size); a batch ends where the next window's slot is taken. Empty slots are run on a
-    copy of one of the batch's windows and their result is dropped. CPU kernels may compute a window differently at
-    another batch size or slot, and a window's result must not depend on the region it was run for: this way every
-    run computes it in the same slot of a batch of the same size, and the windows still come in grid order (the
-    order their probabilities are summed in)."""
-    batches, batch = [], [None] * batch_size
-    for index, place in enumerate(grid_indices):
+def batch_slots(windows, batch_size: int) -> Iterator[list]:
+    """Batches of `batch_size` slots holding windows (from `windows`, (window, place) pairs in grid order, its place
+    on the volume's window grid) or None, each window in the slot its place gives it (the sum of its grid indices,
+    modulo the batch size); a batch ends where the next window's slot is taken, and is yielded then, so that windows
+    may be decided on (air or not) as they come. Empty slots are run on a copy of one of the batch's windows and
+    their result is dropped. CPU kernels may compute a window differently at another batch size or slot, and a
+    window's result must not depend on the region it was run for: this way every run computes it in the same slot of
+    a batch of the same size, and the windows still come in grid order (the order their probabilities are summed in)."""
+    batch = [None] * batch_size
+    for window, place in windows:
         slot = sum(place) % batch_size
         if batch[slot] is not None:
-            batches.append(batch)
+            yield batch
             batch = [None] * batch_size
-        batch[slot] = index
-    if any(index is not None for index in batch):
-        batches.append(batch)
-    return batches
+        batch[slot] = window
+    if any(window is not None for window in batch):
+        yield batch
+
+
+def input_slabs(block: Block, patch: int) -> list[tuple[int, int]]:
+    """The planes of a block's input box in slabs, (start, stop) from the box's first plane, cut where a row of
+    windows starts or ends: the rows need them in turn, and each can be let go once the rows before the last that
+    reaches it are done."""
+    starts = {int(window[0] - block.input_origin[0]) for window in block.windows}
+    cuts = sorted((starts | {start + patch for start in starts}) - {0})
+    return list(zip([0, *cuts[:-1]], cuts))
 
 
 def batch_fill(patch: int, stride: int, block: int, batch_size: int) -> float:
@@ -110,7 +120,7 @@ def batch_fill(patch: int, stride: int, block: int, batch_size: int) -> float:
     axis = [start // stride for (start,) in plan_blocks(line, line, patch, stride, block)[1].windows]
     rows = axis[:2 * batch_size]
     windows = list(itertools.product(rows, rows, axis))
-    return len(windows) / (len(batch_slots(windows, batch_size)) * batch_size)
+    return len(windows) / (sum(1 for _ in batch_slots(enumerate(windows), batch_size)) * batch_size)
 
 
 def fuller_batches(patch: int, stride: int, block: int, batch_size: int, chunk: int = 1, enough: float = 0.97) -> str:
@@ -123,7 +133,7 @@ def fuller_batches(patch: int, stride: int, block: int, batch_size: int, chunk: 
     return " or ".join(choices)
 
 
-SLAB_VOXELS = 1 << 23  # the blending weights' sums are made this many voxels at a time
+SLAB_VOXELS = 1 << 21  # the blending weights' sums are made this many voxels at a time
 FLIPS = [(), (2,), (3,), (4,)]  # test-time augmentation: identity and a flip of each axis of (N, C, D, H, W)
 
 
@@ -155,15 +165,19 @@ class WindowPredictor:
         return self.buffers[name][:count].view(shape)
 
     @torch.no_grad()
-    def predict(self, box: torch.Tensor, origin: np.ndarray, windows, output) -> tuple[np.ndarray, int]:
-        """The blended probabilities of the `output` slices as uint8 (`round(255 p)`, on the host), and the number of
+    def predict(self, slabs: Iterable[torch.Tensor], origin: np.ndarray, windows, output, emit, align: int = 1) -> int:
+        """Blend the windows' probabilities over the `output` slices into uint8 (`round(255 p)`), handed to
+        `emit(planes, values)` (a slice of the volume's z, values on the host) as planes are finished, in order and in
+        runs that end on multiples of `align` planes of the volume or at the output's end. Returns the number of
         windows skipped.
 
-        `box` is the uint8 input (D, H, W) on the device, read at volume position `origin`. Only the output's voxels
-        are summed (each window's part inside it), in the order a sum over the whole box would take. The sums are
-        kept for the planes that windows still reach only, in a ring of planes: windows come in grid order, so the
-        planes before a batch's first window are final, and are divided, rounded into the output and their ring
-        planes reused (about patch + stride planes instead of the block's depth).
+        The input box, read at volume position `origin`, comes as `slabs`: uint8 tensors (planes, H, W) on the
+        device, in order (see input_slabs); each is taken when a window first needs it and dropped once no window to
+        come reaches it. Only the output's voxels are summed (each window's part inside it), in the order a sum over
+        the whole box would take. The sums are kept for the planes that windows still reach only, in a ring of `patch`
+        planes: windows come in grid order, so the planes before a window are final once the windows before it are
+        summed, and are divided and rounded, and their ring planes reused. A block thus holds about patch + stride
+        planes of its input and of its sums whatever its depth.
         """
         p = self.patch
         inside = [(o.start - int(b), o.stop - int(b)) for o, b in zip(output, origin)]
@@ -176,25 +190,30 @@ class WindowPredictor:
             stop = [min(a + p, i1) for a, (_, i1) in zip(starts, inside)]
             parts.append((tuple(slice(f - i0, e - i0) for f, e, (i0, _) in zip(first, stop, inside)),
                           tuple(slice(f - a, e - a) for f, e, a in zip(first, stop, starts))))
-        if self.skip_max >= 0:  # air: probability 0, the model is not run; one device sync for all windows
-            maxima = torch.stack([box[cell].amax() for cell in cells]).tolist()
-            run = [index for index, maximum in enumerate(maxima) if maximum > self.skip_max]
-        else:
-            run = list(range(len(cells)))
-        batches = [[None if index is None else run[index] for index in batch] for batch in self._batches([cells[index] for index in run], origin)]
-        reach = [(parts[min(i for i in batch if i is not None)][0][0].start, max(parts[i][0][0].stop for i in batch if i is not None))
-                 for batch in batches]
-        depth = min(shape[0], max([p] + [stop - start for start, stop in reach]))
-        numerator = self._buffer("numerator", (depth, *shape[1:])).zero_()
-        values = torch.empty(shape, dtype=torch.uint8, device=self.device)
-        final = 0  # the output's planes before this are in `values`
+        planes = _Planes(slabs)
+        run = 0
+
+        def windows_to_run():
+            """(index, cell) of the windows the model runs, in grid order; a row's air is judged once its planes are read."""
+            nonlocal run
+            for start, row in itertools.groupby(range(len(cells)), key=lambda index: cells[index][0].start):
+                row = list(row)
+                planes.need(start + p)
+                if self.skip_max >= 0:  # air: probability 0, the model is not run; one device sync per row
+                    maxima = torch.stack([planes.amax(cells[index]) for index in row]).tolist()
+                    row = [index for index, maximum in zip(row, maxima) if maximum > self.skip_max]
+                run += len(row)
+                yield from ((index, cells[index]) for index in row)
+
+        numerator = self._buffer("numerator", (min(shape[0], p), *shape[1:])).zero_()
+        finished = _Finished(output[0].start, align, emit)
+        final = 0  # the output's planes before this are finished
         batch = self._buffer("batch", (self.batch_size, 1, p, p, p))
-        for batch_windows, (start, _) in zip(batches, reach):
-            self._finish(numerator, values, final, start, parts)
-            final = start
-            filler = next(index for index in batch_windows if index is not None)
+        for batch_windows in self._batches(windows_to_run(), origin):
+            indices = [index for index in batch_windows if index is not None]
+            planes.drop(min(cells[index][0].start for index in indices))
             for slot, index in enumerate(batch_windows):
-                batch[slot, 0].copy_(box[cells[filler if index is None else index]])
+                planes.copy(cells[indices[0] if index is None else index], batch[slot, 0])
             model_input = self.normalization.normalize_(batch)
             if self.channels_last:  # a single channel: the same memory, only marked channels-last
                 model_input = model_input.contiguous(memory_format=torch.channels_last_3d)
@@ -207,10 +226,13 @@ class WindowPredictor:
                 reuse_freed_memory()
                 self.keep_freed_memory = False
             for slot in sorted((slot for slot, index in enumerate(batch_windows) if index is not None), key=batch_windows.__getitem__):
-                target, source = parts[batch_windows[slot]]
-                self._add(numerator, target, self.weights[source] * probabilities[slot][source])  # in grid order
-        self._finish(numerator, values, final, shape[0], parts)
-        return values.cpu().numpy(), len(cells) - len(run)
+                target, source = parts[batch_windows[slot]]  # in grid order: no later window reaches the planes before it
+                finished.add(self._finish(numerator, final, target[0].start, parts))
+                final = target[0].start
+                self._add(numerator, target, self.weights[source] * probabilities[slot][source])
+        finished.add(self._finish(numerator, final, shape[0], parts))
+        finished.flush()
+        return len(cells) - run
 
     @staticmethod
     def _ring(depth: int, start: int, stop: int) -> list[tuple[int, int, int]]:
@@ -229,18 +251,20 @@ class WindowPredictor:
             offset = plane - target[0].start
             numerator[(slice(ring, ring + count), *target[1:])] += addend[offset:offset + count]
 
-    def _finish(self, numerator: torch.Tensor, values: torch.Tensor, start: int, stop: int, parts) -> None:
-        """Divide the output planes start..stop by their windows' summed weights, round them into `values` (as
-        to_uint8) and clear their ring planes for the planes to come."""
+    def _finish(self, numerator: torch.Tensor, start: int, stop: int, parts) -> torch.Tensor:
+        """The output planes start..stop divided by their windows' summed weights and rounded (as to_uint8), their
+        ring planes cleared for the planes to come."""
         height, width = numerator.shape[1:]
+        values = torch.empty((stop - start, height, width), dtype=torch.uint8, device=numerator.device)
         slab = max(1, SLAB_VOXELS // (height * width))
         for plane, ring, count in self._ring(numerator.shape[0], start, stop):
             for offset in range(0, count, slab):
                 low, high = plane + offset, plane + min(offset + slab, count)
                 sums = numerator[ring + offset:ring + offset + high - low]
                 sums.div_(self._summed_weights(low, high, height, width, parts))
-                values[low:high].copy_(sums.clamp_(0, 1).mul_(255).round_())
+                values[low - start:high - start].copy_(sums.clamp_(0, 1).mul_(255).round_())
                 sums.zero_()
+        return values
 
     def _summed_weights(self, start: int, stop: int, height: int, width: int, parts) -> torch.Tensor:
         """The windows' weights summed (in window order) over the output planes start..stop."""
@@ -252,10 +276,10 @@ class WindowPredictor:
                 denominator[(slice(low - start, high - start), *target[1:])] += self.weights[(slice(low + shift, high + shift), *source[1:])]
         return denominator
 
-    def _batches(self, cells, origin: np.ndarray) -> list[list[int | None]]:
-        """Batches of the windows `cells` of a box read at `origin` (indices into `cells`, in their order): see
-        batch_slots."""
-        return batch_slots([tuple((piece.start + int(o)) // self.stride for piece, o in zip(cell, origin)) for cell in cells],
+    def _batches(self, cells, origin: np.ndarray) -> Iterator[list]:
+        """Batches of the windows `cells` ((index, box slices) pairs in grid order, of a box read at `origin`) as
+        indices: see batch_slots."""
+        return batch_slots(((index, tuple((piece.start + int(o)) // self.stride for piece, o in zip(cell, origin))) for index, cell in cells),
                            self.batch_size)
 
     def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
@@ -274,6 +298,78 @@ class WindowPredictor:
                 torch.sigmoid(logits, out=total)
             del logits
         return total.div_(len(self.flips)) if len(self.flips) > 1 else total
+
+
+class _Planes:
+    """The planes of an input box that windows still need, held as the slabs (planes, H, W) that an iterable yields in
+    order: taken as windows first need them, dropped once no window to come reaches them."""
+
+    def __init__(self, slabs: Iterable[torch.Tensor]):
+        self.slabs, self.held = iter(slabs), collections.deque()
+        self.start = self.stop = 0  # the held slabs cover the box's planes start..stop
+
+    def need(self, stop: int) -> None:
+        while self.stop < stop:
+            slab = next(self.slabs)
+            self.held.append(slab)
+            self.stop += len(slab)
+
+    def drop(self, before: int) -> None:
+        while self.held and self.start + len(self.held[0]) <= before:
+            self.start += len(self.held.popleft())
+
+    def pieces(self, cell) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The box's `cell` (slices) as (its planes within the cell, their values) from each slab it spans."""
+        first, last, position = cell[0].start, cell[0].stop, self.start
+        for slab in self.held:
+            low, high = max(first, position), min(last, position + len(slab))
+            if low < high:
+                yield slice(low - first, high - first), slab[(slice(low - position, high - position), *cell[1:])]
+            position += len(slab)
+
+    def copy(self, cell, out: torch.Tensor) -> None:
+        for planes, values in self.pieces(cell):
+            out[planes].copy_(values)
+
+    def amax(self, cell) -> torch.Tensor:
+        return torch.stack([values.amax() for _, values in self.pieces(cell)]).amax()
+
+
+class _Finished:
+    """Finished output planes, handed on in runs that end on multiples of `align` planes of the volume (whole chunks
+    of the output) or when flushed."""
+
+    def __init__(self, first: int, align: int, emit):
+        self.first, self.align, self.emit = first, align, emit  # first: the volume's plane of the output's first plane
+        self.pending, self.start, self.stop = [], first, first  # pending planes cover the volume's start..stop
+
+    def add(self, values: torch.Tensor) -> None:
+        if not len(values):
+            return
+        self.pending.append(values)
+        self.stop += len(values)
+        boundary = self.stop - self.stop % self.align
+        if boundary > self.start:
+            self._hand_on(boundary)
+
+    def flush(self) -> None:
+        if self.stop > self.start:
+            self._hand_on(self.stop)
+
+    def _hand_on(self, boundary: int) -> None:
+        """Emit the pending planes before the volume's plane `boundary`, keeping those after it."""
+        count = boundary - self.start
+        values = torch.empty((count, *self.pending[0].shape[1:]), dtype=torch.uint8, device=self.pending[0].device)
+        position, rest = 0, []
+        for piece in self.pending:
+            taken = min(len(piece), count - position)
+            values[position:position + taken] = piece[:taken]
+            position += taken
+            if taken < len(piece):
+                rest.append(piece[taken:])
+        self.pending = rest
+        self.emit(slice(self.start, boundary), values.cpu().numpy())
+        self.start = boundary
 
 
 def to_uint8(probabilities: np.ndarray) -> np.ndarray:

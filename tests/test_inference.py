@@ -16,7 +16,7 @@ from tqdm import tqdm
 import inference
 from conftest import ROOT, run_on_a_full_disk
 from ink3d import InputError, volume
-from ink3d.files import WriteError, partial_path
+from ink3d.files import WriteError, checksum, partial_path
 from ink3d.volume import write_ome_zarr
 from ink3d import sliding_window
 from ink3d.sliding_window import importance_map, plan_blocks, window_starts
@@ -211,18 +211,23 @@ def test_a_damaged_finished_block_is_found_and_redone(scan, model_path, tmp_path
 def test_a_failed_write_stops_cleanly_and_resume_completes_the_run(scan, model_path, tmp_path, monkeypatch):
     scan_path, _ = scan
     reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
-    original, writes = inference.checksum, []
+    original, writes = inference.hdf5_writer, []
 
-    def disk_full(values):  # the writer checksums each block right after writing and flushing it
-        writes.append(1)
-        if len(writes) == 6:
-            raise OSError(28, "No space left on device")
-        return original(values)
+    def disk_full(file):  # the sixth slab written finds the disk full
+        writer = original(file)
 
-    monkeypatch.setattr(inference, "checksum", disk_full)
+        def slab(block, planes, values):
+            writes.append(1)
+            with inference.writing(file.filename):
+                if len(writes) == 6:
+                    raise OSError(28, "No space left on device")
+            writer.slab(block, planes, values)
+        return inference.BlockWriter(slab, writer.finish, writer.align)
+
+    monkeypatch.setattr(inference, "hdf5_writer", disk_full)
     with pytest.raises(WriteError, match=r"pred\.h5\.partial: writing failed .*No space left on device.*--resume true"):
         _infer(scan_path, model_path, tmp_path / "pred.h5")
-    monkeypatch.setattr(inference, "checksum", original)
+    monkeypatch.setattr(inference, "hdf5_writer", original)
     with h5py.File(tmp_path / "pred.h5.partial") as file:  # what was finished before is readable and recorded
         finished = file[volume.FINISHED_BLOCKS][:]
         assert finished.sum() == 5 and np.array_equal(file[volume.PREDICTIONS][0:16, 0:16, 0:16], reference[0:16, 0:16, 0:16])
@@ -300,7 +305,7 @@ def test_a_damaged_scan_chunk_is_named_as_a_read_error(model_path, tmp_path):
     with open(scan_path, "r+b") as raw:
         raw.seek(info.byte_offset)
         raw.write(bytes(info.size))
-    with pytest.raises(InputError, match=r"reading .*scan.h5\[scan_volume\] at \[0, 0, 0\]\.\.\[24, 24, 24\] failed .*damaged"):
+    with pytest.raises(InputError, match=r"reading .*scan.h5\[scan_volume\] at \[16, 0, 0\]\.\.\[24, 24, 24\] failed .*damaged"):
         _infer(scan_path, model_path, tmp_path / "pred.h5")
 
 
@@ -347,33 +352,56 @@ def test_a_run_reports_where_its_time_went(scan, model_path, tmp_path, capsys):
     assert 0 < busy <= 100 and read_wait + write_wait <= total * (1 - busy / 100) + 0.1
 
 
-def test_one_input_box_is_read_ahead_and_every_block_written(monkeypatch):
-    """The reader reads a block's input only as the model takes the block before it, so that at most two input
-    boxes of a macro-block are held at once; every block's values reach the writer, in order."""
+def test_one_slab_is_read_ahead_and_every_block_written_slab_by_slab(monkeypatch):
+    """The reader reads each block's input in the slabs its rows of windows need (input_slabs), each only as the model
+    takes the one before it: at most one slab is held beyond those the model took. Every slab the model hands on
+    reaches the writer, in order, and each block is then recorded finished with the CRC-32 of its slabs' bytes."""
     blocks = plan_blocks((slice(0, 40),) * 3, (slice(0, 40),) * 3, PATCH, PATCH // 2, 16)
-    reads, written, boxes_held = [], [], []
+    reads, written, read_ahead = [], [], []
     read_crop = volume.read_crop
 
     def counted(dataset, origin, shape, fill=0):
-        reads.append(tuple(origin))
+        reads.append((tuple(origin), tuple(shape)))
         time.sleep(0.002)  # a reader left unchecked would run ahead meanwhile
         return read_crop(dataset, origin, shape, fill)
 
     class Predictor:
-        def predict(self, box, origin, windows, output):
-            deadline = time.monotonic() + 5
-            while len(reads) < min(len(boxes_held) + 2, len(blocks)) and time.monotonic() < deadline:
-                time.sleep(0.001)  # the next block's read has begun, however busy the machine
-            time.sleep(0.01)
-            boxes_held.append(len(reads) - len(boxes_held))  # this block's box and those read after it
-            return np.full([s.stop - s.start for s in output], len(boxes_held), np.uint8), 0
+        patch = PATCH
 
+        def predict(self, slabs, origin, windows, output, emit, align):
+            for slab in slabs:
+                taken = len(read_ahead) + 1
+                deadline = time.monotonic() + 5
+                while len(reads) < min(taken + 1, len(expected)) and time.monotonic() < deadline:
+                    time.sleep(0.001)  # the next slab's read has begun, however busy the machine
+                time.sleep(0.005)
+                read_ahead.append(len(reads) - taken)
+                assert slab.dtype == torch.uint8 and slab.shape[1:] == tuple(int(n) for n in block_of[tuple(origin)].input_shape[1:])
+            values = values_of(output)
+            middle = (output[0].start + output[0].stop) // 2
+            emit(slice(output[0].start, middle), values[:middle - output[0].start])
+            emit(slice(middle, output[0].stop), values[middle - output[0].start:])
+            return 1
+
+    def values_of(output):
+        return np.random.default_rng(output[0].start * 100 + output[2].start).integers(0, 256, [s.stop - s.start for s in output], np.uint8)
+
+    block_of = {tuple(block.input_origin): block for block in blocks}
+    expected = [(tuple(block.input_origin + np.array([start, 0, 0])), (stop - start, *block.input_shape[1:]))
+                for block in blocks for start, stop in sliding_window.input_slabs(block, PATCH)]
     monkeypatch.setattr(inference.volume, "read_crop", counted)
-    scan = np.zeros((40, 40, 40), np.uint8)
-    skipped = inference.predict_blocks(scan, lambda block, values: written.append((block.index, int(values.flat[0]))), blocks,
-                                       Predictor(), torch.device("cpu"), tqdm(disable=True), inference.Timing())
-    assert skipped == 0 and len(blocks) == 27 and reads == [tuple(block.input_origin) for block in blocks]
-    assert max(boxes_held) == 2 and written == [(block.index, n + 1) for n, block in enumerate(blocks)]
+    writer = inference.BlockWriter(lambda block, planes, values: written.append((block.index, planes, values.copy())),
+                                   lambda block, crc: written.append((block.index, "finished", crc)), align=1)
+    skipped = inference.predict_blocks(np.zeros((40, 40, 40), np.uint8), writer, blocks, Predictor(), torch.device("cpu"),
+                                       tqdm(disable=True), inference.Timing())
+    assert skipped == len(blocks) == 27 and reads == expected and len(expected) > len(blocks)
+    assert max(read_ahead) == 1
+    for n, block in enumerate(blocks):
+        first, second, record = written[3 * n:3 * n + 3]
+        assert first[0] == second[0] == record[0] == block.index and record[1] == "finished"
+        assert first[1].start == block.output[0].start and first[1].stop == second[1].start and second[1].stop == block.output[0].stop
+        values = np.concatenate([first[2], second[2]])
+        assert np.array_equal(values, values_of(block.output)) and record[2] == checksum(values)
 
 
 def test_cpu_inference_keeps_freed_memory_from_its_second_batch_on(scan, model_path, tmp_path, monkeypatch):
@@ -389,13 +417,20 @@ def test_cpu_inference_keeps_freed_memory_from_its_second_batch_on(scan, model_p
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4])
-def test_sums_kept_in_a_ring_of_planes_equal_a_plain_sum_over_the_whole_block(batch_size):
-    """A block deeper than a window and a stride keeps its sums in a ring of planes (finished planes are divided and
-    rounded as the windows move on): the values equal a plain loop that sums every window over the whole block."""
+def test_a_block_streamed_in_slabs_of_planes_equals_a_plain_sum_over_the_whole_block(batch_size, monkeypatch):
+    """A block deeper than a window and a stride takes its input in slabs of planes, keeps its sums in a ring of planes
+    and hands on its finished planes in runs that end on whole chunks: the values equal a plain loop that sums every
+    window over the whole block, and it holds no more than a window and a stride of planes of input."""
     box = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (48, 20, 20)).astype(np.uint8))
     predictor = inference.WindowPredictor(torch.nn.Identity(), PATCH, "gaussian", batch_size, "cpu", stride=PATCH // 2)
     windows = list(itertools.product(*(window_starts(0, size, PATCH, PATCH // 2) for size in box.shape)))
-    values, skipped = predictor.predict(box, np.zeros(3, np.int64), windows, tuple(slice(0, size) for size in box.shape))
+    output = tuple(slice(0, size) for size in box.shape)
+    slabs = sliding_window.input_slabs(sliding_window.Block(0, output, np.zeros(3, np.int64), box.shape, windows), PATCH)
+    held, need = [], sliding_window._Planes.need
+    monkeypatch.setattr(sliding_window._Planes, "need", lambda self, stop: need(self, stop) or held.append(self.stop - self.start))
+    emitted = []
+    skipped = predictor.predict((box[start:stop] for start, stop in slabs), np.zeros(3, np.int64), windows, output,
+                                lambda planes, values: emitted.append((planes, values)), align=12)
     weights = torch.from_numpy(importance_map(PATCH, "gaussian"))
     numerator, denominator = torch.zeros(box.shape), torch.zeros(box.shape)
     for window in windows:
@@ -405,8 +440,11 @@ def test_sums_kept_in_a_ring_of_planes_equal_a_plain_sum_over_the_whole_block(ba
     for window in windows:
         denominator[tuple(slice(start, start + PATCH) for start in window)] += weights
     expected = (numerator / denominator).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-    assert skipped == 0 and np.array_equal(values, expected)
-    assert predictor.buffers["numerator"].numel() <= (PATCH + PATCH // 2) * 20 * 20  # a ring of 24 planes, not the 48
+    assert skipped == 0 and np.array_equal(np.concatenate([values for _, values in emitted]), expected)
+    # planes are finished at each row of windows (0, 8, ..., 32) and at the end; runs end on multiples of 12 or at the end
+    assert [(planes.start, planes.stop) for planes, _ in emitted] == [(0, 12), (12, 24), (24, 48)]
+    assert slabs == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40), (40, 48)] and max(held) <= PATCH + PATCH // 2
+    assert predictor.buffers["numerator"].numel() == PATCH * 20 * 20  # a ring of 16 planes, not the 48
 
 
 @pytest.mark.parametrize("shape, batch_size", [((3, 4, 9), 4), ((2, 5, 5), 3), ((1, 1, 7), 2)])
@@ -416,7 +454,7 @@ def test_windows_take_their_grid_slot_once_each_in_grid_order(shape, batch_size)
     grid = list(itertools.product(*(range(n) for n in shape)))
     keep = [i for i in range(len(grid)) if i % 5 != 3]  # windows skipped as air leave gaps
     cells = [tuple(slice(2 * g, 2 * g + 4) for g in grid[i]) for i in keep]
-    batches = predictor._batches(cells, origin)
+    batches = list(predictor._batches(enumerate(cells), origin))
     run = [sorted(index for index in batch if index is not None) for batch in batches]
     assert sum(run, []) == list(range(len(cells)))  # every window once, batch after batch in grid order
     for batch in batches:
@@ -433,7 +471,7 @@ def test_batch_fill_is_the_share_of_slots_an_inner_block_fills(patch, stride, bl
     inner = next(b for b in inference.plan_blocks(region, region, patch, stride, block) if all(s.start == block for s in b.output))
     predictor = inference.WindowPredictor(torch.nn.Identity(), patch, "constant", batch_size, "cpu", stride=stride)
     cells = [tuple(slice(int(w - o), int(w - o) + patch) for w, o in zip(window, inner.input_origin)) for window in inner.windows]
-    batches = predictor._batches(cells, inner.input_origin)
+    batches = list(predictor._batches(enumerate(cells), inner.input_origin))
     assert inference.batch_fill(patch, stride, block, batch_size) == pytest.approx(len(cells) / (len(batches) * batch_size),
                                                                                    abs=tolerance, rel=0)
 
@@ -475,9 +513,9 @@ def test_air_is_not_run_through_the_model(model_path, tmp_path, monkeypatch):
     original = inference.WindowPredictor._batches
 
     def recorded(self, cells, origin):
-        result = original(self, cells, origin)
-        batches.extend(result)
-        return result
+        for batch in original(self, cells, origin):
+            batches.append(batch)
+            yield batch
 
     monkeypatch.setattr(inference.WindowPredictor, "_batches", recorded)
     pred, _ = _infer(scan_path, model_path, tmp_path / "pred.h5", "--air_level", "0", "--macro_block", "64")
