@@ -198,11 +198,11 @@ def _writer(writer: BlockWriter, in_queue: queue.Queue, errors: list):
     each block finished with the CRC-32 of its bytes, its slabs taken in order (C order: z is the outer axis)."""
     crc = 0
     while (item := in_queue.get()) is not None:
-        if errors:
-            continue
         block, planes, values = item
         try:
-            if values is None:
+            if errors:
+                pass
+            elif values is None:
                 writer.finish(block, crc)
                 crc = 0
             else:
@@ -210,6 +210,8 @@ def _writer(writer: BlockWriter, in_queue: queue.Queue, errors: list):
                 crc = checksum(values, crc)
         except BaseException as error:
             errors.append(error)
+        finally:
+            in_queue.task_done()
 
 
 class _FromThread(Exception):
@@ -252,9 +254,9 @@ def predict_blocks(scan, writer: BlockWriter, blocks, predictor: WindowPredictor
     """Predict `blocks`, reading their input ahead and handing their output to `writer` on a writer thread, both in
     slabs of planes; returns windows skipped. `timing` gathers how long the model waited for I/O."""
     # a block's input and output go in slabs of planes (input_slabs; the output's chunks): its rows of windows outlast
-    # reading and writing one, so one slab read ahead and one waiting to be written hide them, and what a block holds
-    # does not grow with its depth
-    read_queue, write_queue, ahead = queue.Queue(), queue.Queue(maxsize=1), threading.Semaphore(1)
+    # reading and writing one, so one slab read ahead and one being written hide them, and what a block holds does not
+    # grow with its depth
+    read_queue, write_queue, ahead = queue.Queue(), queue.Queue(), threading.Semaphore(1)
     stop, write_errors = threading.Event(), []
     reader = threading.Thread(target=_reader, args=(scan, blocks, predictor.patch, device.type == "cuda", read_queue, stop, ahead),
                               daemon=True)
@@ -278,6 +280,7 @@ def predict_blocks(scan, writer: BlockWriter, blocks, predictor: WindowPredictor
         if write_errors:
             raise _FromThread(write_errors[0])
         waiting = time.perf_counter()
+        write_queue.join()  # the slab before is written: one slab at a time is held for writing
         write_queue.put((block, planes, values))
         timing.write_wait += time.perf_counter() - waiting
         if values is not None:

@@ -355,9 +355,10 @@ def test_a_run_reports_where_its_time_went(scan, model_path, tmp_path, capsys):
 def test_one_slab_is_read_ahead_and_every_block_written_slab_by_slab(monkeypatch):
     """The reader reads each block's input in the slabs its rows of windows need (input_slabs), each only as the model
     takes the one before it: at most one slab is held beyond those the model took. Every slab the model hands on
-    reaches the writer, in order, and each block is then recorded finished with the CRC-32 of its slabs' bytes."""
+    reaches the writer, in order, once the one before it is written, and each block is then recorded finished with the
+    CRC-32 of its slabs' bytes."""
     blocks = plan_blocks((slice(0, 40),) * 3, (slice(0, 40),) * 3, PATCH, PATCH // 2, 16)
-    reads, written, read_ahead = [], [], []
+    reads, written, read_ahead, handed, unwritten = [], [], [], [], []
     read_crop = volume.read_crop
 
     def counted(dataset, origin, shape, fill=0):
@@ -379,9 +380,15 @@ def test_one_slab_is_read_ahead_and_every_block_written_slab_by_slab(monkeypatch
                 assert slab.dtype == torch.uint8 and slab.shape[1:] == tuple(int(n) for n in block_of[tuple(origin)].input_shape[1:])
             values = values_of(output)
             middle = (output[0].start + output[0].stop) // 2
-            emit(slice(output[0].start, middle), values[:middle - output[0].start])
-            emit(slice(middle, output[0].stop), values[middle - output[0].start:])
+            for planes in (slice(output[0].start, middle), slice(middle, output[0].stop)):
+                emit(planes, values[planes.start - output[0].start:planes.stop - output[0].start])
+                handed.append(1)
+                unwritten.append(len(handed) - sum(1 for item in written if item[1] != "finished"))
             return 1
+
+    def write_slowly(block, planes, values):
+        time.sleep(0.003)  # an unchecked model would hand on slab after slab meanwhile
+        written.append((block.index, planes, values.copy()))
 
     def values_of(output):
         return np.random.default_rng(output[0].start * 100 + output[2].start).integers(0, 256, [s.stop - s.start for s in output], np.uint8)
@@ -390,12 +397,11 @@ def test_one_slab_is_read_ahead_and_every_block_written_slab_by_slab(monkeypatch
     expected = [(tuple(block.input_origin + np.array([start, 0, 0])), (stop - start, *block.input_shape[1:]))
                 for block in blocks for start, stop in sliding_window.input_slabs(block, PATCH)]
     monkeypatch.setattr(inference.volume, "read_crop", counted)
-    writer = inference.BlockWriter(lambda block, planes, values: written.append((block.index, planes, values.copy())),
-                                   lambda block, crc: written.append((block.index, "finished", crc)), align=1)
+    writer = inference.BlockWriter(write_slowly, lambda block, crc: written.append((block.index, "finished", crc)), align=1)
     skipped = inference.predict_blocks(np.zeros((40, 40, 40), np.uint8), writer, blocks, Predictor(), torch.device("cpu"),
                                        tqdm(disable=True), inference.Timing())
     assert skipped == len(blocks) == 27 and reads == expected and len(expected) > len(blocks)
-    assert max(read_ahead) == 1
+    assert max(read_ahead) == 1 and max(unwritten) == 1  # the slab just handed on: the one before it is written
     for n, block in enumerate(blocks):
         first, second, record = written[3 * n:3 * n + 3]
         assert first[0] == second[0] == record[0] == block.index and record[1] == "finished"
