@@ -191,19 +191,20 @@ class WindowPredictor:
             parts.append((tuple(slice(f - i0, e - i0) for f, e, (i0, _) in zip(first, stop, inside)),
                           tuple(slice(f - a, e - a) for f, e, a in zip(first, stop, starts))))
         planes = _Planes(slabs)
-        run = 0
+        handed, ran = [], 0  # the box planes where the windows handed to batches start, in order; how many of them ran
 
         def windows_to_run():
             """(index, cell) of the windows the model runs, in grid order; a row's air is judged once its planes are read."""
-            nonlocal run
             for start, row in itertools.groupby(range(len(cells)), key=lambda index: cells[index][0].start):
-                row = list(row)
+                planes.drop(handed[ran] if ran < len(handed) else start)  # what no window waiting or to come reaches
                 planes.need(start + p)
+                row = list(row)
                 if self.skip_max >= 0:  # air: probability 0, the model is not run; one device sync per row
                     maxima = torch.stack([planes.amax(cells[index]) for index in row]).tolist()
                     row = [index for index, maximum in zip(row, maxima) if maximum > self.skip_max]
-                run += len(row)
-                yield from ((index, cells[index]) for index in row)
+                for index in row:
+                    handed.append(start)
+                    yield index, cells[index]
 
         numerator = self._buffer("numerator", (min(shape[0], p), *shape[1:])).zero_()
         finished = _Finished(output[0].start, align, emit)
@@ -211,7 +212,6 @@ class WindowPredictor:
         batch = self._buffer("batch", (self.batch_size, 1, p, p, p))
         for batch_windows in self._batches(windows_to_run(), origin):
             indices = [index for index in batch_windows if index is not None]
-            planes.drop(min(cells[index][0].start for index in indices))
             for slot, index in enumerate(batch_windows):
                 planes.copy(cells[indices[0] if index is None else index], batch[slot, 0])
             model_input = self.normalization.normalize_(batch)
@@ -230,9 +230,10 @@ class WindowPredictor:
                 finished.add(self._finish(numerator, final, target[0].start, parts))
                 final = target[0].start
                 self._add(numerator, target, self.weights[source] * probabilities[slot][source])
+            ran += len(indices)
         finished.add(self._finish(numerator, final, shape[0], parts))
         finished.flush()
-        return len(cells) - run
+        return len(cells) - len(handed)
 
     @staticmethod
     def _ring(depth: int, start: int, stop: int) -> list[tuple[int, int, int]]:

@@ -453,6 +453,25 @@ def test_a_block_streamed_in_slabs_of_planes_equals_a_plain_sum_over_the_whole_b
     assert predictor.buffers["numerator"].numel() == PATCH * 20 * 20  # a ring of 16 planes, not the 48
 
 
+def test_rows_of_air_let_their_planes_go(monkeypatch):
+    """Windows skipped as air never reach the model, and their planes are let go as the next rows are read: a block
+    that is air down to its last rows holds no more of its input than one that is not."""
+    box = torch.zeros((48, 20, 20), dtype=torch.uint8)
+    box[40:] = 7
+    predictor = inference.WindowPredictor(torch.nn.Identity(), PATCH, "gaussian", 3, "cpu", skip_max=0, stride=PATCH // 2)
+    windows = list(itertools.product(*(window_starts(0, size, PATCH, PATCH // 2) for size in box.shape)))
+    output = tuple(slice(0, size) for size in box.shape)
+    slabs = sliding_window.input_slabs(sliding_window.Block(0, output, np.zeros(3, np.int64), box.shape, windows), PATCH)
+    held, need = [], sliding_window._Planes.need
+    monkeypatch.setattr(sliding_window._Planes, "need", lambda self, stop: need(self, stop) or held.append(self.stop - self.start))
+    emitted = []
+    skipped = predictor.predict((box[start:stop] for start, stop in slabs), np.zeros(3, np.int64), windows, output,
+                                lambda planes, values: emitted.append(values), align=1)
+    values = np.concatenate(emitted)
+    assert skipped == 16 and len(windows) == 20  # rows starting at 0, 8, 16 and 24 end before plane 40
+    assert not values[:32].any() and values[40:].all() and max(held) <= PATCH + PATCH // 2  # 32..39: partly air
+
+
 @pytest.mark.parametrize("shape, batch_size", [((3, 4, 9), 4), ((2, 5, 5), 3), ((1, 1, 7), 2)])
 def test_windows_take_their_grid_slot_once_each_in_grid_order(shape, batch_size):
     predictor = inference.WindowPredictor(torch.nn.Identity(), 4, "constant", batch_size, "cpu", stride=2)
