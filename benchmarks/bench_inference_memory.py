@@ -1,7 +1,8 @@
 """inference.py's memory on the CPU against the model's own: peak RSS, page faults, time in the kernel.
 
     python benchmarks/bench_inference_memory.py                       # f_maps 8, 3 levels, patch 128, batch 4, 256^3
-    python benchmarks/bench_inference_memory.py --size 384 --macro_block 256
+    python benchmarks/bench_inference_memory.py --size 512            # one default macro-block of 512
+    python benchmarks/bench_inference_memory.py --size 640            # eight blocks, the first with halos on three faces
 
 Each measurement runs in a process of its own (its peak RSS is its own, VmHWM); imports, the model and the batch
 are set up before the measured part, so its times are the work's own:
