@@ -422,13 +422,9 @@ def test_cpu_inference_keeps_freed_memory_from_its_second_batch_on(scan, model_p
     assert events[:3] == ["forward", "keep", "forward"] and events.count("keep") == 1 and events.count("forward") > 3
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 4])
-def test_a_block_streamed_in_slabs_of_planes_equals_a_plain_sum_over_the_whole_block(batch_size, monkeypatch):
-    """A block deeper than a window and a stride takes its input in slabs of planes, keeps its sums in a ring of planes
-    and hands on its finished planes in runs that end on whole chunks: the values equal a plain loop that sums every
-    window over the whole block, and it holds no more than a window and a stride of planes of input."""
-    box = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (48, 20, 20)).astype(np.uint8))
-    predictor = inference.WindowPredictor(torch.nn.Identity(), PATCH, "gaussian", batch_size, "cpu", stride=PATCH // 2)
+def _stream_one_block(box, predictor, align, monkeypatch):
+    """Run `predictor` over the whole of `box` as one block streamed in its input slabs: (windows, slabs, windows
+    skipped, the emitted (planes, values), the input planes held after each read)."""
     windows = list(itertools.product(*(window_starts(0, size, PATCH, PATCH // 2) for size in box.shape)))
     output = tuple(slice(0, size) for size in box.shape)
     slabs = sliding_window.input_slabs(sliding_window.Block(0, output, np.zeros(3, np.int64), box.shape, windows), PATCH)
@@ -436,7 +432,18 @@ def test_a_block_streamed_in_slabs_of_planes_equals_a_plain_sum_over_the_whole_b
     monkeypatch.setattr(sliding_window._Planes, "need", lambda self, stop: need(self, stop) or held.append(self.stop - self.start))
     emitted = []
     skipped = predictor.predict((box[start:stop] for start, stop in slabs), np.zeros(3, np.int64), windows, output,
-                                lambda planes, values: emitted.append((planes, values)), align=12)
+                                lambda planes, values: emitted.append((planes, values)), align)
+    return windows, slabs, skipped, emitted, held
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_a_block_streamed_in_slabs_of_planes_equals_a_plain_sum_over_the_whole_block(batch_size, monkeypatch):
+    """A block deeper than a window and a stride takes its input in slabs of planes, keeps its sums in a ring of planes
+    and hands on its finished planes in runs that end on whole chunks: the values equal a plain loop that sums every
+    window over the whole block, and it holds no more than a window and a stride of planes of input."""
+    box = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (48, 20, 20)).astype(np.uint8))
+    predictor = inference.WindowPredictor(torch.nn.Identity(), PATCH, "gaussian", batch_size, "cpu", stride=PATCH // 2)
+    windows, slabs, skipped, emitted, held = _stream_one_block(box, predictor, 12, monkeypatch)
     weights = torch.from_numpy(importance_map(PATCH, "gaussian"))
     numerator, denominator = torch.zeros(box.shape), torch.zeros(box.shape)
     for window in windows:
@@ -459,15 +466,8 @@ def test_rows_of_air_let_their_planes_go(monkeypatch):
     box = torch.zeros((48, 20, 20), dtype=torch.uint8)
     box[40:] = 7
     predictor = inference.WindowPredictor(torch.nn.Identity(), PATCH, "gaussian", 3, "cpu", skip_max=0, stride=PATCH // 2)
-    windows = list(itertools.product(*(window_starts(0, size, PATCH, PATCH // 2) for size in box.shape)))
-    output = tuple(slice(0, size) for size in box.shape)
-    slabs = sliding_window.input_slabs(sliding_window.Block(0, output, np.zeros(3, np.int64), box.shape, windows), PATCH)
-    held, need = [], sliding_window._Planes.need
-    monkeypatch.setattr(sliding_window._Planes, "need", lambda self, stop: need(self, stop) or held.append(self.stop - self.start))
-    emitted = []
-    skipped = predictor.predict((box[start:stop] for start, stop in slabs), np.zeros(3, np.int64), windows, output,
-                                lambda planes, values: emitted.append(values), align=1)
-    values = np.concatenate(emitted)
+    windows, _, skipped, emitted, held = _stream_one_block(box, predictor, 1, monkeypatch)
+    values = np.concatenate([values for _, values in emitted])
     assert skipped == 16 and len(windows) == 20  # rows starting at 0, 8, 16 and 24 end before plane 40
     assert not values[:32].any() and values[40:].all() and max(held) <= PATCH + PATCH // 2  # 32..39: partly air
 
