@@ -11,6 +11,7 @@ same order) that one in-memory pass over the whole region would give them: no se
 import collections
 import itertools
 import math
+import mmap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -256,7 +257,7 @@ class WindowPredictor:
         """The output planes start..stop divided by their windows' summed weights and rounded (as to_uint8), their
         ring planes cleared for the planes to come."""
         height, width = numerator.shape[1:]
-        values = torch.empty((stop - start, height, width), dtype=torch.uint8, device=numerator.device)
+        values = _planes((stop - start, height, width), numerator.device)
         slab = max(1, SLAB_VOXELS // (height * width))
         for plane, ring, count in self._ring(numerator.shape[0], start, stop):
             for offset in range(0, count, slab):
@@ -299,6 +300,16 @@ class WindowPredictor:
                 torch.sigmoid(logits, out=total)
             del logits
         return total.div_(len(self.flips)) if len(self.flips) > 1 else total
+
+
+def _planes(shape, device: torch.device) -> torch.Tensor:
+    """uint8 planes of the output. On the CPU they get memory of their own (an anonymous map, handed back when they are
+    freed), not the heap: they come and go beside the model's activations, and in the heap they would leave holes
+    that make it grow by more than they hold."""
+    count = math.prod(shape)
+    if device.type != "cpu" or not count:
+        return torch.empty(shape, dtype=torch.uint8, device=device)
+    return torch.frombuffer(mmap.mmap(-1, count), dtype=torch.uint8).view(shape)
 
 
 class _Planes:
@@ -360,7 +371,7 @@ class _Finished:
     def _hand_on(self, boundary: int) -> None:
         """Emit the pending planes before the volume's plane `boundary`, keeping those after it."""
         count = boundary - self.start
-        values = torch.empty((count, *self.pending[0].shape[1:]), dtype=torch.uint8, device=self.pending[0].device)
+        values = _planes((count, *self.pending[0].shape[1:]), self.pending[0].device)
         position, rest = 0, []
         for piece in self.pending:
             taken = min(len(piece), count - position)

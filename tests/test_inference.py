@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -470,6 +471,19 @@ def test_rows_of_air_let_their_planes_go(monkeypatch):
     values = np.concatenate([values for _, values in emitted])
     assert skipped == 16 and len(windows) == 20  # rows starting at 0, 8, 16 and 24 end before plane 40
     assert not values[:32].any() and values[40:].all() and max(held) <= PATCH + PATCH // 2  # 32..39: partly air
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the process's memory map")
+def test_finished_output_planes_are_kept_out_of_the_heap():
+    """On the CPU, finished planes of uint8 output live in memory of their own, not between the model's activations."""
+    heap = next(line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith("[heap]"))
+    low, high = (int(address, 16) for address in heap.split()[0].split("-"))
+    planes = sliding_window._planes((3, 64, 64), torch.device("cpu"))
+    planes[:] = 7
+    assert planes.dtype == torch.uint8 and planes.shape == (3, 64, 64) and int(planes.sum()) == 7 * 3 * 64 * 64
+    assert not low <= planes.data_ptr() < high
+    assert low <= torch.empty((3, 64, 64), dtype=torch.uint8).data_ptr() < high  # where torch would have put them
+    assert sliding_window._planes((0, 64, 64), torch.device("cpu")).shape == (0, 64, 64)
 
 
 @pytest.mark.parametrize("shape, batch_size", [((3, 4, 9), 4), ((2, 5, 5), 3), ((1, 1, 7), 2)])
