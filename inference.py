@@ -200,9 +200,9 @@ def _writer(writer: BlockWriter, in_queue: queue.Queue, errors: list):
     while (item := in_queue.get()) is not None:
         block, planes, values = item
         try:
-            if errors:
-                pass
-            elif values is None:
+            if errors:  # after a failure the queue is only drained
+                continue
+            if values is None:
                 writer.finish(block, crc)
                 crc = 0
             else:

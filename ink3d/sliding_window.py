@@ -257,7 +257,7 @@ class WindowPredictor:
         """The output planes start..stop divided by their windows' summed weights and rounded (as to_uint8), their
         ring planes cleared for the planes to come."""
         height, width = numerator.shape[1:]
-        values = _planes((stop - start, height, width), numerator.device)
+        values = _output_planes((stop - start, height, width), numerator.device)
         slab = max(1, SLAB_VOXELS // (height * width))
         for plane, ring, count in self._ring(numerator.shape[0], start, stop):
             for offset in range(0, count, slab):
@@ -302,7 +302,7 @@ class WindowPredictor:
         return total.div_(len(self.flips)) if len(self.flips) > 1 else total
 
 
-def _planes(shape, device: torch.device) -> torch.Tensor:
+def _output_planes(shape, device: torch.device) -> torch.Tensor:
     """uint8 planes of the output. On the CPU they get memory of their own (an anonymous map, handed back when they are
     freed), not the heap: they come and go beside the model's activations, and in the heap they would leave holes
     that make it grow by more than they hold."""
@@ -352,8 +352,8 @@ class _Finished:
     of the output) or when flushed."""
 
     def __init__(self, first: int, align: int, emit):
-        self.first, self.align, self.emit = first, align, emit  # first: the volume's plane of the output's first plane
-        self.pending, self.start, self.stop = [], first, first  # pending planes cover the volume's start..stop
+        self.align, self.emit = align, emit
+        self.pending, self.start, self.stop = [], first, first  # pending planes cover the volume's start..stop (from the output's first)
 
     def add(self, values: torch.Tensor) -> None:
         if not len(values):
@@ -371,7 +371,7 @@ class _Finished:
     def _hand_on(self, boundary: int) -> None:
         """Emit the pending planes before the volume's plane `boundary`, keeping those after it."""
         count = boundary - self.start
-        values = _planes((count, *self.pending[0].shape[1:]), self.pending[0].device)
+        values = _output_planes((count, *self.pending[0].shape[1:]), self.pending[0].device)
         position, rest = 0, []
         for piece in self.pending:
             taken = min(len(piece), count - position)

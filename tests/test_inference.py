@@ -486,7 +486,7 @@ def test_finished_output_planes_are_handed_back_when_freed():
         from ink3d.memory import reuse_freed_memory
         reuse_freed_memory()
         shape = (64, 1024, 1024)
-        values = sliding_window._planes(shape, torch.device("cpu")) if sys.argv[1] == "planes" else torch.empty(shape, dtype=torch.uint8)
+        values = sliding_window._output_planes(shape, torch.device("cpu")) if sys.argv[1] == "planes" else torch.empty(shape, dtype=torch.uint8)
         values.fill_(7)
         assert values.dtype == torch.uint8 and values.shape == shape and int(values[-1, -1, -1]) == 7
         rss = lambda: int(re.search(r"VmRSS:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) >> 10
@@ -497,7 +497,7 @@ def test_finished_output_planes_are_handed_back_when_freed():
     freed = {how: int(subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True, check=True,
                                      cwd=ROOT).stdout) for how in ("planes", "heap")}
     assert freed["planes"] >= 60 and freed["heap"] < 4  # MB of the 64 the planes took
-    assert sliding_window._planes((0, 64, 64), torch.device("cpu")).shape == (0, 64, 64)
+    assert sliding_window._output_planes((0, 64, 64), torch.device("cpu")).shape == (0, 64, 64)
 
 
 @pytest.mark.parametrize("shape, batch_size", [((3, 4, 9), 4), ((2, 5, 5), 3), ((1, 1, 7), 2)])
