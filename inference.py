@@ -178,12 +178,12 @@ def hdf5_writer(file: h5py.File) -> BlockWriter:
     return BlockWriter(slab, finish, dataset.chunks[0])
 
 
-def _reader(scan, blocks, patch: int, pin: bool, out_queue: queue.Queue, stop: threading.Event, ahead: threading.Semaphore):
-    """Read the blocks' input boxes, slab after slab (input_slabs), into `out_queue`."""
+def _reader(scan, blocks, patch: int, pin: bool, out_queue: queue.Queue, stop: threading.Event, wanted: threading.Semaphore):
+    """Read the blocks' input boxes, slab after slab (input_slabs), into `out_queue`, each once `wanted` allows it."""
     try:
         for block in blocks:
             for start, stop_plane in input_slabs(block, patch):
-                ahead.acquire()  # released as the model takes a slab: one slab read ahead at most
+                wanted.acquire()
                 if stop.is_set():
                     return
                 origin = block.input_origin + np.array([start, 0, 0])
@@ -198,20 +198,23 @@ def _writer(writer: BlockWriter, in_queue: queue.Queue, errors: list):
     each block finished with the CRC-32 of its bytes, its slabs taken in order (C order: z is the outer axis)."""
     crc = 0
     while (item := in_queue.get()) is not None:
-        block, planes, values = item
         try:
-            if errors:  # after a failure the queue is only drained
-                continue
-            if values is None:
-                writer.finish(block, crc)
-                crc = 0
-            else:
-                writer.slab(block, planes, values)
-                crc = checksum(values, crc)
+            if not errors:  # after a failure the queue is only drained
+                crc = _write(writer, *item, crc)
         except BaseException as error:
             errors.append(error)
         finally:
+            del item  # the slab's memory goes back once it is written, not when the next one comes
             in_queue.task_done()
+
+
+def _write(writer: BlockWriter, block, planes, values, crc: int) -> int:
+    """Write one slab, or record its block finished (values None); returns the block's CRC-32 so far."""
+    if values is None:
+        writer.finish(block, crc)
+        return 0
+    writer.slab(block, planes, values)
+    return checksum(values, crc)
 
 
 class _FromThread(Exception):
@@ -250,15 +253,21 @@ class Timing:
                 f"{self.write_wait:.1f} s for writing")
 
 
-def predict_blocks(scan, writer: BlockWriter, blocks, predictor: WindowPredictor, device, bar, timing: Timing) -> int:
-    """Predict `blocks`, reading their input ahead and handing their output to `writer` on a writer thread, both in
-    slabs of planes; returns windows skipped. `timing` gathers how long the model waited for I/O."""
-    # a block's input and output go in slabs of planes (input_slabs; the output's chunks): its rows of windows outlast
-    # reading and writing one, so one slab read ahead and one being written hide them, and what a block holds does not
-    # grow with its depth
-    read_queue, write_queue, ahead = queue.Queue(), queue.Queue(), threading.Semaphore(1)
+def predict_blocks(scan, writer: BlockWriter, blocks, predictor: WindowPredictor, device, bar, timing: Timing,
+                   read_ahead: int | None = None) -> int:
+    """Predict `blocks`, reading their input on a reader thread and handing their output to `writer` on a writer
+    thread, both in slabs of planes; returns windows skipped. `timing` gathers how long the model waited for I/O.
+
+    The reader keeps `read_ahead` slabs ready beyond those the model took: by default one on a GPU, where a row of
+    windows takes about as long as reading its slab, and none on the CPU, where the row takes a hundred times longer
+    and the slab's memory would be held for nothing."""
+    # a block's input and output go in slabs of planes (input_slabs; the output's chunks), so that what a block holds
+    # does not grow with its depth
+    if read_ahead is None:
+        read_ahead = int(device.type != "cpu")
+    read_queue, write_queue, wanted = queue.Queue(), queue.Queue(), threading.Semaphore(read_ahead)
     stop, write_errors = threading.Event(), []
-    reader = threading.Thread(target=_reader, args=(scan, blocks, predictor.patch, device.type == "cuda", read_queue, stop, ahead),
+    reader = threading.Thread(target=_reader, args=(scan, blocks, predictor.patch, device.type == "cuda", read_queue, stop, wanted),
                               daemon=True)
     writer_thread = threading.Thread(target=_writer, args=(writer, write_queue, write_errors), daemon=True)
     reader.start()
@@ -268,12 +277,12 @@ def predict_blocks(scan, writer: BlockWriter, blocks, predictor: WindowPredictor
 
     def slabs(block):
         for _ in input_slabs(block, predictor.patch):
+            wanted.release()  # the reader reads the slab after those ready, while the model waits for this one or runs
             waiting = time.perf_counter()
             item = read_queue.get()
             timing.read_wait += time.perf_counter() - waiting
             if isinstance(item, BaseException):
                 raise _FromThread(item)
-            ahead.release()
             yield item.to(device, non_blocking=True)
 
     def hand_on(block, planes, values):
@@ -302,7 +311,7 @@ def predict_blocks(scan, writer: BlockWriter, blocks, predictor: WindowPredictor
             bar.set_postfix_str(f"skipped {skipped / max(windows, 1):.0%} of windows")
     finally:
         stop.set()
-        ahead.release()  # a reader waiting to read ahead sees the stop
+        wanted.release()  # a reader waiting to read ahead sees the stop
         reader.join()
         handing = time.perf_counter()
         write_queue.put(None)

@@ -83,11 +83,12 @@ def plan_blocks(region, context, patch: int, stride: int, block: int) -> list[Bl
     return blocks
 
 
-def batch_slots(windows, batch_size: int) -> Iterator[list]:
+def batch_slots(windows, batch_size: int, placed=None) -> Iterator[list]:
     """Batches of `batch_size` slots holding windows (from `windows`, (window, place) pairs in grid order, its place
     on the volume's window grid) or None, each window in the slot its place gives it (the sum of its grid indices,
     modulo the batch size); a batch ends where the next window's slot is taken, and is yielded then, so that windows
-    may be decided on (air or not) as they come. Empty slots are run on a copy of one of the batch's windows and
+    may be decided on (air or not) as they come. `placed(slot, window)`, if given, is called as each window takes its
+    slot, before the next window is drawn. Empty slots are run on a copy of one of the batch's windows and
     their result is dropped. CPU kernels may compute a window differently at another batch size or slot, and a
     window's result must not depend on the region it was run for: this way every run computes it in the same slot of
     a batch of the same size, and the windows still come in grid order (the order their probabilities are summed in)."""
@@ -98,6 +99,8 @@ def batch_slots(windows, batch_size: int) -> Iterator[list]:
             yield batch
             batch = [None] * batch_size
         batch[slot] = window
+        if placed is not None:
+            placed(slot, window)
     if any(window is not None for window in batch):
         yield batch
 
@@ -141,8 +144,10 @@ FLIPS = [(), (2,), (3,), (4,)]  # test-time augmentation: identity and a flip of
 class WindowPredictor:
     """Runs a model over the windows of one input box and blends them into uint8 probabilities.
 
-    The input batch and the blending's sums are buffers kept from block to block (grown to the largest block),
-    so that a long run does not allocate, and the system does not zero, fresh memory for every block."""
+    The input batch, the blending's sums and their addends (and, with flips, the probabilities) are buffers kept from
+    block to block (grown to the largest block), so that a long run does not allocate, and the system does not zero,
+    fresh memory for every block; on the CPU they lie out of the heap (see _own_memory), which then holds little but
+    the model's activations."""
 
     def __init__(self, model, patch: int, blend: str, batch_size: int, device, dtype=None,
                  channels_last: bool = False, skip_max: int = -1, tta: bool = False, normalization: Normalization = Normalization(),
@@ -162,7 +167,7 @@ class WindowPredictor:
         count = math.prod(shape)
         if name not in self.buffers or self.buffers[name].numel() < count:
             self.buffers.pop(name, None)  # freed before its successor is made
-            self.buffers[name] = torch.empty(count, dtype=torch.float32, device=self.device)
+            self.buffers[name] = _own_memory((count,), torch.float32, self.device)
         return self.buffers[name][:count].view(shape)
 
     @torch.no_grad()
@@ -173,12 +178,13 @@ class WindowPredictor:
         windows skipped.
 
         The input box, read at volume position `origin`, comes as `slabs`: uint8 tensors (planes, H, W) on the
-        device, in order (see input_slabs); each is taken when a window first needs it and dropped once no window to
-        come reaches it. Only the output's voxels are summed (each window's part inside it), in the order a sum over
-        the whole box would take. The sums are kept for the planes that windows still reach only, in a ring of `patch`
-        planes: windows come in grid order, so the planes before a window are final once the windows before it are
-        summed, and are divided and rounded, and their ring planes reused. A block thus holds about patch + stride
-        planes of its input and of its sums whatever its depth.
+        device, in order (see input_slabs); each is taken when a row of windows first needs it and dropped once the
+        rows that reach it are in batches (each window's input is copied into its batch slot as it takes the slot).
+        Only the output's voxels are summed (each window's part inside it), in the order a sum over the whole box
+        would take. The sums are kept for the planes that windows still reach only, in a ring of `patch` planes:
+        windows come in grid order, so the planes before a window are final once the windows before it are summed,
+        and are divided and rounded, and their ring planes reused. A block thus holds about `patch` planes of its
+        input and of its sums whatever its depth.
         """
         p = self.patch
         inside = [(o.start - int(b), o.stop - int(b)) for o, b in zip(output, origin)]
@@ -192,29 +198,30 @@ class WindowPredictor:
             parts.append((tuple(slice(f - i0, e - i0) for f, e, (i0, _) in zip(first, stop, inside)),
                           tuple(slice(f - a, e - a) for f, e, a in zip(first, stop, starts))))
         planes = _Planes(slabs)
-        handed, ran = [], 0  # the box planes where the windows handed to batches start, in order; how many of them ran
+        run = []  # the windows handed to the model
 
         def windows_to_run():
             """(index, cell) of the windows the model runs, in grid order; a row's air is judged once its planes are read."""
             for start, row in itertools.groupby(range(len(cells)), key=lambda index: cells[index][0].start):
-                planes.drop(handed[ran] if ran < len(handed) else start)  # what no window waiting or to come reaches
+                planes.drop(start)  # the rows before are copied into batches: no window to come reaches these planes
                 planes.need(start + p)
                 row = list(row)
                 if self.skip_max >= 0:  # air: probability 0, the model is not run; one device sync per row
                     maxima = torch.stack([planes.amax(cells[index]) for index in row]).tolist()
                     row = [index for index, maximum in zip(row, maxima) if maximum > self.skip_max]
+                run.extend(row)
                 for index in row:
-                    handed.append(start)
                     yield index, cells[index]
 
         numerator = self._buffer("numerator", (min(shape[0], p), *shape[1:])).zero_()
-        finished = _Finished(output[0].start, align, emit)
+        finished = _Finished(output[0], align, emit)
         final = 0  # the output's planes before this are finished
         batch = self._buffer("batch", (self.batch_size, 1, p, p, p))
-        for batch_windows in self._batches(windows_to_run(), origin):
-            indices = [index for index in batch_windows if index is not None]
+        for batch_windows in self._batches(windows_to_run(), origin, lambda slot, index: planes.copy(cells[index], batch[slot, 0])):
+            first = next(slot for slot, index in enumerate(batch_windows) if index is not None)
             for slot, index in enumerate(batch_windows):
-                planes.copy(cells[indices[0] if index is None else index], batch[slot, 0])
+                if index is None:
+                    batch[slot].copy_(batch[first])
             model_input = self.normalization.normalize_(batch)
             if self.channels_last:  # a single channel: the same memory, only marked channels-last
                 model_input = model_input.contiguous(memory_format=torch.channels_last_3d)
@@ -228,13 +235,13 @@ class WindowPredictor:
                 self.keep_freed_memory = False
             for slot in sorted((slot for slot, index in enumerate(batch_windows) if index is not None), key=batch_windows.__getitem__):
                 target, source = parts[batch_windows[slot]]  # in grid order: no later window reaches the planes before it
-                finished.add(self._finish(numerator, final, target[0].start, parts))
+                self._finish(numerator, final, target[0].start, parts, finished)
                 final = target[0].start
-                self._add(numerator, target, self.weights[source] * probabilities[slot][source])
-            ran += len(indices)
-        finished.add(self._finish(numerator, final, shape[0], parts))
-        finished.flush()
-        return len(cells) - len(handed)
+                addend = self._buffer("addend", tuple(piece.stop - piece.start for piece in source))
+                self._add(numerator, target, torch.mul(self.weights[source], probabilities[slot][source], out=addend))
+            del probabilities  # before the next batch's activations are allocated (see _probabilities)
+        self._finish(numerator, final, shape[0], parts, finished)
+        return len(cells) - len(run)
 
     @staticmethod
     def _ring(depth: int, start: int, stop: int) -> list[tuple[int, int, int]]:
@@ -253,20 +260,18 @@ class WindowPredictor:
             offset = plane - target[0].start
             numerator[(slice(ring, ring + count), *target[1:])] += addend[offset:offset + count]
 
-    def _finish(self, numerator: torch.Tensor, start: int, stop: int, parts) -> torch.Tensor:
-        """The output planes start..stop divided by their windows' summed weights and rounded (as to_uint8), their
-        ring planes cleared for the planes to come."""
+    def _finish(self, numerator: torch.Tensor, start: int, stop: int, parts, finished: "_Finished") -> None:
+        """The output planes start..stop divided by their windows' summed weights and rounded (as to_uint8) into
+        `finished`, their ring planes cleared for the planes to come."""
         height, width = numerator.shape[1:]
-        values = _output_planes((stop - start, height, width), numerator.device)
         slab = max(1, SLAB_VOXELS // (height * width))
         for plane, ring, count in self._ring(numerator.shape[0], start, stop):
             for offset in range(0, count, slab):
                 low, high = plane + offset, plane + min(offset + slab, count)
                 sums = numerator[ring + offset:ring + offset + high - low]
                 sums.div_(self._summed_weights(low, high, height, width, parts))
-                values[low - start:high - start].copy_(sums.clamp_(0, 1).mul_(255).round_())
+                finished.add(sums.clamp_(0, 1).mul_(255).round_())
                 sums.zero_()
-        return values
 
     def _summed_weights(self, start: int, stop: int, height: int, width: int, parts) -> torch.Tensor:
         """The windows' weights summed (in window order) over the output planes start..stop."""
@@ -278,16 +283,23 @@ class WindowPredictor:
                 denominator[(slice(low - start, high - start), *target[1:])] += self.weights[(slice(low + shift, high + shift), *source[1:])]
         return denominator
 
-    def _batches(self, cells, origin: np.ndarray) -> Iterator[list]:
+    def _batches(self, cells, origin: np.ndarray, placed=None) -> Iterator[list]:
         """Batches of the windows `cells` ((index, box slices) pairs in grid order, of a box read at `origin`) as
         indices: see batch_slots."""
         return batch_slots(((index, tuple((piece.start + int(o)) // self.stride for piece, o in zip(cell, origin))) for index, cell in cells),
-                           self.batch_size)
+                           self.batch_size, placed)
 
     def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """The model's probabilities (N, D, H, W) for a batch (N, 1, D, H, W), averaged over the flips, in a buffer: the
-        memory the model's activations take batch after batch then never holds an earlier batch's result (on the CPU,
-        such a remnant between them grows the process by a second set of activations)."""
+        """The model's probabilities (N, D, H, W) for a batch (N, 1, D, H, W), averaged over the flips.
+
+        The memory the model's activations take must never hold an earlier result while the next forward allocates
+        them (on the CPU, such a remnant between them grows the process by a second set of activations). One pass's
+        probabilities are the model's output itself, made in place and let go before the next batch; the flips' are
+        summed in a buffer."""
+        if len(self.flips) == 1:
+            with autocast(self.device, self.dtype):
+                logits = self.model(batch)
+            return torch.sigmoid_(logits[:, 0].float())
         total = self._buffer("probabilities", (batch.shape[0], *batch.shape[2:]))
         for flip, dims in enumerate(self.flips):
             flipped = batch.flip(dims) if dims else batch
@@ -299,17 +311,17 @@ class WindowPredictor:
             else:
                 torch.sigmoid(logits, out=total)
             del logits
-        return total.div_(len(self.flips)) if len(self.flips) > 1 else total
+        return total.div_(len(self.flips))
 
 
-def _output_planes(shape, device: torch.device) -> torch.Tensor:
-    """uint8 planes of the output. On the CPU they get memory of their own (an anonymous map, handed back when they are
-    freed), not the heap: they come and go beside the model's activations, and in the heap they would leave holes
-    that make it grow by more than they hold."""
-    count = math.prod(shape)
-    if device.type != "cpu" or not count:
-        return torch.empty(shape, dtype=torch.uint8, device=device)
-    return torch.frombuffer(mmap.mmap(-1, count), dtype=torch.uint8).view(shape)
+def _own_memory(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor. On the CPU it gets memory of its own (an anonymous map, handed back to the system when
+    it is freed), not the heap: the process keeps the heap's freed memory for the model's activations (ink3d.memory),
+    and arrays that come and go between them would leave holes that make the heap grow by more than they hold."""
+    size = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or not size:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
 
 
 class _Planes:
@@ -348,40 +360,26 @@ class _Planes:
 
 
 class _Finished:
-    """Finished output planes, handed on in runs that end on multiples of `align` planes of the volume (whole chunks
-    of the output) or when flushed."""
+    """Finished output planes gathered into runs of uint8 that end on multiples of `align` planes of the volume (whole
+    chunks of the output) or at the output's end, each handed on as soon as it is full."""
 
-    def __init__(self, first: int, align: int, emit):
-        self.align, self.emit = align, emit
-        self.pending, self.start, self.stop = [], first, first  # pending planes cover the volume's start..stop (from the output's first)
+    def __init__(self, output: slice, align: int, emit):
+        self.output, self.align, self.emit = output, align, emit
+        self.run, self.start, self.filled = None, output.start, 0  # the run being filled starts at the volume's plane start
 
     def add(self, values: torch.Tensor) -> None:
-        if not len(values):
-            return
-        self.pending.append(values)
-        self.stop += len(values)
-        boundary = self.stop - self.stop % self.align
-        if boundary > self.start:
-            self._hand_on(boundary)
-
-    def flush(self) -> None:
-        if self.stop > self.start:
-            self._hand_on(self.stop)
-
-    def _hand_on(self, boundary: int) -> None:
-        """Emit the pending planes before the volume's plane `boundary`, keeping those after it."""
-        count = boundary - self.start
-        values = _output_planes((count, *self.pending[0].shape[1:]), self.pending[0].device)
-        position, rest = 0, []
-        for piece in self.pending:
-            taken = min(len(piece), count - position)
-            values[position:position + taken] = piece[:taken]
-            position += taken
-            if taken < len(piece):
-                rest.append(piece[taken:])
-        self.pending = rest
-        self.emit(slice(self.start, boundary), values.cpu().numpy())
-        self.start = boundary
+        """Append planes (planes, H, W) of values in 0..255."""
+        while len(values):
+            if self.run is None:
+                stop = min((self.start // self.align + 1) * self.align, self.output.stop)
+                self.run = _own_memory((stop - self.start, *values.shape[1:]), torch.uint8, values.device)
+            taken = min(len(values), len(self.run) - self.filled)
+            self.run[self.filled:self.filled + taken] = values[:taken]
+            self.filled, values = self.filled + taken, values[taken:]
+            if self.filled == len(self.run):
+                run, self.run, self.filled = self.run, None, 0
+                self.emit(slice(self.start, self.start + len(run)), run.cpu().numpy())
+                self.start += len(run)
 
 
 def to_uint8(probabilities: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 import warnings
+import weakref
 
 import h5py
 import numpy as np
@@ -354,11 +355,12 @@ def test_a_run_reports_where_its_time_went(scan, model_path, tmp_path, capsys):
     assert 0 < busy <= 100 and read_wait + write_wait <= total * (1 - busy / 100) + 0.1
 
 
-def test_one_slab_is_read_ahead_and_every_block_written_slab_by_slab(monkeypatch):
-    """The reader reads each block's input in the slabs its rows of windows need (input_slabs), each only as the model
-    takes the one before it: at most one slab is held beyond those the model took. Every slab the model hands on
-    reaches the writer, in order, once the one before it is written, and each block is then recorded finished with the
-    CRC-32 of its slabs' bytes."""
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_slabs_are_read_as_asked_and_every_block_written_slab_by_slab(ahead, monkeypatch):
+    """The reader reads each block's input in the slabs its rows of windows need (input_slabs), in turn as the model
+    asks for them: exactly `ahead` slabs are read beyond those the model took (one on a GPU, none on the CPU). Every
+    slab the model hands on reaches the writer, in order, once the one before it is written, and each block is then
+    recorded finished with the CRC-32 of its slabs' bytes."""
     blocks = plan_blocks((slice(0, 40),) * 3, (slice(0, 40),) * 3, PATCH, PATCH // 2, 16)
     reads, written, read_ahead, handed, unwritten = [], [], [], [], []
     read_crop = volume.read_crop
@@ -375,8 +377,8 @@ def test_one_slab_is_read_ahead_and_every_block_written_slab_by_slab(monkeypatch
             for slab in slabs:
                 taken = len(read_ahead) + 1
                 deadline = time.monotonic() + 5
-                while len(reads) < min(taken + 1, len(expected)) and time.monotonic() < deadline:
-                    time.sleep(0.001)  # the next slab's read has begun, however busy the machine
+                while len(reads) < min(taken + ahead, len(expected)) and time.monotonic() < deadline:
+                    time.sleep(0.001)  # the slabs ahead are being read, however busy the machine
                 time.sleep(0.005)
                 read_ahead.append(len(reads) - taken)
                 assert slab.dtype == torch.uint8 and slab.shape[1:] == tuple(int(n) for n in block_of[tuple(origin)].input_shape[1:])
@@ -401,9 +403,9 @@ def test_one_slab_is_read_ahead_and_every_block_written_slab_by_slab(monkeypatch
     monkeypatch.setattr(inference.volume, "read_crop", counted)
     writer = inference.BlockWriter(write_slowly, lambda block, crc: written.append((block.index, "finished", crc)), align=1)
     skipped = inference.predict_blocks(np.zeros((40, 40, 40), np.uint8), writer, blocks, Predictor(), torch.device("cpu"),
-                                       tqdm(disable=True), inference.Timing())
+                                       tqdm(disable=True), inference.Timing(), read_ahead=ahead)
     assert skipped == len(blocks) == 27 and reads == expected and len(expected) > len(blocks)
-    assert max(read_ahead) == 1 and max(unwritten) == 1  # the slab just handed on: the one before it is written
+    assert max(read_ahead) == ahead and max(unwritten) == 1  # the slab just handed on: the one before it is written
     for n, block in enumerate(blocks):
         first, second, record = written[3 * n:3 * n + 3]
         assert first[0] == second[0] == record[0] == block.index and record[1] == "finished"
@@ -442,10 +444,10 @@ def _stream_one_block(box, predictor, align, monkeypatch):
 def test_a_block_streamed_in_slabs_of_planes_equals_a_plain_sum_over_the_whole_block(batch_size, monkeypatch):
     """A block deeper than a window and a stride takes its input in slabs of planes, keeps its sums in a ring of planes
     and hands on its finished planes in runs that end on whole chunks: the values equal a plain loop that sums every
-    window over the whole block, and it holds no more than a window and a stride of planes of input."""
+    window over the whole block, and it holds no more than a window's depth of input planes."""
     box = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (48, 20, 20)).astype(np.uint8))
     predictor = inference.WindowPredictor(torch.nn.Identity(), PATCH, "gaussian", batch_size, "cpu", stride=PATCH // 2)
-    windows, slabs, skipped, emitted, held = _stream_one_block(box, predictor, 12, monkeypatch)
+    windows, slabs, skipped, emitted, held = _stream_one_block(box, predictor, 10, monkeypatch)
     weights = torch.from_numpy(importance_map(PATCH, "gaussian"))
     numerator, denominator = torch.zeros(box.shape), torch.zeros(box.shape)
     for window in windows:
@@ -456,9 +458,9 @@ def test_a_block_streamed_in_slabs_of_planes_equals_a_plain_sum_over_the_whole_b
         denominator[tuple(slice(start, start + PATCH) for start in window)] += weights
     expected = (numerator / denominator).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
     assert skipped == 0 and np.array_equal(np.concatenate([values for _, values in emitted]), expected)
-    # planes are finished at each row of windows (0, 8, ..., 32) and at the end; runs end on multiples of 12 or at the end
-    assert [(planes.start, planes.stop) for planes, _ in emitted] == [(0, 12), (12, 24), (24, 48)]
-    assert slabs == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40), (40, 48)] and max(held) <= PATCH + PATCH // 2
+    # planes are finished at each row of windows (0, 8, ..., 32) and at the end, and handed on in runs of whole chunks
+    assert [(planes.start, planes.stop) for planes, _ in emitted] == [(0, 10), (10, 20), (20, 30), (30, 40), (40, 48)]
+    assert slabs == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40), (40, 48)] and max(held) == PATCH
     assert predictor.buffers["numerator"].numel() == PATCH * 20 * 20  # a ring of 16 planes, not the 48
 
 
@@ -471,13 +473,15 @@ def test_rows_of_air_let_their_planes_go(monkeypatch):
     windows, _, skipped, emitted, held = _stream_one_block(box, predictor, 1, monkeypatch)
     values = np.concatenate([values for _, values in emitted])
     assert skipped == 16 and len(windows) == 20  # rows starting at 0, 8, 16 and 24 end before plane 40
-    assert not values[:32].any() and values[40:].all() and max(held) <= PATCH + PATCH // 2  # 32..39: partly air
+    assert not values[:32].any() and values[40:].all() and max(held) == PATCH  # 32..39: partly air
 
 
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
-def test_finished_output_planes_are_handed_back_when_freed():
-    """On the CPU, finished planes of uint8 output get memory of their own, handed back to the system when freed, even
-    where the process keeps freed memory for the model's activations (which would keep them, and leave their holes)."""
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_own_memory_is_handed_back_when_freed(dtype):
+    """On the CPU, the output's finished planes and the blending's buffers get memory of their own, handed back to the
+    system when freed, even where the process keeps freed memory for the model's activations (which would keep them,
+    and leave their holes)."""
     script = textwrap.dedent("""
         import re, sys
         from pathlib import Path
@@ -485,19 +489,20 @@ def test_finished_output_planes_are_handed_back_when_freed():
         from ink3d import sliding_window
         from ink3d.memory import reuse_freed_memory
         reuse_freed_memory()
-        shape = (64, 1024, 1024)
-        values = sliding_window._output_planes(shape, torch.device("cpu")) if sys.argv[1] == "planes" else torch.empty(shape, dtype=torch.uint8)
+        dtype = getattr(torch, sys.argv[2])
+        shape = (64 // dtype.itemsize, 1024, 1024)
+        values = sliding_window._own_memory(shape, dtype, torch.device("cpu")) if sys.argv[1] == "own" else torch.empty(shape, dtype=dtype)
         values.fill_(7)
-        assert values.dtype == torch.uint8 and values.shape == shape and int(values[-1, -1, -1]) == 7
+        assert values.dtype == dtype and values.shape == shape and int(values[-1, -1, -1]) == 7
         rss = lambda: int(re.search(r"VmRSS:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) >> 10
         before = rss()
         del values
         print(before - rss())
     """)
-    freed = {how: int(subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True, check=True,
-                                     cwd=ROOT).stdout) for how in ("planes", "heap")}
-    assert freed["planes"] >= 60 and freed["heap"] < 4  # MB of the 64 the planes took
-    assert sliding_window._output_planes((0, 64, 64), torch.device("cpu")).shape == (0, 64, 64)
+    freed = {how: int(subprocess.run([sys.executable, "-c", script, how, str(dtype).removeprefix("torch.")], capture_output=True,
+                                     text=True, check=True, cwd=ROOT).stdout) for how in ("own", "heap")}
+    assert freed["own"] >= 60 and freed["heap"] < 4  # MB of the 64 the tensor took
+    assert sliding_window._own_memory((0, 64, 64), dtype, torch.device("cpu")).shape == (0, 64, 64)
 
 
 @pytest.mark.parametrize("shape, batch_size", [((3, 4, 9), 4), ((2, 5, 5), 3), ((1, 1, 7), 2)])
@@ -507,9 +512,27 @@ def test_windows_take_their_grid_slot_once_each_in_grid_order(shape, batch_size)
     grid = list(itertools.product(*(range(n) for n in shape)))
     keep = [i for i in range(len(grid)) if i % 5 != 3]  # windows skipped as air leave gaps
     cells = [tuple(slice(2 * g, 2 * g + 4) for g in grid[i]) for i in keep]
-    batches = list(predictor._batches(enumerate(cells), origin))
+    events = []  # ("drawn", index), ("placed", slot, index) and ("batch", its windows) as they happen
+
+    def drawn():
+        for index, cell in enumerate(cells):
+            events.append(("drawn", index))
+            yield index, cell
+
+    batches = []
+    for batch in predictor._batches(drawn(), origin, lambda slot, index: events.append(("placed", slot, index))):
+        events.append(("batch", tuple(batch)))
+        batches.append(batch)
     run = [sorted(index for index in batch if index is not None) for batch in batches]
     assert sum(run, []) == list(range(len(cells)))  # every window once, batch after batch in grid order
+    # each window takes its slot before the next is drawn, and after the batch before its own was yielded
+    expected, batch_of = [], {index: n for n, batch in enumerate(batches) for index in batch if index is not None}
+    for index in range(len(cells)):
+        expected.append(("drawn", index))
+        if index and batch_of[index] != batch_of[index - 1]:
+            expected.append(("batch", tuple(batches[batch_of[index - 1]])))
+        expected.append(("placed", batches[batch_of[index]].index(index), index))
+    assert events == expected + [("batch", tuple(batches[-1]))]
     for batch in batches:
         assert len(batch) == batch_size
         for slot, index in enumerate(batch):
@@ -541,9 +564,27 @@ def test_batches_left_part_empty_are_warned_of_with_settings_that_fill_them(scan
     assert batch_size < 4 and inference.batch_fill(PATCH, PATCH // 2, 16, batch_size) >= 0.97
 
 
-def test_each_batch_probabilities_go_into_one_buffer(model_path, tmp_path, monkeypatch):
-    """The model's probabilities land in the same memory batch after batch: no earlier batch's result is held
-    while the next batch's activations are allocated."""
+def test_no_earlier_output_is_held_while_the_model_runs_again(model_path, tmp_path, monkeypatch):
+    """Without flips the model's output is the batch's probabilities: it is let go before the next batch's forward
+    allocates its activations."""
+    outputs, held = [], []
+    forward = UNet3D.forward
+
+    def recorded(self, x):
+        held.append(sum(output() is not None for output in outputs))
+        result = forward(self, x)
+        outputs.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(UNet3D, "forward", recorded)
+    values = np.random.default_rng(4).integers(1, 256, (32, 32, 48)).astype(np.uint8)
+    _infer(_scan(tmp_path / "scan.h5", values), model_path, tmp_path / "pred.h5", "--device", "cpu")
+    assert len(held) > 3 and not any(held)
+
+
+def test_flipped_probabilities_are_summed_in_one_buffer(model_path, tmp_path, monkeypatch):
+    """With flips, the probabilities are summed in the same memory flip after flip and batch after batch: no earlier
+    result is held in the heap while the next forward's activations are allocated."""
     addresses = []
     original = inference.WindowPredictor._probabilities
 
@@ -565,8 +606,8 @@ def test_air_is_not_run_through_the_model(model_path, tmp_path, monkeypatch):
     batches = []
     original = inference.WindowPredictor._batches
 
-    def recorded(self, cells, origin):
-        for batch in original(self, cells, origin):
+    def recorded(self, cells, origin, placed=None):
+        for batch in original(self, cells, origin, placed):
             batches.append(batch)
             yield batch
 
