@@ -144,8 +144,8 @@ FLIPS = [(), (2,), (3,), (4,)]  # test-time augmentation: identity and a flip of
 class WindowPredictor:
     """Runs a model over the windows of one input box and blends them into uint8 probabilities.
 
-    The input batch, the blending's sums and their addends (and, with flips, the probabilities) are buffers kept from
-    block to block (grown to the largest block), so that a long run does not allocate, and the system does not zero,
+    The input batch, the blending's sums and the summed weights (and, with flips, the probabilities) are buffers kept
+    from block to block (grown to the largest block), so that a long run does not allocate, and the system does not zero,
     fresh memory for every block; on the CPU they lie out of the heap (see _own_memory), which then holds little but
     the model's activations."""
 
@@ -237,8 +237,7 @@ class WindowPredictor:
                 target, source = parts[batch_windows[slot]]  # in grid order: no later window reaches the planes before it
                 self._finish(numerator, final, target[0].start, parts, finished)
                 final = target[0].start
-                addend = self._buffer("addend", tuple(piece.stop - piece.start for piece in source))
-                self._add(numerator, target, torch.mul(self.weights[source], probabilities[slot][source], out=addend))
+                self._add(numerator, target, probabilities[slot][source].mul_(self.weights[source]))  # in place: used once
             del probabilities  # before the next batch's activations are allocated (see _probabilities)
         self._finish(numerator, final, shape[0], parts, finished)
         return len(cells) - len(run)
