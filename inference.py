@@ -311,7 +311,7 @@ def predict_blocks(scan, writer: BlockWriter, blocks, predictor: WindowPredictor
             bar.set_postfix_str(f"skipped {skipped / max(windows, 1):.0%} of windows")
     finally:
         stop.set()
-        wanted.release()  # a reader waiting to read ahead sees the stop
+        wanted.release()  # a reader waiting to be asked for a slab sees the stop
         reader.join()
         handing = time.perf_counter()
         write_queue.put(None)
