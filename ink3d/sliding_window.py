@@ -198,7 +198,7 @@ class WindowPredictor:
             parts.append((tuple(slice(f - i0, e - i0) for f, e, (i0, _) in zip(first, stop, inside)),
                           tuple(slice(f - a, e - a) for f, e, a in zip(first, stop, starts))))
         planes = _Planes(slabs)
-        run = []  # the windows handed to the model
+        handed = []  # the windows handed to the model
 
         def windows_to_run():
             """(index, cell) of the windows the model runs, in grid order; a row's air is judged once its planes are read."""
@@ -209,7 +209,7 @@ class WindowPredictor:
                 if self.skip_max >= 0:  # air: probability 0, the model is not run; one device sync per row
                     maxima = torch.stack([planes.amax(cells[index]) for index in row]).tolist()
                     row = [index for index, maximum in zip(row, maxima) if maximum > self.skip_max]
-                run.extend(row)
+                handed.extend(row)
                 for index in row:
                     yield index, cells[index]
 
@@ -240,7 +240,7 @@ class WindowPredictor:
                 self._add(numerator, target, probabilities[slot][source].mul_(self.weights[source]))  # in place: used once
             del probabilities  # before the next batch's activations are allocated (see _probabilities)
         self._finish(numerator, final, shape[0], parts, finished)
-        return len(cells) - len(run)
+        return len(cells) - len(handed)
 
     @staticmethod
     def _ring(depth: int, start: int, stop: int) -> list[tuple[int, int, int]]:
