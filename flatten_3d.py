@@ -22,8 +22,8 @@ and the printed summary give its median and quartiles. Predicted ink that peaks 
 
 Work goes in square tiles of pixels, sampled by `--workers` threads a few at a time; each tile reads
 only the bounding box of its samples inside the volume, in an order that keeps neighbouring tiles'
-chunks in the chunk cache (HDF5's, or for a zarr volume one of decompressed chunks held here), so that
-each chunk is decompressed about once per segment.
+chunks in a cache of decompressed chunks (`volume.ChunkCache`), so that each chunk is decompressed about
+once per segment, by whichever thread first needs it, the threads decompressing side by side.
 """
 
 import collections
@@ -59,7 +59,7 @@ LAYERS = False  # also write the stack of layers (one per sample along the norma
 DEPTH_MAP = "auto"  # also write <id>_<name>_depth.tif, where along the normal the volume peaks: true, false, auto (for --dataset predictions)
 DEPTH_THRESHOLD = 0.5  # the depth map covers pixels whose peak reaches this fraction of full scale (ink probability)
 TILE = 128  # tile edge in pixels: bounds memory
-CACHE_MB = 512  # chunk cache (HDF5's, or held here for zarr): neighbouring tiles reuse decompressed chunks
+CACHE_MB = 512  # decompressed chunks held for neighbouring tiles to reuse
 WORKERS = 0  # threads sampling tiles (0 = one per core)
 OVERWRITE = False  # replace existing images
 

@@ -8,12 +8,13 @@ the default chunk cache as such a loop typically is, and samples it with the sam
 interpolation. It runs twice: with HDF5 2.x's default cache (8 MB: four 128^3 uint8 chunks stay
 decompressed, which suits a pixel-by-pixel walk) and with HDF5 1.x's (1 MB: smaller than one
 chunk, so every pixel decompresses its chunk again). It runs on the first `--reference_rows`
-rows; flatten_3d.py runs on those rows (identity) and on the whole segment: first as flatten_3d.py runs it, twice,
-each in a process of its own (every chunk decompressed once, the chunk cache's memory touched for the first time);
-then through its 512 MB chunk cache once filled (sampling alone). The volume's OME-Zarr copy (as write_ome_zarr
-writes it: 128^3 chunks, blosc zstd) is flattened too, once through the cache of decompressed chunks that
-flatten_3d gives zarr volumes and once without, each from a fresh open. Last, the surface as a tifxyz segment with
-a vertex every 20 pixels (VC3D's scale 0.05), against its .ppm, both with the chunk cache filled.
+rows; flatten_3d.py runs on those rows (identity) and on the whole segment: first as flatten_3d.py runs it, each
+in a process of its own (every chunk decompressed once, the chunk cache's memory touched for the first time),
+alternating with the same through HDF5's own 512 MB chunk cache (HDF5 decompressing, one chunk at a time under
+h5py's lock); then through its 512 MB chunk cache once filled (sampling alone). The volume's OME-Zarr copy (as
+write_ome_zarr writes it: 128^3 chunks, blosc zstd) is flattened too, through the chunk cache and without it,
+each from a fresh open. Last, the surface as a tifxyz segment with a vertex every 20 pixels (VC3D's scale 0.05),
+against its .ppm, both with the chunk cache filled.
 """
 
 import argparse
@@ -45,6 +46,15 @@ from ink3d import volume
 from ink3d.memory import reuse_freed_memory
 reuse_freed_memory()  # as flatten_3d.py does
 handle, opened = volume.open_dataset({path!r}, volume.PREDICTIONS, cache_bytes=512 << 20)  # flatten_3d's default
+"""
+HDF5_CACHE_OPEN = """
+import h5py
+from pathlib import Path
+from tqdm import tqdm
+from flatten_3d import flatten_segment
+from ink3d.memory import reuse_freed_memory
+reuse_freed_memory()
+opened = h5py.File({path!r}, "r", rdcc_nbytes=512 << 20, rdcc_nslots=80000)["predictions"]  # HDF5 decompresses, under h5py's lock
 """
 FLATTEN = """
 flatten_segment(opened, Path({ppm!r}), {band}, "mean", {tile}, tqdm(disable=True), None, 127.5)
@@ -94,6 +104,7 @@ def main():
     parser.add_argument("--band", type=int, default=8)
     parser.add_argument("--reference_rows", type=int, default=4)
     parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--first_runs", type=int, default=5, help="fresh processes of each kind for the first pass, alternating")
     args = parser.parse_args()
     offsets = np.arange(-args.band, args.band + 1, dtype=np.float64)
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,12 +117,13 @@ def main():
                 reference = per_pixel(file[volume.PREDICTIONS], rows, offsets)
                 reference_rates[cache_mb] = rows.shape[0] * rows.shape[1] / (time.perf_counter() - started)
         write_ppm(Path(tmp) / "segment.ppm", data)
-        first_rates = []
-        for _ in range(2):  # in a process of its own, as flatten_3d.py runs: every chunk decompressed, its memory touched first
-            body = FLATTEN.format(ppm=str(Path(tmp) / "segment.ppm"), band=args.band, tile=args.tile)
-            first_rates.append(args.size**2 / measure(body, FRESH_OPEN.format(path=str(path)))["seconds"])
-        with h5py.File(path, "r", rdcc_nbytes=512 << 20, rdcc_nslots=80000) as file:  # a cache that holds the whole segment
-            dataset = file[volume.PREDICTIONS]
+        first_rates = {"here": [], "hdf5": []}
+        body = FLATTEN.format(ppm=str(Path(tmp) / "segment.ppm"), band=args.band, tile=args.tile)
+        for _ in range(args.first_runs):  # in a process of its own, as flatten_3d.py runs: every chunk decompressed, its memory touched first
+            for name, setup in (("here", FRESH_OPEN), ("hdf5", HDF5_CACHE_OPEN)):
+                first_rates[name].append(args.size**2 / measure(body, setup.format(path=str(path)))["seconds"])
+        file, dataset = volume.open_dataset(path, volume.PREDICTIONS, cache_bytes=512 << 20)  # a cache that holds the whole segment
+        with file:
             tiled = np.concatenate([sample_tile(dataset, rows[:, c:c + args.tile], offsets)[0] for c in range(0, args.size, args.tile)], axis=2)
             assert np.array_equal(np.moveaxis(reference, -1, 0), tiled), "tiled sampling differs from the per-pixel loop"
             rates = []
@@ -128,7 +140,7 @@ def main():
                 with tqdm(total=args.size**2, desc=f"flatten_segment, {name}", unit="px") as bar:
                     flatten_segment(dataset, Path(tmp) / name, args.band, "mean", args.tile, bar, None, 127.5)
                 surface_rates[name] = bar.n / (time.perf_counter() - started)
-            volume.write_ome_zarr(Path(tmp) / "pred.zarr", dataset, levels=1)
+            volume.write_ome_zarr(Path(tmp) / "pred.zarr", dataset.dataset, levels=1)
         zarr_rates = {}
         for cache_mb in (512, 0):  # flatten_3d's default, and none: zarr itself keeps no decompressed chunk
             _, opened = volume.open_dataset(Path(tmp) / "pred.zarr", volume.PREDICTIONS, cache_bytes=cache_mb << 20)
@@ -141,8 +153,10 @@ def main():
         print(f"segment {args.size} x {args.size}, band {args.band} ({len(offsets)} samples per pixel)")
         print(f"flatten_3d (image, mask and depth map) in tiles of {args.tile}, the chunk cache filled: {rate:,.0f} px/s on "
               f"{args.size**2:,} pixels with a thread per core; {one_thread:,.0f} px/s with one ({rate / one_thread:.2f}x)")
-        print(f"flatten_3d as it runs, in a process of its own, decompressing each chunk it reads once: "
-              f"{', '.join(f'{rate:,.0f}' for rate in first_rates)} px/s (two runs)")
+        here, hdf5 = (np.median(rates) for rates in first_rates.values())
+        print(f"flatten_3d as it runs, in a process of its own, decompressing each chunk it reads once: median {here:,.0f} px/s "
+              f"({', '.join(f'{rate:,.0f}' for rate in first_rates['here'])}); with HDF5 decompressing them into its own chunk "
+              f"cache instead, median {hdf5:,.0f} px/s ({', '.join(f'{rate:,.0f}' for rate in first_rates['hdf5'])}): {here / hdf5:.2f}x")
         for cache_mb, reference_rate in reference_rates.items():
             print(f"per-pixel loop, {cache_mb} MB chunk cache: {reference_rate:,.0f} px/s on {rows.shape[0] * rows.shape[1]} pixels "
                   f"(identical output); flatten_3d is {rate / reference_rate:.0f}x faster")

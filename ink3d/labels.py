@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import h5py
 import hdf5plugin
-import numcodecs
 import numpy as np
+
+from ink3d import volume
 
 COUNT_MAX = np.iinfo(np.uint16).max
 
@@ -302,12 +303,10 @@ def _chunk_codecs(*datasets: h5py.Dataset) -> tuple | None:
         if not filters:
             codecs.append(None)
             continue
-        if len(filters) > 1 or filters[0][0] != hdf5plugin.BLOSC_ID:
+        codec = volume.blosc_codec(filters[0][2]) if len(filters) == 1 and filters[0][0] == hdf5plugin.BLOSC_ID else None
+        if codec is None:
             return None
-        blosc = hdf5plugin.from_filter_options(hdf5plugin.BLOSC_ID, filters[0][2])
-        if blosc.cname not in numcodecs.blosc.list_compressors():
-            return None
-        codecs.append(numcodecs.Blosc(cname=blosc.cname, clevel=blosc.clevel, shuffle=blosc.shuffle))
+        codecs.append(codec)
     return tuple(codecs)
 
 

@@ -16,20 +16,20 @@ def trilinear(box: np.ndarray, coordinates: np.ndarray, origin: np.ndarray, chun
     weights (1 - f or f of the fractional part f), in that order, summed in float64 — but as whole-array steps on
     `chunk` samples at a time (small enough to stay in the CPU's cache), 1.4-2.2x faster than its per-sample loop.
     The 8 corners go through each step together, as a (dz, dy, dx, sample) array: few numpy calls per chunk, so
-    threads sampling tiles side by side rarely wait for each other between calls.
+    threads sampling tiles side by side rarely wait for each other between calls. Each corner is gathered from the
+    box shifted by that corner's step, at the samples' first-corner indices: no index array per corner.
     The fractional parts of the volume's coordinates are those of the box's (the origin is whole), so the box's
     coordinates are never formed: the origin only shifts the flat index."""
     depth, height, width = box.shape
     flat = box.ravel()
     # corner (dz, dy, dx) of a sample whose first corner is at flat index i lies at i + (dz * height + dy) * width + dx
-    steps = np.array([(dz * height + dy) * width + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
-                     np.intp).reshape(2, 2, 2, 1)
+    shifted = [flat[(dz * height + dy) * width + dx:] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
     origin_index = float((origin[0] * height + origin[1]) * width + origin[2])
     count = coordinates.shape[1]
     out = np.empty(count, np.float32) if out is None else out
     chunk = min(chunk, count)
     floor, weights = np.empty((3, chunk)), np.empty((2, 3, chunk))  # weights[1]: of the upper neighbours, [0]: the lower
-    index, corners = np.empty(chunk, np.intp), np.empty((2, 2, 2, chunk), np.intp)
+    index = np.empty(chunk, np.intp)
     values, terms, total = np.empty((2, 2, 2, chunk), box.dtype), np.empty((2, 2, 2, chunk)), np.empty(chunk)
     for start in range(0, count, chunk):
         n = min(chunk, count - start)
@@ -42,8 +42,8 @@ def trilinear(box: np.ndarray, coordinates: np.ndarray, origin: np.ndarray, chun
         s *= width
         s += f[2]
         np.subtract(s, origin_index, out=i, casting="unsafe")
-        np.add(i, steps, out=corners[..., :n])
-        np.take(flat, corners[..., :n], out=values[..., :n], mode="clip")  # outside the box: some voxel, masked by callers
+        for corner, box_from_corner in zip(values[..., :n].reshape(8, n), shifted):
+            np.take(box_from_corner, i, out=corner, mode="clip")  # outside the box: some voxel, masked by callers
         np.multiply(values[..., :n], w[:, None, None, 0], out=t)
         t *= w[None, :, None, 1]
         t *= w[None, None, :, 2]

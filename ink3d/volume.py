@@ -6,16 +6,19 @@ Outputs are HDF5; inputs may also be zarr arrays or OME-Zarr multiscale groups (
 import atexit
 import collections
 import contextlib
+import functools
 import itertools
 import os
 import sys
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import hdf5plugin
+import numcodecs
 import numpy as np
 import zarr
 
@@ -89,8 +92,9 @@ def open_dataset(path: str | Path, name: str, mode: str = "r", level: int = 0, c
     A scan (dataset `scan_volume`, or any zarr volume) must hold uint8 or uint16 and have axes z, y, x; uint16
     reads as uint8 by `round(v * 255 / 65535)`, as volume_to_hdf converts it, other dtypes are refused.
     `level` picks an OME-Zarr level; HDF5 files hold one resolution (a scan refuses a level above 0, other
-    volumes were made at the level they were made from). `cache_bytes` sizes the chunk cache: HDF5's own, or for
-    zarr, which keeps none, one of decompressed chunks held here, so that overlapping reads decompress a chunk once.
+    volumes were made at the level they were made from). With `cache_bytes`, a volume opened to read is read
+    through a cache of that many bytes of decompressed chunks held here (`ChunkCache`: `Hdf5Volume`, `ZarrVolume`),
+    so that overlapping reads decompress a chunk once, and threads decompress different chunks side by side.
     """
     path = Path(path)
     if path.is_dir():
@@ -99,9 +103,9 @@ def open_dataset(path: str | Path, name: str, mode: str = "r", level: int = 0, c
         return _NothingToClose(), open_zarr(path, level, cache_bytes or 0)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    cache = {} if cache_bytes is None else {"rdcc_nbytes": cache_bytes, "rdcc_nslots": cache_bytes // 65536 * 10 + 1}
+    cached = bool(cache_bytes) and mode == "r"
     try:
-        file = h5py.File(path, mode, **cache)
+        file = h5py.File(path, mode, **({"rdcc_nbytes": 0} if cached else {}))  # chunks are cached here instead
     except OSError as error:
         raise InputError(f"{path}: cannot open as HDF5 ({error})") from None
     if name not in file:
@@ -121,13 +125,14 @@ def open_dataset(path: str | Path, name: str, mode: str = "r", level: int = 0, c
         file.close()
         raise InputError(f"{path}: --level {level} reads a level of an OME-Zarr scan; an HDF5 scan holds one resolution "
                          "(volume_to_hdf --zarr --level converts one level, and records its voxel size)")
-    if name == SCAN and dataset.dtype == np.uint16:
-        return file, Uint8View(dataset, f"{path}[{name}]")
-    if name == SCAN and dataset.dtype != np.uint8:
+    if name == SCAN and dataset.dtype not in (np.uint8, np.uint16):
         file.close()
         raise InputError(f"{path}: '{name}' holds {dataset.dtype}; scans must be uint8 or uint16 "
                          "(volume_to_hdf converts a stack with a chosen intensity window)")
-    return file, dataset
+    lut = UINT16_TO_UINT8 if name == SCAN and dataset.dtype == np.uint16 else None
+    if cached and dataset.chunks is not None:
+        return file, Hdf5Volume(dataset, f"{path}[{name}]", cache_bytes, lut)
+    return file, dataset if lut is None else Uint8View(dataset, f"{path}[{name}]")
 
 
 class _NothingToClose(contextlib.nullcontext):
@@ -159,42 +164,20 @@ class Uint8View:
         return f"{type(self).__name__}({self.where}, shape={self.shape})"
 
 
-class ZarrVolume(Uint8View):
-    """A zarr array as a uint8 volume that counts the chunks (the shards of a sharded array: its files) its reads
-    found absent from a local store (they read as 0: written empty, or never downloaded); the first is warned of,
-    the count reported when the process ends. A prediction store of this pipeline leaves all-zero chunks unwritten:
-    its absent chunks are not counted.
+class ChunkCache:
+    """Decompressed chunks of a volume, by chunk index, read through by boxes: the least recently used dropped beyond
+    `cache_bytes`, shared by threads. `read_chunks(indices)` reads and decompresses chunks (index -> array of the
+    chunk, clipped to the volume). A thread takes the missing chunks that no other thread is reading (`together`:
+    all of them at once, for a reader that reads them faster in one call; else one at a time, so that threads
+    decompress a box's chunks side by side) and waits for those that one is: no chunk is decompressed twice."""
 
-    With `cache_bytes`, a box (slices of step 1) is read through a cache of decompressed chunks, the least recently
-    used dropped beyond that many bytes, shared by threads: zarr decompresses every chunk that a read touches, each
-    time, so neighbouring reads (a segment's tiles, overlapping windows) would decompress the chunks they share
-    again and again. A box's missing chunks are read in one call where they fill the box they span."""
+    def __init__(self, shape, chunks, dtype, cache_bytes: int, read_chunks, together: bool = False):
+        self.shape, self.chunks, self.dtype = tuple(shape), tuple(chunks), np.dtype(dtype)
+        self.cache_bytes, self.cached_bytes, self._read_chunks, self._together = cache_bytes, 0, read_chunks, together
+        self._cache, self._lock, self._reading = collections.OrderedDict(), threading.Lock(), {}  # _reading: index -> set once read
 
-    def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0), count_absent: bool = True, cache_bytes: int = 0):
-        super().__init__(array, where, scale)
-        root = getattr(array.store, "root", None)
-        self._folder = None if root is None or not count_absent else Path(root) / array.path
-        self._stored = tuple(getattr(array, "shards", None) or self.chunks)  # a sharded array stores a file per shard
-        self._grid = tuple(-(-size // chunk) for size, chunk in zip(self.shape, self._stored))
-        self._seen, self.absent = set(), 0
-        self._cache, self._cache_bytes, self._cached_bytes = collections.OrderedDict(), cache_bytes, 0
-        self._cache_lock, self._reading = threading.Lock(), {}  # chunk index -> set once the thread reading it is done
-
-    def __getitem__(self, key) -> np.ndarray:
-        if self._folder is not None:
-            self._count_absent(key)
-        box = self._box(key) if self._cache_bytes else None
-        return super().__getitem__(key) if box is None else self._read_through_cache(box)
-
-    def _box(self, key) -> list[tuple[int, int]] | None:
-        """(start, stop) per axis of a key of slices with step 1; None for any other key."""
-        key = key if isinstance(key, tuple) else (key,)
-        if len(key) > 3 or not all(isinstance(part, slice) and part.step in (None, 1) for part in key):
-            return None
-        key += (slice(None),) * (3 - len(key))
-        return [part.indices(size)[:2] for part, size in zip(key, self.shape)]
-
-    def _read_through_cache(self, box: list[tuple[int, int]]) -> np.ndarray:
+    def read(self, box: list[tuple[int, int]]) -> np.ndarray:
+        """The (start, stop) per axis box of the volume (a new array)."""
         out = np.empty([max(stop - start, 0) for start, stop in box], self.dtype)
         if not out.size:
             return out
@@ -209,36 +192,84 @@ class ZarrVolume(Uint8View):
             out[tuple(target)] = chunks[index][tuple(source)]
         return out
 
+    def values(self) -> list[np.ndarray]:
+        """The chunks held."""
+        with self._lock:
+            return list(self._cache.values())
+
     def _chunks(self, indices: list[tuple[int, ...]]) -> dict:
-        """Chunks (uint8) by index, from the cache or read and kept there. A thread reads the missing chunks that no
-        other thread is reading, and waits for those that one is: threads read different chunks side by side, and
-        no chunk is decompressed twice."""
         found = {}
         while len(found) < len(indices):
-            with self._cache_lock:
+            with self._lock:
                 for index in indices:
                     if index not in found and index in self._cache:
                         found[index] = self._cache[index]
                         self._cache.move_to_end(index)
                 mine = [index for index in indices if index not in found and index not in self._reading]
+                mine = mine if self._together else mine[:1]
                 theirs = {self._reading[index] for index in indices if index not in found and index in self._reading}
                 done = threading.Event()
                 self._reading.update(dict.fromkeys(mine, done))
             if mine:
                 try:
-                    found.update(self._read(mine))
+                    found.update(self._keep(self._read_chunks(mine)))
                 finally:
-                    with self._cache_lock:
+                    with self._lock:
                         for index in mine:
                             del self._reading[index]
                     done.set()
-            for reading in theirs:  # then taken from the cache, or read here if it was dropped or its read failed
-                reading.wait()
+            else:  # then taken from the cache, or read here if it was dropped or its read failed
+                for reading in theirs:
+                    reading.wait()
         return found
 
+    def _keep(self, read: dict) -> dict:
+        with self._lock:
+            for index, values in read.items():
+                self._cache[index] = values
+                self.cached_bytes += values.nbytes
+            while self.cached_bytes > self.cache_bytes and len(self._cache) > 1:  # the least recently used go first
+                self.cached_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return read
+
+
+def _box(key, shape) -> list[tuple[int, int]] | None:
+    """(start, stop) per axis of a key of slices with step 1; None for any other key."""
+    key = key if isinstance(key, tuple) else (key,)
+    if len(key) > 3 or not all(isinstance(part, slice) and part.step in (None, 1) for part in key):
+        return None
+    key += (slice(None),) * (3 - len(key))
+    return [part.indices(size)[:2] for part, size in zip(key, shape)]
+
+
+class ZarrVolume(Uint8View):
+    """A zarr array as a uint8 volume that counts the chunks (the shards of a sharded array: its files) its reads
+    found absent from a local store (they read as 0: written empty, or never downloaded); the first is warned of,
+    the count reported when the process ends. A prediction store of this pipeline leaves all-zero chunks unwritten:
+    its absent chunks are not counted.
+
+    With `cache_bytes`, a box (slices of step 1) is read through a `ChunkCache`: zarr decompresses every chunk that
+    a read touches, each time, so neighbouring reads (a segment's tiles, overlapping windows) would decompress the
+    chunks they share again and again. A box's missing chunks are read in one call where they fill the box they span."""
+
+    def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0), count_absent: bool = True, cache_bytes: int = 0):
+        super().__init__(array, where, scale)
+        root = getattr(array.store, "root", None)
+        self._folder = None if root is None or not count_absent else Path(root) / array.path
+        self._stored = tuple(getattr(array, "shards", None) or self.chunks)  # a sharded array stores a file per shard
+        self._grid = tuple(-(-size // chunk) for size, chunk in zip(self.shape, self._stored))
+        self._seen, self.absent = set(), 0
+        self.cache = ChunkCache(self.shape, self.chunks, self.dtype, cache_bytes, self._read, together=True) if cache_bytes else None
+
+    def __getitem__(self, key) -> np.ndarray:
+        if self._folder is not None:
+            self._count_absent(key)
+        box = None if self.cache is None else _box(key, self.shape)
+        return super().__getitem__(key) if box is None else self.cache.read(box)
+
     def _read(self, missing: list[tuple[int, ...]]) -> dict:
-        """Read chunks and keep them: in one read where they fill the box they span (~1.5x faster than one by one
-        for zarr), else one by one, so that no chunk already kept is read again."""
+        """Chunks read in one read where they fill the box they span (~1.5x faster than one by one for zarr), else one
+        by one, so that no chunk already kept is read again."""
         low, high = np.min(missing, axis=0), np.max(missing, axis=0) + 1
         groups = [(low, high)] if int(np.prod(high - low)) == len(missing) else [(np.array(i), np.array(i) + 1) for i in missing]
         chunk = np.array(self.chunks)
@@ -249,12 +280,6 @@ class ZarrVolume(Uint8View):
                 offset = (np.array(index) - first) * chunk
                 values = span[tuple(slice(o, o + c) for o, c in zip(offset, chunk))]
                 read[index] = values if int(np.prod(last - first)) == 1 else values.copy()  # a view would keep the whole read alive
-        with self._cache_lock:
-            for index, values in read.items():
-                self._cache[index] = values
-                self._cached_bytes += values.nbytes
-            while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:  # the least recently used go first
-                self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return read
 
     def _count_absent(self, key) -> None:
@@ -279,6 +304,95 @@ class ZarrVolume(Uint8View):
     def _report(self) -> None:
         print(f"{self.where}: {self.absent} of the {len(self._seen)} chunks read were absent from the store and read as 0",
               file=sys.stderr)
+
+
+class Hdf5Volume:
+    """An HDF5 dataset read through a `ChunkCache`, its chunks read raw and decompressed here: HDF5 runs its filters
+    inside h5py's lock, which also holds Python's, so threads would decompress one chunk at a time, while numcodecs'
+    blosc and zlib decompress without them, side by side (and blosc at about half the CPU time it takes through
+    HDF5). Chunks never written read as the fill value; chunks whose filters are not decoded here (`chunk_decoders`)
+    are read whole through HDF5. A uint16 scan reads as uint8 (`lut`: `UINT16_TO_UINT8`). Keys other than boxes of
+    slices with step 1 read through HDF5."""
+
+    def __init__(self, dataset: h5py.Dataset, where: str, cache_bytes: int, lut: np.ndarray | None = None):
+        self.dataset, self.where, self._lut = dataset, where, lut
+        self.shape, self.chunks, self.ndim, self.attrs = dataset.shape, dataset.chunks, 3, dataset.attrs
+        self.dtype = dataset.dtype if lut is None else lut.dtype
+        self.decoders = chunk_decoders(dataset)
+        self.cache = ChunkCache(self.shape, self.chunks, self.dtype, cache_bytes, self._read)
+
+    def __getitem__(self, key) -> np.ndarray:
+        box = _box(key, self.shape)
+        if box is not None:
+            return self.cache.read(box)
+        values = self.dataset[key]
+        return values if self._lut is None else self._lut[values]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.where}, shape={self.shape})"
+
+    def _read(self, missing: list[tuple[int, ...]]) -> dict:
+        return {index: self._chunk(index) for index in missing}
+
+    def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
+        origin = tuple(i * c for i, c in zip(index, self.chunks))
+        inside = tuple(slice(0, min(c, size - o)) for o, c, size in zip(origin, self.chunks, self.shape))  # edge chunks are stored whole
+        if self.decoders is None:
+            values = self.dataset[tuple(slice(o, o + part.stop) for o, part in zip(origin, inside))]
+        elif self.dataset.id.get_chunk_info_by_coord(origin).byte_offset is None:  # never written
+            values = np.broadcast_to(np.asarray(self.dataset.fillvalue, self.dataset.dtype), [part.stop for part in inside])
+        else:
+            values = self._decode(origin)[inside]
+        return values if self._lut is None else self._lut[values]
+
+    def _decode(self, origin: tuple[int, ...]) -> np.ndarray:
+        skipped, data = self.dataset.id.read_direct_chunk(origin)
+        try:
+            for position in range(len(self.decoders) - 1, -1, -1):  # the filters undone last to first
+                if not skipped & (1 << position):  # a set bit: HDF5 skipped that filter on this chunk
+                    data = self.decoders[position](data)
+            return np.frombuffer(data, self.dataset.dtype).reshape(self.chunks)
+        except (RuntimeError, ValueError, zlib.error) as error:
+            raise OSError(f"the chunk at {list(origin)} does not decompress ({error})") from None
+
+
+def chunk_decoders(dataset: h5py.Dataset) -> list | None:
+    """Per filter of an HDF5 dataset, in the order HDF5 applies them, a function that undoes it on a chunk's bytes;
+    None when some filter is not one undone here (blosc with a compressor numcodecs has, deflate, shuffle)."""
+    plist = dataset.id.get_create_plist()
+    decoders = []
+    for position in range(plist.get_nfilters()):
+        code, _, options, _ = plist.get_filter(position)
+        if code == hdf5plugin.BLOSC_ID and blosc_codec(options) is not None:
+            decoders.append(numcodecs.blosc.decompress)  # without the GIL off the main thread
+        elif code == h5py.h5z.FILTER_DEFLATE:
+            decoders.append(zlib.decompress)
+        elif code == h5py.h5z.FILTER_SHUFFLE:
+            decoders.append(functools.partial(unshuffle, itemsize=dataset.dtype.itemsize))
+        else:
+            return None
+    return decoders
+
+
+def blosc_codec(options) -> numcodecs.Blosc | None:
+    """The numcodecs Blosc of an HDF5 blosc filter's options; None where numcodecs lacks its compressor."""
+    blosc = hdf5plugin.from_filter_options(hdf5plugin.BLOSC_ID, options)
+    if blosc.cname not in numcodecs.blosc.list_compressors():
+        return None
+    return numcodecs.Blosc(cname=blosc.cname, clevel=blosc.clevel, shuffle=blosc.shuffle)
+
+
+def unshuffle(data, itemsize: int):
+    """Undo HDF5's shuffle filter: it stores the first bytes of all elements, then the second bytes, ...; the
+    bytes after the last whole element stay as they are."""
+    if itemsize == 1:
+        return data
+    shuffled = np.frombuffer(data, np.uint8)
+    whole = len(shuffled) // itemsize * itemsize
+    out = np.empty_like(shuffled)
+    out[:whole].reshape(-1, itemsize)[:] = shuffled[:whole].reshape(itemsize, -1).T
+    out[whole:] = shuffled[whole:]
+    return out
 
 
 def open_zarr(path: Path, level: int = 0, cache_bytes: int = 0) -> ZarrVolume:

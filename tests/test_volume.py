@@ -11,8 +11,8 @@ import zarr
 
 from ink3d import InputError
 from ink3d.files import check_output, warn_if_short_of_space
-from ink3d.volume import (UINT16_TO_UINT8, chunks_of, create_volume, iter_blocks, open_dataset, parse_roi, read_crop,
-                          reset_unreadable_chunks, write_ome_zarr)
+from ink3d.volume import (UINT16_TO_UINT8, ChunkCache, Hdf5Volume, chunks_of, compression_options, create_volume, iter_blocks,
+                          open_dataset, parse_roi, read_crop, reset_unreadable_chunks, write_ome_zarr)
 
 
 @pytest.fixture
@@ -232,7 +232,7 @@ def test_threads_read_the_same_values_through_a_small_zarr_chunk_cache(tmp_path)
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(crops, range(8)))
-    assert sum(chunk.nbytes for chunk in scan._cache.values()) <= 3 * 4**3
+    assert sum(chunk.nbytes for chunk in scan.cache.values()) <= 3 * 4**3
 
 
 def test_a_chunk_two_threads_ask_for_at_once_is_decompressed_once(tmp_path):
@@ -275,3 +275,85 @@ def test_threads_read_different_zarr_chunks_side_by_side(tmp_path):
     with ThreadPoolExecutor(2) as pool:
         low, high = pool.submit(lambda: scan[0:4, 0:4, 0:4]), pool.submit(lambda: scan[4:8, 0:4, 0:4])
         assert np.array_equal(low.result(), values[:4, :4, :4]) and np.array_equal(high.result(), values[4:, :4, :4])
+
+
+HDF5_FILTERS = {  # create_dataset keywords, and whether the chunks are decompressed here (else through HDF5)
+    "none": ({}, True),
+    "gzip": ({"compression": "gzip"}, True),
+    "gzip with shuffle": ({"compression": "gzip", "shuffle": True}, True),
+    "blosc-lz4": (compression_options("blosc-lz4"), True),
+    "blosc-zstd": (compression_options("blosc-zstd"), True),
+    "blosc-lz4-byteshuffle": (compression_options("blosc-lz4-byteshuffle"), True),
+    "lzf": ({"compression": "lzf"}, False),
+    "gzip with fletcher32": ({"compression": "gzip", "fletcher32": True}, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("filters", HDF5_FILTERS)
+def test_hdf5_volumes_read_through_the_chunk_cache_as_hdf5_reads_them(tmp_path, filters, dtype):
+    options, decoded_here = HDF5_FILTERS[filters]
+    values = (np.random.default_rng(5).integers(0, 3, (11, 17, 18)) * 50.25 + 9).astype(dtype)  # compressible: through each filter
+    with h5py.File(tmp_path / "v.h5", "w") as file:
+        stored = file.create_dataset("ink", shape=values.shape, dtype=dtype, chunks=(4, 8, 8), fillvalue=7, **options)
+        stored[:8, :, :] = values[:8]  # the chunks beyond z 8 are never written: the fill value
+        assert stored.id.get_chunk_info_by_coord((0, 0, 0)).filter_mask == 0  # stored through every filter
+    values[8:] = 7
+    _, cached = open_dataset(tmp_path / "v.h5", "ink", cache_bytes=1 << 20)
+    assert isinstance(cached, Hdf5Volume) and (cached.decoders is not None) == decoded_here and cached.dtype == dtype
+    rng = np.random.default_rng(6)
+    padded = np.pad(values, 16)
+    for _ in range(40):
+        origin, shape = rng.integers(-3, 16, 3), rng.integers(1, 12, 3)
+        assert np.array_equal(read_crop(cached, origin, shape), padded[tuple(slice(o + 16, o + 16 + s) for o, s in zip(origin, shape))])
+    assert np.array_equal(cached[:], values) and np.array_equal(cached[3, ::2], values[3, ::2])  # the last through HDF5
+
+
+def test_a_uint16_hdf5_scan_reads_through_the_chunk_cache_as_uint8(dataset, tmp_path):
+    data, _ = dataset
+    _, scan = open_dataset(tmp_path / "v.h5", "scan_volume", cache_bytes=1 << 20)
+    assert scan.dtype == np.uint8 and np.array_equal(scan[1:5, 2:6, :], UINT16_TO_UINT8[data[1:5, 2:6, :]])
+    assert np.array_equal(scan[2, :, 3], UINT16_TO_UINT8[data[2, :, 3]])
+
+
+def test_an_hdf5_chunk_stored_without_its_filter_reads_as_hdf5_reads_it(tmp_path):
+    values = np.arange(4 * 4 * 8, dtype=np.uint8).reshape(4, 4, 8)
+    with h5py.File(tmp_path / "v.h5", "w") as file:
+        stored = create_volume(file, "predictions", values.shape, np.uint8, chunk=4)
+        stored[:, :, :4] = values[:, :, :4]
+        stored.id.write_direct_chunk((0, 0, 4), values[:, :, 4:].tobytes(), filter_mask=1)  # blosc skipped, as HDF5 may
+    with h5py.File(tmp_path / "v.h5", "r") as file:
+        assert np.array_equal(file["predictions"][:], values)
+    _, cached = open_dataset(tmp_path / "v.h5", "predictions", cache_bytes=1 << 20)
+    assert np.array_equal(cached[0:4, 0:4, 0:8], values)
+
+
+def test_a_damaged_hdf5_chunk_read_through_the_chunk_cache_is_named(tmp_path):
+    data = (np.arange(32**3).reshape(32, 32, 32) // 97).astype(np.uint8)  # compressible: chunks go through blosc
+    with h5py.File(tmp_path / "v.h5", "w") as file:
+        create_volume(file, "predictions", data.shape, np.uint8, chunk=16)[:] = data
+        info = file["predictions"].id.get_chunk_info_by_coord((16, 0, 0))
+    assert info.filter_mask == 0
+    with open(tmp_path / "v.h5", "r+b") as raw:  # the bytes of chunk (16, 0, 0) are lost
+        raw.seek(info.byte_offset)
+        raw.write(bytes(info.size))
+    _, cached = open_dataset(tmp_path / "v.h5", "predictions", cache_bytes=1 << 20)
+    assert np.array_equal(read_crop(cached, (0, 0, 0), (16, 32, 32)), data[:16])  # the chunks before it read
+    with pytest.raises(InputError, match=r"v\.h5\[predictions\] at \[15, 0, 0\]\.\.\[32, 32, 32\] failed .*\[16, 0, 0\] does not decompress"):
+        read_crop(cached, (15, 0, 0), (17, 32, 32))
+
+
+def test_threads_decompress_one_box_s_chunks_side_by_side():
+    started = {0: threading.Event(), 1: threading.Event()}  # by the chunk's index along x
+
+    def read_chunks(indices):
+        assert len(indices) == 1, "a thread took more than one chunk at a time"
+        started[indices[0][2]].set()
+        assert started[1 - indices[0][2]].wait(120), "one chunk waited for the other"  # both under way at once (never near 120 s)
+        return {index: np.full((2, 2, 2), index[2], np.uint8) for index in indices}
+
+    cache = ChunkCache((2, 2, 4), (2, 2, 2), np.uint8, 1 << 20, read_chunks)
+    with ThreadPoolExecutor(2) as pool:
+        boxes = [pool.submit(cache.read, [(0, 2), (0, 2), (0, 4)]) for _ in range(2)]
+        expected = np.repeat(np.array([0, 1], np.uint8), 2)[None, None].repeat(2, 0).repeat(2, 1)
+        assert all(np.array_equal(box.result(), expected) for box in boxes)
