@@ -308,9 +308,9 @@ class ZarrVolume(Uint8View):
 
 class Hdf5Volume:
     """An HDF5 dataset read through a `ChunkCache`, its chunks read raw and decompressed here: HDF5 runs its filters
-    inside h5py's lock, which also holds Python's, so threads would decompress one chunk at a time, while numcodecs'
-    blosc and zlib decompress without them, side by side (and blosc at about half the CPU time it takes through
-    HDF5). Chunks never written read as the fill value; chunks whose filters are not decoded here (`chunk_decoders`)
+    inside h5py's lock, one call at a time in a process, so threads would decompress one chunk at a time, while
+    numcodecs' blosc and zlib decompress outside it, side by side (and blosc at about half the CPU time it takes
+    through HDF5). Chunks never written read as the fill value; chunks whose filters are not decoded here (`chunk_decoders`)
     are read whole through HDF5. A uint16 scan reads as uint8 (`lut`: `UINT16_TO_UINT8`). Keys other than boxes of
     slices with step 1 read through HDF5."""
 
