@@ -22,13 +22,15 @@ and the printed summary give its median and quartiles. Predicted ink that peaks 
 
 Work goes in square tiles of pixels, sampled by `--workers` threads a few at a time; each tile reads
 only the bounding box of its samples inside the volume, in an order that keeps neighbouring tiles'
-chunks in a cache of decompressed chunks (`volume.ChunkCache`), so that each chunk is decompressed about
-once per segment, by whichever thread first needs it, the threads decompressing side by side.
+chunks in a cache of decompressed chunks (`volume.ChunkCache`; row by row, in bands of columns as wide as
+`--cache_mb` holds), so that each chunk is decompressed about once per segment, by whichever thread first
+needs it, the threads decompressing side by side.
 """
 
 import collections
 import contextlib
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -183,7 +185,7 @@ def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int
                 None if depth is None else peak_depth(samples, inside, offsets, depth_threshold),
                 None if layers is None else _to_uint8(samples))
 
-    origins = [(row, col) for row in range(0, ppm.height, tile) for col in range(0, ppm.width, tile)]
+    origins = tile_origins(ppm.height, ppm.width, tile, getattr(dataset, "cache", None))
     threads = workers or os.cpu_count() or 1
 
     def store(tile_box, image_tile, mask_tile, depth_tile, layers_tile):
@@ -195,7 +197,7 @@ def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int
         bar.update(image_tile.size)
 
     in_flight = collections.deque()
-    with ThreadPoolExecutor(threads) as pool:  # numpy and HDF5's decompression release the GIL
+    with ThreadPoolExecutor(threads) as pool:  # numpy and the chunks' decompression release the GIL
         for origin in origins:  # a few tiles in flight at a time (bounded memory), stored in order as they finish
             in_flight.append(pool.submit(flatten_tile, origin))
             if len(in_flight) >= 4 * threads:
@@ -206,6 +208,20 @@ def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int
         layers.flush()
         del layers
     return image, mask, depth
+
+
+def tile_origins(height: int, width: int, tile: int, cache=None) -> list[tuple[int, int]]:
+    """The (row, col) origins of a segment's tiles in bands of columns, each band row by row. A row of tiles and the
+    next read mostly the same chunks, so a band is as wide as lets two rows' chunks stay in the volume's `cache` (a
+    `volume.ChunkCache`): (tile / c + 1) x (2 tile / c + 1) chunks of smallest edge c per column of tiles, what a
+    flat surface at any angle may read (a curved segment reads about half). Without a cache: one band, row by row."""
+    band = width
+    if cache is not None:
+        edge = min(cache.chunks)
+        per_column = (tile / edge + 1) * (2 * tile / edge + 1) * math.prod(cache.chunks) * cache.dtype.itemsize
+        band = max(1, int(cache.cache_bytes // per_column)) * tile
+    return [(row, col) for start in range(0, width, band) for row in range(0, height, tile)
+            for col in range(start, min(start + band, width), tile)]
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 from scipy import ndimage
+from tqdm import tqdm
 
 import connected_components_explore
 import export_slices
@@ -141,6 +142,35 @@ def test_flatten_keeps_freed_memory_before_it_reads(tmp_path, linear_volume, mon
     _tilted_segment(tmp_path)
     _flatten(tmp_path, "--tile", "4")
     assert events[0] == "keep" and events.count("keep") == 1 and events.count("read") == 6
+
+
+def test_tiles_go_in_bands_of_columns_that_fit_the_chunk_cache():
+    cache = volume.ChunkCache((8, 8, 20), (4, 4, 4), np.uint8, 2 * 6 * 4**3, read_chunks=None)  # 6 chunks a column of tiles
+    assert flatten_3d.tile_origins(8, 20, 4, cache) == [(0, 0), (0, 4), (4, 0), (4, 4), (0, 8), (0, 12), (4, 8), (4, 12),
+                                                        (0, 16), (4, 16)]
+    assert flatten_3d.tile_origins(8, 20, 4) == [(row, col) for row in (0, 4) for col in range(0, 20, 4)]
+
+
+@pytest.mark.parametrize("in_bands", [True, False])
+def test_a_segment_wider_than_the_chunk_cache_decompresses_each_chunk_about_once(tmp_path, monkeypatch, in_bands):
+    """A flat segment 400 pixels wide whose rows of tiles share a row of chunks: through a cache of 40 of its 300
+    chunks, row by row would read the shared row again; in bands of columns it stays in the cache."""
+    with h5py.File(tmp_path / "wide.h5", "w") as file:
+        volume.create_volume(file, volume.PREDICTIONS, (16, 24, 408), np.uint8, chunk=8)[:] = 100
+    rows, cols = np.mgrid[0:16, 0:400].astype(np.float64)
+    data = np.zeros((16, 400, 6))
+    data[..., 0], data[..., 1], data[..., 2], data[..., 5] = cols + 0.5, rows + 4.5, 8.5, 1  # xyz, the normal along z
+    write_ppm(tmp_path / "wide.ppm", data)
+    _, opened = volume.open_dataset(tmp_path / "wide.h5", volume.PREDICTIONS, cache_bytes=40 * 8**3)
+    decompressed = []
+    chunk = opened._chunk
+    monkeypatch.setattr(opened, "_chunk", lambda index: decompressed.append(index) or chunk(index))
+    if not in_bands:
+        monkeypatch.setattr(flatten_3d, "tile_origins", lambda height, width, tile, cache: [
+            (row, col) for row in range(0, height, tile) for col in range(0, width, tile)])
+    image = flatten_3d.flatten_segment(opened, tmp_path / "wide.ppm", 2, "mean", 8, tqdm(disable=True), None)[0]
+    assert (image == 100).all() and len(set(decompressed)) == 2 * 3 * 51  # z 6-11, y 4-20, x 0-401
+    assert (len(decompressed) <= 1.1 * 306) if in_bands else (len(decompressed) >= 1.3 * 306)
 
 
 def test_flattening_ground_truth_reproduces_inklabels(synthetic_scroll, scroll_info, tmp_path):
