@@ -218,8 +218,8 @@ def tile_origins(height: int, width: int, tile: int, cache=None) -> list[tuple[i
     band = width
     if cache is not None:
         edge = min(cache.chunks)
-        per_column = (tile / edge + 1) * (2 * tile / edge + 1) * math.prod(cache.chunks) * cache.dtype.itemsize
-        band = max(1, int(cache.cache_bytes // per_column)) * tile
+        column_bytes = (tile / edge + 1) * (2 * tile / edge + 1) * math.prod(cache.chunks) * cache.dtype.itemsize
+        band = max(1, int(cache.cache_bytes // column_bytes)) * tile
     return [(row, col) for start in range(0, width, band) for row in range(0, height, tile)
             for col in range(start, min(start + band, width), tile)]
 
