@@ -312,10 +312,7 @@ def _chunk_codecs(*datasets: h5py.Dataset) -> tuple | None:
 
 def _read_chunk(dataset: h5py.Dataset, origin: tuple[int, ...], codec, dtype) -> np.ndarray:
     """A stored whole chunk, flat. Blosc (de)compresses without the GIL, HDF5's filters do not."""
-    filter_mask, stored = dataset.id.read_direct_chunk(origin)
-    if codec is not None and not filter_mask & 1:  # bit set: HDF5 kept the chunk uncompressed
-        stored = codec.decode(stored)
-    return np.frombuffer(stored, dtype)
+    return np.frombuffer(volume.read_raw_chunk(dataset, origin, [] if codec is None else [codec.decode]), dtype)
 
 
 def _write_chunk(dataset: h5py.Dataset, origin: tuple[int, ...], codec, chunk: np.ndarray) -> None:

@@ -346,14 +346,20 @@ class Hdf5Volume:
         return values if self._lut is None else self._lut[values]
 
     def _decode(self, origin: tuple[int, ...]) -> np.ndarray:
-        skipped, data = self.dataset.id.read_direct_chunk(origin)
         try:
-            for position in range(len(self.decoders) - 1, -1, -1):  # the filters undone last to first
-                if not skipped & (1 << position):  # a set bit: HDF5 skipped that filter on this chunk
-                    data = self.decoders[position](data)
-            return np.frombuffer(data, self.dataset.dtype).reshape(self.chunks)
+            return np.frombuffer(read_raw_chunk(self.dataset, origin, self.decoders), self.dataset.dtype).reshape(self.chunks)
         except (RuntimeError, ValueError, zlib.error) as error:
             raise OSError(f"the chunk at {list(origin)} does not decompress ({error})") from None
+
+
+def read_raw_chunk(dataset: h5py.Dataset, origin: tuple[int, ...], decoders):
+    """The bytes of the stored chunk at `origin`, read as stored and decoded here by `decoders` (one per filter of the
+    dataset, see chunk_decoders), last to first, but for the filters HDF5 skipped on this chunk."""
+    skipped, data = dataset.id.read_direct_chunk(origin)
+    for position in range(len(decoders) - 1, -1, -1):
+        if not skipped & (1 << position):  # a set bit: HDF5 skipped that filter on this chunk
+            data = decoders[position](data)
+    return data
 
 
 def chunk_decoders(dataset: h5py.Dataset) -> list | None:

@@ -344,7 +344,7 @@ def test_a_damaged_hdf5_chunk_read_through_the_chunk_cache_is_named(tmp_path):
         read_crop(cached, (15, 0, 0), (17, 32, 32))
 
 
-def test_threads_decompress_one_box_s_chunks_side_by_side():
+def test_threads_decompress_the_chunks_of_one_box_side_by_side():
     started = {0: threading.Event(), 1: threading.Event()}  # by the chunk's index along x
 
     def read_chunks(indices):
