@@ -137,18 +137,23 @@ def peak_depth(samples: np.ndarray, inside: np.ndarray, offsets: np.ndarray, thr
     """Per pixel, the offset where the samples (T, ...) inside the volume peak, refined by the parabola through the
     peak and its two neighbours; NaN where the peak is below `threshold` or no sample is inside."""
     values = samples if inside.all() else np.where(inside, samples, -np.inf)
-    top = values.max(axis=0)
-    peak = np.zeros(top.shape, np.intp)
-    for k in range(len(values) - 1, -1, -1):  # the first layer reaching the top, as argmax finds it (but ~2x faster)
-        np.copyto(peak, k, where=values[k] == top)
-    before = np.take_along_axis(values, np.maximum(peak - 1, 0)[None], 0)[0]
-    after = np.take_along_axis(values, np.minimum(peak + 1, len(offsets) - 1)[None], 0)[0]
+    layers = len(values)
+    flat = values.reshape(layers, -1)
+    top = flat.max(axis=0)
+    # the first layer reaching the top, as argmax finds it (~2x faster): the highest rank, layers - k, of those at the top
+    rank = np.arange(layers, 0, -1, dtype=np.uint8 if layers < 256 else np.int64)[:, None]
+    peak = layers - np.max((flat == top) * rank, axis=0).astype(np.intp)
+    pixels = flat.shape[1]
+    column = np.arange(pixels)
+    at = peak * pixels + column  # where each pixel's peak lies in `flat`, read as one array
+    before = np.take(flat, np.maximum(at - pixels, column))
+    after = np.take(flat, np.minimum(at + pixels, column + (layers - 1) * pixels))
     with np.errstate(invalid="ignore", divide="ignore"):  # -inf marks samples outside the volume
         curvature = before - 2 * top + after
-        interior = (peak > 0) & (peak < len(offsets) - 1) & np.isfinite(before) & np.isfinite(after) & (curvature < 0)
+        interior = (peak > 0) & (peak < layers - 1) & np.isfinite(before) & np.isfinite(after) & (curvature < 0)
         shift = np.where(interior, 0.5 * (before - after) / np.where(interior, curvature, 1), 0.0)
-    depth = (offsets[peak] + shift * (offsets[1] - offsets[0] if len(offsets) > 1 else 0)).astype(np.float32)
-    return np.where(top >= threshold, depth, np.float32(np.nan))
+    depth = (offsets[peak] + shift * (offsets[1] - offsets[0] if layers > 1 else 0)).astype(np.float32)
+    return np.where(top >= threshold, depth, np.float32(np.nan)).reshape(values.shape[1:])
 
 
 def depth_summary(depth: np.ndarray) -> dict:

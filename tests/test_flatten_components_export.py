@@ -369,11 +369,12 @@ def test_depth_map_finds_the_ink_at_its_offset_and_warns_when_it_lies_behind(tmp
     assert np.isnan(tifffile.imread(tmp_path / "flat" / "s_high_depth.tif")).all()  # the peaks are 200 / 255 < 0.9
 
 
-def test_peak_depth_equals_a_per_pixel_loop_with_ties_and_samples_outside():
+@pytest.mark.parametrize("band", [3, 150])  # 7 layers, and more than a byte counts
+def test_peak_depth_equals_a_per_pixel_loop_with_ties_and_samples_outside(band):
     """Each pixel's depth by a plain loop over its samples: the first highest sample inside the volume, refined by the
     parabola through it and its neighbours when both are inside and it bends down; NaN below the threshold."""
     rng = np.random.default_rng(3)
-    offsets = np.arange(-3.0, 4.0)
+    offsets = np.arange(-band, band + 1.0)
     samples = rng.integers(0, 4, (len(offsets), 9, 11)).astype(np.float32)  # few values: many ties
     inside = rng.random(samples.shape) > 0.2
     inside[:, 0, 0] = False
