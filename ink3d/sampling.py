@@ -43,7 +43,7 @@ def trilinear(box: np.ndarray, coordinates: np.ndarray, origin: np.ndarray, chun
         s += f[2]
         np.subtract(s, origin_index, out=i, casting="unsafe")
         for corner, box_from_corner in zip(values[..., :n].reshape(8, n), shifted):
-            np.take(box_from_corner, i, out=corner, mode="clip")  # outside the box: some voxel, masked by callers
+            box_from_corner.take(i, out=corner, mode="clip")  # outside the box: some voxel, masked by callers
         np.copyto(t, values[..., :n])  # exact; then multiplied in place: ~1.7x faster than a product of uint8 and float64
         t *= w[:, None, None, 0]
         t *= w[None, :, None, 1]
