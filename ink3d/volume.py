@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 import hdf5plugin
 import numcodecs
+import numcodecs.zstd
 import numpy as np
 import zarr
 
@@ -250,16 +251,24 @@ class ZarrVolume(Uint8View):
 
     With `cache_bytes`, a box (slices of step 1) is read through a `ChunkCache`: zarr decompresses every chunk that
     a read touches, each time, so neighbouring reads (a segment's tiles, overlapping windows) would decompress the
-    chunks they share again and again. A box's missing chunks are read in one call where they fill the box they span."""
+    chunks they share again and again. The cache reads an array in a local folder whose chunks are stored through one
+    compressor (`stored_chunk_decoder`) a chunk at a time from its file, decompressed by numcodecs (~1.8x faster for
+    flatten_3d than through zarr, whose machinery costs ~3 ms a chunk and lets threads decompress little side by side);
+    any other array through zarr, a box's missing chunks in one call where they fill the box they span."""
 
     def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0), count_absent: bool = True, cache_bytes: int = 0):
         super().__init__(array, where, scale)
         root = getattr(array.store, "root", None)
-        self._folder = None if root is None or not count_absent else Path(root) / array.path
+        self._stored_in = None if root is None else Path(root) / array.path  # a local store: the array's folder
+        self._folder = self._stored_in if count_absent else None
         self._stored = tuple(getattr(array, "shards", None) or self.chunks)  # a sharded array stores a file per shard
         self._grid = tuple(-(-size // chunk) for size, chunk in zip(self.shape, self._stored))
         self._seen, self.absent = set(), 0
-        self.cache = ChunkCache(self.shape, self.chunks, self.dtype, cache_bytes, self._read, together=True) if cache_bytes else None
+        self.cache, self.decoder = None, None
+        if cache_bytes:
+            self.decoder = None if self._stored_in is None else stored_chunk_decoder(array)
+            read, together = (self._read, True) if self.decoder is None else (self._read_stored, False)
+            self.cache = ChunkCache(self.shape, self.chunks, self.dtype, cache_bytes, read, together)
 
     def __getitem__(self, key) -> np.ndarray:
         if self._folder is not None:
@@ -281,6 +290,25 @@ class ZarrVolume(Uint8View):
                 values = span[tuple(slice(o, o + c) for o, c in zip(offset, chunk))]
                 read[index] = values if int(np.prod(last - first)) == 1 else values.copy()  # a view would keep the whole read alive
         return read
+
+    def _read_stored(self, missing: list[tuple[int, ...]]) -> dict:
+        return {index: self._stored_chunk(index) for index in missing}
+
+    def _stored_chunk(self, index: tuple[int, ...]) -> np.ndarray:
+        """A chunk read from its file (one never written: the fill value), clipped to the volume."""
+        decode, dtype, fill = self.decoder
+        inside = tuple(slice(0, min(c, size - i * c)) for i, c, size in zip(index, self.chunks, self.shape))  # edge chunks are stored whole
+        path = self._stored_in / self.array.metadata.encode_chunk_key(index)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            values = np.broadcast_to(np.asarray(fill, dtype), [part.stop for part in inside])
+        else:
+            try:
+                values = np.frombuffer(decode(data), dtype).reshape(self.chunks)[inside]
+            except (RuntimeError, ValueError, EOFError, zlib.error) as error:
+                raise OSError(f"the chunk {path} does not decompress ({error})") from None
+        return values if self._lut is None else self._lut[values]
 
     def _count_absent(self, key) -> None:
         key = key if isinstance(key, tuple) else (key,)
@@ -401,6 +429,34 @@ def unshuffle(data, itemsize: int):
     return out
 
 
+ZARR_V3_DECODERS = {zarr.codecs.BloscCodec: numcodecs.blosc.decompress, zarr.codecs.ZstdCodec: numcodecs.zstd.decompress,
+                    zarr.codecs.GzipCodec: numcodecs.GZip().decode}
+
+
+def stored_chunk_decoder(array: zarr.Array) -> tuple | None:
+    """How a chunk file of a zarr array is read without zarr: (decode its bytes, the dtype they hold, the fill
+    value); None unless the chunks are stored whole through one compressor numcodecs decodes (zarr v2: no filters,
+    C order; v3: bytes, then blosc, zstd or gzip: not sharded)."""
+    metadata = array.metadata
+    fill = 0 if metadata.fill_value is None else metadata.fill_value
+    if metadata.zarr_format == 2:
+        if metadata.filters or metadata.order != "C":
+            return None
+        return (_as_stored if metadata.compressor is None else metadata.compressor.decode), metadata.dtype.to_native_dtype(), fill
+    serializer, *compressors = metadata.codecs
+    if not isinstance(serializer, zarr.codecs.BytesCodec) or len(compressors) > 1:
+        return None
+    dtype = metadata.data_type.to_native_dtype()
+    if serializer.endian is not None:
+        dtype = dtype.newbyteorder("<" if serializer.endian.value == "little" else ">")
+    decode = ZARR_V3_DECODERS.get(type(compressors[0])) if compressors else _as_stored
+    return None if decode is None else (decode, dtype, fill)
+
+
+def _as_stored(data: bytes) -> bytes:
+    return data
+
+
 def open_zarr(path: Path, level: int = 0, cache_bytes: int = 0) -> ZarrVolume:
     """A zarr array, or level `level` of an OME-Zarr multiscale group (axes from its metadata), read through a cache
     of `cache_bytes` of decompressed chunks if given."""
@@ -438,7 +494,7 @@ def open_zarr(path: Path, level: int = 0, cache_bytes: int = 0) -> ZarrVolume:
         raise InputError(f"{where}: axes {axes}; the pipeline reads volumes with axes z, y, x")
     if node.ndim != 3:
         raise InputError(f"{where}: shape {node.shape}, expected 3 axes (z, y, x)")
-    if node.dtype not in (np.uint8, np.uint16):
+    if np.dtype(node.dtype).newbyteorder("=") not in (np.uint8, np.uint16):  # either byte order
         raise InputError(f"{where}: dtype {node.dtype}; volumes must be uint8 or uint16")
     opened = ZarrVolume(node, where, scale, count_absent=not sparse, cache_bytes=cache_bytes)
     opened.voxel_size = voxel_size

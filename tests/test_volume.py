@@ -5,6 +5,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
+import numcodecs
 import numpy as np
 import pytest
 import zarr
@@ -120,10 +121,10 @@ def test_a_short_disk_is_warned_about(tmp_path, monkeypatch):
         warn_if_short_of_space(tmp_path / "out.h5", 2 * 10**9)
 
 
-def _ome_v04(path, values, axes=("z", "y", "x")):
+def _ome_v04(path, values, axes=("z", "y", "x"), filters=None):
     """An OME-Zarr 0.4 group (zarr v2), as the scroll data server publishes volumes."""
     group = zarr.open_group(str(path), mode="w", zarr_format=2)
-    group.create_array("0", shape=values.shape, chunks=(4, 4, 4), dtype=values.dtype)[:] = values
+    group.create_array("0", shape=values.shape, chunks=(4, 4, 4), dtype=values.dtype, filters=filters)[:] = values
     group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a, "type": "space"} for a in axes], "datasets": [{"path": "0"}]}]
     return path
 
@@ -191,35 +192,66 @@ def _chunks_of_aligned(box, shape, chunk: int) -> list[tuple]:
     return list(itertools.product(*(range(start // chunk, -(-stop // chunk)) for start, stop in box)))
 
 
-def test_zarr_reads_through_the_chunk_cache_decompress_each_chunk_once(tmp_path):
+class _ChunkReadSpy:
+    """Stands in for the chunk reader of a volume's chunk cache: records the chunks read, in order, after `before`."""
+
+    def __init__(self, scan, before=lambda index: None):
+        self.read, self._read, self._before = [], scan.cache._read_chunks, before
+        scan.cache._read_chunks = self
+
+    def __call__(self, missing):
+        for index in missing:
+            self._before(index)
+        self.read.extend(missing)
+        return self._read(missing)
+
+
+CHUNK_READERS = ["chunk files", "zarr"]  # how a cached zarr volume reads its chunks: here from their files, or through zarr
+
+
+def _cached_ome_v04(path, values, reader, cache_bytes):
+    """An OME-Zarr 0.4 volume read through a chunk cache; "zarr": a filter the chunk files are not read with."""
+    filters = [numcodecs.Delta(values.dtype)] if reader == "zarr" else None
+    _, scan = open_dataset(_ome_v04(path, values, filters=filters), "scan_volume", cache_bytes=cache_bytes)
+    assert (scan.decoder is not None) == (reader == "chunk files")
+    return scan
+
+
+@pytest.mark.parametrize("reader", CHUNK_READERS)
+def test_zarr_reads_through_the_chunk_cache_decompress_each_chunk_once(tmp_path, reader):
     values = np.random.default_rng(0).integers(0, 65536, (9, 10, 11)).astype(np.uint16)
-    _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=1 << 20)
+    scan = _cached_ome_v04(tmp_path / "v.zarr", values, reader, 1 << 20)
+    chunks = _ChunkReadSpy(scan)
     spy = scan.array = _ReadSpy(scan.array)
     expected = UINT16_TO_UINT8[values]
     rng = np.random.default_rng(1)
+    touched = set()
     for _ in range(60):
         origin, shape = rng.integers(-3, 10, 3), rng.integers(1, 8, 3)
         assert np.array_equal(read_crop(scan, origin, shape), np.pad(expected, 12)[tuple(slice(o + 12, o + 12 + s) for o, s in zip(origin, shape))])
+        low, high = np.maximum(origin, 0), np.minimum(origin + shape, values.shape)
+        if np.all(high > low):
+            touched |= set(itertools.product(*(range(a // 4, -(-b // 4)) for a, b in zip(low, high))))
     assert np.array_equal(scan[2:7], expected[2:7]) and np.array_equal(scan[:, 3:9], expected[:, 3:9]) and scan[5:5].shape == (0, 10, 11)
-    read = [index for box in spy.boxes() for index in _chunks_of_aligned(box, values.shape, 4)]
-    assert len(read) == len(set(read)) == len({index for index in np.ndindex(3, 3, 3)} & set(read))  # each chunk read once
-    spy.keys.clear()
+    assert sorted(chunks.read) == sorted(touched | set(itertools.product(range(3), range(3), range(3))))  # each chunk read once
     assert scan[1, 2:4, :].tolist() == expected[1, 2:4, :].tolist() and scan[::2, 0, 0].tolist() == expected[::2, 0, 0].tolist()
-    assert spy.keys == [(1, slice(2, 4), slice(None)), (slice(None, None, 2), 0, 0)]  # other keys are read as they are
+    assert spy.keys[-2:] == [(1, slice(2, 4), slice(None)), (slice(None, None, 2), 0, 0)]  # other keys are read as they are
 
 
-def test_the_zarr_chunk_cache_drops_the_least_recently_used_chunk(tmp_path):
+@pytest.mark.parametrize("reader", CHUNK_READERS)
+def test_the_zarr_chunk_cache_drops_the_least_recently_used_chunk(tmp_path, reader):
     values = np.arange(4 * 4 * 16, dtype=np.uint8).reshape(4, 4, 16)
-    _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=2 * 4**3)  # two chunks
-    spy = scan.array = _ReadSpy(scan.array)
+    scan = _cached_ome_v04(tmp_path / "v.zarr", values, reader, 2 * 4**3)  # two chunks
+    chunks = _ChunkReadSpy(scan)
     for chunk in (0, 1, 0, 2, 0, 1):  # 2 drops 1 (0 was used since); 1 then drops 2
         assert np.array_equal(scan[:, :, 4 * chunk:4 * chunk + 4], values[:, :, 4 * chunk:4 * chunk + 4])
-    assert [box[2][0] // 4 for box in spy.boxes()] == [0, 1, 2, 1]
+    assert [index[2] for index in chunks.read] == [0, 1, 2, 1]
 
 
-def test_threads_read_the_same_values_through_a_small_zarr_chunk_cache(tmp_path):
+@pytest.mark.parametrize("reader", CHUNK_READERS)
+def test_threads_read_the_same_values_through_a_small_zarr_chunk_cache(tmp_path, reader):
     values = np.random.default_rng(2).integers(0, 256, (12, 12, 12)).astype(np.uint8)
-    _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=3 * 4**3)  # 3 of 27 chunks: evictions
+    scan = _cached_ome_v04(tmp_path / "v.zarr", values, reader, 3 * 4**3)  # 3 of 27 chunks: evictions
 
     def crops(seed: int) -> bool:
         rng = np.random.default_rng(seed)
@@ -235,19 +267,18 @@ def test_threads_read_the_same_values_through_a_small_zarr_chunk_cache(tmp_path)
     assert sum(chunk.nbytes for chunk in scan.cache.values()) <= 3 * 4**3
 
 
-def test_a_chunk_two_threads_ask_for_at_once_is_decompressed_once(tmp_path):
+@pytest.mark.parametrize("reader", CHUNK_READERS)
+def test_a_chunk_two_threads_ask_for_at_once_is_decompressed_once(tmp_path, reader):
     values = np.random.default_rng(3).integers(0, 256, (8, 8, 8)).astype(np.uint8)
-    _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=1 << 20)
+    scan = _cached_ome_v04(tmp_path / "v.zarr", values, reader, 1 << 20)
     reading, asked = threading.Event(), threading.Event()
 
-    class SlowRead(_ReadSpy):
-        def __getitem__(self, key):
-            reading.set()
-            asked.wait(5)  # the other thread asks for the same chunk while this read is under way
-            time.sleep(0.1)
-            return super().__getitem__(key)
+    def slowly(index):
+        reading.set()
+        asked.wait(5)  # the other thread asks for the same chunk while this read is under way
+        time.sleep(0.1)
 
-    spy = scan.array = SlowRead(scan.array)
+    chunks = _ChunkReadSpy(scan, slowly)
 
     def ask_while_it_is_read():
         reading.wait(5)
@@ -257,24 +288,77 @@ def test_a_chunk_two_threads_ask_for_at_once_is_decompressed_once(tmp_path):
     with ThreadPoolExecutor(2) as pool:
         first, second = pool.submit(lambda: scan[0:4, 0:4, 0:4]), pool.submit(ask_while_it_is_read)
         assert np.array_equal(first.result(), values[:4, :4, :4]) and np.array_equal(second.result(), values[:4, :4, :4])
-    assert spy.keys == [(slice(0, 4), slice(0, 4), slice(0, 4))]
+    assert chunks.read == [(0, 0, 0)]
 
 
-def test_threads_read_different_zarr_chunks_side_by_side(tmp_path):
+@pytest.mark.parametrize("reader", CHUNK_READERS)
+def test_threads_read_different_zarr_chunks_side_by_side(tmp_path, reader):
     values = np.random.default_rng(4).integers(0, 256, (8, 8, 8)).astype(np.uint8)
-    _, scan = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume", cache_bytes=1 << 20)
-    started = {0: threading.Event(), 4: threading.Event()}  # by the first z of the chunk read
+    scan = _cached_ome_v04(tmp_path / "v.zarr", values, reader, 1 << 20)
+    started = {0: threading.Event(), 1: threading.Event()}  # by the chunk's z index
 
-    class MeetingRead(_ReadSpy):
-        def __getitem__(self, key):
-            started[key[0].start].set()
-            assert started[4 - key[0].start].wait(120), "one read waited for the other"  # both under way at once (never near 120 s)
-            return super().__getitem__(key)
+    def meeting(index):
+        started[index[0]].set()
+        assert started[1 - index[0]].wait(120), "one read waited for the other"  # both under way at once (never near 120 s)
 
-    scan.array = MeetingRead(scan.array)
+    chunks = _ChunkReadSpy(scan, meeting)
     with ThreadPoolExecutor(2) as pool:
         low, high = pool.submit(lambda: scan[0:4, 0:4, 0:4]), pool.submit(lambda: scan[4:8, 0:4, 0:4])
         assert np.array_equal(low.result(), values[:4, :4, :4]) and np.array_equal(high.result(), values[4:, :4, :4])
+    assert sorted(chunks.read) == [(0, 0, 0), (1, 0, 0)]
+
+
+ZARR_FORMATS = {  # zarr format, create_array keywords, and whether the cache reads the chunk files itself
+    "v2 blosc": (2, {}, True),
+    "v2 zstd": (2, {"compressors": numcodecs.Zstd(level=3)}, True),
+    "v2 gzip": (2, {"compressors": numcodecs.GZip()}, True),
+    "v2 uncompressed": (2, {"compressors": None}, True),
+    "v2 nested keys": (2, {"chunk_key_encoding": {"name": "v2", "separator": "/"}}, True),
+    "v2 delta filter": (2, {"filters": [numcodecs.Delta("u2")]}, False),
+    "v3 zstd": (3, {}, True),
+    "v3 blosc": (3, {"compressors": zarr.codecs.BloscCodec(cname="lz4", shuffle="bitshuffle")}, True),
+    "v3 gzip": (3, {"compressors": zarr.codecs.GzipCodec()}, True),
+    "v3 uncompressed": (3, {"compressors": None}, True),
+    "v3 sharded": (3, {"shards": (8, 16, 16)}, False),
+    "v3 checksummed": (3, {"compressors": [zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec()]}, False),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*absent from the store")
+@pytest.mark.parametrize("dtype, order", [(np.uint8, None), (np.uint16, "little"), (np.uint16, "big")])
+@pytest.mark.parametrize("form", ZARR_FORMATS)
+def test_zarr_chunk_files_read_here_as_zarr_reads_them(tmp_path, form, dtype, order):
+    zarr_format, options, read_here = ZARR_FORMATS[form]
+    values = (np.random.default_rng(6).integers(0, 3, (11, 17, 18)) * 20000 + 9).astype(dtype)
+    if zarr_format == 2:
+        options = {"dtype": np.dtype(dtype).newbyteorder("<" if order == "little" else ">"), **options}
+    else:
+        options = {"dtype": dtype, "serializer": zarr.codecs.BytesCodec(endian=order), **options}
+    if "filters" in options:
+        options["filters"] = [numcodecs.Delta(options["dtype"])]
+    array = zarr.create_array(str(tmp_path / "v.zarr"), shape=values.shape, chunks=(4, 8, 8), fill_value=7,
+                              zarr_format=zarr_format, **options)
+    array[:8] = values[:8]  # the chunks beyond z 8 are never written: the fill value
+    expected = values.copy()
+    expected[8:] = 7
+    expected = UINT16_TO_UINT8[expected] if dtype == np.uint16 else expected
+    _, scan = open_dataset(tmp_path / "v.zarr", "scan_volume", cache_bytes=1 << 20)
+    assert (scan.decoder is not None) == read_here, form
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        origin, shape = rng.integers(-2, 16, 3), rng.integers(1, 9, 3)
+        assert np.array_equal(read_crop(scan, origin, shape, fill=3), np.pad(expected, 20, constant_values=3)[
+            tuple(slice(o + 20, o + 20 + s) for o, s in zip(origin, shape))]), (origin, shape)
+
+
+def test_a_damaged_zarr_chunk_file_is_named(tmp_path):
+    values = np.random.default_rng(8).integers(0, 256, (8, 8, 8)).astype(np.uint8)
+    path = _ome_v04(tmp_path / "v.zarr", values)
+    (path / "0" / "1.0.0").write_bytes(b"not a blosc frame")
+    _, scan = open_dataset(path, "scan_volume", cache_bytes=1 << 20)
+    assert np.array_equal(read_crop(scan, (0, 0, 0), (4, 8, 8)), values[:4])
+    with pytest.raises(InputError, match=r"v.zarr level 0 .* at \[4, 0, 0\]\.\.\[8, 8, 8\] failed \(the chunk .*1\.0\.0 does not decompress"):
+        read_crop(scan, (4, 0, 0), (4, 8, 8))
 
 
 HDF5_FILTERS = {  # create_dataset keywords, and whether the chunks are decompressed here (else through HDF5)
