@@ -344,6 +344,8 @@ def test_zarr_chunk_files_read_here_as_zarr_reads_them(tmp_path, form, dtype, or
     expected = UINT16_TO_UINT8[expected] if dtype == np.uint16 else expected
     _, scan = open_dataset(tmp_path / "v.zarr", "scan_volume", cache_bytes=1 << 20)
     assert (scan.decoder is not None) == read_here, form
+    _, uncached = open_dataset(tmp_path / "v.zarr", "scan_volume")  # through zarr
+    assert np.array_equal(uncached[:], expected)
     rng = np.random.default_rng(7)
     for _ in range(40):
         origin, shape = rng.integers(-2, 16, 3), rng.integers(1, 9, 3)
