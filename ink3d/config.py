@@ -14,6 +14,7 @@ and returns the resolved values as a namespace with lower-case names. Booleans t
 full, and numbers must lie in the range `LIMITS` declares for their name.
 """
 
+import _thread
 import argparse
 import ast
 import json
@@ -21,6 +22,7 @@ import math
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -245,13 +247,31 @@ def _released_hdf5_object(error: BaseException | None, traceback) -> bool:
 
 
 def _quiet_unraisable(unraisable) -> None:
-    if not _released_hdf5_object(unraisable.exc_value, unraisable.exc_traceback) and "h5py._objects.ObjectID" not in repr(unraisable.object):
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        _interrupt_again()
+    elif not _released_hdf5_object(unraisable.exc_value, unraisable.exc_traceback) and "h5py._objects.ObjectID" not in repr(unraisable.object):
         sys.__unraisablehook__(unraisable)
 
 
 def _quiet_excepthook(kind, error, traceback) -> None:  # Cython prints an error in __dealloc__ through sys.excepthook
-    if not _released_hdf5_object(error, traceback):
+    if issubclass(kind, KeyboardInterrupt):
+        _interrupt_again()
+    elif not _released_hdf5_object(error, traceback):
         sys.__excepthook__(kind, error, traceback)
+
+
+_stage_ended = threading.Event()  # run_main's stage returned or stopped: no Ctrl-C to deliver any more
+
+
+def _interrupt_again() -> None:
+    """A Ctrl-C that landed in a finalizer (an HDF5 object let go, say), where Python reports an exception and goes
+    on: raise it again in the main thread, every 50 ms until the stage stops. From a thread of its own: raised in
+    the hook that reports it, it would be dropped again."""
+    def deliver():
+        while not _stage_ended.wait(0.05):
+            _thread.interrupt_main()
+
+    threading.Thread(target=deliver, daemon=True).start()
 
 
 WHOLE_OUTPUTS = "outputs appear under their names only when complete: earlier outputs are as they were; run it again"
@@ -266,6 +286,7 @@ def run_main(main, interrupted: str = WHOLE_OUTPUTS) -> None:
     crash the interpreter, and everything finished is already on disk.
     """
     sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
+    _stage_ended.clear()
     try:
         main()
     except InputError as error:
@@ -276,13 +297,17 @@ def run_main(main, interrupted: str = WHOLE_OUTPUTS) -> None:
             os._exit(2)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
+        _stage_ended.set()
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as error:
         if not _interrupted(error):
             raise
+        _stage_ended.set()
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        _stage_ended.set()
 
 
 def _interrupted(error: BaseException) -> bool:

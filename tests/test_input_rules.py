@@ -200,7 +200,17 @@ def _unrelated_failure():
         raise TypeError("a real bug") from None
 
 
-@pytest.mark.parametrize("stage", [_interrupt, _converted_interrupt])
+def _interrupt_in_a_finalizer():  # as when Ctrl-C lands while an HDF5 object is let go: Python reports it and goes on
+    class Finalized:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    Finalized()
+    for _ in range(10**8):  # the stage's own work (seconds), which the Ctrl-C must stop
+        pass
+
+
+@pytest.mark.parametrize("stage", [_interrupt, _converted_interrupt, _interrupt_in_a_finalizer])
 def test_ctrl_c_exits_130_with_one_line(capsys, stage):
     with pytest.raises(SystemExit) as stop:
         run_main(stage, interrupted="what is kept, and how to go on")
