@@ -288,7 +288,10 @@ def run_main(main, interrupted: str = WHOLE_OUTPUTS) -> None:
     sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
     _stage_ended.clear()
     try:
-        main()
+        try:
+            main()
+        finally:
+            _stage_ended.set()  # before the handlers below: no Ctrl-C delivered again while they report
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         if isinstance(error, WriteError):
@@ -297,17 +300,13 @@ def run_main(main, interrupted: str = WHOLE_OUTPUTS) -> None:
             os._exit(2)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        _stage_ended.set()
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as error:
         if not _interrupted(error):
             raise
-        _stage_ended.set()
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
-    finally:
-        _stage_ended.set()
 
 
 def _interrupted(error: BaseException) -> bool:

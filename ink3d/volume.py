@@ -234,6 +234,11 @@ class ChunkCache:
         return read
 
 
+def _inside_of_chunk(index: tuple[int, ...], chunks, shape) -> tuple[slice, ...]:
+    """The part of the chunk at `index` inside the volume: edge chunks are stored whole."""
+    return tuple(slice(0, min(chunk, size - i * chunk)) for i, chunk, size in zip(index, chunks, shape))
+
+
 def _box(key, shape) -> list[tuple[int, int]] | None:
     """(start, stop) per axis of a key of slices with step 1; None for any other key."""
     key = key if isinstance(key, tuple) else (key,)
@@ -297,7 +302,7 @@ class ZarrVolume(Uint8View):
     def _stored_chunk(self, index: tuple[int, ...]) -> np.ndarray:
         """A chunk read from its file (one never written: the fill value), clipped to the volume."""
         decode, dtype, fill = self.decoder
-        inside = tuple(slice(0, min(c, size - i * c)) for i, c, size in zip(index, self.chunks, self.shape))  # edge chunks are stored whole
+        inside = _inside_of_chunk(index, self.chunks, self.shape)
         path = self._stored_in / self.array.metadata.encode_chunk_key(index)
         try:
             data = path.read_bytes()
@@ -364,7 +369,7 @@ class Hdf5Volume:
 
     def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
         origin = tuple(i * c for i, c in zip(index, self.chunks))
-        inside = tuple(slice(0, min(c, size - o)) for o, c, size in zip(origin, self.chunks, self.shape))  # edge chunks are stored whole
+        inside = _inside_of_chunk(index, self.chunks, self.shape)
         if self.decoders is None:
             values = self.dataset[tuple(slice(o, o + part.stop) for o, part in zip(origin, inside))]
         elif self.dataset.id.get_chunk_info_by_coord(origin).byte_offset is None:  # never written
