@@ -726,7 +726,10 @@ def test_ctrl_c_stops_with_one_line_and_the_run_resumes(scan, model_path, tmp_pa
             "--patch", str(PATCH), "--batch_size", "3", "--macro_block", "16", "--air_level", "none", "--channels_last", "false"]
     for _ in range(10):  # on a loaded machine the run may end before this process sees its partial file: try again
         (tmp_path / "pred.h5").unlink(missing_ok=True)
-        process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # Ctrl-C's default restored in the run, as a terminal's foreground command has it: a test suite started in the
+        # background (`pytest &` in a script) ignores SIGINT, and its children would inherit that and run to the end
+        process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         while not (tmp_path / "pred.h5.partial").exists() and process.poll() is None:
             time.sleep(0.005)
         process.send_signal(signal.SIGINT)
