@@ -2,6 +2,7 @@
 settings that are numbers, choices and devices, and scores without a class."""
 
 import json
+import signal
 import warnings
 
 import cv2
@@ -210,8 +211,17 @@ def _interrupt_in_a_finalizer():  # as when Ctrl-C lands while an HDF5 object is
         pass
 
 
+@pytest.fixture
+def ctrl_c_handled():
+    """SIGINT raising KeyboardInterrupt, as in a stage started from a terminal, even where this test suite runs with
+    it ignored (started with `&` by a script): run_main raises a Ctrl-C again through Python's own handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("stage", [_interrupt, _converted_interrupt, _interrupt_in_a_finalizer])
-def test_ctrl_c_exits_130_with_one_line(capsys, stage):
+def test_ctrl_c_exits_130_with_one_line(capsys, ctrl_c_handled, stage):
     with pytest.raises(SystemExit) as stop:
         run_main(stage, interrupted="what is kept, and how to go on")
     assert stop.value.code == 130
