@@ -640,7 +640,8 @@ def write_ome_zarr(path: str | Path, source, levels: int = 2, chunk: int = DEFAU
     previous = source
     for level in range(levels):
         array = group.create_array(str(level), shape=shape, chunks=tuple(min(chunk, s) for s in shape), dtype=source.dtype,
-                                   compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
+                                   compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+                                   dimension_names=tuple(AXES))  # OME-Zarr 0.5 asks each level's array to name the axes
         if level == 0:
             for start in range(0, shape[0], chunk):
                 array[start:start + chunk] = previous[start:start + chunk]

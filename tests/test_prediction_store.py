@@ -171,6 +171,15 @@ def test_kill_9_of_a_worker_then_resume_is_identical(setup, tmp_path):
     assert _chunks(out) == _chunks(one)
 
 
+def test_the_store_is_valid_ome_zarr_0_4(setup, tmp_path):
+    image = pytest.importorskip("ome_zarr_models.v04.image", reason="ome-zarr-models validates OME-Zarr metadata against the spec")
+    _, argv, _ = setup
+    inference.main([*argv, "--out", str(tmp_path / "pred.zarr"), "--voxel_size", "7.91"])
+    multiscale = image.Image.from_zarr(zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")).attributes.multiscales[0]
+    assert [(axis.name, axis.unit) for axis in multiscale.axes] == [("z", "micrometer"), ("y", "micrometer"), ("x", "micrometer")]
+    assert [dataset.coordinateTransformations[0].scale for dataset in multiscale.datasets] == [[7.91] * 3, [15.82] * 3, [31.64] * 3]
+
+
 def test_the_metadata_opens_with_ome_zarr_py(setup, tmp_path):
     reader = pytest.importorskip("ome_zarr.reader", reason="ome-zarr-py is the reference OME-Zarr reader (pip install ome-zarr)")
     from ome_zarr.io import parse_url

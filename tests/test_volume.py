@@ -144,6 +144,14 @@ def test_ome_zarr_levels_and_a_plain_zarr_array_read_like_hdf5(tmp_path):
     assert np.array_equal(published[:], values)
 
 
+def test_write_ome_zarr_is_valid_ome_zarr_0_5(tmp_path):
+    image = pytest.importorskip("ome_zarr_models.v05.image", reason="ome-zarr-models validates OME-Zarr metadata against the spec")
+    write_ome_zarr(tmp_path / "v.zarr", np.zeros((9, 10, 11), np.uint8), levels=3, chunk=4)
+    multiscale = image.Image.from_zarr(zarr.open_group(str(tmp_path / "v.zarr"), mode="r")).attributes.ome.multiscales[0]
+    assert [axis.name for axis in multiscale.axes] == ["z", "y", "x"]
+    assert [dataset.coordinateTransformations[0].scale for dataset in multiscale.datasets] == [[1.0] * 3, [2.0] * 3, [4.0] * 3]
+
+
 def test_uint16_zarr_reads_as_uint8_like_volume_to_hdf(tmp_path):
     values = np.array([0, 128, 129, 257, 32767, 65535], np.uint16).reshape(1, 2, 3)
     _, volume16 = open_dataset(_ome_v04(tmp_path / "v.zarr", values), "scan_volume")
