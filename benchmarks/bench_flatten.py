@@ -2,6 +2,7 @@
 
     python benchmarks/bench_flatten.py                    # a 1000 x 1000 curved segment, band 8
     python benchmarks/bench_flatten.py --size 400
+    python benchmarks/bench_flatten.py --size 2560 --radius 1500   # a Grand Prize segment's size and curvature
 
 The per-pixel loop reads each pixel's band (its bounding box) from the HDF5 dataset, opened with
 the default chunk cache as such a loop typically is, and samples it with the same trilinear
@@ -9,7 +10,7 @@ interpolation. It runs twice: with HDF5 2.x's default cache (8 MB: four 128^3 ui
 decompressed, which suits a pixel-by-pixel walk) and with HDF5 1.x's (1 MB: smaller than one
 chunk, so every pixel decompresses its chunk again). It runs on the first `--reference_rows`
 rows; flatten_3d.py runs on those rows (identity) and on the whole segment: first as flatten_3d.py runs it, each
-in a process of its own (every chunk decompressed once, the chunk cache's memory touched for the first time),
+in a process of its own (each chunk decompressed as it is first read, the chunk cache's memory touched for the first time),
 alternating with the same through HDF5's own 512 MB chunk cache (HDF5 decompressing, one chunk at a time under
 h5py's lock); then through its 512 MB chunk cache once filled (sampling alone). The volume's OME-Zarr copy (as
 write_ome_zarr writes it: 128^3 chunks, blosc zstd) is flattened too, each from a fresh open: through the chunk cache
@@ -62,23 +63,27 @@ flatten_segment(opened, Path({ppm!r}), {band}, "mean", {tile}, tqdm(disable=True
 """
 
 
-def make_scene(root: Path, size: int) -> tuple[Path, np.ndarray]:
-    radius = 1.2 * size / np.pi
-    extent = int(2 * radius + 40)
-    shape = (size + 20, extent, extent)
+def make_scene(root: Path, size: int, radius: float | None = None) -> tuple[Path, np.ndarray]:
+    """A `size` x `size` segment on a cylinder (rows along z, the arc along the columns; unless `radius` is given,
+    the arc is 5/6 of a half turn) in a volume that holds the arc with 20 voxels to spare."""
+    radius = radius or 1.2 * size / np.pi
+    theta = np.arange(size) / radius + 0.1
+    arc = radius * np.stack([np.cos(theta), np.sin(theta)])
+    low = np.floor(arc.min(axis=1)) - 20
+    x_extent, y_extent = np.ceil(arc.max(axis=1) - low).astype(int) + 20
+    shape = (size + 20, y_extent, x_extent)
     rng = np.random.default_rng(0)
     with h5py.File(root / "pred.h5", "w") as file:
         dataset = volume.create_volume(file, volume.PREDICTIONS, shape, np.uint8)
-        y, x = np.mgrid[0:extent, 0:extent]
+        y, x = np.mgrid[0:shape[1], 0:shape[2]]
+        plane = ((y * 3 + x * 11) % 200).astype(np.int16)
         for z0 in range(0, shape[0], 128):
-            z = np.arange(z0, min(z0 + 128, shape[0]))[:, None, None]
-            pattern = (z * 7 + y * 3 + x * 11) % 200  # structure plus CT-like noise, so chunks compress realistically
-            dataset[z0:z0 + len(z)] = (pattern + rng.integers(0, 40, pattern.shape)).astype(np.uint8)
-    theta = np.arange(size) / radius + 0.1
+            shift = (np.arange(z0, min(z0 + 128, shape[0])) * 7 % 200).astype(np.int16)[:, None, None]
+            pattern = ((plane + shift) % 200).astype(np.uint8)  # (7 z + 3 y + 11 x) % 200: structure, plus CT-like noise,
+            dataset[z0:z0 + len(shift)] = pattern + rng.integers(0, 40, pattern.shape, dtype=np.uint8)  # so chunks compress realistically
     data = np.zeros((size, size, 6))
-    centre = extent / 2
-    data[..., 0] = centre + radius * np.cos(theta)[None]
-    data[..., 1] = centre + radius * np.sin(theta)[None]
+    data[..., 0] = (arc[0] - low[0])[None]
+    data[..., 1] = (arc[1] - low[1])[None]
     data[..., 2] = 10.5 + np.arange(size)[:, None]
     data[..., 3], data[..., 4] = np.cos(theta)[None], np.sin(theta)[None]
     return root / "pred.h5", data
@@ -102,6 +107,7 @@ def per_pixel(dataset, data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1000)
+    parser.add_argument("--radius", type=float, help="the cylinder's radius (default: the arc 5/6 of a half turn); 1500 as a Grand Prize segment's")
     parser.add_argument("--band", type=int, default=8)
     parser.add_argument("--reference_rows", type=int, default=4)
     parser.add_argument("--tile", type=int, default=128)
@@ -109,7 +115,7 @@ def main():
     args = parser.parse_args()
     offsets = np.arange(-args.band, args.band + 1, dtype=np.float64)
     with tempfile.TemporaryDirectory() as tmp:
-        path, data = make_scene(Path(tmp), args.size)
+        path, data = make_scene(Path(tmp), args.size, args.radius)
         rows = data[:args.reference_rows]
         reference_rates = {}
         for cache_mb in (8, 1):
