@@ -77,10 +77,10 @@ def make_scene(root: Path, size: int, radius: float | None = None) -> tuple[Path
         dataset = volume.create_volume(file, volume.PREDICTIONS, shape, np.uint8)
         y, x = np.mgrid[0:shape[1], 0:shape[2]]
         plane = ((y * 3 + x * 11) % 200).astype(np.int16)
-        for z0 in range(0, shape[0], 128):
+        for z0 in range(0, shape[0], 128):  # (7 z + 3 y + 11 x) % 200 plus CT-like noise, so chunks compress realistically
             shift = (np.arange(z0, min(z0 + 128, shape[0])) * 7 % 200).astype(np.int16)[:, None, None]
-            pattern = ((plane + shift) % 200).astype(np.uint8)  # (7 z + 3 y + 11 x) % 200: structure, plus CT-like noise,
-            dataset[z0:z0 + len(shift)] = pattern + rng.integers(0, 40, pattern.shape, dtype=np.uint8)  # so chunks compress realistically
+            pattern = ((plane + shift) % 200).astype(np.uint8)
+            dataset[z0:z0 + len(shift)] = pattern + rng.integers(0, 40, pattern.shape, dtype=np.uint8)
     data = np.zeros((size, size, 6))
     data[..., 0] = (arc[0] - low[0])[None]
     data[..., 1] = (arc[1] - low[1])[None]

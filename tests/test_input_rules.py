@@ -214,7 +214,8 @@ def _interrupt_in_a_finalizer():  # as when Ctrl-C lands while an HDF5 object is
 @pytest.fixture
 def ctrl_c_handled():
     """SIGINT raising KeyboardInterrupt, as in a stage started from a terminal, even where this test suite runs with
-    it ignored (started with `&` by a script): run_main raises a Ctrl-C again through Python's own handler."""
+    it ignored (started with `&` by a script): run_main raises a Ctrl-C again with `_thread.interrupt_main`, which
+    does nothing while SIGINT is ignored."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
