@@ -29,10 +29,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from ink3d import InputError, volume
+from ink3d import InputError, faces, volume
 from ink3d.columns import COLUMNS, ColumnWriter
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import check_output, output_file, output_lock, partial_path, writing
+from ink3d.intensity import scan_air_level
 from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, voxelize_tile
 from ink3d.memory import reuse_freed_memory
 from ink3d.ppm import find_segment, open_segment, segment_size, valid_mask
@@ -48,6 +49,8 @@ VALID_SEGMENTS = "20231022170901"  # comma-separated validation segment ids (Scr
 BAND = 10.0  # half-width of the labeled band along the normal, in voxels: through the sheet, short of the next written face
 INK_FRONT = -1.0  # of the band, voxels up to this far in front of the surface (the normal's side) take the pixel's label (negative: the whole band)
 INK_BACK = -1.0  # ... and up to this far behind it (negative: the whole band); the rest of the band is labeled 0 (no ink)
+ORIENT_NORMALS = "auto"  # auto: a segment whose normals point into its sheet (read off the scan) is labeled with them reversed; keep: as given
+AIR_LEVEL = "auto"  # scan values (uint8) at or below this are air, for reading the segments' orientation: auto (the histogram's valley), otsu, a number
 KEEP_ALL_VERSIONS = False  # use every version of a segment instead of only the newest
 SKIP_BAD = False  # skip (and report) segments with a missing or malformed ppm, label or mask
 CHUNK = 128  # HDF5 chunk edge of the label volumes
@@ -138,8 +141,10 @@ def _read_png(path: Path, shape, what: str, segment_id: str) -> np.ndarray:
 
 
 def voxelize_segment(segment: Segment, ink_sum, ink_count, pixel_columns: ColumnWriter, band: float, ink_range, tile_pixels: int,
-                     cache_bytes: int, bar, scale_zyx=(1.0, 1.0, 1.0)) -> VoxelizeStats:
-    """Add one segment's labels to the label volumes; its coordinates are taken to the volume's level (`scale_zyx`)."""
+                     cache_bytes: int, bar, scale_zyx=(1.0, 1.0, 1.0), orientation=None) -> tuple[VoxelizeStats, str]:
+    """Add one segment's labels to the label volumes; its coordinates are taken to the volume's level (`scale_zyx`).
+    With `orientation` (the scan and its air level), normals that point into the sheet are reversed first. Returns
+    the counts and what was found of the orientation."""
     if segment.ppm_path.is_dir():  # tifxyz: brought to the label image's resolution
         labels = _read_png(segment.label_path, None, "ink label", segment.segment_id)
         ppm = open_segment(segment.ppm_path, labels.shape, scale_zyx)
@@ -148,6 +153,18 @@ def voxelize_segment(segment: Segment, ink_sum, ink_count, pixel_columns: Column
         labels = _read_png(segment.label_path, (ppm.height, ppm.width), "ink label", segment.segment_id)
     shape = (ppm.height, ppm.width)
     mask = _read_png(segment.mask_path, shape, "mask", segment.segment_id) if segment.mask_path else None
+    reverse, found = False, "orientation kept as given (--orient_normals keep)"
+    if orientation is not None:
+        scan, air_level = orientation
+        out, into = faces.segment_votes(scan, ppm.data, band, air_level, np.random.default_rng(0))
+        reverse = faces.points_into_sheet(out, into)
+        if reverse:
+            found = (f"warning: its normals point into the sheet ({into} of {out + into} read columns show air close "
+                     f"behind the surface, none in front): labeled with them reversed (--orient_normals keep: as given)")
+        elif out + into:
+            found = f"normals out of the sheet at {out} of {out + into} read columns"
+        else:
+            found = "orientation not read: no read column shows air close on one side (normals kept as given)"
     stats = VoxelizeStats()
     with ChunkAccumulator(ink_sum, ink_count, cache_bytes) as accumulator:
         columns = band_columns(ppm, accumulator, band)
@@ -156,6 +173,9 @@ def voxelize_segment(segment: Segment, ink_sum, ink_count, pixel_columns: Column
             for row in range(0, ppm.height, rows):
                 tile = (slice(row, row + rows), slice(left, left + columns))
                 data = np.asarray(ppm.data[tile])
+                if reverse:
+                    data = data.copy()
+                    data[..., 3:6] *= -1
                 use = valid_mask(data)
                 if mask is not None:
                     use &= mask[tile] > 0
@@ -163,7 +183,7 @@ def voxelize_segment(segment: Segment, ink_sum, ink_count, pixel_columns: Column
                 pixel_columns.add(pixels[:, 2::-1].astype(np.float32), pixels[:, 5:2:-1].astype(np.float32), labels[tile][use])
                 stats.add(voxelize_tile(data, labels[tile] / np.float32(255), use, band, accumulator, ink_range))
                 bar.update(data.shape[0] * data.shape[1])
-    return stats
+    return stats, found
 
 
 def band_columns(ppm, accumulator: ChunkAccumulator, band: float) -> int:
@@ -222,8 +242,9 @@ def ink_range_of(config) -> tuple[float, float]:
         raise InputError(f"--band {config.band} --ink_back {config.ink_back} --ink_front {config.ink_front}: {error}") from None
 
 
-def write_label_volume(path: Path, segments: list[Segment], shape, scale_zyx, config, bar) -> list[str]:
-    """Fill `path`'s temporary file with the segments; the caller renames it when all succeeded."""
+def write_label_volume(path: Path, segments: list[Segment], shape, scale_zyx, config, bar, orientation=None) -> list[str]:
+    """Fill `path`'s temporary file with the segments; the caller renames it when all succeeded. `orientation`: the
+    scan and its air level, to read each segment's orientation off (None: normals as given)."""
     lines = []
     file, done = _open_output(path, shape, scale_zyx, config, config.update)
     temporary = partial_path(path)
@@ -235,9 +256,9 @@ def write_label_volume(path: Path, segments: list[Segment], shape, scale_zyx, co
                 bar.update(segment.pixels)
                 continue
             try:
-                stats = voxelize_segment(segment, file[volume.INK_SUM], file[volume.INK_COUNT], pixel_columns, config.band,
-                                         ink_range_of(config),
-                                         config.tile_pixels, config.cache_mb << 20, bar, scale_zyx)
+                stats, found = voxelize_segment(segment, file[volume.INK_SUM], file[volume.INK_COUNT], pixel_columns, config.band,
+                                                ink_range_of(config), config.tile_pixels, config.cache_mb << 20, bar, scale_zyx,
+                                                orientation)
             except InputError as error:
                 if not config.skip_bad:
                     raise
@@ -247,7 +268,8 @@ def write_label_volume(path: Path, segments: list[Segment], shape, scale_zyx, co
             file.attrs["segments"] = json.dumps(done)
             ink = stats.ink_pixels / max(stats.pixels, 1)
             lines.append(f"{segment.segment_id}: {stats.pixels} pixels labeled, {stats.contributions} voxel contributions, "
-                         f"ink fraction {ink:.3f}" + (f", {stats.dropped_outside} outside the volume dropped" if stats.dropped_outside else ""))
+                         f"ink fraction {ink:.3f}" + (f", {stats.dropped_outside} outside the volume dropped" if stats.dropped_outside else "")
+                         + f"; {found}")
         file.attrs["config"] = json.dumps(vars(config))
     return lines
 
@@ -267,15 +289,27 @@ def write_outputs(config) -> list[str]:
     ink_range_of(config)
     valid_ids = {s.strip() for s in config.valid_segments.split(",") if s.strip()}
     plan = plan_segments(Path(config.ppm_dir), Path(config.labels_dir), valid_ids, config.keep_all_versions, config.skip_bad)
+    if config.orient_normals not in ("auto", "keep"):
+        raise InputError(f"--orient_normals {config.orient_normals}: choose auto or keep")
     scan_file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
     shape, scale_zyx = scan.shape, volume.level_scale(scan).tolist()
-    scan_file.close()
-    total = sum(segment.pixels for segment in plan.train + plan.valid)
     report = list(plan.report)
+    orientation = None
+    if config.orient_normals == "auto":
+        try:
+            air_level = scan_air_level(config.air_level, scan)
+        except ValueError as error:
+            raise InputError(f"--air_level {error}") from None
+        if air_level is None:
+            raise InputError("--orient_normals auto reads the orientation off the scan's air: give an --air_level, or --orient_normals keep")
+        orientation = (scan, air_level)
+        report.append(f"air level {air_level} (--air_level {config.air_level}): each segment's orientation read against it")
+    total = sum(segment.pixels for segment in plan.train + plan.valid)
     try:
-        with tqdm(total=total, unit="px", unit_scale=True, desc="all_labels_to_hdf") as bar:
+        with scan_file, tqdm(total=total, unit="px", unit_scale=True, desc="all_labels_to_hdf") as bar:
             for out, segments in zip(outputs, (plan.train, plan.valid)):
-                report += [f"[{out.name}] {line}" for line in write_label_volume(out, segments, shape, scale_zyx, config, bar)]
+                report += [f"[{out.name}] {line}"
+                           for line in write_label_volume(out, segments, shape, scale_zyx, config, bar, orientation)]
         for out in outputs:  # both or neither: a crash leaves the previous outputs as they were
             save_config(config, config_path_for(out))
         for out in outputs:

@@ -16,7 +16,7 @@ threshold on the flattened scan. `runs/demo/summary.png` shows flattened scan | 
 flattened prediction, and the largest 3D ink blob. With `--volume_form ome-zarr` every stage reads
 the scroll's OME-Zarr volume directly (no HDF5 copy); with `--segment_form tifxyz` the segments
 are tifxyz grids instead of `.ppm` files. The synthetic scroll's variant flags (`--ink_thickness`,
-`--surface_offset`, `--surface_jitter`, `--pitch`, `--flip_normals`, `--ct_like`) pass through to
+`--surface_offset`, `--surface_jitter`, `--pitch`, `--flip_normals`, `--ct_like`, `--touching`) pass through to
 make_synthetic_scroll; `--ink_depth fixed` trains on a fixed ink range around the segment surface
 (`--ink_back`, `--ink_front`) instead of learning the ink's depth. Every figure of the run is also
 written to `runs/demo/results.json`.
@@ -69,12 +69,13 @@ SURFACE_JITTER = 0.0  # synthetic scroll: amplitude (voxels) of each segment's s
 PITCH = 20.0  # synthetic scroll: radial distance between turns of the sheet
 FLIP_NORMALS = ""  # synthetic scroll: segment ids whose normals point into the sheet
 CT_LIKE = False  # synthetic scroll: an intensity model like a real scan's
+TOUCHING = False  # synthetic scroll: turns pressed together, as on a real scroll (a thin contact layer, mostly not air, between them)
 INK_DEPTH = "learned"  # learned (pooled along each labeled pixel's normal) or fixed (the ink range below)
 INK_BACK = 1.5  # ink_depth fixed: voxels behind the surface labeled with the pixel's label
 INK_FRONT = 1.5  # ink_depth fixed: ... and in front of it
 
 
-VARIANT_FLAGS = ("ink_thickness", "surface_offset", "surface_jitter", "pitch", "flip_normals", "ct_like")
+VARIANT_FLAGS = ("ink_thickness", "surface_offset", "surface_jitter", "pitch", "flip_normals", "ct_like", "touching")
 LARGEST_BLOBS = 10  # the blob gallery's largest blobs whose true-ink share the demo reports
 BLOB_THRESHOLD, BLOB_MIN_SIZE, BLOB_MAX_SIZE = 0.8, 100, 20000  # the blob gallery: probability, voxels
 

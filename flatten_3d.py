@@ -18,7 +18,8 @@ For a prediction (`--depth_map auto`), `<id>_<name>_depth.tif` (float32) holds w
 normal the prediction peaks: the offset t of the highest sample, refined between its neighbours by
 a parabola, where that peak reaches `--depth_threshold` (NaN elsewhere); `<id>_<name>_depth.json`
 and the printed summary give its median and quartiles. Predicted ink that peaks behind the surface
-(median below -1 voxel) is warned about: the segment's normals may point into the sheet.
+(median below -1 voxel, over at least 1,000 pixels and 1 % of the segment's) is warned about: the
+segment is drawn in front of the papyrus, or its normals point into the sheet.
 
 Work goes in square tiles of pixels, sampled by `--workers` threads a few at a time; each tile reads
 only the bounding box of its samples inside the volume, in an order that keeps neighbouring tiles'
@@ -66,7 +67,8 @@ WORKERS = 0  # threads sampling tiles (0 = one per core)
 OVERWRITE = False  # replace existing images
 
 
-BEHIND = -1.0  # a median depth of the peaks below this (voxels) warns that the normals may point into the sheet
+BEHIND = -1.0  # a median depth of the peaks below this (voxels) warns that the ink lies behind the surface ...
+WARN_PIXELS, WARN_SHARE = 1000, 0.01  # ... when it rests on at least this many pixels and this share of the segment's
 
 
 def sample_tile(dataset, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,13 +158,15 @@ def peak_depth(samples: np.ndarray, inside: np.ndarray, offsets: np.ndarray, thr
     return np.where(top >= threshold, depth, np.float32(np.nan)).reshape(values.shape[1:])
 
 
-def depth_summary(depth: np.ndarray) -> dict:
-    """Median and quartiles of a depth map's finite pixels, and whether they warn of normals into the sheet."""
+def depth_summary(depth: np.ndarray, surface_pixels: int) -> dict:
+    """Median and quartiles of a depth map's finite pixels, and whether they warn that the ink lies behind the
+    surface: only with enough support (WARN_PIXELS and WARN_SHARE of the segment's `surface_pixels`)."""
     finite = depth[np.isfinite(depth)]
     if not len(finite):
         return {"pixels": 0, "median": None, "q25": None, "q75": None, "behind_surface": False}
     q25, median, q75 = (float(v) for v in np.percentile(finite, [25, 50, 75]))
-    return {"pixels": int(len(finite)), "median": median, "q25": q25, "q75": q75, "behind_surface": median < BEHIND}
+    supported = len(finite) >= max(WARN_PIXELS, WARN_SHARE * surface_pixels)
+    return {"pixels": int(len(finite)), "median": median, "q25": q25, "q75": q75, "behind_surface": supported and median < BEHIND}
 
 
 def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int, bar, layers_path: Path | None,
@@ -295,15 +299,15 @@ def flatten(config, ppms: dict[str, Path], outputs: dict[str, Path]) -> dict[str
                     temporary.write_bytes(cv2.imencode(".png", image)[1].tobytes())
                     temporary_mask.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
             if depth is not None:
-                write_depth(outputs[segment_id], depth, bar)
+                write_depth(outputs[segment_id], depth, int(np.count_nonzero(mask)), bar)
             save_config(config, config_path_for(outputs[segment_id]))
     print(f"flattened {len(ppms)} segment(s) of {config.volume}[{config.dataset}] -> {config.out_dir}")
     return outputs
 
 
-def write_depth(image_path: Path, depth: np.ndarray, bar) -> dict:
+def write_depth(image_path: Path, depth: np.ndarray, surface_pixels: int, bar) -> dict:
     """The depth map and its summary beside the flattened image; prints the summary, warns of ink behind the surface."""
-    summary = depth_summary(depth)
+    summary = depth_summary(depth, surface_pixels)
     with writing(_depth_path(image_path), resumable=False), atomic_output(_depth_path(image_path)) as temporary:
         tifffile.imwrite(temporary, depth)
     with writing(_depth_path(image_path, ".json"), resumable=False), atomic_output(_depth_path(image_path, ".json")) as temporary:
@@ -315,8 +319,9 @@ def write_depth(image_path: Path, depth: np.ndarray, bar) -> dict:
     else:
         bar.write(f"{name}: no pixel's peak reaches the depth threshold: no depth map")
     if summary["behind_surface"]:
-        bar.write(f"warning: {name}: the predicted ink lies behind the surface (median {summary['median']:+.2f} voxels): "
-                  "the segment's normals may point into the sheet (flipped normals, or a reversed layer stack)")
+        bar.write(f"warning: {name}: the predicted ink lies behind the surface (median {summary['median']:+.2f} voxels over "
+                  f"{summary['pixels']} of its {surface_pixels} pixels): the segment is drawn in front of the papyrus, or its "
+                  "normals point into the sheet (all_labels_to_hdf.py reads each segment's orientation off the scan)")
     return summary
 
 

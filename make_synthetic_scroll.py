@@ -36,7 +36,7 @@ import cv2
 import h5py
 import numpy as np
 import tifffile
-from scipy import ndimage
+from scipy import ndimage, special
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
@@ -59,6 +59,7 @@ SURFACE_JITTER = 0.0  # amplitude (voxels) of a smooth random drift of each segm
 PITCH = 20.0  # radial distance between turns of the sheet (sheet ~8 voxels thick: below ~12 neighbouring sheets touch)
 FLIP_NORMALS = ""  # comma-separated segment ids whose .ppm normals point into the sheet instead of out of the written face
 CT_LIKE = False  # an intensity model like a real scan: air ~0.16, papyrus ~0.47 of full scale, overlapping tails, blurred faces
+TOUCHING = False  # sheets pressed together as in a real scroll: each turn fills the pitch, a thin contact layer (not air) between turns
 
 
 # Geometry of the roll, in voxels. The sheet centre line is r = INNER_RADIUS + pitch * phi / (2 pi).
@@ -68,6 +69,13 @@ CENTRE_DRIFT = 3.0  # the roll's axis wanders this much in y/x along z
 LINE_HEIGHT = 30  # text lines, in slices
 DEBRIS_CONTRAST = 0.35  # relative intensity spread of the loose fibres on the face where there is no ink
 JITTER_SMOOTHNESS = 12.0  # voxels over which a segment's drift along its normal changes
+# Touching sheets (calibrated on a real scroll block, docs/SCIENCE.md): between two turns a contact layer whose
+# openness varies smoothly over the sheet, evenly from 0 to 1. At each openness (the knots) its width in voxels, and
+# how far it is filled from air towards papyrus: most of the sheet pressed (thin, part filled), the rest an air gap.
+CONTACT_OPENNESS = (0.0, 0.55, 0.75, 0.82, 1.0)
+CONTACT_WIDTH = (1.2, 2.5, 4.0, 6.0, 7.0)
+CONTACT_FILL = (0.4, 0.15, 0.0, 0.0, 0.0)
+CONTACT_SMOOTHNESS = 10.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class Variant:
     pitch: float = PITCH
     flip_normals: tuple[str, ...] = ()
     ct_like: bool = CT_LIKE
+    touching: bool = TOUCHING
 
     @property
     def intensity(self) -> dict:
@@ -112,7 +121,8 @@ VALID_SEGMENTS = ["20231022170901"]
 class Scroll:
     """The analytic scroll: smooth 2D fields over the unrolled sheet (z, arc length u) and the spiral."""
 
-    def __init__(self, shape, rng: np.random.Generator, variant: Variant = Variant(), jitter_rng: np.random.Generator | None = None):
+    def __init__(self, shape, rng: np.random.Generator, variant: Variant = Variant(), jitter_rng: np.random.Generator | None = None,
+                 contact_rng: np.random.Generator | None = None):
         self.shape, self.variant = shape, variant
         self.b = variant.pitch / (2 * np.pi)
         self.phi_max = TURNS * 2 * np.pi
@@ -132,6 +142,11 @@ class Scroll:
         # a generator of its own, so that the drift leaves every other field of the seed as it was
         jitter_rng = jitter_rng or np.random.default_rng()
         self.drift = variant.surface_jitter * _smooth_field(jitter_rng, canvas, JITTER_SMOOTHNESS) if variant.surface_jitter else None
+        if variant.touching:  # a generator of its own too
+            contact_rng = contact_rng or np.random.default_rng()
+            openness = _evenly(_smooth_field(contact_rng, canvas, CONTACT_SMOOTHNESS))
+            self.contact_width = np.interp(openness, CONTACT_OPENNESS, CONTACT_WIDTH)
+            self.contact_fill = np.interp(openness, CONTACT_OPENNESS, CONTACT_FILL)
 
     def arc_length(self, phi):
         return INNER_RADIUS * phi + self.b * phi**2 / 2
@@ -143,8 +158,16 @@ class Scroll:
         """Bilinear value of a canvas field at (z, u), clamped to the canvas."""
         return ndimage.map_coordinates(field, [np.asarray(z, float), np.asarray(u, float)], order=1, mode="nearest")
 
-    def slice_intensity(self, z: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Intensity in [0, 1], ink mask and material mask (sheet or its face layer) of one slice."""
+    def face_offset(self, z, u):
+        """Where the papyrus' outer face lies along the radius, relative to the sheet's centre line: half the sheet's
+        thickness, or, where turns touch, the pitch's outer half less the ink layer and the contact layer."""
+        if self.variant.touching:
+            return self.variant.pitch / 2 - self.variant.ink_thickness - self.field(self.contact_width, z, u)
+        return self.field(self.thickness, z, u) / 2
+
+    def slice_intensity(self, z: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Intensity in [0, 1], ink mask, material mask (sheet or its face layer) and air mask of one slice (the
+        contact layers between touching turns are neither)."""
         y, x = np.mgrid[0:self.shape[1], 0:self.shape[2]].astype(np.float64)
         dy, dx = y - self.centre_y[z], x - self.centre_x[z]
         radius = np.hypot(dy, dx)
@@ -155,10 +178,12 @@ class Scroll:
         depth_from_centre = radius - (INNER_RADIUS + self.b * phi)
         u = self.arc_length(np.clip(phi, 0, self.phi_max))
         zz = np.full_like(u, z)
-        half = self.field(self.thickness, zz, u) / 2
+        face = self.face_offset(zz, u)
+        back = -self.variant.pitch / 2 if self.variant.touching else -face
         brightness = self.field(self.brightness, zz, u)
-        sheet = inside & (np.abs(depth_from_centre) <= half)
-        ink_layer = inside & (depth_from_centre > half) & (depth_from_centre <= half + self.variant.ink_thickness)
+        sheet = inside & (depth_from_centre >= back) & (depth_from_centre <= face)
+        ink_layer = inside & (depth_from_centre > face) & (depth_from_centre <= face + self.variant.ink_thickness)
+        contact = inside & (depth_from_centre > face + self.variant.ink_thickness) if self.variant.touching else np.zeros_like(sheet)
         ink = ink_layer & (self.ink[z, np.clip(np.round(u).astype(int), 0, self.ink.shape[1] - 1)] > 0)
         fibres = np.where(depth_from_centre < 0, self.field(self.fibres_along_u, zz, u), self.field(self.fibres_along_z, zz, u))
         look = self.variant.intensity
@@ -171,8 +196,12 @@ class Scroll:
         debris = ink_layer & ~ink
         speckle = ndimage.gaussian_filter(rng.standard_normal(radius.shape), 0.8)
         intensity[debris] = (brightness * (0.95 + DEBRIS_CONTRAST * speckle / speckle.std()))[debris]
+        if self.variant.touching:  # partly filled: between air and the papyrus around it
+            fill = self.field(self.contact_fill, zz, u)
+            intensity[contact] = (look["air"] + fill * (brightness * 0.82 - look["air"]))[contact]
         intensity = ndimage.gaussian_filter(intensity, look["blur"]) + rng.normal(0, look["noise"], intensity.shape)
-        return np.clip(intensity, 0, 1), ink, sheet | ink_layer
+        material = sheet | ink_layer
+        return np.clip(intensity, 0, 1), ink, material, ~material & ~contact
 
     def pixel_grid(self, spec: SegmentSpec) -> tuple[np.ndarray, np.ndarray]:
         """z and arc length u of a segment's first pixel row and column; a pixel is 1 voxel of each."""
@@ -205,7 +234,7 @@ class Scroll:
     def _surface_point(self, phi, z):
         """xyz of the segment surface at (phi, z): `surface_offset` above the papyrus face, plus the drift; z may be fractional."""
         u = self.arc_length(phi)
-        radius = INNER_RADIUS + self.b * phi + self.field(self.thickness, z, u) / 2 + self.variant.surface_offset
+        radius = INNER_RADIUS + self.b * phi + self.face_offset(z, u) + self.variant.surface_offset
         if self.drift is not None:
             radius = radius + self.field(self.drift, z, u)
         centre_y = np.interp(z, np.arange(self.shape[0]), self.centre_y)
@@ -217,6 +246,11 @@ def _smooth_field(rng: np.random.Generator, shape, sigma) -> np.ndarray:
     """Gaussian-smoothed noise scaled to [-1, 1]."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
     return field / np.abs(field).max()
+
+
+def _evenly(field: np.ndarray) -> np.ndarray:
+    """A smooth field mapped onto [0, 1], its values spread evenly (through the normal distribution's CDF)."""
+    return special.ndtr(field / field.std())
 
 
 def _letters(rng: np.random.Generator, shape) -> np.ndarray:
@@ -274,7 +308,7 @@ def air_boundary(air_counts: np.ndarray, material_counts: np.ndarray) -> int:
 
 def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int], tifxyz_step: int = 0, variant: Variant = Variant()) -> dict:
     rng = np.random.default_rng(seed)
-    scroll = Scroll(shape, rng, variant, jitter_rng=np.random.default_rng([seed, 1]))
+    scroll = Scroll(shape, rng, variant, jitter_rng=np.random.default_rng([seed, 1]), contact_rng=np.random.default_rng([seed, 2]))
     volume_dir = out_dir / "volume"
     volume_dir.mkdir(parents=True)
     histograms = np.zeros((2, 256), np.int64)  # of air and of material voxels, at the scan's uint8 values
@@ -282,11 +316,11 @@ def make_scroll(out_dir: Path, seed: int, shape: tuple[int, int, int], tifxyz_st
         truth = volume.create_volume(file, volume.GROUND_TRUTH, shape, np.uint8)
         slab = np.zeros((truth.chunks[0],) + shape[1:], np.uint8)
         for z in range(shape[0]):
-            intensity, ink, material = scroll.slice_intensity(z, rng)
+            intensity, ink, material, air = scroll.slice_intensity(z, rng)
             scan = np.round(intensity * 65535).astype(np.uint16)
             tifffile.imwrite(volume_dir / f"{z:05d}.tif", scan)
             as_uint8 = volume.UINT16_TO_UINT8[scan]
-            histograms[0] += np.bincount(as_uint8[~material], minlength=256)
+            histograms[0] += np.bincount(as_uint8[air], minlength=256)
             histograms[1] += np.bincount(as_uint8[material], minlength=256)
             slab[z % len(slab)] = ink * np.uint8(255)
             if z % len(slab) == len(slab) - 1 or z == shape[0] - 1:
@@ -352,7 +386,10 @@ def make(config) -> dict:
         raise InputError("--flip_normals applies to .ppm segments; a tifxyz grid's normals follow its orientation (--tifxyz_step 0)")
     if config.pitch < 2:
         raise InputError(f"--pitch {config.pitch}: must be >= 2 voxels")
-    variant = Variant(config.ink_thickness, config.surface_offset, config.surface_jitter, config.pitch, flips, config.ct_like)
+    variant = Variant(config.ink_thickness, config.surface_offset, config.surface_jitter, config.pitch, flips, config.ct_like, config.touching)
+    if config.touching and config.pitch < config.ink_thickness + CONTACT_WIDTH[-1] + 4:
+        raise InputError(f"--touching true --pitch {config.pitch}: a turn must hold the ink layer, the contact layer and "
+                         f"4 voxels of papyrus: --pitch >= {config.ink_thickness + CONTACT_WIDTH[-1] + 4:g}")
     outer_radius = INNER_RADIUS + config.pitch * TURNS + 10 + CENTRE_DRIFT
     if min(config.height, config.width) < 2 * outer_radius or config.depth < 16:
         raise InputError(f"the roll needs height and width >= {2 * outer_radius:.0f} and depth >= 16")

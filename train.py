@@ -91,7 +91,8 @@ DICE_WEIGHT = 3.0  # weight of a soft Dice term over labeled voxels (learned dep
 INK_DEPTH = "learned"  # where the ink lies along a labeled pixel's normal: learned (pooled along its column) or fixed (the label volume's ink range)
 POOL_SHARPNESS = 1.0  # r of the pooling along a column, (1/r) log mean exp(r logit): large = the maximum, small = the mean
 COLUMN_WEIGHT = 1.0  # weight of the pooled columns' loss beside the voxels' (learned depth)
-FACE_DEPTH = 3.0  # learned depth: an ink column pools over its face window, from the outer face this deep into the sheet; the rest is no ink (0: the whole band)
+FACE_DEPTH = 3.0  # learned depth: an ink column pools over its face window, from the written face this deep into the sheet; the rest is no ink (0: the whole band)
+INK_REACH = 6.0  # learned depth: ... except down to this deep behind the face, where ink may still lie (thick ink): left untaught
 MAX_COLUMNS = 8192  # labeled pixels' columns per training sample (a random choice when its crop holds more)
 LABEL_SMOOTHING = 0.0  # BCE targets t * (1 - s) + s / 2
 AIR_LEVEL = "auto"  # scan values (uint8) at or below this are air, never ink: auto (the histogram's air/papyrus valley), otsu, a number, or none
@@ -130,7 +131,7 @@ FINGERPRINTED = ("train_labels", "valid_labels", "train_coords", "valid_coords")
 RESUME_KEYS = ("patch", "block", "batch_size", "lr", "weight_decay", "warmup_steps", "max_steps", "f_maps", "num_levels",
                "num_groups", "seed", "dice_weight", "min_labeled", "max_tries", "exclusion_radius", "label_smoothing",
                "air_level", "background_weight", "ema_decay", "input_normalization", "percentiles", "augmentation", "ink_depth",
-               "pool_sharpness", "column_weight", "face_depth", "max_columns")
+               "pool_sharpness", "column_weight", "face_depth", "ink_reach", "max_columns")
 
 
 def masked_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 0.0, background_weight: float = 0.0,
@@ -569,7 +570,7 @@ def train(config) -> float:
                               train=True, block=block, seed=config.seed, stream=rank, min_labeled=config.min_labeled,
                               max_tries=config.max_tries, normalization=normalization, air_level=air_level, augment=config.augmentation,
                               level=config.level, on_device=on_device, columns=config.max_columns if learned else 0,
-                              face_depth=config.face_depth)
+                              face_depth=config.face_depth, ink_reach=config.ink_reach)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=range(step * config.batch_size, len(train_set)),
                         num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
                         worker_init_fn=loader_worker_init)
@@ -579,7 +580,8 @@ def train(config) -> float:
     if rank == 0:
         valid_set = ScrollSamples(config.volume, config.valid_labels, valid_origins, config.patch, len(valid_origins),
                                   train=False, block=block, normalization=normalization, air_level=air_level, level=config.level,
-                                  seed=config.seed, columns=config.max_columns if learned else 0, face_depth=config.face_depth)
+                                  seed=config.seed, columns=config.max_columns if learned else 0, face_depth=config.face_depth,
+                                  ink_reach=config.ink_reach)
         valid_loader = DataLoader(valid_set, batch_size=config.batch_size, num_workers=0)
         if config.ground_truth:
             truth = ValidationTruth(config.ground_truth, config.volume, valid_origins, config.patch,

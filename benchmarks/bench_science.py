@@ -29,7 +29,8 @@ VARIANTS = {
     "jitter": ["--surface_jitter", "2"],  # segments drift up to 2 voxels along their normals
     "ct_like": ["--ct_like", "true"],  # a real scan's histogram: air 0.16, papyrus 0.47, overlapping tails
     "pitch14": ["--pitch", "14"],  # sheets 2-4 voxels apart
-    "flipped": ["--flip_normals", "20231022170901"],  # the held-out segment's normals point into the sheet
+    "flipped": ["--flip_normals", "20231012184421"],  # one training segment of three: its normals point into the sheet
+    "touching": ["--ct_like", "true", "--touching", "true"],  # turns pressed together, as on a real scroll block
 }
 
 

@@ -27,14 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from ink3d import volume
+from ink3d.faces import STEP, find_faces
 from ink3d.sampling import trilinear
 
 COLUMNS = "columns"
 ROWS = 1 << 16  # HDF5 chunk of the column datasets, in columns
-STEP = 0.5  # voxels between samples along a column
 PAD = np.float32(np.nan)  # padding rows of a sample's column array (fixed size, so batches stack)
 STORED = 7  # z, y, x, nz, ny, nx (the crop's voxel coordinates), label in [0, 1]
-FIELDS = 9  # ... and the face window: its first and last offset along the normal (NaN: the whole band)
+FIELDS = 10  # ... and the face window: its first and last offset along the normal (NaN: the whole band), and how deep
+# behind the face ink may still reach: the samples from there to the window are left untaught
 
 
 def _chunk_keys(points_zyx: np.ndarray, chunk: int, shape) -> np.ndarray:
@@ -131,43 +132,49 @@ def offsets(band: float, device: torch.device | str | None = None) -> torch.Tens
     return torch.linspace(-band, band, steps + 1, device=device)
 
 
-def with_face_windows(columns: np.ndarray, scan: np.ndarray, band: float, air_level: int | None, face_depth: float) -> np.ndarray:
-    """Columns (n, STORED) in `scan`'s voxel coordinates with their face windows appended (n, FIELDS).
+def profiles_along(columns: np.ndarray, scan: np.ndarray, band: float) -> np.ndarray:
+    """(n, T) trilinear samples of `scan` along the columns (n, >= 6: point and normal in its voxel coordinates),
+    every STEP from -band to band; 0 beyond the scan's edge voxels (as map_coordinates' constant mode)."""
+    t = offsets(band).numpy()
+    positions = columns[:, None, :3] + t[None, :, None] * columns[:, None, 3:6]
+    coordinates = positions.reshape(-1, 3).T.astype(np.float64)
+    values = trilinear(scan, coordinates, np.zeros(3, np.int64))
+    beyond = np.any((coordinates < 0) | (coordinates > np.array(scan.shape)[:, None] - 1), axis=0)
+    values[beyond] = 0
+    return values.reshape(len(columns), len(t))
 
-    Along a column the scan is sampled (trilinear) every STEP; the outer face is the last material sample
-    before the first air in front of the surface, or, where the surface lies in air, the first material
-    sample behind it. The window reaches from `face_depth` voxels behind the face to one step in front."""
-    windows = np.full((len(columns), 2), PAD, np.float32)
+
+def face_offsets(columns: np.ndarray, scan: np.ndarray, band: float, air_level: float) -> np.ndarray:
+    """(n,) where each column's written face lies along its normal, in voxels from its surface (NaN: none found);
+    see ink3d.faces."""
+    if not len(columns):
+        return np.zeros(0)
+    return find_faces(profiles_along(columns, scan, band), air_level) * STEP - band
+
+
+def with_face_windows(columns: np.ndarray, scan: np.ndarray, band: float, air_level: int | None, face_depth: float,
+                      ink_reach: float = 0.0) -> np.ndarray:
+    """Columns (n, STORED) in `scan`'s voxel coordinates with their face windows appended (n, FIELDS): from
+    `face_depth` voxels behind the written face (ink3d.faces) to one step in front of it, and the depth
+    `ink_reach` (at least the window's) behind the face down to which an ink column's samples are left untaught."""
+    windows = np.full((len(columns), 3), PAD, np.float32)
     if air_level is not None and len(columns) and face_depth > 0:
-        t = offsets(band).numpy()
-        positions = columns[:, None, :3] + t[None, :, None] * columns[:, None, 3:6]
-        coordinates = positions.reshape(-1, 3).T.astype(np.float64)
-        values = trilinear(scan, coordinates, np.zeros(3, np.int64))
-        beyond = np.any((coordinates < 0) | (coordinates > np.array(scan.shape)[:, None] - 1), axis=0)
-        values[beyond] = 0  # as map_coordinates' constant mode: no value beyond the crop's edge voxels
-        values = values.reshape(len(columns), len(t))
-        material = values > air_level
-        centre = len(t) // 2
-        front_air = ~material[:, centre:]  # from the surface forwards
-        first_air = np.where(front_air.any(axis=1), front_air.argmax(axis=1), -1)
-        behind = material[:, :centre + 1][:, ::-1]  # from the surface backwards
-        first_material = np.where(behind.any(axis=1), behind.argmax(axis=1), -1)
-        face = np.full(len(columns), np.nan)
-        inside = material[:, centre] & (first_air > 0)
-        face[inside] = t[centre + first_air[inside] - 1]
-        in_air = ~material[:, centre] & (first_material > 0)
-        face[in_air] = t[centre - first_material[in_air]]
+        face = face_offsets(columns, scan, band, air_level)
         found = np.isfinite(face)
         windows[found, 0] = face[found] - face_depth
         windows[found, 1] = face[found] + STEP
+        windows[found, 2] = face[found] - max(ink_reach, face_depth)
     return np.concatenate([columns, windows], axis=1)
 
 
-def face_bags(columns: torch.Tensor, band: float) -> torch.Tensor:
-    """(..., T) bool: the samples of each column (..., FIELDS) inside its face window (all of them without one)."""
+def face_bags(columns: torch.Tensor, band: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., T) bool each: the samples of each column (..., FIELDS) inside its face window (all of them without one),
+    and those left untaught: behind the window, no deeper than the ink may reach."""
     t = offsets(band, columns.device)
-    low, high = columns[..., 7:8], columns[..., 8:9]
-    return torch.where(torch.isnan(low), torch.ones_like(t, dtype=torch.bool), (t >= low) & (t <= high))
+    low, high, reach = columns[..., 7:8], columns[..., 8:9], columns[..., 9:10]
+    windowless = torch.isnan(low)
+    bag = torch.where(windowless, torch.ones_like(t, dtype=torch.bool), (t >= low) & (t <= high))
+    return bag, ~windowless & (t >= reach) & (t < low)
 
 
 def sample_columns(volume_: torch.Tensor, columns: torch.Tensor, band: float, matrices: torch.Tensor | None = None,
@@ -203,26 +210,29 @@ def pool(logits: torch.Tensor, sharpness: float, bag: torch.Tensor | None = None
 
 
 def column_loss(samples: torch.Tensor, targets: torch.Tensor, sharpness: float, dice_weight: float = 0.0,
-                bag: torch.Tensor | None = None, counted: torch.Tensor | None = None) -> torch.Tensor:
+                windows: tuple[torch.Tensor, torch.Tensor] | None = None, counted: torch.Tensor | None = None) -> torch.Tensor:
     """Loss of columns' sampled logits (..., T) against their labels (...): the BCE of the logits pooled over each
-    column's `bag` (all its samples by default), plus `dice_weight` x a soft Dice over the columns, plus the BCE
-    (target 0) of the samples outside the bags, weighed by the columns' labels (a column without ink is all
-    negative in the voxel labels already). Only the `counted` columns (all by default) take part; the others are
-    masked rather than dropped, so that the loss is computed without the host reading how many count (0 when none)."""
+    column's bag (`windows`: the bags and the untaught samples, as face_bags gives them; all samples by default),
+    plus `dice_weight` x a soft Dice over the columns, plus the BCE (target 0) of the samples neither in the bags nor
+    untaught, weighed by the columns' labels (a column without ink is all negative in the voxel labels already).
+    Only the `counted` columns (all by default) take part; the others are masked rather than dropped, so that the
+    loss is computed without the host reading how many count (0 when none)."""
     length = samples.shape[-1]
     samples, targets = samples.reshape(-1, length), targets.reshape(-1)
     counted = torch.ones_like(targets, dtype=torch.bool) if counted is None else counted.reshape(-1)
     weight = counted.float()
     targets = torch.where(counted, targets, torch.zeros_like(targets))  # padding rows hold NaN
-    if bag is not None:  # a column that does not count pools over every sample: finite, and weighed 0
-        bag = bag.reshape(-1, length) | ~counted[:, None]
+    bag = None
+    if windows is not None:  # a column that does not count pools over every sample: finite, and weighed 0
+        bag = windows[0].reshape(-1, length) | ~counted[:, None]
+        untaught = windows[1].reshape(-1, length)
     pooled = pool(samples, sharpness, bag)
     loss = (F.binary_cross_entropy_with_logits(pooled, targets, reduction="none") * weight).sum() / weight.sum().clamp(min=1)
     if dice_weight:
         probabilities = torch.sigmoid(pooled) * weight
         loss = loss + dice_weight * (1 - (2 * (probabilities * targets).sum() + 1) / (probabilities.sum() + targets.sum() + 1))
     if bag is not None:
-        outside = (~bag).float() * targets[:, None]
+        outside = (~bag & ~untaught).float() * targets[:, None]
         negatives = F.binary_cross_entropy_with_logits(samples, torch.zeros_like(samples), reduction="none")
         total = outside.sum()
         loss = loss + (negatives * outside).sum() / torch.where(total > 0, total, torch.ones_like(total))

@@ -96,7 +96,7 @@ class ScrollSamples(Dataset):
     def __init__(self, volume_path, labels_path, origins, patch: int, length: int, *, train: bool, block: int,
                  seed: int = 0, stream: int = 0, min_labeled: int = 1, max_tries: int = 10, augment: str = "full",
                  intensity_scale=(0.4, 2.0), normalization: Normalization = Normalization(), air_level: int | None = None,
-                 level: int = 0, on_device: bool = False, columns: int = 0, face_depth: float = 0.0):
+                 level: int = 0, on_device: bool = False, columns: int = 0, face_depth: float = 0.0, ink_reach: float = 0.0):
         self.volume_path, self.labels_path = str(volume_path), str(labels_path)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 3)
         if len(self.origins) == 0:
@@ -106,7 +106,7 @@ class ScrollSamples(Dataset):
         self.min_labeled, self.max_tries = min_labeled, max_tries
         if on_device and augment != "full" and not columns:
             raise ValueError(f"augmentation {augment!r} resamples nothing: its device form is for samples with columns")
-        self.columns, self.face_depth = columns, face_depth
+        self.columns, self.face_depth, self.ink_reach = columns, face_depth, ink_reach
         self.on_device = (on_device or bool(columns)) and train
         self.augment_kind = augment
         self.augment = augmentation(patch, augment) if train and not self.on_device else None
@@ -175,7 +175,7 @@ class ScrollSamples(Dataset):
         chosen = fixed_size(self._columns.in_box(corner, size), self.columns, rng)
         used = ~np.isnan(chosen[:, 0])
         out = np.full((len(chosen), FIELDS), np.nan, np.float32)
-        out[used] = with_face_windows(chosen[used], image, self._columns.band, self.air_level, self.face_depth)
+        out[used] = with_face_windows(chosen[used], image, self._columns.band, self.air_level, self.face_depth, self.ink_reach)
         return torch.from_numpy(out)
 
     def _voxel_labels(self, labels: np.ndarray) -> np.ndarray:

@@ -342,9 +342,9 @@ def test_true_ink_of_each_blob_equals_a_count_over_its_voxels(tmp_path, roi):
 
 
 @pytest.mark.parametrize("normal_sign, depth", [(1, 3.0), (1, -0.4), (-1, 2.5)])
-def test_depth_map_finds_the_ink_at_its_offset_and_warns_when_it_lies_behind(tmp_path, capsys, normal_sign, depth):
+def test_depth_map_finds_the_ink_at_its_offset(tmp_path, capsys, normal_sign, depth):
     """A plane z = 12.3 with ink (a Gaussian profile of probability) at a known offset along its normal: the depth map
-    holds that offset at every pixel; ink behind the surface (here: normals into the sheet) is warned about."""
+    holds that offset at every pixel."""
     surface_z, ink_z = 12.3, 12.3 + normal_sign * depth
     z = np.arange(30, dtype=np.float64)[:, None, None]
     predictions = np.broadcast_to(np.rint(200 * np.exp(-0.5 * ((z - ink_z) / 1.5) ** 2)), (30, 24, 20)).astype(np.uint8)
@@ -363,7 +363,8 @@ def test_depth_map_finds_the_ink_at_its_offset_and_warns_when_it_lies_behind(tmp
     assert summary["pixels"] == 48 and summary["median"] == pytest.approx(depth, abs=0.08)
     output = capsys.readouterr().out
     assert f"median depth of {np.median(depth_map):+.2f} voxels" in output
-    assert summary["behind_surface"] == (depth < -1) and ("normals may point into the sheet" in output) == (depth < -1)
+    # 48 pixels are too few to warn on, whatever their depth (tests/test_faces.py: the support rule)
+    assert not summary["behind_surface"] and "behind the surface" not in output
     flatten_3d.main(["--volume", str(tmp_path / "pred.h5"), "--ppm_dir", str(tmp_path / "paths"), "--out_dir",
                      str(tmp_path / "flat"), "--band", "6", "--depth_threshold", "0.9", "--overwrite", "true", "--name", "high"])
     assert np.isnan(tifffile.imread(tmp_path / "flat" / "s_high_depth.tif")).all()  # the peaks are 200 / 255 < 0.9
