@@ -100,7 +100,9 @@ def plan_segments(ppm_dir: Path, labels_dir: Path, valid_ids: set[str], keep_all
     for segment_id in ids:
         family = segment_id[:-1]
         if not keep_all_versions and newest[family] != segment_id:
-            plan.report.append(f"{segment_id}: superseded by newer version {newest[family]}")
+            plan.report.append(f"{segment_id}: superseded by newer version {newest[family]} (ids that differ only in their last "
+                               f"character are versions of one segment: kept {newest[family]}, superseded {segment_id}; "
+                               "--keep_all_versions true uses every version)")
             continue
         ppm_path = find_segment(ppm_dir, segment_id)
         try:

@@ -11,10 +11,10 @@
 A 2D label says that the face carries ink somewhere along a pixel's normal, not at which depth. By
 default (`--ink_depth learned`) the model's output is sampled along every labeled pixel's column
 that lies in a crop (kept in the label files, ink3d/columns.py), pooled over the column's face window
-(from the outer face, read off the scan, `--face_depth` voxels into the sheet) into one prediction
+(from the written face, read off the scan, `--face_depth` voxels into the sheet) into one prediction
 for the pixel (a smooth maximum, `--pool_sharpness`) and compared with the pixel's label; the rest of
-an ink column and every voxel of the columns without ink are known negatives: the model learns where
-along the normal the ink lies.
+an ink column (but for `--ink_reach` voxels behind the face, left untaught) and every voxel of the
+columns without ink are known negatives: the model learns where along the normal the ink lies.
 `--ink_depth fixed` instead takes the label volume's voxel labels as they are (its ink range).
 
 Unlabeled voxels (-1) are excluded from the loss. Air (scan at or below `--air_level`, by default
@@ -535,7 +535,8 @@ def train(config) -> float:
 
     train_origins, dropped = drop_near(train_origins, valid_origins, config.exclusion_radius)
     if len(train_origins) == 0:
-        raise InputError(f"no training blocks left: all {dropped} lie within {config.exclusion_radius} of a validation block")
+        raise InputError(f"no training blocks left: all {dropped} lie within {config.exclusion_radius:g} voxels of a validation block "
+                         f"(--exclusion_radius {config.exclusion_radius:g}: lower it for a small area, 0 keeps every block)")
     valid_origins = valid_origins[:config.valid_blocks]
 
     model_args = dict(in_channels=1, out_channels=1, f_maps=config.f_maps, num_levels=config.num_levels, num_groups=config.num_groups)

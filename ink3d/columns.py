@@ -13,10 +13,11 @@ column and nowhere along a column without ink, so it learns where the ink lies.
 Pooling over the whole band leaves the model free to put a column's ink anywhere its receptive field
 sees the letter, and it does: inside the sheet, under the ink. But carbon ink lies on the papyrus'
 face. So each column also carries its face window, read off the scan along the column: from the
-outer face (where the column, followed from the surface along the normal, passes from material to
-air; scan above the air level is material) `face_depth` voxels into the sheet. The pooled prediction
-is taken over the window, and the rest of an ink column is no ink. A column without a face (no
-material, or no air in front of it within the band) pools over the whole band.
+written face (ink3d.faces: a dip of the scan relative to the sheet's own level, whether into air or
+into the contact with a sheet pressed against it) `face_depth` voxels into the sheet. The pooled
+prediction is taken over the window; the rest of an ink column is no ink, but for the samples from
+the window down to `ink_reach` voxels behind the face, left untaught (ink may be that thick). A column
+without a face (no dip within the band) pools over the whole band.
 """
 
 import math

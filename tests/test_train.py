@@ -335,6 +335,8 @@ def test_exclusion_radius_drops_training_blocks(tmp_path):
     _train(root, tmp_path / "run", "--exclusion_radius", "20", "--max_steps", "2")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dropped_train_blocks"] == 2  # (0,16,16) and (16,16,0) lie 16 from (16,16,16); (16,0,0) lies 22.6
+    with pytest.raises(InputError, match=r"all 4 lie within 40 voxels .*--exclusion_radius 40: lower it"):
+        _train(root, tmp_path / "run2", "--exclusion_radius", "40", "--max_steps", "2")
 
 
 def test_all_unlabeled_batches_are_skipped(tmp_path):
