@@ -22,7 +22,6 @@ orientation only where a surface lies in material with air close on one side and
 """
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
 from ink3d import volume
@@ -51,8 +50,8 @@ def smooth(profiles: np.ndarray) -> np.ndarray:
 
 def _window_max(values: np.ndarray, reach: int, forward: bool) -> np.ndarray:
     """Per sample, the maximum over the `reach` samples before it (or after it) and itself."""
-    padded = np.pad(values, ((0, 0), (0, reach) if forward else (reach, 0)), constant_values=-np.inf)
-    return sliding_window_view(padded, reach + 1, axis=1).max(axis=-1)
+    origin = -((reach + 1) // 2) if forward else reach // 2  # shifts scipy's centred window to one side
+    return ndimage.maximum_filter1d(values, reach + 1, axis=1, mode="constant", cval=-np.inf, origin=origin)
 
 
 def find_faces(profiles: np.ndarray, air_level: float, centre: int | None = None) -> np.ndarray:
