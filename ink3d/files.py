@@ -57,7 +57,8 @@ def lock_path(path: str | Path) -> Path:
 
 
 def _take_lock(path: Path) -> int:
-    """Hold `<path>.lock` (an exclusive flock, released by the kernel when the process ends however it ends)."""
+    """Hold `<path>.lock`: an exclusive POSIX record lock, which the kernel releases when the process ends however it
+    ends, and which the processes it forks (data-loader workers) do not hold: a flock would live on in them."""
     lock = lock_path(path)
     _ensure_writable_folder(path)
     while True:
@@ -66,8 +67,11 @@ def _take_lock(path: Path) -> int:
         except OSError as error:
             raise WriteError(f"{lock}: cannot create the output's lock ({error.strerror or error})") from None
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(descriptor)
+                raise WriteError(f"{lock}: cannot lock the output ({error.strerror or error})") from None
             holder = os.read(descriptor, 200).decode(errors="replace").strip() or "a run"
             os.close(descriptor)
             raise OutputBusy(f"{path} is being written by another run ({holder}; lock {lock}); "
@@ -94,8 +98,8 @@ def _take_lock(path: Path) -> int:
 def output_lock(*paths: str | Path):
     """One writer per output: hold `<path>.lock` beside each output for the whole run, taken before anything
     is created or truncated. A second run on any of them is refused by name; a lock left by a run that
-    ended without releasing it (kill -9, power loss) is taken over with a message. The locks are flocks:
-    on a shared filesystem they hold across machines where the filesystem supports them (NFSv4, Lustre)."""
+    ended without releasing it (kill -9, power loss) is taken over with a message. The locks are POSIX record
+    locks (fcntl): on a shared filesystem they hold across machines where it supports them (NFS, Lustre)."""
     resolved = [Path(path).resolve() for path in paths]
     for index, path in enumerate(resolved):
         if path in resolved[:index]:

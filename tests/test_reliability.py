@@ -1,9 +1,12 @@
 """Failures every writing stage must meet the same way: a named error, nothing left behind."""
 
 import contextlib
+import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -60,6 +63,8 @@ LOCKED = {  # the output each stage of STAGES locks first
 }
 _HOLD = """
 import sys
+import time
+from pathlib import Path
 sys.path.insert(0, ".")
 from ink3d.files import output_lock
 with output_lock(sys.argv[1]):
@@ -106,6 +111,46 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_message(pipeline, tmp_
     pred_find_coords.main(["--labels", str(pipeline / "labels_train.h5"), "--out", str(out), "--block", "8"])
     assert "taking over the lock of a run that ended without releasing it (pid 4194303 on a-machine" in capsys.readouterr().err
     assert out.exists() and not lock_path(out).exists()
+
+
+def test_the_lock_of_a_killed_training_run_is_free_at_once_though_its_loader_workers_live_on(tmp_path):
+    """kill -9 of train.py's own process (the OOM killer, a pre-empted node) while its forked data-loader workers
+    live on: a retry takes the output's lock at once (a flock would live on in the workers for seconds)."""
+    import signal
+
+    from test_train import _scene
+
+    from ink3d.files import output_lock
+    root = _scene(tmp_path)
+    out = tmp_path / "run"
+    argv = ["--volume", str(root / "scan.h5"), "--train_labels", str(root / "train.h5"), "--valid_labels", str(root / "valid.h5"),
+            "--train_coords", str(root / "train.npy"), "--valid_coords", str(root / "valid.npy"), "--out_dir", str(out),
+            "--patch", "16", "--f_maps", "4", "--num_levels", "2", "--batch_size", "2", "--max_steps", "100000",
+            "--valid_every", "100000", "--checkpoint_every", "2", "--workers", "2", "--exclusion_radius", "0", "--device", "cpu"]
+    run = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pth").exists():
+            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read().decode()[-2000:] if run.poll() is not None else "timeout"
+            time.sleep(0.1)
+        workers = [int(stat.name) for stat in Path("/proc").iterdir() if stat.name.isdigit() and _parent(stat) == run.pid]
+        assert len(workers) >= 2
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        with output_lock(out):
+            alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        assert alive, "the workers ended before the lock was tried: the test shows nothing"
+    finally:
+        if run.poll() is None:
+            run.kill()
+        run.stderr.close()
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def test_one_path_given_as_two_outputs_is_refused(pipeline, tmp_path):
