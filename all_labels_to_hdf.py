@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ink3d import InputError, faces, volume
 from ink3d.columns import COLUMNS, ColumnWriter
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import check_output, output_file, output_lock, partial_path, writing
+from ink3d.files import check_output, output_file, output_lock, partial_path, refuse_inputs_as_outputs, writing
 from ink3d.intensity import scan_air_level
 from ink3d.labels import ChunkAccumulator, VoxelizeStats, ink_range_within, voxelize_tile
 from ink3d.memory import reuse_freed_memory
@@ -278,6 +278,8 @@ def write_label_volume(path: Path, segments: list[Segment], shape, scale_zyx, co
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    refuse_inputs_as_outputs({"volume": config.volume, "ppm_dir": config.ppm_dir, "labels_dir": config.labels_dir},
+                             {"out_train": config.out_train, "out_valid": config.out_valid}, collections=("ppm_dir", "labels_dir"))
     with output_lock(config.out_train, config.out_valid):
         return write_outputs(config)
 

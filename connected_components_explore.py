@@ -26,7 +26,8 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.components import Blobs, blob_overlap, label_blocks, write_blob_labels
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import atomic_output, check_output, output_file, output_lock, write_image, writing
+from ink3d.files import (atomic_output, check_output, output_file, output_lock, refuse_inputs_as_outputs, write_image,
+                         writing)
 from ink3d.intensity import scan_air_level
 
 # --- config ---
@@ -139,6 +140,7 @@ def write_index(path: Path, blobs: Blobs, shown: list[int], pictures: dict[int, 
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    refuse_inputs_as_outputs({"predictions": config.predictions, "volume": config.volume}, {"out_dir": config.out_dir}, folders=("out_dir",))
     with output_lock(config.out_dir):
         return explore(config)
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import parse_config, run_main, save_config
-from ink3d.files import atomic_output, check_output, output_lock, write_image, writing
+from ink3d.files import atomic_output, check_output, output_lock, refuse_inputs_as_outputs, write_image, writing
 
 # --- config ---
 VOLUME = "runs/demo/predictions.h5"  # volume to export: an HDF5 file, a zarr array or an OME-Zarr group
@@ -34,6 +34,7 @@ OVERWRITE = False  # write into an out_dir that already holds images
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    refuse_inputs_as_outputs({"volume": config.volume}, {"out_dir": config.out_dir}, folders=("out_dir",))
     with output_lock(config.out_dir):
         return export(config)
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import atomic_output, check_output, output_lock, writing
+from ink3d.files import atomic_output, check_output, output_lock, refuse_inputs_as_outputs, writing
 from ink3d.memory import reuse_freed_memory
 from ink3d.ppm import find_segment, open_segment, segment_size, valid_mask
 from ink3d.sampling import trilinear
@@ -268,6 +268,8 @@ def main(argv=None):
     config = parse_config(globals(), argv)
     ppms = segment_ppms(Path(config.ppm_dir), config.segments)
     outputs = {segment_id: Path(config.out_dir) / f"{segment_id}_{config.name}.png" for segment_id in ppms}
+    refuse_inputs_as_outputs({"volume": config.volume, "ppm_dir": config.ppm_dir}, {"out_dir": config.out_dir},
+                             folders=("out_dir",), collections=("ppm_dir",))
     with output_lock(*outputs.values()):
         return flatten(config, ppms, outputs)
 

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from ink3d import InputError, volume
 from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
 from ink3d.files import (OutputBusy, checksum, finish_output, open_interrupted, output_file, output_lock, partial_path,
-                         resumable_output, warn_if_short_of_space, writing)
+                         refuse_inputs_as_outputs, resumable_output, warn_if_short_of_space, writing)
 from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, input_slabs, plan_blocks
 from ink3d.intensity import Normalization, parse_air_level
 from ink3d.prediction_store import CHUNK, PredictionStore, chunk_for, is_store
@@ -350,6 +350,7 @@ def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict, scale) -> Non
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    refuse_inputs_as_outputs({"volume": config.volume, "checkpoint": config.checkpoint}, {"out": config.out})
     out = Path(config.out)
     rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     if is_store(out):

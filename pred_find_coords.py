@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ink3d import volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import atomic_output, check_output, output_lock, writing
+from ink3d.files import atomic_output, check_output, output_lock, refuse_inputs_as_outputs, writing
 
 # --- config ---
 LABELS = "runs/demo/labels_train.h5"  # label volume (ink_sum, ink_count)
@@ -49,6 +49,7 @@ def origins(counts: np.ndarray, minimum: int, block: int) -> np.ndarray:
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    refuse_inputs_as_outputs({"labels": config.labels}, {"out": config.out, "out_ink": config.out_ink})
     with output_lock(*[path for path in (config.out, config.out_ink) if path]):
         return find_coords(config)
 

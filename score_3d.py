@@ -14,7 +14,7 @@ import json
 
 from ink3d import InputError, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
-from ink3d.files import atomic_output, check_output, output_lock, writing
+from ink3d.files import atomic_output, check_output, output_lock, refuse_inputs_as_outputs, writing
 from ink3d.intensity import scan_air_level
 from ink3d.metrics import score_volume
 
@@ -40,6 +40,8 @@ def summary_line(score: dict) -> str:
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    refuse_inputs_as_outputs({"predictions": config.predictions, "ground_truth": config.ground_truth, "volume": config.volume},
+                             {"out": config.out})
     with output_lock(*([config.out] if config.out else [])):
         return score(config)
 

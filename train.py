@@ -62,7 +62,8 @@ from ink3d.dataset import BACKGROUND, ScrollSamples, loader_worker_init
 from ink3d.intensity import Normalization, resolve_air_level, scan_histogram
 from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
 from ink3d.sliding_window import to_uint8
-from ink3d.files import atomic_output, check_output, file_checksum, output_lock, write_image, writing
+from ink3d.files import (atomic_output, check_output, file_checksum, output_lock, refuse_inputs_as_outputs, write_image,
+                         writing)
 from models import UNet3D, load_weights, read_state_dict, save_checkpoint, unwrap
 from models.ema import EMA
 from models.speed import autocast, autocast_dtype, prepare_model, resolve_device, switch
@@ -490,6 +491,8 @@ EARLIER_RUN = ("last.pth", "best.pth", "metrics.csv", "summary.json", "config.js
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    refuse_inputs_as_outputs({key: getattr(config, key) for key in (*DATA_KEYS, "init_checkpoint", "ground_truth")},
+                             {"out_dir": config.out_dir}, folders=("out_dir",))
     rank = int(os.environ.get("RANK", "0"))
     with output_lock(*([config.out_dir] if rank == 0 else [])):
         return train(config)

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
-from ink3d.files import (checksum, finish_output, open_interrupted, output_file, output_lock, resumable_output, warn_if_short_of_space,
-                         writing)
+from ink3d.files import (checksum, finish_output, open_interrupted, output_file, output_lock, refuse_inputs_as_outputs,
+                         resumable_output, warn_if_short_of_space, writing)
 
 # --- config ---
 TIFF_DIR = "runs/demo/scroll/volume"  # folder of numbered TIFF slices (z order = number in the name)
@@ -261,6 +261,7 @@ def _write_slabs(stack, dataset, lut, workers: int) -> None:
 
 def main(argv=None):
     config = parse_config(globals(), argv)
+    refuse_inputs_as_outputs({"tiff_dir": config.tiff_dir if not config.zarr else "", "zarr": config.zarr}, {"out": config.out})
     with output_lock(config.out):
         print("\n".join(convert(config)))
 

@@ -50,6 +50,41 @@ def check_output(path: str | Path, overwrite: bool, resume: bool = False, resuma
     _ensure_writable_folder(path)
 
 
+def _same(a: Path, b: Path) -> bool:
+    """One file or folder: the same resolved path, or the same device and inode (a hard link)."""
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def refuse_inputs_as_outputs(inputs: dict, outputs: dict, folders=(), collections=()) -> None:
+    """Refuse, by name and before anything is created or removed, an output that is one of the run's inputs (once
+    symlinks are resolved, or by device and inode), lies inside an input folder (a TIFF stack, a zarr store), or
+    holds an input (a store replaced whole). `inputs` and `outputs` map flag names to paths (empty ones are
+    skipped); outputs named in `folders` are folders written into by name, which may hold inputs; inputs named in
+    `collections` are folders of many inputs (segments, labels), which only an output that is the folder itself
+    would destroy."""
+    for out_flag, out in outputs.items():
+        if not out:
+            continue
+        output = Path(out).resolve()
+        for in_flag, given in inputs.items():
+            if not given:
+                continue
+            source = Path(given).resolve()
+            if _same(output, source):
+                relation = "is"
+            elif source in output.parents and in_flag not in collections:
+                relation = "lies inside"
+            elif output in source.parents and out_flag not in folders:
+                relation = "holds"
+            else:
+                continue
+            raise InputError(f"--{out_flag} {out} {relation} --{in_flag} {given}, an input of this run: writing it would "
+                             "destroy the input, with --overwrite true or not; choose another output")
+
+
 def lock_path(path: str | Path) -> Path:
     """The lock a run holds beside an output (a file or a folder) while it writes it."""
     path = Path(path)

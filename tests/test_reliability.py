@@ -47,6 +47,60 @@ def test_an_output_folder_that_cannot_be_written_is_named_first(tmp_path, stage)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+def _inputs(root):
+    """Stand-ins for a run's inputs (the check comes before any input is read): a scan file, a store, a TIFF stack,
+    a label file, and links to them."""
+    (root / "scan.h5").write_bytes(b"a scan")
+    (root / "labels.h5").write_bytes(b"labels")
+    (root / "vol.zarr" / "0").mkdir(parents=True)
+    (root / "vol.zarr" / "0" / "zarr.json").write_text("{}")
+    (root / "volume").mkdir()
+    (root / "volume" / "00000.tif").write_bytes(b"slice 0")
+    (root / "link.h5").symlink_to(root / "scan.h5")
+    (root / "link.zarr").symlink_to(root / "vol.zarr")
+    os.link(root / "scan.h5", root / "hard.h5")
+
+
+def _tree(root) -> dict:
+    return {str(path.relative_to(root)): path.read_bytes() if path.is_file() else None for path in sorted(root.rglob("*"))}
+
+
+OUTPUT_IS_INPUT = {  # stage, its arguments under the test's folder r, and the message's start
+    "inference into its scan": (inference, lambda r: ["--volume", f"{r}/scan.h5", "--checkpoint", "c.pth", "--out", f"{r}/scan.h5"],
+                                "--out .*scan.h5 is --volume"),
+    "inference from a link to its output": (inference, lambda r: ["--volume", f"{r}/link.h5", "--checkpoint", "c.pth", "--out", f"{r}/scan.h5"],
+                                            "--out .*scan.h5 is --volume .*link.h5"),
+    "inference into a hard link of its scan": (inference, lambda r: ["--volume", f"{r}/scan.h5", "--checkpoint", "c.pth", "--out", f"{r}/hard.h5"],
+                                               "--out .*hard.h5 is --volume"),
+    "inference into its scan store": (inference, lambda r: ["--volume", f"{r}/vol.zarr", "--checkpoint", "c.pth", "--out", f"{r}/vol.zarr"],
+                                      "--out .*vol.zarr is --volume"),
+    "inference into a link to its scan store": (inference, lambda r: ["--volume", f"{r}/vol.zarr", "--checkpoint", "c.pth", "--out", f"{r}/link.zarr"],
+                                                "--out .*link.zarr is --volume"),
+    "inference into a store holding its scan": (inference, lambda r: ["--volume", f"{r}/vol.zarr/0", "--checkpoint", "c.pth", "--out", f"{r}/vol.zarr"],
+                                                "--out .*vol.zarr holds --volume"),
+    "a conversion into its own slice": (volume_to_hdf, lambda r: ["--tiff_dir", f"{r}/volume", "--out", f"{r}/volume/00000.tif"],
+                                        "--out .*00000.tif lies inside --tiff_dir"),
+    "labels into the scan": (all_labels_to_hdf, lambda r: ["--volume", f"{r}/scan.h5", "--out_train", f"{r}/scan.h5", "--out_valid", f"{r}/v.h5"],
+                             "--out_train .*scan.h5 is --volume"),
+    "labels updating the scan": (all_labels_to_hdf, lambda r: ["--volume", f"{r}/scan.h5", "--out_train", f"{r}/t.h5", "--out_valid", f"{r}/scan.h5",
+                                                               "--update", "true"], "--out_valid .*scan.h5 is --volume"),
+    "coords into the labels": (pred_find_coords, lambda r: ["--labels", f"{r}/labels.h5", "--out", f"{r}/labels.h5"], "--out .*labels.h5 is --labels"),
+    "scores into the predictions": (score_3d, lambda r: ["--predictions", f"{r}/scan.h5", "--out", f"{r}/link.h5"], "--out .*link.h5 is --predictions"),
+    "slices into the store": (export_slices, lambda r: ["--volume", f"{r}/vol.zarr", "--out_dir", f"{r}/vol.zarr/slices"],
+                              "--out_dir .*slices lies inside --volume"),
+}
+
+
+@pytest.mark.parametrize("case", OUTPUT_IS_INPUT)
+def test_an_output_that_is_an_input_is_refused_and_changes_nothing(tmp_path, case):
+    module, argv, message = OUTPUT_IS_INPUT[case]
+    _inputs(tmp_path)
+    before = _tree(tmp_path)
+    with pytest.raises(InputError, match=message + ".*an input of this run: writing it would destroy the input"):
+        module.main([*argv(tmp_path), "--overwrite", "true"])
+    assert _tree(tmp_path) == before
+
+
 def test_a_label_file_without_ink_sum_is_named(tmp_path):
     with h5py.File(tmp_path / "labels.h5", "w") as file:
         volume.create_volume(file, volume.INK_COUNT, (8, 8, 8), np.uint16)
