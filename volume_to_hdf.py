@@ -76,7 +76,13 @@ def list_slices(tiff_dir: Path) -> list[Path]:
 
 def read_slice(path: Path) -> np.ndarray:
     try:
-        image = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tiff:
+            if len(tiff.pages) > 1:
+                raise InputError(f"{path}: a slice holds {len(tiff.pages)} pages; a slice is one image: split the stack into "
+                                 "one file per slice")
+            image = tiff.pages[0].asarray()
+    except InputError:
+        raise
     except Exception as error:  # any decoder failure is reported with the file's name
         raise InputError(f"{path}: cannot read TIFF slice ({type(error).__name__}: {error})") from None
     if image.size == 0:
@@ -240,6 +246,7 @@ def _write_slabs(stack, dataset, lut, workers: int) -> None:
     slabs = _slabs(dataset)
     started = time.perf_counter()
     done_slices = sum(s[0].stop - s[0].start for s, value in zip(slabs, checksums) if value is not None)
+    written = 0  # slices of this run (a disabled bar, TQDM_DISABLE=1, keeps no count of its own)
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool, \
             tqdm(total=stack.shape[0], initial=done_slices, unit="slice", desc="volume_to_hdf") as bar:
         for index, slab in enumerate(slabs):
@@ -255,8 +262,8 @@ def _write_slabs(stack, dataset, lut, workers: int) -> None:
                 dataset.attrs["slabs_done"] = sum(value is not None for value in checksums)
                 dataset.file.flush()
             bar.update(slab[0].stop - slab[0].start)
-            elapsed = time.perf_counter() - started
-            bar.set_postfix_str(f"{(bar.n - bar.initial) * slice_bytes / 1e6 / elapsed:.0f} MB/s read")
+            written += slab[0].stop - slab[0].start
+            bar.set_postfix_str(f"{written * slice_bytes / 1e6 / (time.perf_counter() - started):.0f} MB/s read")
 
 
 def main(argv=None):

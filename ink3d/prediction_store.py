@@ -99,7 +99,11 @@ class PredictionStore:
         records = {}
         for entry in os.scandir(folder):
             if entry.name.endswith(".json"):
-                records[int(entry.name[:-5])] = json.loads(Path(entry.path).read_text())["crc32"]
+                try:
+                    records[int(entry.name[:-5])] = int(json.loads(Path(entry.path).read_text())["crc32"])
+                except (ValueError, KeyError, TypeError) as error:
+                    raise InputError(f"{entry.path}: a damaged progress record ({type(error).__name__}: {error}); the store's "
+                                     "record of which blocks finished cannot be trusted: start over with --overwrite true") from None
         return records
 
     def write_slab(self, block, planes: slice, values: np.ndarray) -> None:

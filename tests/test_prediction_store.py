@@ -95,6 +95,15 @@ def test_a_killed_worker_resumes_its_part_and_damaged_chunks_are_redone(setup, t
     assert np.array_equal(predictions[:], reference)
 
 
+def test_a_damaged_progress_record_is_named_on_resume(setup, tmp_path):
+    out = tmp_path / "pred.zarr"
+    _worker(setup, out, 0, 2)
+    record = next((out / "progress").glob("*.json"))
+    record.write_text('{"crc32": 12')  # cut short
+    with pytest.raises(InputError, match=f"{record.name}: a damaged progress record .*start over with --overwrite true"):
+        _worker(setup, out, 0, 2, "--resume", "true")
+
+
 def test_two_processes_on_one_part_are_refused(setup, tmp_path):
     out = tmp_path / "pred.zarr"
     with another_run_writing(tmp_path / "pred.zarr.part1-of-3"):

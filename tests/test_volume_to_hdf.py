@@ -192,6 +192,25 @@ def test_gap_in_numbering_is_named(tmp_path):
         _convert(folder, tmp_path / "scan.h5")
 
 
+def test_a_slice_of_two_pages_is_refused_by_name(tmp_path):
+    folder, data = _stack(tmp_path, np.uint8)
+    tifffile.imwrite(folder / "5.tif", data[0], append=True)  # a second page appended to slice 5
+    with pytest.raises(InputError, match=r"5\.tif: a slice holds 2 pages; a slice is one image"):
+        _convert(folder, tmp_path / "scan.h5")
+    assert not (tmp_path / "scan.h5").exists()
+
+
+def test_a_disabled_progress_bar_converts_as_a_shown_one(tmp_path, monkeypatch):
+    """TQDM_DISABLE=1 makes every bar a disabled one, which keeps no count of its own."""
+    import functools
+
+    from tqdm import tqdm
+    folder, data = _stack(tmp_path, np.uint8)
+    monkeypatch.setattr(volume_to_hdf, "tqdm", functools.partial(tqdm, disable=True))
+    converted, attrs = _convert(folder, tmp_path / "scan.h5")
+    assert np.array_equal(converted, data) and attrs["complete"]
+
+
 def test_corrupt_slice_is_named(tmp_path):
     folder, _ = _stack(tmp_path, np.uint8)
     (folder / "7.tif").write_bytes(b"II*\x00garbage")
