@@ -108,6 +108,14 @@ def plan_attrs(config, shape, region, normalization: Normalization, weights_sha2
     }
 
 
+def check_plan(path: Path, stored: dict, attrs: dict) -> None:
+    """Refuse to continue (or to call complete) a prediction file made with another plan."""
+    changed = [key for key in PLAN_KEYS if stored.get(key) != attrs[key]]
+    if changed:
+        raise InputError(f"{path}: cannot resume with different {', '.join(changed)} "
+                         f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the file); --overwrite true redoes it")
+
+
 def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool, scale=(1.0, 1.0, 1.0)) -> h5py.File:
     """The prediction file, new or (resuming) checked to hold the same plan; with its finished-block record and the
     scan's voxel size (`scale`). A file killed as it was created holds nothing finished and is made anew."""
@@ -116,12 +124,11 @@ def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool, 
         if file is None:
             print(f"{path}: no block was finished before the interruption; starting it anew")
         else:
-            stored = json.loads(file[volume.PREDICTIONS].attrs["plan"])
-            changed = [key for key in PLAN_KEYS if stored.get(key) != attrs[key]]
-            if changed:
+            try:
+                check_plan(path, json.loads(file[volume.PREDICTIONS].attrs["plan"]), attrs)
+            except InputError:
                 file.close()
-                raise InputError(f"{path}: cannot resume with different {', '.join(changed)} "
-                                 f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the file)")
+                raise
             return file
     with writing(path):
         file = h5py.File(path, "w")
@@ -506,7 +513,10 @@ def predict(config, out: Path) -> Path:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     target = resumable_output(out, config.overwrite, config.resume)
-    if target is None:
+    if target is None:  # complete: what was asked for only if made with the same plan
+        run = prepare(config, device)
+        with run.scan_file, h5py.File(out, "r") as file:
+            check_plan(out, json.loads(file[volume.PREDICTIONS].attrs["plan"]), run.attrs)
         print(f"{out} is complete; nothing to resume (--overwrite true redoes it)")
         return out
     part = target[0] if world == 1 else out.with_name(f"{out.name}.rank{rank}-of-{world}.h5")

@@ -163,11 +163,13 @@ def convert(config) -> list[str]:
     """Write the scan volume; returns report lines."""
     out = Path(config.out)
     target = resumable_output(out, config.overwrite, config.resume)
-    if target is None:
-        return [f"{out} is complete; nothing to resume (--overwrite true redoes it)"]
-    partial, resuming = target
     stack = ZarrStack(Path(config.zarr), config.level) if config.zarr else TiffStack(Path(config.tiff_dir))
     shape, source = stack.shape, stack.source
+    if target is None:  # a complete output is what was asked for only if it was made as asked
+        with h5py.File(out, "r") as file:
+            _reopen(out, file, shape, source, config)
+        return [f"{out} is complete; nothing to resume (--overwrite true redoes it)"]
+    partial, resuming = target
     percentiles = parse_window(config.window)
     volume.compression_options(config.compression)
     warn_if_short_of_space(partial, int(np.prod(shape)))

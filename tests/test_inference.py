@@ -198,6 +198,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_p
     moved.write_bytes(model_path.read_bytes())
     resumed, attrs = _infer(scan_path, moved, tmp_path / "pred.h5", "--resume", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
+    # complete now: a resume with the same plan has nothing to do, one with another plan is refused as before
+    _infer(scan_path, moved, tmp_path / "pred.h5", "--resume", "true")
+    with pytest.raises(InputError, match="pred.h5: cannot resume with different weights_sha256"):
+        _infer(scan_path, other, tmp_path / "pred.h5", "--resume", "true")
+    assert np.array_equal(_infer(scan_path, moved, tmp_path / "pred.h5", "--resume", "true")[0], reference)
     assert not (tmp_path / "pred.h5.partial").exists()
 
 

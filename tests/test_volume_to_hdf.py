@@ -230,3 +230,9 @@ def test_a_zarr_volume_converts_like_its_tiff_stack_and_resumes(tmp_path, monkey
     monkeypatch.setattr(volume_to_hdf.ZarrStack, "read", original)
     from_zarr, attrs = _convert("unused", tmp_path / "zarr.h5", "--zarr", str(tmp_path / "scan.zarr"), "--window", "5,95", "--resume", "true")
     assert np.array_equal(from_zarr, from_tiff) and json.loads(attrs["source"])["zarr"] == str((tmp_path / "scan.zarr").resolve())
+    # complete: a resume of the same conversion has nothing to do; of another source, or other settings, is refused
+    _convert("unused", tmp_path / "zarr.h5", "--zarr", str(tmp_path / "scan.zarr"), "--window", "5,95", "--resume", "true")
+    with pytest.raises(InputError, match="tiff.h5: cannot resume, it was made from another stack"):
+        _convert("unused", tmp_path / "tiff.h5", "--zarr", str(tmp_path / "scan.zarr"), "--window", "5,95", "--resume", "true")
+    with pytest.raises(InputError, match="zarr.h5: cannot resume with different window"):
+        _convert("unused", tmp_path / "zarr.h5", "--zarr", str(tmp_path / "scan.zarr"), "--resume", "true")
