@@ -60,6 +60,7 @@ from ink3d.augment import warp
 from ink3d.columns import COLUMNS, column_loss, face_bags, sample_columns
 from ink3d.dataset import BACKGROUND, ScrollSamples, loader_worker_init
 from ink3d.intensity import Normalization, resolve_air_level, scan_histogram
+from ink3d.labels import boxes_with_labels
 from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
 from ink3d.sliding_window import to_uint8
 from ink3d.files import (atomic_output, check_output, file_checksum, output_lock, refuse_inputs_as_outputs, write_image,
@@ -230,6 +231,27 @@ def check_inputs(config, resuming: bool) -> tuple[np.ndarray, np.ndarray]:
     if config.init_checkpoint and not resuming:
         read_state_dict(config.init_checkpoint, config.trust_checkpoint)
     return load_origins(config.train_coords), load_origins(config.valid_coords)
+
+
+def check_origins_hold_labels(config, train_origins: np.ndarray, valid_origins: np.ndarray, block: int, rank: int) -> None:
+    """Refuse a run none of whose training origins holds a labeled voxel within reach of its samples (its block and
+    half a patch around it), and warn when no validation origin holds one within the patch at it."""
+    with h5py.File(config.train_labels, "r") as file:
+        reach = boxes_with_labels(file[volume.INK_COUNT], train_origins - config.patch // 2,
+                                  train_origins + block + config.patch // 2, enough=1)
+    if not reach.any():
+        raise InputError(f"{config.train_coords}: none of its {len(train_origins)} block origins holds a labeled voxel of "
+                         f"{config.train_labels} within its block ({block} voxels, and half a patch around it) inside the scan: "
+                         "training would learn nothing; make the coords from these labels (pred_find_coords.py --labels "
+                         f"{config.train_labels} --block {block})")
+    with h5py.File(config.valid_labels, "r") as file:
+        held = boxes_with_labels(file[volume.INK_COUNT], valid_origins, valid_origins + config.patch)
+    if rank == 0 and held.sum() < len(valid_origins):
+        print(f"warning: {config.valid_coords}: {len(valid_origins) - held.sum()} of its {len(valid_origins)} validation origins "
+              f"hold no labeled voxel of {config.valid_labels} within the {config.patch}-voxel patch at them"
+              + (": validation scores nothing, and best.pth would follow it" if not held.any() else "")
+              + f" (coords made with a --block larger than --patch {config.patch}? pred_find_coords.py --block {config.patch} "
+              "makes them for this run)")
 
 
 RESUME_STATE = ("model", "config", "optimizer", "scaler", "step", "best_f05", "skipped_batches", "torch_rng", "python_rng")
@@ -522,6 +544,7 @@ def train(config) -> float:
     on_device = (config.augmentation == "full" and config.augment == "device") or learned  # exact and none resample nothing
     image_mode = "bilinear" if config.augmentation == "full" else "nearest"  # exact and none map voxels onto voxels
     train_origins, valid_origins = check_inputs(config, resuming)
+    check_origins_hold_labels(config, train_origins, valid_origins[:config.valid_blocks], block, rank)
     band = column_band(config.train_labels, learned)
     if learned and column_band(config.valid_labels, learned) != band:
         raise InputError(f"{config.valid_labels}: its columns' band differs from {config.train_labels}'s ({band})")

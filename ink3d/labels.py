@@ -330,3 +330,29 @@ def voxelize_tile(data: np.ndarray, labels: np.ndarray, use: np.ndarray, band: f
     accumulator.add(z, y, x, np.where(ink, values[pixel_index], np.float32(0)), pixel_index)
     return VoxelizeStats(pixels=len(values), ink_pixels=float(values.sum(dtype=np.float64)), contributions=len(z),
                          dropped_outside=dropped)
+
+
+def boxes_with_labels(dataset: h5py.Dataset, low: np.ndarray, high: np.ndarray, enough: int | None = None) -> np.ndarray:
+    """(N,) bool: which boxes [low, high) (N, 3 zyx each, clipped to the volume) hold a labeled voxel of a label
+    volume's `ink_count`. Boxes that reach no stored chunk hold none (a chunk without labels is never written); the
+    others are read, in order, until `enough` are found to hold one (the rest then count as not checked: False)."""
+    chunk, shape = np.array(dataset.chunks), np.array(dataset.shape)
+    stored = []
+    dataset.id.chunk_iter(lambda info: stored.append(info.chunk_offset))
+    found = np.zeros(len(low), bool)
+    if not stored:
+        return found
+    grid = -(-shape // chunk)
+    labeled = np.zeros(grid, bool)
+    labeled[tuple((np.array(stored) // chunk).T)] = True
+    low, high = np.clip(low, 0, shape), np.clip(high, 0, shape)
+    for index in range(len(low)):
+        if np.any(high[index] <= low[index]):
+            continue
+        first, last = low[index] // chunk, -(-high[index] // chunk)
+        if labeled[first[0]:last[0], first[1]:last[1], first[2]:last[2]].any():
+            box = tuple(slice(a, b) for a, b in zip(low[index], high[index]))
+            found[index] = bool(np.any(dataset[box]))
+            if enough is not None and found.sum() >= enough:
+                break
+    return found

@@ -330,6 +330,17 @@ def test_training_run_writes_checkpoints_and_metrics(tmp_path):
         _train(root, tmp_path / "run")
 
 
+def test_origins_outside_the_volume_or_their_labels_are_refused_or_warned_of(tmp_path, capsys):
+    root = _scene(tmp_path)
+    np.save(root / "outside.npy", np.array([[100, 100, 100], [-64, 0, 0]], np.int32))
+    with pytest.raises(InputError, match="outside.npy: none of its 2 block origins holds a labeled voxel"):
+        _train(root, tmp_path / "run", "--train_coords", str(root / "outside.npy"))
+    np.save(root / "corner.npy", np.array([[0, 24, 0], [100, 0, 0]], np.int32))  # labels lie at y 8..24: none in these patches
+    _train(root, tmp_path / "run", "--valid_coords", str(root / "corner.npy"), "--max_steps", "2")
+    assert ("warning: " + str(root / "corner.npy") + ": 2 of its 2 validation origins hold no labeled voxel of "
+            + str(root / "valid.h5") + " within the 16-voxel patch at them: validation scores nothing") in capsys.readouterr().out
+
+
 def test_exclusion_radius_drops_training_blocks(tmp_path):
     root = _scene(tmp_path)
     _train(root, tmp_path / "run", "--exclusion_radius", "20", "--max_steps", "2")
@@ -339,8 +350,13 @@ def test_exclusion_radius_drops_training_blocks(tmp_path):
         _train(root, tmp_path / "run2", "--exclusion_radius", "40", "--max_steps", "2")
 
 
-def test_all_unlabeled_batches_are_skipped(tmp_path):
+def test_all_unlabeled_batches_are_skipped(tmp_path, monkeypatch):
+    """Batches without a labeled voxel change nothing (here every batch: the check that refuses such a run is off)."""
     root = _scene(tmp_path, unlabeled=True)
+    with pytest.raises(InputError, match="train.npy: none of its 4 block origins holds a labeled voxel .*training would learn nothing"):
+        _train(root, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    monkeypatch.setattr(train, "check_origins_hold_labels", lambda *args: None)
     torch.manual_seed(0)
     _train(root, tmp_path / "run", "--max_steps", "3", "--valid_every", "3", "--checkpoint_every", "3")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
