@@ -67,10 +67,11 @@ def label_blocks(dataset, threshold: float, block: int, scratch: h5py.File, roi=
     stats, offset = [], 0
     for box in tqdm(boxes, unit="block", desc="components: label"):
         where = tuple(slice(b.start + o, b.stop + o) for b, o in zip(box, origin))
-        values = dataset[where]
+        corner, size = [w.start for w in where], [w.stop - w.start for w in where]
+        values = volume.read_crop(dataset, corner, size)  # a damaged chunk is named as a read failure
         foreground = values >= threshold
         if scan is not None:
-            foreground &= scan[where] > min_scan
+            foreground &= volume.read_crop(scan, corner, size) > min_scan
         labels, count = cc3d.connected_components(foreground, connectivity=26, return_N=True, out_dtype=np.uint64)
         if count == 0:
             continue

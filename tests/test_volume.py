@@ -436,6 +436,10 @@ def test_a_damaged_hdf5_chunk_read_through_the_chunk_cache_is_named(tmp_path):
     assert np.array_equal(read_crop(cached, (0, 0, 0), (16, 32, 32)), data[:16])  # the chunks before it read
     with pytest.raises(InputError, match=r"v\.h5\[predictions\] at \[15, 0, 0\]\.\.\[32, 32, 32\] failed .*\[16, 0, 0\] does not decompress"):
         read_crop(cached, (15, 0, 0), (17, 32, 32))
+    import connected_components_explore  # a stage that writes while it reads names the read, not a write, as what failed
+    with pytest.raises(InputError, match=r"reading .*v\.h5\[predictions\] at .* failed .*the file is damaged or unreadable"):
+        connected_components_explore.main(["--predictions", str(tmp_path / "v.h5"), "--out_dir", str(tmp_path / "blobs"),
+                                           "--threshold", "0.01"])
 
 
 def test_threads_decompress_the_chunks_of_one_box_side_by_side():
