@@ -18,6 +18,8 @@ segments to existing outputs; segments already listed in their `attrs["segments"
 counted twice.
 """
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import json
 import os
 import shutil

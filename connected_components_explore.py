@@ -13,6 +13,8 @@ beside the scan's slices through the blob's centroid when `--volume` is given, a
 `index.html`, a contact sheet of those PNGs sorted by size.
 """
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import csv
 import html
 import tempfile

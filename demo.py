@@ -22,6 +22,8 @@ make_synthetic_scroll; `--ink_depth fixed` trains on a fixed ink range around th
 written to `runs/demo/results.json`.
 """
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import csv
 import json
 import shutil

@@ -8,6 +8,8 @@ so a stack keeps its place in the volume. TIFF keeps the dataset's dtype; JPEG n
 The ROI is read one slab of chunk thickness at a time.
 """
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import json
 from pathlib import Path
 

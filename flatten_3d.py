@@ -28,6 +28,8 @@ chunks in a cache of decompressed chunks (`volume.ChunkCache`; row by row, in ba
 needs it, the threads decompressing side by side.
 """
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import collections
 import contextlib
 import json

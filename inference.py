@@ -28,6 +28,8 @@ Under torchrun each rank takes every world_size-th block and writes its own part
 merges the parts into `<out>` and deletes them.
 """
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import contextlib
 import json
 import os

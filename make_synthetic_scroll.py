@@ -27,6 +27,8 @@ with `--ome_zarr true` also the volume as an OME-Zarr group `volume.zarr`, and w
 the forms the scroll data server publishes today.
 """
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import json
 import shutil
 from dataclasses import asdict, dataclass

@@ -8,6 +8,8 @@ Writes zyx block origins (int32, shape (N, 3), on the `--block` grid) of blocks 
 """
 
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import numpy as np
 from tqdm import tqdm
 

@@ -10,6 +10,8 @@ than most papyrus), and the prediction's median and 95th percentile in air (scan
 the air level), papyrus without ink, and ink. Read block by block: the volumes stream.
 """
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import json
 
 from ink3d import InputError, volume

@@ -35,6 +35,8 @@ exactly (weights, optimizer, sample stream, counters, metrics.csv cut back to it
 refuses other data files unless `--allow_new_data true`.
 """
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import csv
 import json
 import math

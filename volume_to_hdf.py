@@ -15,6 +15,8 @@ that stops (killed, disk full) is continued with `--resume true`: each finished 
 recorded with a checksum of its bytes, verified on resume, and redone if damaged.
 """
 
+import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
+
 import json
 import os
 import re

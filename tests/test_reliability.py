@@ -300,3 +300,20 @@ def test_a_full_disk_in_training_is_named_and_says_how_to_resume(tmp_path):
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert re.search(r"error: .*writing failed \(File too large\); last.pth holds the last checkpoint: free disk space and rerun "
                      r"with --resume true", run.stderr, re.MULTILINE), run.stderr[-3000:]
+
+
+STAGE_SCRIPTS = ["volume_to_hdf.py", "all_labels_to_hdf.py", "pred_find_coords.py", "train.py", "inference.py", "flatten_3d.py",
+                 "score_3d.py", "connected_components_explore.py", "export_slices.py", "make_synthetic_scroll.py", "demo.py"]
+
+
+def test_a_ctrl_c_while_a_stage_starts_ends_in_one_line():
+    """Every stage imports ink3d.quiet_start before anything else, and a Ctrl-C after it is one line, no traceback."""
+    import ast
+
+    for script in STAGE_SCRIPTS:
+        tree = ast.parse((ROOT / script).read_text())
+        first = next(node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)))
+        assert ast.unparse(first) == "import ink3d.quiet_start", script
+    run = subprocess.run([sys.executable, "-c", "import ink3d.quiet_start\nimport json\nraise KeyboardInterrupt"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.stderr.strip() == "interrupted while starting: nothing was written" and run.returncode != 0
