@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 
 import numcodecs
@@ -156,9 +157,23 @@ class PredictionStore:
         base = multiscale["datasets"][0]["coordinateTransformations"][0]["scale"]
         multiscale["datasets"] = [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [s * 2**k for s in base]}]}
                                   for k in range(len(levels))]
+        write_manifest(self.path, len(levels))
         attrs[KEY] = {**attrs[KEY], "complete": True}
         self.group.attrs.update(attrs)
         return len(levels)
+
+
+def write_manifest(path: Path, levels: int) -> None:
+    """`<store>/manifest.json`: per level, every chunk file written and the CRC-32 of its bytes, which readers check
+    (volume.ZarrVolume): a chunk lost or changed after the store was finished is a named error, not zeros."""
+    manifest = {}
+    for level in range(levels):
+        folder = path / str(level)
+        manifest[str(level)] = {file.relative_to(folder).as_posix(): zlib.crc32(file.read_bytes())
+                                for file in sorted(folder.rglob("*")) if file.is_file() and not file.name.startswith(".")}
+    temporary = path / f"{volume.MANIFEST}.{uuid.uuid4().hex}.partial"
+    temporary.write_text(json.dumps(manifest))
+    os.replace(temporary, path / volume.MANIFEST)
 
 
 def _compressor():

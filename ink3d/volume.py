@@ -8,6 +8,7 @@ import collections
 import contextlib
 import functools
 import itertools
+import json
 import os
 import sys
 import threading
@@ -42,6 +43,7 @@ BLOCK_CHECKSUMS = "block_checksums"  # prediction file: CRC-32 of each finished 
 os.environ.setdefault("BLOSC_NTHREADS", str(os.cpu_count() or 1))
 
 AXES = "zyx"
+MANIFEST = "manifest.json"  # a finished prediction store's chunk files and their CRC-32s (ink3d.prediction_store)
 PIPELINE_ATTRS = "ink3d"  # zarr group attribute of a prediction store this pipeline writes: its plan, complete
 SCALE = "scale"  # attribute: the zyx voxel size in voxels of full resolution of a volume made from an OME-Zarr level
 UINT16_TO_UINT8 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)  # round(v * 255 / 65535)
@@ -261,8 +263,11 @@ class ZarrVolume(Uint8View):
     faster than through zarr, whose machinery costs ~3 ms a chunk and lets threads decompress little side by side);
     any other array through zarr, a box's missing chunks in one call where they fill the box they span."""
 
-    def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0), count_absent: bool = True, cache_bytes: int = 0):
+    def __init__(self, array, where: str, scale=(1.0, 1.0, 1.0), count_absent: bool = True, cache_bytes: int = 0,
+                 manifest: dict | None = None):
         super().__init__(array, where, scale)
+        self._manifest = manifest  # chunk key -> CRC-32 of the file: every chunk read is checked against it, once
+        self._checked = set()
         root = getattr(array.store, "root", None)
         self._stored_in = None if root is None else Path(root) / array.path  # a local store: the array's folder
         self._folder = self._stored_in if count_absent else None
@@ -279,7 +284,26 @@ class ZarrVolume(Uint8View):
         if self._folder is not None:
             self._count_absent(key)
         box = None if self.cache is None else _box(key, self.shape)
+        whole = _box(key, self.shape) if box is None and self._manifest is not None else None
+        if whole is not None:  # read by zarr: its chunks checked first
+            for index in itertools.product(*(range(start // size, -(-stop // size)) for (start, stop), size in zip(whole, self.chunks))):
+                if index not in self._checked:
+                    self._checked_bytes(index)
+                    self._checked.add(index)
         return super().__getitem__(key) if box is None else self.cache.read(box)
+
+    def _checked_bytes(self, index: tuple[int, ...]) -> bytes | None:
+        """A chunk's file's bytes (None: never written), checked against the store's manifest where it has one."""
+        path = self._stored_in / self.array.metadata.encode_chunk_key(index)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            if self._manifest is not None and path.relative_to(self._stored_in).as_posix() in self._manifest:
+                raise OSError(f"the chunk {path} was written when the store was finished and is missing now") from None
+            return None
+        if self._manifest is not None and zlib.crc32(data) != self._manifest.get(path.relative_to(self._stored_in).as_posix()):
+            raise OSError(f"the chunk {path} differs from the one written when the store was finished")
+        return data
 
     def _read(self, missing: list[tuple[int, ...]]) -> dict:
         """Chunks read in one read where they fill the box they span (~1.5x faster than one by one for zarr), else one
@@ -304,9 +328,8 @@ class ZarrVolume(Uint8View):
         decode, dtype, fill = self.decoder
         inside = _inside_of_chunk(index, self.chunks, self.shape)
         path = self._stored_in / self.array.metadata.encode_chunk_key(index)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        data = self._checked_bytes(index)
+        if data is None:
             values = np.broadcast_to(np.asarray(fill, dtype), [part.stop for part in inside])
         else:
             try:
@@ -501,7 +524,13 @@ def open_zarr(path: Path, level: int = 0, cache_bytes: int = 0) -> ZarrVolume:
         raise InputError(f"{where}: shape {node.shape}, expected 3 axes (z, y, x)")
     if np.dtype(node.dtype).newbyteorder("=") not in (np.uint8, np.uint16):  # either byte order
         raise InputError(f"{where}: dtype {node.dtype}; volumes must be uint8 or uint16")
-    opened = ZarrVolume(node, where, scale, count_absent=not sparse, cache_bytes=cache_bytes)
+    manifest = None
+    if sparse and (Path(path) / MANIFEST).exists():
+        try:
+            manifest = json.loads((Path(path) / MANIFEST).read_text())[datasets[level]["path"]]
+        except (ValueError, KeyError) as error:
+            raise InputError(f"{path / MANIFEST}: damaged ({type(error).__name__}: {error}); the store cannot be checked") from None
+    opened = ZarrVolume(node, where, scale, count_absent=not sparse, cache_bytes=cache_bytes, manifest=manifest)
     opened.voxel_size = voxel_size
     return opened
 

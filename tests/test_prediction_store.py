@@ -200,3 +200,27 @@ def test_the_metadata_opens_with_ome_zarr_py(setup, tmp_path):
     assert {axis["unit"] for axis in image.metadata["axes"]} == {"micrometer"}
     assert [t[0]["scale"] for t in image.metadata["coordinateTransformations"]] == [[7.91] * 3, [15.82] * 3, [31.64] * 3]
     assert [level.shape for level in image.data] == [SHAPE, (20, 18, 26), (10, 9, 13)]
+
+
+@pytest.mark.parametrize("cache_mb", [0, 16])
+def test_a_chunk_lost_or_changed_after_the_store_was_finished_is_named_by_readers(setup, tmp_path, cache_mb):
+    """The finished store records its chunk files; a reader (cached or not) finds a lost one or a changed one by name
+    instead of reading zeros or other values, and reads an intact store as written."""
+    _, _, reference = setup
+    out = tmp_path / "pred.zarr"
+    _worker(setup, out, 0, 1)
+    _, predictions = volume.open_dataset(out, volume.PREDICTIONS, cache_bytes=cache_mb << 20)
+    assert np.array_equal(volume.read_crop(predictions, (0, 0, 0), SHAPE), reference)
+    chunks = sorted(path for path in (out / "0").rglob("*") if path.is_file() and not path.name.startswith("."))
+    lost, changed = chunks[0], chunks[-1]
+    lost.unlink()
+    changed.write_bytes(changed.read_bytes()[:-1] + bytes([changed.read_bytes()[-1] ^ 1]))
+    _, predictions = volume.open_dataset(out, volume.PREDICTIONS, cache_bytes=cache_mb << 20)
+    with pytest.raises(InputError, match=f"the chunk .*{lost.name} was written when the store was finished and is missing now"):
+        volume.read_crop(predictions, (0, 0, 0), SHAPE)
+    lost_index = tuple(int(part) for part in lost.relative_to(out / "0").parts)
+    changed_index = np.array([int(part) for part in changed.relative_to(out / "0").parts])
+    box = changed_index * 16
+    with pytest.raises(InputError, match=f"the chunk .*{changed.name} differs from the one written"):
+        volume.read_crop(predictions, box, (1, 1, 1))
+    assert lost_index != tuple(changed_index)
