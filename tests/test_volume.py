@@ -456,3 +456,12 @@ def test_threads_decompress_the_chunks_of_one_box_side_by_side():
         boxes = [pool.submit(cache.read, [(0, 2), (0, 2), (0, 4)]) for _ in range(2)]
         expected = np.repeat(np.array([0, 1], np.uint8), 2)[None, None].repeat(2, 0).repeat(2, 1)
         assert all(np.array_equal(box.result(), expected) for box in boxes)
+
+
+def test_a_folder_of_slice_tiffs_given_as_a_scan_names_the_conversion(tmp_path):
+    import tifffile
+
+    (tmp_path / "volume").mkdir()
+    tifffile.imwrite(tmp_path / "volume" / "00000.tif", np.zeros((4, 4), np.uint8))
+    with pytest.raises(InputError, match=r"volume: a folder of slice TIFFs; .*python volume_to_hdf.py --tiff_dir .*volume --out .*volume\.h5"):
+        open_dataset(tmp_path / "volume", "scan_volume")
