@@ -63,7 +63,7 @@ LEVEL = 0  # OME-Zarr inputs: the multiscale level to read (0 = full resolution)
 CHECKPOINT = "runs/demo/train/best.pth"  # train.py checkpoint or the published model.-prefixed state_dict
 OUT = "runs/demo/predictions.h5"  # prediction volume (uint8, the scan's shape): HDF5 (dataset predictions), or an OME-Zarr store when it ends in .zarr
 ROI = ""  # z0:z1,y0:y1,x0:x1 to predict; empty = the whole volume
-PATCH = 128  # window edge in voxels
+PATCH = 0  # window edge in voxels; 0: the patch the checkpoint was trained with (128 for one that records none)
 OVERLAP = 0.5  # window overlap fraction: stride = patch * (1 - overlap)
 BLEND = "gaussian"  # gaussian or constant window weights
 BATCH_SIZE = 4  # windows per forward pass
@@ -85,6 +85,7 @@ OVERWRITE = False  # replace an existing output
 
 
 # what a resumed run must share with the interrupted one: the windows, their blending and the model
+DEFAULT_PATCH = 128  # windows for a checkpoint that records no training patch (the published one's)
 PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "block_grid", "air_level", "tta", "weights",
              "weights_sha256", "normalization")
 BATCH_FILL_WARNING = 0.9  # warn when the windows take less than this share of the batches' slots
@@ -389,16 +390,21 @@ class Run:
 
 
 def prepare(config, device: torch.device) -> Run:
+    checkpoint = read_checkpoint(config.checkpoint, config.trust_checkpoint)
+    recorded = (checkpoint.get("config") if isinstance(checkpoint, dict) else None) or {}
+    if not config.patch:  # the windows the model was trained on
+        config.patch = int(recorded.get("patch") or DEFAULT_PATCH)
+        print(f"windows of {config.patch} voxels: " + ("the checkpoint's training patch" if recorded.get("patch") else
+                                                       "the checkpoint records no training patch") + " (--patch)")
     stride = int(config.patch * (1 - config.overlap))
     if not 0 < stride <= config.patch or config.macro_block % stride:
-        raise InputError(f"--overlap {config.overlap} gives stride {stride}; it must be in 1..patch and divide --macro_block {config.macro_block}")
+        raise InputError(f"--overlap {config.overlap} gives stride {stride} (--patch {config.patch}); it must be in 1..patch and "
+                         f"divide --macro_block {config.macro_block}")
     scan_file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
     region = volume.parse_roi(config.roi, scan.shape)
     blocks = plan_blocks(region, tuple(slice(0, size) for size in scan.shape), config.patch, stride, config.macro_block)
-    checkpoint = read_checkpoint(config.checkpoint, config.trust_checkpoint)
     normalization = Normalization.from_config(checkpoint.get("config") if isinstance(checkpoint, dict) else None)
     model = model_from_checkpoint(checkpoint, config.checkpoint, weights=config.weights)
-    recorded = (checkpoint.get("config") if isinstance(checkpoint, dict) else None) or {}
     config.air_level = skipped_air(config.air_level, recorded.get("air_level_value"))
     attrs = plan_attrs(config, scan.shape, region, normalization, weights_digest(model))
     channels_last = switch(config.channels_last, "--channels_last", on_cuda=False, on_cpu=True, device=device)

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ink3d import InputError, volume
-from ink3d.config import parse_config, run_main, save_config
+from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.coords import drop_near
 from ink3d.augment import warp
 from ink3d.columns import COLUMNS, column_loss, face_bags, sample_columns
@@ -84,7 +84,7 @@ RESUME = False  # continue from out_dir/last.pth at its step, with its optimizer
 OVERWRITE = False  # start a new run in an out_dir holding an earlier run's checkpoints and metrics (they are removed first)
 ALLOW_NEW_DATA = False  # let a resumed run read other scan / label / coords files than the checkpoint's
 PATCH = 128  # training patch edge (model input)
-BLOCK = 0  # block edge of the coords grid (0 = patch): samples are jittered within it
+BLOCK = 0  # block edge of the coords grid (0: the block the training coords were made with, else the patch): samples are jittered within it
 BATCH_SIZE = 2  # samples per step (per GPU under torchrun)
 LR = 1e-3  # peak learning rate (AdamW)
 WEIGHT_DECAY = 1e-4  # AdamW weight decay
@@ -233,6 +233,29 @@ def check_inputs(config, resuming: bool) -> tuple[np.ndarray, np.ndarray]:
     if config.init_checkpoint and not resuming:
         read_state_dict(config.init_checkpoint, config.trust_checkpoint)
     return load_origins(config.train_coords), load_origins(config.valid_coords)
+
+
+def coords_blocks(config) -> int:
+    """The block edge training samples within: `--block`, else the one the training coords were made with
+    (pred_find_coords records it beside them), else the patch. Coords made for other blocks are refused by name:
+    validation reads the patch at each origin, so its coords must be made with blocks of the patch."""
+    def made_with(path) -> int | None:
+        try:
+            return int(json.loads(config_path_for(path).read_text())["block"])
+        except (OSError, ValueError, KeyError, TypeError):  # coords from elsewhere: nothing recorded
+            return None
+
+    made = made_with(config.train_coords)
+    block = config.block or made or config.patch
+    if made and made != block:
+        raise InputError(f"{config.train_coords} was made with --block {made}, this run samples blocks of --block {block}: make "
+                         f"the coords with pred_find_coords.py --block {block}, or train with --block {made}")
+    made = made_with(config.valid_coords)
+    if made and made != config.patch:
+        raise InputError(f"{config.valid_coords} was made with --block {made}, and validation reads a --patch {config.patch} at "
+                         f"each origin (a corner of each block): make them with pred_find_coords.py --labels {config.valid_labels} "
+                         f"--out {config.valid_coords} --block {config.patch}, or train with --patch {made}")
+    return block
 
 
 def check_origins_hold_labels(config, train_origins: np.ndarray, valid_origins: np.ndarray, block: int, rank: int) -> None:
@@ -539,7 +562,7 @@ def train(config) -> float:
     resuming = config.resume and last_path.exists()
     if config.resume and not resuming and rank == 0:
         print(f"--resume: {last_path} does not exist; starting a new run")
-    block = config.block or config.patch
+    block = coords_blocks(config)
     learned = config.ink_depth == "learned"
     if learned and config.augment == "cpu":
         raise InputError("--ink_depth learned moves the columns with each crop's transform, where the model runs: use --augment device")

@@ -76,7 +76,7 @@ LIMITS = {
                      "height", "width", "max_size", "band", "block", "pool_sharpness", "max_columns"), POSITIVE),
     **dict.fromkeys(("lr", "train.py:block", "warmup_steps", "min_labeled", "margin", "min_size", "exclusion_radius", "grad_clip",
                      "dice_weight", "background_weight", "weight_decay", "ink_thickness", "surface_jitter", "column_weight", "face_depth", "ink_reach",
-                     "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "flatten_3d.py:workers", "level", "tifxyz_step", "flatten_3d.py:band", "part", "voxel_size"), NON_NEGATIVE),
+                     "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "flatten_3d.py:workers", "level", "tifxyz_step", "flatten_3d.py:band", "part", "voxel_size", "inference.py:patch"), NON_NEGATIVE),
     **dict.fromkeys(("overlap", "label_smoothing", "ema_decay"), FRACTION),
     "threshold": Bounds(0, 1),
     "depth_threshold": Bounds(0, 1),

@@ -747,3 +747,20 @@ def test_ctrl_c_stops_with_one_line_and_the_run_resumes(scan, model_path, tmp_pa
     assert stderr.rstrip().splitlines()[-1] == "interrupted: finished work is kept in the .partial output: rerun the same command with --resume true"
     resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "16", "--resume", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
+
+
+def test_the_window_defaults_to_the_checkpoints_training_patch(scan, model_path, tmp_path, capsys):
+    """Without --patch, inference windows are the patch the model was trained with, as a run with --patch gives."""
+    scan_path, _ = scan
+    trained = tmp_path / "trained.pth"
+    state = torch.load(model_path, weights_only=True)
+    state["config"] = {"patch": PATCH}
+    torch.save(state, trained)
+    argv = ["--volume", str(scan_path), "--checkpoint", str(trained), "--batch_size", "3", "--macro_block", "16",
+            "--air_level", "none", "--channels_last", "false"]
+    inference.main([*argv, "--out", str(tmp_path / "default.h5")])
+    assert f"windows of {PATCH} voxels: the checkpoint's training patch (--patch)" in capsys.readouterr().out
+    inference.main([*argv, "--out", str(tmp_path / "given.h5"), "--patch", str(PATCH)])
+    with h5py.File(tmp_path / "default.h5") as default, h5py.File(tmp_path / "given.h5") as given:
+        assert default[volume.PREDICTIONS].attrs["patch"] == PATCH
+        assert np.array_equal(default[volume.PREDICTIONS][:], given[volume.PREDICTIONS][:])

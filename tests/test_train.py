@@ -341,6 +341,23 @@ def test_origins_outside_the_volume_or_their_labels_are_refused_or_warned_of(tmp
             + str(root / "valid.h5") + " within the 16-voxel patch at them: validation scores nothing") in capsys.readouterr().out
 
 
+def test_coords_made_for_other_blocks_are_refused_by_name(tmp_path, monkeypatch):
+    """pred_find_coords records the block beside its coords: training samples within it, and a mismatch is named."""
+    root = _scene(tmp_path)
+    (root / "valid.npy.config.json").write_text(json.dumps({"block": 64}))
+    with pytest.raises(InputError, match=r"valid.npy was made with --block 64, and validation reads a --patch 16 .*--block 16, "
+                                         r"or train with --patch 64"):
+        _train(root, tmp_path / "run")
+    (root / "valid.npy.config.json").write_text(json.dumps({"block": 16}))
+    (root / "train.npy.config.json").write_text(json.dumps({"block": 32}))
+    with pytest.raises(InputError, match=r"train.npy was made with --block 32, this run samples blocks of --block 16"):
+        _train(root, tmp_path / "run", "--block", "16")
+    blocks, samples = [], train.ScrollSamples
+    monkeypatch.setattr(train, "ScrollSamples", lambda *args, **kwargs: blocks.append(kwargs["block"]) or samples(*args, **kwargs))
+    _train(root, tmp_path / "run", "--max_steps", "2")
+    assert blocks[0] == 32  # training samples within the coords' blocks
+
+
 def test_exclusion_radius_drops_training_blocks(tmp_path):
     root = _scene(tmp_path)
     _train(root, tmp_path / "run", "--exclusion_radius", "20", "--max_steps", "2")
