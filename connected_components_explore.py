@@ -184,6 +184,8 @@ def _label_and_picture(config, out_dir: Path, scratch_path: Path, predictions, s
     scratch = h5py.File(scratch_path, "w")
     with output_file(scratch, scratch_path, resumable=False), writing(out_dir, resumable=False):
         air = scan_air_level(config.air_level, scan)
+        if air is not None:
+            print(f"air level {air} (--air_level {config.air_level}): only voxels whose scan lies above it can be ink")
         blobs = label_blocks(predictions, level, config.macro_block, scratch, roi, None if air is None else scan, air or 0)
         if config.keep_labels:
             with atomic_output(out_dir / "blob_labels.h5") as temporary:

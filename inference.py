@@ -11,7 +11,7 @@ patch * (1 - overlap) from the volume's origin, the last window flush with its f
 blended as probabilities with a Gaussian (or constant) weight and written as
 uint8 = round(255 * p) to dataset `predictions`, the scan's shape. The grid belongs to the
 volume, not to the region: an `--roi` result is the same voxels' result of a whole-volume run.
-The region is processed in output macro-blocks of `--block` voxels, each reading the input its
+The region is processed in output macro-blocks of `--macro_block` voxels, each reading the input its
 windows need, so the result equals one pass over the whole region. Windows whose input maximum
 is at or below the air level (`--air_level`) are not run and predict 0. The scan is normalised as the checkpoint
 records (`scan / 255` when it records nothing). Background threads read the input ahead and write
@@ -405,7 +405,9 @@ def prepare(config, device: torch.device) -> Run:
     blocks = plan_blocks(region, tuple(slice(0, size) for size in scan.shape), config.patch, stride, config.macro_block)
     normalization = Normalization.from_config(checkpoint.get("config") if isinstance(checkpoint, dict) else None)
     model = model_from_checkpoint(checkpoint, config.checkpoint, weights=config.weights)
-    config.air_level = skipped_air(config.air_level, recorded.get("air_level_value"))
+    setting, config.air_level = config.air_level, skipped_air(config.air_level, recorded.get("air_level_value"))
+    print(f"air level {config.air_level} (--air_level {setting}): windows with no scan value above it are skipped"
+          if config.air_level >= 0 else "--air_level none: every window is predicted")
     attrs = plan_attrs(config, scan.shape, region, normalization, weights_digest(model))
     channels_last = switch(config.channels_last, "--channels_last", on_cuda=False, on_cpu=True, device=device)
     model = prepare_model(model, device, channels_last=channels_last,

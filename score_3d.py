@@ -64,7 +64,8 @@ def score(config) -> dict:
         region = volume.parse_roi(config.roi, scan.shape)
         result = score_volume(predictions, truth, scan, air_level, region)
     result.update(air_level=air_level, roi=config.roi)
-    print(f"3D score{' of ' + config.roi if config.roi else ''}: {summary_line(result)}")
+    print(f"3D score{' of ' + config.roi if config.roi else ''}: {summary_line(result)}; air: the scan at or below {air_level} "
+          f"(--air_level {config.air_level})")
     if config.out:
         with writing(config.out, resumable=False), atomic_output(config.out) as temporary:
             temporary.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")

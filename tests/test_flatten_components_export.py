@@ -255,13 +255,15 @@ def test_outline_is_the_border_of_the_mask():
     assert np.all(picture[~orange] == 90)
 
 
-def test_the_blob_is_outlined_on_its_scan_slices_only(tmp_path):
+def test_the_blob_is_outlined_on_its_scan_slices_only(tmp_path, capsys):
     values = np.zeros((20, 20, 20), np.uint8)
     values[6:12, 6:12, 6:12] = 255  # the blob: a 6^3 cube
     values[6:12, 6:12, 14:16] = 100  # beside it, below the threshold: in the picture's box, not the blob
     with h5py.File(tmp_path / "scan.h5", "w") as file:
         volume.create_volume(file, volume.SCAN, values.shape, np.uint8)[:] = 90
-    _components(tmp_path, values, "--volume", str(tmp_path / "scan.h5"), "--min_size", "1", "--margin", "4", "--view_size", "17")
+    _components(tmp_path, values, "--volume", str(tmp_path / "scan.h5"), "--min_size", "1", "--margin", "4", "--view_size", "17",
+                "--air_level", "40")
+    assert "air level 40 (--air_level 40): only voxels whose scan lies above it can be ink" in capsys.readouterr().out
     picture = cv2.imread(str(tmp_path / "blobs" / "blob_000001.png"))[18:]  # below the caption's band
     orange = np.all(picture == connected_components_explore.OUTLINE, axis=-1)
     assert not orange[:17 + 4].any()  # the prediction's projections (17 rows, then a gap) carry no outline

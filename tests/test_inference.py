@@ -759,7 +759,9 @@ def test_the_window_defaults_to_the_checkpoints_training_patch(scan, model_path,
     argv = ["--volume", str(scan_path), "--checkpoint", str(trained), "--batch_size", "3", "--macro_block", "16",
             "--air_level", "none", "--channels_last", "false"]
     inference.main([*argv, "--out", str(tmp_path / "default.h5")])
-    assert f"windows of {PATCH} voxels: the checkpoint's training patch (--patch)" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert f"windows of {PATCH} voxels: the checkpoint's training patch (--patch)" in output
+    assert "--air_level none: every window is predicted" in output
     inference.main([*argv, "--out", str(tmp_path / "given.h5"), "--patch", str(PATCH)])
     with h5py.File(tmp_path / "default.h5") as default, h5py.File(tmp_path / "given.h5") as given:
         assert default[volume.PREDICTIONS].attrs["patch"] == PATCH

@@ -234,7 +234,7 @@ def test_other_errors_pass_through_run_main():
         run_main(_unrelated_failure)
 
 
-def test_a_score_without_ink_is_valid_json_with_nulls(tmp_path):
+def test_a_score_without_ink_is_valid_json_with_nulls(tmp_path, capsys):
     shape = (16, 16, 16)
     scan = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
     for name, dataset, values in (("p.h5", volume.PREDICTIONS, scan // 2), ("t.h5", volume.GROUND_TRUTH, np.zeros(shape, np.uint8)),
@@ -243,9 +243,23 @@ def test_a_score_without_ink_is_valid_json_with_nulls(tmp_path):
             volume.create_volume(file, dataset, shape, np.uint8)[:] = values
     score_3d.main(["--predictions", str(tmp_path / "p.h5"), "--ground_truth", str(tmp_path / "t.h5"), "--volume", str(tmp_path / "s.h5"),
                    "--air_level", "60", "--out", str(tmp_path / "score.json")])
+    assert "air: the scan at or below 60 (--air_level 60)" in capsys.readouterr().out
     score = json.loads((tmp_path / "score.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
     assert score["auc"] is None and score["ink_median"] is None and score["ink_p95"] is None and score["threshold"] is None
     assert score["f05"] == 0.0 and score["air_median"] == pytest.approx(np.median(scan[scan <= 60] // 2) / 255, abs=1 / 255)
+
+
+@pytest.mark.parametrize("script", ["inference.py", "connected_components_explore.py", "train.py", "all_labels_to_hdf.py"])
+def test_help_texts_name_only_flags_the_script_has(script):
+    """Every `--flag` a script's --help text names (its docstring and settings) is one of its flags."""
+    import importlib
+    import re
+
+    from ink3d.config import build_parser
+    parser = build_parser(vars(importlib.import_module(script[:-3])))
+    flags = {action.option_strings[0] for action in parser._actions if action.option_strings}
+    named = set(re.findall(r"(--[a-z][a-z_0-9]*)", parser.format_help()))
+    assert named <= flags | {"--help", "--nproc_per_node"}, named - flags  # torchrun's own flag
 
 
 @pytest.mark.parametrize("module, old, new", [
