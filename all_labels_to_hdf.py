@@ -184,7 +184,8 @@ def voxelize_segment(segment: Segment, ink_sum, ink_count, pixel_columns: Column
                 if mask is not None:
                     use &= mask[tile] > 0
                 pixels = data[use]
-                pixel_columns.add(pixels[:, 2::-1].astype(np.float32), pixels[:, 5:2:-1].astype(np.float32), labels[tile][use])
+                kept = pixel_columns.add(pixels[:, 2::-1].astype(np.float32), pixels[:, 5:2:-1].astype(np.float32), labels[tile][use])
+                stats.pixels_outside += len(pixels) - kept
                 stats.add(voxelize_tile(data, labels[tile] / np.float32(255), use, band, accumulator, ink_range))
                 bar.update(data.shape[0] * data.shape[1])
     return stats, found
@@ -272,10 +273,20 @@ def write_label_volume(path: Path, segments: list[Segment], shape, scale_zyx, co
             file.attrs["segments"] = json.dumps(done)
             ink = stats.ink_pixels / max(stats.pixels, 1)
             lines.append(f"{segment.segment_id}: {stats.pixels} pixels labeled, {stats.contributions} voxel contributions, "
-                         f"ink fraction {ink:.3f}" + (f", {stats.dropped_outside} outside the volume dropped" if stats.dropped_outside else "")
+                         f"ink fraction {ink:.3f}" + _outside(stats, config.level)
                          + f"; {found}")
         file.attrs["config"] = json.dumps(vars(config))
     return lines
+
+
+def _outside(stats: VoxelizeStats, level: int) -> str:
+    """What of a segment fell outside the volume, and why it likely did."""
+    if stats.pixels_outside:
+        return (f", {stats.pixels_outside} of its pixels lie outside the volume ({stats.dropped_outside} band samples dropped): "
+                f"segments of another scan, or of another resolution than --level {level} reads")
+    if stats.dropped_outside:
+        return f", {stats.dropped_outside} band samples beyond the volume's edge dropped (pixels near the edge)"
+    return ""
 
 
 def main(argv=None):

@@ -29,12 +29,14 @@ class VoxelizeStats:
     ink_pixels: float = 0.0  # sum of their labels
     contributions: int = 0  # (pixel, voxel) pairs added
     dropped_outside: int = 0  # (pixel, voxel) pairs outside the volume
+    pixels_outside: int = 0  # labeled pixels whose surface point lies outside the volume
 
     def add(self, other: "VoxelizeStats") -> None:
         self.pixels += other.pixels
         self.ink_pixels += other.ink_pixels
         self.contributions += other.contributions
         self.dropped_outside += other.dropped_outside
+        self.pixels_outside += other.pixels_outside
 
 
 def band_offsets(band: float, ink_range: tuple[float, float] | None = None) -> np.ndarray:

@@ -95,7 +95,7 @@ def test_level_1_takes_segment_coordinates_to_its_voxels(two_levels, tmp_path):
             "--ppm_dir", str(scroll / "paths"), "--labels_dir", str(scroll / "labels"), "--volume", str(scroll / "volume.zarr"),
             "--level", str(level), "--out_train", str(tmp_path / f"train{level}.h5"), "--out_valid", str(tmp_path / f"valid{level}.h5"),
             "--band", str(4 / 2**level), "--chunk", "16"])  # the same band in full-resolution voxels
-        assert not any("outside the volume dropped" in line for line in report)
+        assert not any("outside the volume" in line or "dropped" in line for line in report)
         with h5py.File(tmp_path / f"train{level}.h5") as file, h5py.File(tmp_path / f"valid{level}.h5") as valid:
             labeled[level] = file[volume.INK_COUNT][:] > 0
             assert valid[volume.INK_COUNT][:].any()

@@ -364,7 +364,12 @@ def test_points_outside_the_volume_are_dropped_and_counted(scene):
     report = run(scene)
     _, ink_count, _ = read(scene / "train.h5")
     assert np.array_equal(np.unique(np.nonzero(ink_count)[0]), [0, 1, 2, 3])
-    assert any("120 outside the volume dropped" in line for line in report)  # 120 pixels x voxel z=-1
+    assert any("120 band samples beyond the volume's edge dropped (pixels near the edge)" in line for line in report)  # 120 pixels x z=-1
+    data, label = flat_segment(z=-3.0)  # the surface itself outside: a segment of another scan or level
+    add_segment(scene, "20230303000000", data, label)
+    report = run(scene, "--overwrite", "true")
+    assert any("20230303000000: 120 pixels labeled, 0 voxel contributions" in line and "120 of its pixels lie outside the volume (600 band samples dropped): "
+               "segments of another scan, or of another resolution than --level 0 reads" in line for line in report), report
 
 
 def test_update_is_idempotent_and_adds_new_segments(scene):
