@@ -49,13 +49,13 @@ from tqdm import tqdm
 
 from ink3d import InputError, volume
 from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
+from ink3d.device import autocast_dtype, prepare_model, resolve_device, switch
 from ink3d.files import (OutputBusy, checksum, finish_output, open_interrupted, output_file, output_lock, partial_path,
                          refuse_inputs_as_outputs, resumable_output, warn_if_short_of_space, writing)
 from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, input_slabs, plan_blocks
 from ink3d.intensity import Normalization, parse_air_level
 from ink3d.prediction_store import CHUNK, PredictionStore, chunk_for, is_store
 from models import model_from_checkpoint, read_checkpoint, weights_digest
-from models.speed import autocast_dtype, prepare_model, resolve_device, switch
 
 # --- config ---
 VOLUME = "runs/demo/scan.h5"  # scan volume (dataset scan_volume)

@@ -61,6 +61,7 @@ from ink3d.coords import drop_near
 from ink3d.augment import warp
 from ink3d.columns import COLUMNS, column_loss, face_bags, sample_columns
 from ink3d.dataset import BACKGROUND, ScrollSamples, loader_worker_init
+from ink3d.device import autocast, autocast_dtype, prepare_model, resolve_device, switch
 from ink3d.intensity import Normalization, resolve_air_level, scan_histogram
 from ink3d.labels import boxes_with_labels
 from ink3d.metrics import VoxelCounts, best_fbeta, roc_auc
@@ -69,7 +70,6 @@ from ink3d.files import (atomic_output, check_output, file_checksum, output_lock
                          writing)
 from models import UNet3D, load_weights, read_state_dict, save_checkpoint, unwrap
 from models.ema import EMA
-from models.speed import autocast, autocast_dtype, prepare_model, resolve_device, switch
 
 # --- config ---
 VOLUME = "runs/demo/scan.h5"  # scan volume

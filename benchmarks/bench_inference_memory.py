@@ -36,7 +36,7 @@ from models import UNet3D, save_checkpoint  # noqa: E402
 MODEL = """
 import torch
 from models import load_model
-from models.speed import prepare_model
+from ink3d.device import prepare_model
 model = prepare_model(load_model({checkpoint!r}), torch.device("cpu"), channels_last=True)  # inference.py's CPU default
 batch = torch.rand({batch}, 1, {patch}, {patch}, {patch}).contiguous(memory_format=torch.channels_last_3d)
 """

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import UNet3D  # noqa: E402
-from models.speed import autocast, prepare_model  # noqa: E402
+from ink3d.device import autocast, prepare_model  # noqa: E402
 
 MFLOP_PER_VOXEL = 0.482
 

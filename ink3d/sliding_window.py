@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ink3d.device import autocast
 from ink3d.intensity import Normalization
 from ink3d.memory import reuse_freed_memory
-from models.speed import autocast
 
 GAUSSIAN_SIGMA_SCALE = 0.125
 GAUSSIAN_FLOOR = 1e-3
