@@ -11,7 +11,8 @@ For every pixel with a valid ppm point, the volume is sampled at `p + t * n` for
 `<out_dir>/<id>_<name>.png` (uint8, values as they are: no contrast stretch, so images of
 different runs compare). Only samples inside the volume count; `<id>_<name>_mask.png` is 255
 where a pixel has at least one, 0 where it has none or lies off the surface (such pixels are 0
-in the image). `--layers true` also writes the stack of one page per sample
+in the image), and, for a prediction of a region only (inference's `--roi`, recorded in its plan),
+0 where the pixel's surface point lies outside that region: not predicted, not "no ink". `--layers true` also writes the stack of one page per sample
 `<id>_<name>_layers.tif` (0 for samples outside the volume).
 
 For a prediction (`--depth_map auto`), `<id>_<name>_depth.tif` (float32) holds where along the
@@ -172,8 +173,10 @@ def depth_summary(depth: np.ndarray, surface_pixels: int) -> dict:
 
 
 def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int, bar, layers_path: Path | None,
-                    depth_threshold: float | None = None, workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The reduced uint8 image of one segment, its mask (255: sampled inside the volume) and, with a
+                    depth_threshold: float | None = None, workers: int = 0,
+                    region: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The reduced uint8 image of one segment, its mask (255: sampled inside the volume, and with a `region` (2, 3:
+    the zyx low and high corners of what a prediction covers), its surface point inside it) and, with a
     `depth_threshold` (in the volume's units), its depth map; the layer stack goes straight into `layers_path` if given.
     Tiles are sampled by `workers` threads (0: one per core), a few at a time, and written in order."""
     ppm = open_segment(ppm_path, scale_zyx=volume.level_scale(dataset))
@@ -190,9 +193,14 @@ def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int
 
     def flatten_tile(origin: tuple[int, int]):
         tile_box = (slice(origin[0], origin[0] + tile), slice(origin[1], origin[1] + tile))
-        samples, inside = sample_tile(dataset, np.asarray(ppm.data[tile_box]), offsets)
+        data = np.asarray(ppm.data[tile_box])
+        samples, inside = sample_tile(dataset, data, offsets)
         count = inside_count(inside)
-        return (tile_box, _to_uint8(reduce_samples(samples, inside, reduce, count)), np.where(count > 0, np.uint8(255), np.uint8(0)),
+        sampled = count > 0
+        if region is not None:  # outside the predicted region a 0 is "not predicted", not "no ink"
+            point = np.rint(data[..., 2::-1])
+            sampled &= np.all((point >= region[0]) & (point < region[1]), axis=-1)
+        return (tile_box, _to_uint8(reduce_samples(samples, inside, reduce, count)), np.where(sampled, np.uint8(255), np.uint8(0)),
                 None if depth is None else peak_depth(samples, inside, offsets, depth_threshold),
                 None if layers is None else _to_uint8(samples))
 
@@ -291,6 +299,10 @@ def flatten(config, ppms: dict[str, Path], outputs: dict[str, Path]) -> dict[str
     file, dataset = volume.open_dataset(config.volume, config.dataset, level=config.level, cache_bytes=config.cache_mb << 20)
     total = sum(int(np.prod(segment_size(path))) for path in ppms.values())
     full_scale = 255 if dataset.dtype == np.uint8 else 1
+    region = predicted_region(config.volume, dataset)
+    if region is not None:
+        print(f"{config.volume} predicts the region {region[0].tolist()}..{region[1].tolist()} (voxels of this level) only: "
+              "pixels outside it are left out of the masks (0: not predicted)")
     with file, tqdm(total=total, unit="px", unit_scale=True, desc="flatten_3d") as bar:
         for segment_id, ppm_path in ppms.items():
             layers = atomic_output(_layers_path(outputs[segment_id])) if config.layers else contextlib.nullcontext()
@@ -298,7 +310,7 @@ def flatten(config, ppms: dict[str, Path], outputs: dict[str, Path]) -> dict[str
                     layers as temporary_layers:
                 image, mask, depth = flatten_segment(dataset, ppm_path, config.band, config.reduce, config.tile, bar,
                                                      temporary_layers, config.depth_threshold * full_scale if depth_map else None,
-                                                     config.workers)
+                                                     config.workers, region)
                 with writing(temporary, resumable=False):
                     temporary.write_bytes(cv2.imencode(".png", image)[1].tobytes())
                     temporary_mask.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
@@ -307,6 +319,22 @@ def flatten(config, ppms: dict[str, Path], outputs: dict[str, Path]) -> dict[str
             save_config(config, config_path_for(outputs[segment_id]))
     print(f"flattened {len(ppms)} segment(s) of {config.volume}[{config.dataset}] -> {config.out_dir}")
     return outputs
+
+
+def predicted_region(path, dataset) -> np.ndarray | None:
+    """The zyx low and high corners (2, 3) of what a prediction volume covers, in the voxels read, where its plan
+    records a region (--roi) smaller than the volume; None otherwise."""
+    try:
+        if Path(path).is_dir():
+            roi = json.loads((Path(path) / ".zattrs").read_text())[volume.PIPELINE_ATTRS]["plan"]["roi"]
+        else:
+            roi = json.loads(dataset.attrs["roi"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    scale = volume.level_scale(dataset)
+    region = np.array(roi, np.float64).T  # level-0 voxels
+    region = np.stack([np.floor(region[0] / scale), np.ceil(region[1] / scale)]).astype(np.int64)
+    return None if np.array_equal(region, [[0, 0, 0], list(dataset.shape)]) else region
 
 
 def write_depth(image_path: Path, depth: np.ndarray, surface_pixels: int, bar) -> dict:

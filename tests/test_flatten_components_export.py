@@ -404,3 +404,22 @@ def test_depth_map_is_written_for_predictions_only_unless_asked(tmp_path, linear
     depth_map = tifffile.imread(tmp_path / "flat" / "20230101000000_prediction_depth.tif")
     # the linear field grows along the normal: it peaks at the band's front end, +2
     assert np.array_equal(np.isnan(depth_map), np.arange(63).reshape(7, 9) == 0) and np.allclose(depth_map[~np.isnan(depth_map)], 2)
+
+
+def test_pixels_outside_a_predicted_region_are_not_predicted_in_the_mask(tmp_path, capsys):
+    """A prediction of a region (--roi) holds 0 outside it: flattened, those pixels are masked out (not predicted),
+    while a 0 inside the region stays a predicted 0 (no ink)."""
+    with h5py.File(tmp_path / "pred.h5", "w") as file:
+        dataset = volume.create_volume(file, volume.PREDICTIONS, (20, 30, 30), np.uint8)
+        dataset[:10] = 0
+        dataset.attrs["roi"] = json.dumps([[0, 10], [0, 30], [0, 30]])
+    rows, cols = np.mgrid[0:20, 0:30]
+    data = np.zeros((20, 30, 6))
+    data[..., 0], data[..., 1], data[..., 2], data[..., 4] = cols, 15.0, rows, 1.0  # the plane y = 15, a row per z
+    (tmp_path / "paths" / "s").mkdir(parents=True)
+    write_ppm(tmp_path / "paths" / "s" / "s.ppm", data)
+    flatten_3d.main(["--volume", str(tmp_path / "pred.h5"), "--ppm_dir", str(tmp_path / "paths"), "--out_dir", str(tmp_path / "flat"),
+                     "--band", "2"])
+    mask = cv2.imread(str(tmp_path / "flat" / "s_prediction_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert (mask[:10] == 255).all() and (mask[10:] == 0).all()
+    assert "predicts the region [0, 0, 0]..[10, 30, 30] (voxels of this level) only" in capsys.readouterr().out
