@@ -390,17 +390,21 @@ class Run:
 
 
 def prepare(config, device: torch.device) -> Run:
-    checkpoint = read_checkpoint(config.checkpoint, config.trust_checkpoint)
-    recorded = (checkpoint.get("config") if isinstance(checkpoint, dict) else None) or {}
-    if not config.patch:  # the windows the model was trained on
-        config.patch = int(recorded.get("patch") or DEFAULT_PATCH)
-        print(f"windows of {config.patch} voxels: " + ("the checkpoint's training patch" if recorded.get("patch") else
-                                                       "the checkpoint records no training patch") + " (--patch)")
-    stride = int(config.patch * (1 - config.overlap))
-    if not 0 < stride <= config.patch or config.macro_block % stride:
-        raise InputError(f"--overlap {config.overlap} gives stride {stride} (--patch {config.patch}); it must be in 1..patch and "
-                         f"divide --macro_block {config.macro_block}")
     scan_file, scan = volume.open_dataset(config.volume, volume.SCAN, level=config.level)
+    try:
+        checkpoint = read_checkpoint(config.checkpoint, config.trust_checkpoint)
+        recorded = (checkpoint.get("config") if isinstance(checkpoint, dict) else None) or {}
+        if not config.patch:  # the windows the model was trained on
+            config.patch = int(recorded.get("patch") or DEFAULT_PATCH)
+            print(f"windows of {config.patch} voxels: " + ("the checkpoint's training patch" if recorded.get("patch") else
+                                                           "the checkpoint records no training patch") + " (--patch)")
+        stride = int(config.patch * (1 - config.overlap))
+        if not 0 < stride <= config.patch or config.macro_block % stride:
+            raise InputError(f"--overlap {config.overlap} gives stride {stride} (--patch {config.patch}); it must be in 1..patch "
+                             f"and divide --macro_block {config.macro_block}")
+    except BaseException:
+        scan_file.close()
+        raise
     region = volume.parse_roi(config.roi, scan.shape)
     blocks = plan_blocks(region, tuple(slice(0, size) for size in scan.shape), config.patch, stride, config.macro_block)
     normalization = Normalization.from_config(checkpoint.get("config") if isinstance(checkpoint, dict) else None)

@@ -90,7 +90,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
     assert np.array_equal(resumed, reference) and attrs["complete"]
     assert not (tmp_path / "scan.h5.partial").exists()
     assert volume_to_hdf.convert(volume_to_hdf.parse_config(vars(volume_to_hdf), [
-        "--tiff_dir", str(folder), "--out", str(tmp_path / "scan.h5"), "--resume", "true"]))[0].endswith("nothing to resume (--overwrite true redoes it)")
+        "--tiff_dir", str(folder), "--out", str(tmp_path / "scan.h5"), "--chunk", "16", "--resume", "true"]))[0].endswith(
+        "nothing to resume (--overwrite true redoes it)")
 
 
 def test_a_damaged_finished_slab_is_found_and_redone(tmp_path, monkeypatch):
