@@ -65,19 +65,17 @@ def _tree(root) -> dict:
     return {str(path.relative_to(root)): path.read_bytes() if path.is_file() else None for path in sorted(root.rglob("*"))}
 
 
+def _inference(scan: str, out: str):
+    return lambda root: ["--volume", f"{root}/{scan}", "--checkpoint", "c.pth", "--out", f"{root}/{out}"]
+
+
 OUTPUT_IS_INPUT = {  # stage, its arguments under the test's folder r, and the message's start
-    "inference into its scan": (inference, lambda r: ["--volume", f"{r}/scan.h5", "--checkpoint", "c.pth", "--out", f"{r}/scan.h5"],
-                                "--out .*scan.h5 is --volume"),
-    "inference from a link to its output": (inference, lambda r: ["--volume", f"{r}/link.h5", "--checkpoint", "c.pth", "--out", f"{r}/scan.h5"],
-                                            "--out .*scan.h5 is --volume .*link.h5"),
-    "inference into a hard link of its scan": (inference, lambda r: ["--volume", f"{r}/scan.h5", "--checkpoint", "c.pth", "--out", f"{r}/hard.h5"],
-                                               "--out .*hard.h5 is --volume"),
-    "inference into its scan store": (inference, lambda r: ["--volume", f"{r}/vol.zarr", "--checkpoint", "c.pth", "--out", f"{r}/vol.zarr"],
-                                      "--out .*vol.zarr is --volume"),
-    "inference into a link to its scan store": (inference, lambda r: ["--volume", f"{r}/vol.zarr", "--checkpoint", "c.pth", "--out", f"{r}/link.zarr"],
-                                                "--out .*link.zarr is --volume"),
-    "inference into a store holding its scan": (inference, lambda r: ["--volume", f"{r}/vol.zarr/0", "--checkpoint", "c.pth", "--out", f"{r}/vol.zarr"],
-                                                "--out .*vol.zarr holds --volume"),
+    "inference into its scan": (inference, _inference("scan.h5", "scan.h5"), "--out .*scan.h5 is --volume"),
+    "inference from a link to its output": (inference, _inference("link.h5", "scan.h5"), "--out .*scan.h5 is --volume .*link.h5"),
+    "inference into a hard link of its scan": (inference, _inference("scan.h5", "hard.h5"), "--out .*hard.h5 is --volume"),
+    "inference into its scan store": (inference, _inference("vol.zarr", "vol.zarr"), "--out .*vol.zarr is --volume"),
+    "inference into a link to its scan store": (inference, _inference("vol.zarr", "link.zarr"), "--out .*link.zarr is --volume"),
+    "inference into a store holding its scan": (inference, _inference("vol.zarr/0", "vol.zarr"), "--out .*vol.zarr holds --volume"),
     "a conversion into its own slice": (volume_to_hdf, lambda r: ["--tiff_dir", f"{r}/volume", "--out", f"{r}/volume/00000.tif"],
                                         "--out .*00000.tif lies inside --tiff_dir"),
     "labels into the scan": (all_labels_to_hdf, lambda r: ["--volume", f"{r}/scan.h5", "--out_train", f"{r}/scan.h5", "--out_valid", f"{r}/v.h5"],
