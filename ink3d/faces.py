@@ -8,13 +8,15 @@ above the air level (on a real block the median dip lies at 75, papyrus ~121, th
 read off as a dip, relative to the sheet's own level, not as the step into air:
 
 - the profile (samples STEP apart along the column) is smoothed with a Gaussian of SMOOTHING voxels;
-- a dip is a local minimum that lies at least DIP of the sheet's height above the air level below the highest
-  sample within REACH voxels before it, and either rises again by as much within REACH after it or lies in air
-  (at or below the air level: air that may reach past the band);
-- the face of a dip is where the profile, before the dip, falls through the middle between that highest sample
-  and the dip's minimum (linear between samples): the edge of a blurred step, for an air gap and a contact alike;
-- a column's face is the face nearest its surface, in front of it or behind it (a segment drawn a little in
-  front of the papyrus, in air or in the contact, still finds its own sheet's face behind it).
+- a dip is a local minimum at least DIP of the sheet's height above the air level below the sheet's level (the
+  highest sample within REACH voxels before it) that either lies in air, or rises again after it (RISE of that
+  height, within REACH) with no air within AHEAD voxels ahead (a darker speck inside a thick ink layer, before
+  the fall into air, is no face);
+- the face of a dip is its minimum where it stays above the air level (two sheets meet there), else where the
+  fall crosses the air level (linear between samples);
+- a column's face is the one nearest its surface no more than BEHIND voxels behind it (a segment drawn a little
+  in front of the papyrus finds its own sheet's face behind it; the sheet under a surface drawn inside it does
+  not count), else the nearest behind it.
 
 A segment whose normals point into its sheet would put the window on the sheet's back. The scan tells the
 orientation only where a surface lies in material with air close on one side and material on the other:
