@@ -103,7 +103,7 @@ def open_dataset(path: str | Path, name: str, mode: str = "r", level: int = 0, c
     if path.is_dir():
         if mode != "r":
             raise InputError(f"{path}: zarr volumes are read only here; outputs are HDF5")
-        if not any((path / name).exists() for name in (".zarray", ".zgroup", "zarr.json")) and \
+        if not any((path / marker).exists() for marker in (".zarray", ".zgroup", "zarr.json")) and \
                 any(entry.suffix.lower() in (".tif", ".tiff") for entry in path.iterdir()):
             raise InputError(f"{path}: a folder of slice TIFFs; the stages read a scan as HDF5 or zarr: convert it once with "
                              f"python volume_to_hdf.py --tiff_dir {path} --out {path.with_suffix('.h5')}")
