@@ -21,7 +21,7 @@ Unlabeled voxels (-1) are excluded from the loss. Air (scan at or below `--air_l
 the valley between the air and papyrus modes of the scan's histogram) holds no ink: labeled air
 voxels count as 0, and the other air voxels of a crop are a background term of the loss weighed by
 `--background_weight`.
-Training block origins closer than `--exclusion_radius` to any validation origin are dropped, so
+Training block origins closer than `--exclusion_radius` (by default 4 patches) to any validation origin are dropped, so
 validation measures unseen regions. An exponential moving average of the weights (`--ema_decay`)
 is what validation runs, what `best.pth` is chosen by and what loaders return by default. The
 input normalisation (`--input_normalization`) is recorded in every checkpoint and applied by
@@ -112,7 +112,7 @@ NUM_LEVELS = 5  # UNet levels
 NUM_GROUPS = 4  # GroupNorm groups
 MIN_LABELED = 64  # a training crop needs this many labeled voxels in its patch, else it is re-drawn
 MAX_TRIES = 10  # re-draws before a crop is taken anyway
-EXCLUSION_RADIUS = 512.0  # drop training origins closer than this (voxels) to any validation origin
+EXCLUSION_RADIUS = "auto"  # drop training origins closer than this (voxels) to any validation origin; auto: 4 x --patch (0: keep all)
 LOG_EVERY = 20  # print a line with the mean training loss every this many steps
 VALID_EVERY = 100  # validate every this many steps (and at the end)
 VALID_BLOCKS = 64  # validation patches (the first ones of valid_coords)
@@ -545,7 +545,21 @@ def main(argv=None):
         return train(config)
 
 
+def resolve_exclusion_radius(setting: str, patch: int) -> float:
+    """`--exclusion_radius` in voxels: a number >= 0, or auto (4 patches: a region of a few blocks' reach)."""
+    if setting == "auto":
+        return 4.0 * patch
+    try:
+        radius = float(setting)
+    except ValueError:
+        radius = -1.0
+    if not 0 <= radius < float("inf"):
+        raise InputError(f"--exclusion_radius {setting}: auto, or a number of voxels >= 0")
+    return radius
+
+
 def train(config) -> float:
+    config.exclusion_radius = resolve_exclusion_radius(str(config.exclusion_radius), config.patch)  # what the run records
     rank, world, device = setup_distributed(config.device)
     out_dir = Path(config.out_dir)
     last_path = out_dir / "last.pth"
@@ -587,7 +601,7 @@ def train(config) -> float:
     train_origins, dropped = drop_near(train_origins, valid_origins, config.exclusion_radius)
     if len(train_origins) == 0:
         raise InputError(f"no training blocks left: all {dropped} lie within {config.exclusion_radius:g} voxels of a validation block "
-                         f"(--exclusion_radius {config.exclusion_radius:g}: lower it for a small area, 0 keeps every block)")
+                         "(--exclusion_radius, by default 4 x --patch: lower it for a small area, 0 keeps every block)")
     valid_origins = valid_origins[:config.valid_blocks]
 
     model_args = dict(in_channels=1, out_channels=1, f_maps=config.f_maps, num_levels=config.num_levels, num_groups=config.num_groups)

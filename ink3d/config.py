@@ -74,7 +74,7 @@ LIMITS = {
                      "valid_blocks", "valid_every", "log_every", "checkpoint_every", "workers", "window_sample_slices", "tile",
                      "tile_pixels", "cache_mb", "view_size", "max_views", "largest_blobs", "line_height", "depth", "parts", "macro_block",
                      "height", "width", "max_size", "band", "block", "pool_sharpness", "max_columns"), POSITIVE),
-    **dict.fromkeys(("lr", "train.py:block", "warmup_steps", "min_labeled", "margin", "min_size", "exclusion_radius", "grad_clip",
+    **dict.fromkeys(("lr", "train.py:block", "warmup_steps", "min_labeled", "margin", "min_size", "grad_clip",
                      "dice_weight", "background_weight", "weight_decay", "ink_thickness", "surface_jitter", "column_weight", "face_depth", "ink_reach",
                      "debris_contrast", "centre_drift", "train.py:workers", "volume_to_hdf.py:workers", "flatten_3d.py:workers", "level", "tifxyz_step", "flatten_3d.py:band", "part", "voxel_size", "inference.py:patch"), NON_NEGATIVE),
     **dict.fromkeys(("overlap", "label_smoothing", "ema_decay"), FRACTION),

@@ -363,8 +363,14 @@ def test_exclusion_radius_drops_training_blocks(tmp_path):
     _train(root, tmp_path / "run", "--exclusion_radius", "20", "--max_steps", "2")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dropped_train_blocks"] == 2  # (0,16,16) and (16,16,0) lie 16 from (16,16,16); (16,0,0) lies 22.6
-    with pytest.raises(InputError, match=r"all 4 lie within 40 voxels .*--exclusion_radius 40: lower it"):
+    with pytest.raises(InputError, match=r"all 4 lie within 40 voxels .*--exclusion_radius, by default 4 x --patch: lower it"):
         _train(root, tmp_path / "run2", "--exclusion_radius", "40", "--max_steps", "2")
+    with pytest.raises(InputError, match=r"all 4 lie within 64 voxels"):  # auto: 4 patches of 16
+        _train(root, tmp_path / "run3", "--exclusion_radius", "auto", "--max_steps", "2")
+    _train(root, tmp_path / "run4", "--exclusion_radius", "auto", "--patch", "6", "--max_steps", "2")  # 24: (0,0,0) lies 27.7 away
+    assert json.loads((tmp_path / "run4" / "summary.json").read_text())["dropped_train_blocks"] == 3
+    with pytest.raises(InputError, match=r"--exclusion_radius -3: auto, or a number of voxels >= 0"):
+        _train(root, tmp_path / "run5", "--exclusion_radius", "-3")
 
 
 def test_all_unlabeled_batches_are_skipped(tmp_path, monkeypatch):
