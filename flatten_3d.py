@@ -49,6 +49,7 @@ from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output, output_lock, refuse_inputs_as_outputs, writing
 from ink3d.memory import reuse_freed_memory
 from ink3d.ppm import find_segment, open_segment, segment_size, valid_mask
+from ink3d.prediction_store import stored_plan
 from ink3d.sampling import trilinear
 
 # --- config ---
@@ -325,11 +326,8 @@ def predicted_region(path, dataset) -> np.ndarray | None:
     """The zyx low and high corners (2, 3) of what a prediction volume covers, in the voxels read, where its plan
     records a region (--roi) smaller than the volume; None otherwise."""
     try:
-        if Path(path).is_dir():
-            roi = json.loads((Path(path) / ".zattrs").read_text())[volume.PIPELINE_ATTRS]["plan"]["roi"]
-        else:
-            roi = json.loads(dataset.attrs["roi"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        roi = (stored_plan(Path(path)) or {})["roi"] if Path(path).is_dir() else json.loads(dataset.attrs["roi"])
+    except (ValueError, KeyError, TypeError, AttributeError):  # a volume that records no region
         return None
     scale = volume.level_scale(dataset)
     region = np.array(roi, np.float64).T  # level-0 voxels

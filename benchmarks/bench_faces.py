@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 import make_synthetic_scroll as synthetic  # noqa: E402
 from ink3d import faces, intensity, volume  # noqa: E402
-from ink3d.columns import face_offsets, profiles_along  # noqa: E402
+from ink3d.columns import face_offsets  # noqa: E402
+from ink3d.faces import profiles_along  # noqa: E402
 
 REAL_BLOCK = ROOT.parent / "shared" / "real_ct" / "scroll_block_256.zarr"
 BAND = 10.0

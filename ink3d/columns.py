@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ink3d import volume
-from ink3d.faces import STEP, find_faces
+from ink3d.faces import STEP, find_faces, profiles_along
 from ink3d.sampling import trilinear
 
 COLUMNS = "columns"
@@ -131,18 +131,6 @@ def offsets(band: float, device: torch.device | str | None = None) -> torch.Tens
     """Sample offsets along a column: -band .. band, STEP apart (made on `device`: no copy to wait for)."""
     steps = int(round(2 * band / STEP))
     return torch.linspace(-band, band, steps + 1, device=device)
-
-
-def profiles_along(columns: np.ndarray, scan: np.ndarray, band: float) -> np.ndarray:
-    """(n, T) trilinear samples of `scan` along the columns (n, >= 6: point and normal in its voxel coordinates),
-    every STEP from -band to band; 0 beyond the scan's edge voxels (as map_coordinates' constant mode)."""
-    t = offsets(band).numpy()
-    positions = columns[:, None, :3] + t[None, :, None] * columns[:, None, 3:6]
-    coordinates = positions.reshape(-1, 3).T.astype(np.float64)
-    values = trilinear(scan, coordinates, np.zeros(3, np.int64))
-    beyond = np.any((coordinates < 0) | (coordinates > np.array(scan.shape)[:, None] - 1), axis=0)
-    values[beyond] = 0
-    return values.reshape(len(columns), len(t))
 
 
 def face_offsets(columns: np.ndarray, scan: np.ndarray, band: float, air_level: float) -> np.ndarray:

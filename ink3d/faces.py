@@ -24,6 +24,7 @@ orientation only where a surface lies in material with air close on one side and
 """
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from ink3d import volume
@@ -118,21 +119,32 @@ def points_into_sheet(out: int, into: int) -> bool:
     return out + into >= VOTES_NEEDED and into >= VOTE_SHARE * (out + into)
 
 
+def profiles_along(columns: np.ndarray, scan: np.ndarray, band: float) -> np.ndarray:
+    """(n, T) trilinear samples of `scan` along the columns (n, >= 6: point and normal in its voxel coordinates),
+    every STEP from -band to band; 0 beyond the scan's edge voxels (as map_coordinates' constant mode)."""
+    t = torch.linspace(-band, band, int(round(2 * band / STEP)) + 1).numpy()  # the samples ink3d.columns.offsets gives
+    positions = columns[:, None, :3] + t[None, :, None] * columns[:, None, 3:6]
+    coordinates = positions.reshape(-1, 3).T.astype(np.float64)
+    values = trilinear(scan, coordinates, np.zeros(3, np.int64))
+    beyond = np.any((coordinates < 0) | (coordinates > np.array(scan.shape)[:, None] - 1), axis=0)
+    values[beyond] = 0
+    return values.reshape(len(columns), len(t))
+
+
 def segment_votes(scan, data: np.ndarray, band: float, air_level: float, rng: np.random.Generator) -> tuple[int, int]:
     """Orientation votes (out, into) of a segment's columns: `data` (rows, cols, 6: xyz and normal, in `scan`'s
     voxels, a .ppm's memory map), read on PATCHES patches of its pixels from `scan` (a box around each patch)."""
     rows, cols = data.shape[:2]
-    t = np.arange(-band, band + STEP / 2, STEP)
     votes = np.zeros(2, np.int64)
     for row, col in zip(rng.integers(0, max(1, rows - PATCH + 1), PATCHES), rng.integers(0, max(1, cols - PATCH + 1), PATCHES)):
         patch = np.asarray(data[row:row + PATCH, col:col + PATCH]).reshape(-1, 6)
-        patch = patch[valid_mask(patch)].astype(np.float64)
+        patch = patch[valid_mask(patch)]
         if not len(patch):
             continue
-        points, normals = patch[:, 2::-1], patch[:, 5:2:-1]
-        positions = (points[:, None, :] + t[None, :, None] * normals[:, None, :]).reshape(-1, 3)
-        low = np.floor(positions.min(axis=0)).astype(np.int64)
-        box = volume.read_crop(scan, low, np.floor(positions.max(axis=0)).astype(np.int64) + 2 - low, fill=0)
-        profiles = trilinear(box, positions.T, low).reshape(len(patch), len(t))
-        votes += orientation_votes(profiles, air_level)
+        columns = np.concatenate([patch[:, 2::-1], patch[:, 5:2:-1]], axis=1).astype(np.float32)
+        ends = np.concatenate([columns[:, :3] - band * columns[:, 3:], columns[:, :3] + band * columns[:, 3:]])
+        low = np.floor(ends.min(axis=0)).astype(np.int64)
+        box = volume.read_crop(scan, low, np.floor(ends.max(axis=0)).astype(np.int64) + 2 - low, fill=0)
+        columns[:, :3] -= low
+        votes += orientation_votes(profiles_along(columns, box, band), air_level)
     return int(votes[0]), int(votes[1])

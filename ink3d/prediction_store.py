@@ -83,7 +83,7 @@ class PredictionStore:
         path = Path(path)
         with _creating(path), writing(path, advice="free disk space and start the worker again with --resume true"):
             if path.exists():
-                stored = _stored_plan(path)
+                stored = stored_plan(path)
                 if stored == plan and not overwrite:
                     return cls(path)
                 if not overwrite:
@@ -180,7 +180,8 @@ def _compressor():
     return numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
 
 
-def _stored_plan(path: Path) -> dict | None:
+def stored_plan(path: Path) -> dict | None:
+    """The plan a prediction store records (None: not a store of this pipeline)."""
     try:
         return json.loads((path / ".zattrs").read_text())[KEY]["plan"]
     except (OSError, ValueError, KeyError):
