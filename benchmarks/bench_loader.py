@@ -38,7 +38,7 @@ from ink3d.dataset import BACKGROUND, ScrollSamples, loader_worker_init  # noqa:
 from models import UNet3D  # noqa: E402
 from models.ema import EMA  # noqa: E402
 from ink3d.device import prepare_model  # noqa: E402
-from train import masked_loss  # noqa: E402
+from ink3d.loss import masked_loss  # noqa: E402
 
 
 class OpenPerSample(ScrollSamples):

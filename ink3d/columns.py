@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from ink3d import volume
 from ink3d.faces import STEP, find_faces, profiles_along
-from ink3d.sampling import trilinear
 
 COLUMNS = "columns"
 ROWS = 1 << 16  # HDF5 chunk of the column datasets, in columns

@@ -1,8 +1,10 @@
 """GPU speed options shared by training and inference: memory format, autocast dtype, compile."""
 
 import contextlib
+import os
 
 import torch
+import torch.distributed as dist
 
 from ink3d import InputError
 
@@ -71,3 +73,16 @@ def to_input(batch: torch.Tensor, device: torch.device, channels_last: bool = Fa
     """A host batch on `device`, asynchronously when the host memory is pinned."""
     batch = batch.to(device, non_blocking=True)
     return batch.contiguous(memory_format=torch.channels_last_3d) if channels_last else batch
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process: one process on `device_name`, or a torchrun rank on its own GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, resolve_device(device_name)
+    device = resolve_device(device_name)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device

@@ -11,7 +11,7 @@ from scipy import ndimage
 import all_labels_to_hdf
 import ink3d.columns
 from ink3d.augment import draw_affine, warp
-from ink3d.columns import (COLUMNS, FIELDS, PAD, STEP, ColumnReader, column_loss, face_bags, fixed_size, offsets, pool,
+from ink3d.columns import (COLUMNS, FIELDS, PAD, ColumnReader, column_loss, face_bags, fixed_size, offsets, pool,
                            sample_columns, with_face_windows)
 from ink3d.ppm import write_ppm
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 import train
-from ink3d import InputError, volume
+from ink3d import InputError, train_inputs, volume
 from ink3d.columns import COLUMNS, ColumnWriter
 from ink3d.dataset import BACKGROUND, ScrollSamples, augmentation, label_air
 from ink3d.intensity import Normalization, scan_histogram
+from ink3d.loss import masked_loss
+from ink3d.validation import PICTURE_COLUMN, UNLABELED_GREY, validation_picture
 from models import load_model
 from models.ema import EMA
 
@@ -25,7 +27,7 @@ from models.ema import EMA
 def test_masked_loss_hand_computed():
     logits = torch.tensor([0.0, 2.0, -1.0, 3.0], requires_grad=True)
     labels = torch.tensor([1.0, -1.0, 0.0, 0.5])
-    loss, count = train.masked_loss(logits, labels)
+    loss, count = masked_loss(logits, labels)
     expected = (math.log(2) + math.log(1 + math.exp(-1)) + 0.5 * (math.log(1 + math.exp(-3)) + math.log(1 + math.exp(3)))) / 3
     assert count == 3 and loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
@@ -34,7 +36,7 @@ def test_masked_loss_hand_computed():
 
 def test_all_unlabeled_batch_gives_zero_not_nan():
     logits = torch.randn(5, requires_grad=True)
-    loss, count = train.masked_loss(logits, torch.full((5,), -1.0), dice_weight=1.0)
+    loss, count = masked_loss(logits, torch.full((5,), -1.0), dice_weight=1.0)
     assert count == 0 and loss.item() == 0.0
     loss.backward()
     assert torch.all(logits.grad == 0)
@@ -42,8 +44,8 @@ def test_all_unlabeled_batch_gives_zero_not_nan():
 
 def test_dice_term_adds_to_bce():
     logits, labels = torch.tensor([2.0, -2.0, 0.5]), torch.tensor([1.0, 0.0, -1.0])
-    bce, _ = train.masked_loss(logits, labels)
-    both, _ = train.masked_loss(logits, labels, dice_weight=0.5)
+    bce, _ = masked_loss(logits, labels)
+    both, _ = masked_loss(logits, labels, dice_weight=0.5)
     p = torch.sigmoid(torch.tensor([2.0, -2.0]))
     dice = 1 - (2 * p[0] + 1) / (p.sum() + 1 + 1)
     assert both.item() == pytest.approx(bce.item() + 0.5 * dice.item(), rel=1e-6)
@@ -56,12 +58,12 @@ def test_background_term_and_label_smoothing_hand_computed():
     def bce(x, t):
         return math.log(1 + math.exp(x)) - t * x
 
-    loss, count = train.masked_loss(logits, labels, background_weight=0.5, label_smoothing=0.1)
+    loss, count = masked_loss(logits, labels, background_weight=0.5, label_smoothing=0.1)
     expected = (bce(0.0, 0.95) + bce(-1.0, 0.05)) / 2 + 0.5 * (bce(2.0, 0.05) + bce(3.0, 0.05)) / 2
     assert count == 2 and loss.item() == pytest.approx(expected, rel=1e-6)
-    only_air, count = train.masked_loss(logits, torch.tensor([-1.0, BACKGROUND, -1.0, -1.0, -1.0]), background_weight=2.0)
+    only_air, count = masked_loss(logits, torch.tensor([-1.0, BACKGROUND, -1.0, -1.0, -1.0]), background_weight=2.0)
     assert count == 0 and only_air.item() == pytest.approx(2 * bce(2.0, 0.0), rel=1e-6)
-    assert train.masked_loss(logits, labels)[0].item() == pytest.approx((bce(0.0, 1) + bce(-1.0, 0)) / 2, rel=1e-6)
+    assert masked_loss(logits, labels)[0].item() == pytest.approx((bce(0.0, 1) + bce(-1.0, 0)) / 2, rel=1e-6)
 
 
 def test_label_air_never_labels_air_as_ink():
@@ -143,14 +145,14 @@ def test_validation_picture_columns_and_captions():
     label = np.full((1, 1, 3, 4, 4), -1, np.float32)
     label[0, 0, 1, 0] = [0, 1, 0.5, -2]
     probability = np.full((1, 1, 3, 4, 4), 0.25, np.float32)
-    picture = train.validation_picture(image, label, probability, title="step 7: F0.5 0.500")
-    scale = -(-train.PICTURE_COLUMN // 4)
+    picture = validation_picture(image, label, probability, title="step 7: F0.5 0.500")
+    scale = -(-PICTURE_COLUMN // 4)
     column = 4 * scale + 2
     assert picture.shape == (18 + 18 + column, 3 * column) and picture.dtype == np.uint8
     body = picture[36:]
     assert np.array_equal(body[:4 * scale:scale, :4 * scale:scale], np.rint(np.arange(16).reshape(4, 4) * 17))
-    assert body[0, column:column + 4 * scale:scale].tolist() == [0, 255, 128, train.UNLABELED_GREY]  # 0.5 rounds to 128
-    assert body[scale, column] == train.UNLABELED_GREY and train.UNLABELED_GREY not in (0, 255)
+    assert body[0, column:column + 4 * scale:scale].tolist() == [0, 255, 128, UNLABELED_GREY]  # 0.5 rounds to 128
+    assert body[scale, column] == UNLABELED_GREY and UNLABELED_GREY not in (0, 255)
     assert np.all(body[:4 * scale, 2 * column:2 * column + 4 * scale] == 64)
     assert picture[:18, :40].any() and not picture[:18, column:].any()  # the title, short, at the left
     assert all(picture[18:36, c * column:c * column + 40].any() for c in range(3))  # a caption over each column
@@ -379,7 +381,7 @@ def test_all_unlabeled_batches_are_skipped(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="train.npy: none of its 4 block origins holds a labeled voxel .*training would learn nothing"):
         _train(root, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
-    monkeypatch.setattr(train, "check_origins_hold_labels", lambda *args: None)
+    monkeypatch.setattr(train_inputs, "check_origins_hold_labels", lambda *args: None)
     torch.manual_seed(0)
     _train(root, tmp_path / "run", "--max_steps", "3", "--valid_every", "3", "--checkpoint_every", "3")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -436,7 +438,7 @@ def test_overfitting_a_fixed_batch():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
-        loss, _ = train.masked_loss(model(images), labels)
+        loss, _ = masked_loss(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -492,7 +494,7 @@ def test_resume_rewrites_the_metrics_the_checkpoint_does_not_hold(tmp_path, monk
 
     def killed(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 4 + 3:  # training step 4 (validations at steps 1-3 call it too): last.pth is at step 2
+        if len(calls) == 4:  # training step 4: last.pth is at step 2
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
@@ -724,7 +726,7 @@ def test_masked_losses_equal_the_selected_voxels_and_columns():
     from ink3d.columns import column_loss, face_bags, sample_columns
     _, _, _, _, config, images, labels, columns, matrices, shifts = _step_setup("cpu")
     logits = torch.randn_like(images) * 3
-    loss, count = train.masked_loss(logits, labels, dice_weight=0.5)
+    loss, count = masked_loss(logits, labels, dice_weight=0.5)
     labeled = labels >= 0
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[labeled], labels[labeled])
     probabilities = torch.sigmoid(logits[labeled])
