@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 import all_labels_to_hdf
-import ink3d.columns
+import ink3d.faces
 from ink3d.augment import draw_affine, warp
 from ink3d.columns import (COLUMNS, FIELDS, PAD, ColumnReader, column_loss, face_bags, fixed_size, offsets, pool,
                            sample_columns, with_face_windows)
@@ -95,7 +95,7 @@ def test_face_windows_sample_the_scan_as_map_coordinates_does(monkeypatch):
     def scipy_trilinear(box, coordinates, origin):
         return ndimage.map_coordinates(box, coordinates - origin[:, None], output=np.float32, order=1, mode="constant", cval=0.0)
 
-    monkeypatch.setattr(ink3d.columns, "trilinear", scipy_trilinear)
+    monkeypatch.setattr(ink3d.faces, "trilinear", scipy_trilinear)
     expected = with_face_windows(columns, scan, 4.0, 100, 3.0)
     assert np.array_equal(windows, expected, equal_nan=True) and np.isfinite(expected[:, 7]).sum() > 100
 
