@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from ink3d import InputError, volume
+from ink3d import InputError, blocks, volume
 from ink3d.components import Blobs, blob_overlap, label_blocks, write_blob_labels
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import (atomic_output, check_output, output_file, output_lock, refuse_inputs_as_outputs, write_image,
@@ -159,7 +159,7 @@ def explore(config) -> Blobs:
     truth_file, truth = volume.open_dataset(config.ground_truth, volume.GROUND_TRUTH, level=config.level) if config.ground_truth else (None, None)
     if truth is not None and truth.shape != predictions.shape:
         raise InputError(f"{config.ground_truth}: shape {truth.shape} differs from the prediction's {predictions.shape}")
-    roi = volume.parse_roi(config.roi, predictions.shape)
+    roi = blocks.parse_roi(config.roi, predictions.shape)
     level = config.threshold * 255 if predictions.dtype == np.uint8 else config.threshold
     with writing(out_dir, resumable=False):
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from ink3d import InputError, volume
+from ink3d import InputError, blocks, volume
 from ink3d.config import parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output, output_lock, refuse_inputs_as_outputs, write_image, writing
 
@@ -51,7 +51,7 @@ def export(config) -> int:
     if config.format == "jpg" and dataset.dtype != np.uint8:
         file.close()
         raise InputError(f"{config.volume}[{config.dataset}] is {dataset.dtype}; JPEG needs uint8, use --format tif")
-    roi = volume.parse_roi(config.roi, dataset.shape)
+    roi = blocks.parse_roi(config.roi, dataset.shape)
     axis = "zyx".index(config.axis)
     step = dataset.chunks[axis] if dataset.chunks else 64
     axis_range = roi[axis]

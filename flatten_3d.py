@@ -24,7 +24,7 @@ segment is drawn in front of the papyrus, or its normals point into the sheet.
 
 Work goes in square tiles of pixels, sampled by `--workers` threads a few at a time; each tile reads
 only the bounding box of its samples inside the volume, in an order that keeps neighbouring tiles'
-chunks in a cache of decompressed chunks (`volume.ChunkCache`; row by row, in bands of columns as wide as
+chunks in a cache of decompressed chunks (`ink3d.chunk_cache.ChunkCache`; row by row, in bands of columns as wide as
 `--cache_mb` holds), so that each chunk is decompressed about once per segment, by whichever thread first
 needs it, the threads decompressing side by side.
 """
@@ -233,7 +233,7 @@ def flatten_segment(dataset, ppm_path: Path, band: float, reduce: str, tile: int
 def tile_origins(height: int, width: int, tile: int, cache=None) -> list[tuple[int, int]]:
     """The (row, col) origins of a segment's tiles in bands of columns, each band row by row. A row of tiles and the
     next read mostly the same chunks, so a band is as wide as lets two rows' chunks stay in the volume's `cache` (a
-    `volume.ChunkCache`): (tile / c + 1) x (2 tile / c + 1) chunks of smallest edge c per column of tiles, what a
+    `ink3d.chunk_cache.ChunkCache`): (tile / c + 1) x (2 tile / c + 1) chunks of smallest edge c per column of tiles, what a
     flat surface at any angle may read (a curved segment reads about half). Without a cache: one band, row by row."""
     band = width
     if cache is not None:

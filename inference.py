@@ -48,6 +48,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ink3d import InputError, volume
+from ink3d.blocks import parse_roi, verify_finished
 from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
 from ink3d.device import autocast_dtype, prepare_model, resolve_device, switch
 from ink3d.files import (OutputBusy, checksum, finish_output, open_interrupted, output_file, output_lock, partial_path,
@@ -154,7 +155,7 @@ def verify_blocks(file: h5py.File, blocks) -> tuple[int, int]:
     finished, checksums = file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS][:]
     done = finished[:]
     recorded = [int(checksums[b.index]) if done[b.index] else None for b in blocks]
-    intact = volume.verify_finished(file[volume.PREDICTIONS], [b.output for b in blocks], recorded, "block")
+    intact = verify_finished(file[volume.PREDICTIONS], [b.output for b in blocks], recorded, "block")
     done[[b.index for b in blocks]] = intact
     finished[:] = done
     return sum(intact), sum(value is not None for value in recorded) - sum(intact)
@@ -405,7 +406,7 @@ def prepare(config, device: torch.device) -> Run:
     except BaseException:
         scan_file.close()
         raise
-    region = volume.parse_roi(config.roi, scan.shape)
+    region = parse_roi(config.roi, scan.shape)
     blocks = plan_blocks(region, tuple(slice(0, size) for size in scan.shape), config.patch, stride, config.macro_block)
     normalization = Normalization.from_config(checkpoint.get("config") if isinstance(checkpoint, dict) else None)
     model = model_from_checkpoint(checkpoint, config.checkpoint, weights=config.weights)

@@ -40,7 +40,7 @@ import numpy as np
 import tifffile
 from scipy import ndimage, special
 
-from ink3d import InputError, volume
+from ink3d import InputError, pyramid, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output, output_lock, write_image, writing
 from ink3d.ppm import write_ppm
@@ -406,7 +406,7 @@ def make(config) -> dict:
                                  "run again with --overwrite true"):
         description = make_scroll(out_dir, config.seed, (config.depth, config.height, config.width), config.tifxyz_step, variant)
         if config.ome_zarr:
-            volume.write_ome_zarr(out_dir / "volume.zarr", _TiffSlices(out_dir / "volume"), levels=2)
+            pyramid.write_ome_zarr(out_dir / "volume.zarr", _TiffSlices(out_dir / "volume"), levels=2)
         with atomic_output(out_dir / "scroll.json") as temporary:
             temporary.write_text(json.dumps(description, indent=2) + "\n")
     save_config(config, config_path_for(out_dir / "scroll.json"))

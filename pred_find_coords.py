@@ -13,7 +13,7 @@ import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imp
 import numpy as np
 from tqdm import tqdm
 
-from ink3d import volume
+from ink3d import blocks, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output, output_lock, refuse_inputs_as_outputs, writing
 
@@ -31,7 +31,7 @@ def count_per_block(ink_sum, ink_count, block: int) -> tuple[np.ndarray, np.ndar
     grid = tuple(-(-size // block) for size in ink_count.shape)
     labeled = np.zeros(grid, np.int64)
     ink = np.zeros(grid, np.int64)
-    chunks = list(volume.iter_blocks(ink_count.shape, ink_count.chunks))
+    chunks = list(blocks.iter_blocks(ink_count.shape, ink_count.chunks))
     for box in tqdm(chunks, unit="chunk", desc="pred_find_coords"):
         count = ink_count[box]
         where = np.nonzero(count)

@@ -14,7 +14,7 @@ import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imp
 
 import json
 
-from ink3d import InputError, volume
+from ink3d import InputError, blocks, volume
 from ink3d.config import config_path_for, parse_config, run_main, save_config
 from ink3d.files import atomic_output, check_output, output_lock, refuse_inputs_as_outputs, writing
 from ink3d.intensity import scan_air_level
@@ -61,7 +61,7 @@ def score(config) -> dict:
         air_level = scan_air_level(config.air_level, scan)
         if air_level is None:
             raise InputError("--air_level none: the score splits the voxels without ink into air and papyrus; give auto, otsu or a number")
-        region = volume.parse_roi(config.roi, scan.shape)
+        region = blocks.parse_roi(config.roi, scan.shape)
         result = score_volume(predictions, truth, scan, air_level, region)
     result.update(air_level=air_level, roi=config.roi)
     print(f"3D score{' of ' + config.roi if config.roi else ''}: {summary_line(result)}; air: the scan at or below {air_level} "

@@ -29,7 +29,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from ink3d import InputError, volume
+from ink3d import InputError, blocks, volume
 from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
 from ink3d.files import (checksum, finish_output, open_interrupted, output_file, output_lock, refuse_inputs_as_outputs,
                          resumable_output, warn_if_short_of_space, writing)
@@ -237,7 +237,7 @@ def _slabs(dataset) -> list[tuple[slice, slice, slice]]:
 def _verify_slabs(dataset) -> str:
     """Re-read the slabs recorded as finished; forget those whose bytes differ from their checksum."""
     checksums = json.loads(dataset.attrs["slab_checksums"])
-    intact = volume.verify_finished(dataset, _slabs(dataset), checksums, "slab")
+    intact = blocks.verify_finished(dataset, _slabs(dataset), checksums, "slab")
     damaged = sum(value is not None for value in checksums) - sum(intact)
     dataset.attrs["slab_checksums"] = json.dumps([value if ok else None for value, ok in zip(checksums, intact)])
     return f"resuming: {sum(intact)} finished slabs verified" + (f", {damaged} damaged ones redone" if damaged else "")

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flatten_3d import flatten_segment, sample_tile  # noqa: E402
-from ink3d import volume  # noqa: E402
+from ink3d import chunk_cache, pyramid, volume  # noqa: E402
 from ink3d.ppm import positions_along_normals, valid_mask, write_ppm  # noqa: E402
 from ink3d.tifxyz import write_tifxyz  # noqa: E402
 from measure import measure  # noqa: E402
@@ -147,12 +147,12 @@ def main():
                 with tqdm(total=args.size**2, desc=f"flatten_segment, {name}", unit="px") as bar:
                     flatten_segment(dataset, Path(tmp) / name, args.band, "mean", args.tile, bar, None, 127.5)
                 surface_rates[name] = bar.n / (time.perf_counter() - started)
-            volume.write_ome_zarr(Path(tmp) / "pred.zarr", dataset.dataset, levels=1)
+            pyramid.write_ome_zarr(Path(tmp) / "pred.zarr", dataset.dataset, levels=1)
         zarr_rates = {}
         for name, cache_mb in (("files", 512), ("zarr", 512), ("none", 0)):  # flatten_3d's default; zarr keeps no decompressed chunk
             _, opened = volume.open_dataset(Path(tmp) / "pred.zarr", volume.PREDICTIONS, cache_bytes=cache_mb << 20)
             if name == "zarr":  # the cache reading the chunks through zarr, as it does arrays whose chunk files it cannot read
-                opened.cache = volume.ChunkCache(opened.shape, opened.chunks, opened.dtype, cache_mb << 20, opened._read, together=True)
+                opened.cache = chunk_cache.ChunkCache(opened.shape, opened.chunks, opened.dtype, cache_mb << 20, opened._read, together=True)
             started = time.perf_counter()
             with tqdm(total=args.size**2, desc=f"flatten_segment, OME-Zarr, {name}", unit="px") as bar:
                 zarr_image = flatten_segment(opened, Path(tmp) / "segment.ppm", args.band, "mean", args.tile, bar, None, 127.5)[0]

@@ -20,7 +20,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ink3d import volume  # noqa: E402
+from ink3d import blocks, volume  # noqa: E402
 from ink3d.prediction_store import PredictionStore  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def read_whole(path: Path, cache_mb: int, checked: bool) -> float:
     if not checked:
         predictions._manifest = None
     started = time.perf_counter()
-    for box in volume.iter_blocks(predictions.shape, 64):
+    for box in blocks.iter_blocks(predictions.shape, 64):
         volume.read_crop(predictions, [b.start for b in box], [b.stop - b.start for b in box])
     return time.perf_counter() - started
 

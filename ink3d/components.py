@@ -18,7 +18,7 @@ from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 from tqdm import tqdm
 
-from ink3d import volume
+from ink3d import blocks, volume
 
 
 @dataclass
@@ -63,7 +63,7 @@ def label_blocks(dataset, threshold: float, block: int, scratch: h5py.File, roi=
     origin = np.array([s.start for s in roi])
     shape = tuple(s.stop - s.start for s in roi)
     labels_out = volume.create_volume(scratch, volume.BLOB_LABELS, shape, np.uint32, chunk=min(block, volume.DEFAULT_CHUNK))
-    boxes = list(volume.iter_blocks(shape, block))
+    boxes = list(blocks.iter_blocks(shape, block))
     stats, offset = [], 0
     for box in tqdm(boxes, unit="block", desc="components: label"):
         where = tuple(slice(b.start + o, b.stop + o) for b, o in zip(box, origin))
@@ -148,7 +148,7 @@ def write_blob_labels(scratch_labels, label_to_blob: np.ndarray, out: h5py.File,
     """The final labels volume (blob ids as in the blob table), block by block."""
     dtype = np.uint32 if len(label_to_blob) < np.iinfo(np.uint32).max else np.uint64
     dataset = volume.create_volume(out, volume.BLOB_LABELS, scratch_labels.shape, dtype, chunk=min(block, volume.DEFAULT_CHUNK))
-    for box in volume.iter_blocks(scratch_labels.shape, block):
+    for box in blocks.iter_blocks(scratch_labels.shape, block):
         dataset[box] = label_to_blob[scratch_labels[box]].astype(dtype)
     return dataset
 
@@ -157,7 +157,7 @@ def blob_overlap(scratch_labels, label_to_blob: np.ndarray, count: int, other, o
     """Per blob (in the order of the blob table), its voxels where `other` (a volume the size of the whole
     prediction, e.g. the true ink) is > 0; `origin` is the zyx position of the labels' region in it."""
     totals = np.zeros(count + 1, np.int64)
-    for box in volume.iter_blocks(scratch_labels.shape, block):
+    for box in blocks.iter_blocks(scratch_labels.shape, block):
         ids = label_to_blob[scratch_labels[box]]
         inside = other[tuple(slice(o + b.start, o + b.stop) for o, b in zip(origin, box))] > 0
         totals += np.bincount(ids[inside], minlength=count + 1)

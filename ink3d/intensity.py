@@ -18,12 +18,13 @@ import torch
 from scipy import ndimage
 
 from ink3d import volume
+from ink3d.blocks import iter_blocks
 from ink3d.metrics import LEVELS, histogram_quantile
 
 
 def scan_histogram(dataset, max_blocks: int = 64, block: int = volume.DEFAULT_CHUNK, seed: int = 0) -> np.ndarray:
     """Counts of each uint8 value over at most `max_blocks` blocks of the volume (all blocks when it has fewer)."""
-    blocks = list(volume.iter_blocks(dataset.shape, block))
+    blocks = list(iter_blocks(dataset.shape, block))
     if len(blocks) > max_blocks:
         chosen = np.random.default_rng(seed).choice(len(blocks), max_blocks, replace=False)
         blocks = [blocks[i] for i in sorted(chosen)]

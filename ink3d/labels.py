@@ -18,7 +18,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from ink3d import volume
+from ink3d import chunk_decoders
 
 COUNT_MAX = np.iinfo(np.uint16).max
 
@@ -305,7 +305,7 @@ def _chunk_codecs(*datasets: h5py.Dataset) -> tuple | None:
         if not filters:
             codecs.append(None)
             continue
-        codec = volume.blosc_codec(filters[0][2]) if len(filters) == 1 and filters[0][0] == hdf5plugin.BLOSC_ID else None
+        codec = chunk_decoders.blosc_codec(filters[0][2]) if len(filters) == 1 and filters[0][0] == hdf5plugin.BLOSC_ID else None
         if codec is None:
             return None
         codecs.append(codec)
@@ -314,7 +314,7 @@ def _chunk_codecs(*datasets: h5py.Dataset) -> tuple | None:
 
 def _read_chunk(dataset: h5py.Dataset, origin: tuple[int, ...], codec, dtype) -> np.ndarray:
     """A stored whole chunk, flat. Blosc (de)compresses without the GIL, HDF5's filters do not."""
-    return np.frombuffer(volume.read_raw_chunk(dataset, origin, [] if codec is None else [codec.decode]), dtype)
+    return np.frombuffer(chunk_decoders.read_raw_chunk(dataset, origin, [] if codec is None else [codec.decode]), dtype)
 
 
 def _write_chunk(dataset: h5py.Dataset, origin: tuple[int, ...], codec, chunk: np.ndarray) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ink3d import volume
+from ink3d import blocks, volume
 
 LEVELS = 256  # predictions and the scan are uint8
 
@@ -129,7 +129,7 @@ def score_volume(predictions, truth, scan, air_level: int, region=None, block: i
     (> 0 = ink) with the scan beside it, over `region` (zyx slices; the whole volume when None), block by block."""
     region = region or tuple(slice(0, size) for size in predictions.shape)
     counts = VoxelCounts()
-    for box in volume.iter_blocks([r.stop - r.start for r in region], block):
+    for box in blocks.iter_blocks([r.stop - r.start for r in region], block):
         box = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, box))
         counts.add(predictions[box], truth[box] > 0, scan[box], air_level)
     return counts.summary()

@@ -31,6 +31,8 @@ import numpy as np
 import zarr
 
 from ink3d import InputError, volume
+from ink3d.blocks import chunks_of
+from ink3d.pyramid import downsample_into
 from ink3d.files import checksum, lock_path, writing
 
 KEY = volume.PIPELINE_ATTRS
@@ -132,7 +134,7 @@ class PredictionStore:
             except Exception:  # a chunk that does not decode: zarr's codecs fail in several ways
                 pass
             (self.path / PROGRESS / f"{block.index}.json").unlink(missing_ok=True)
-            for chunk in volume.chunks_of(self.level0, block.output):
+            for chunk in chunks_of(self.level0, block.output):
                 index = tuple(piece.start // size for piece, size in zip(chunk, self.level0.chunks))
                 (self.path / "0" / self.level0.metadata.encode_chunk_key(index)).unlink(missing_ok=True)
             damaged += 1
@@ -150,7 +152,7 @@ class PredictionStore:
             target = self.group.create_array(str(len(levels)), shape=shape, chunks=self.level0.chunks, dtype=np.uint8,
                                              fill_value=0, compressor=_compressor(), chunk_key_encoding={"name": "v2", "separator": "/"},
                                              overwrite=True)
-            volume.downsample_into(levels[-1], target)
+            downsample_into(levels[-1], target)
             levels.append(target)
         attrs = self.group.attrs.asdict()
         multiscale = attrs["multiscales"][0]
@@ -165,7 +167,7 @@ class PredictionStore:
 
 def write_manifest(path: Path, levels: int) -> None:
     """`<store>/manifest.json`: per level, every chunk file written and the CRC-32 of its bytes, which readers check
-    (volume.ZarrVolume): a chunk lost or changed after the store was finished is a named error, not zeros."""
+    (ink3d.volume_readers.ZarrVolume): a chunk lost or changed after the store was finished is a named error, not zeros."""
     manifest = {}
     for level in range(levels):
         folder = path / str(level)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 import connected_components_explore
 import export_slices
 import flatten_3d
-from ink3d import InputError, volume
+from ink3d import InputError, chunk_cache, pyramid, volume
 from ink3d.ppm import write_ppm
 from ink3d.sampling import trilinear
 
@@ -110,7 +110,7 @@ def test_flatten_reads_an_ome_zarr_scan_as_its_hdf5_copy(tmp_path):
     values = np.random.default_rng(5).integers(0, 256, (30, 24, 20)).astype(np.uint8)
     with h5py.File(tmp_path / "scan.h5", "w") as file:
         volume.create_volume(file, volume.SCAN, values.shape, np.uint8, chunk=8)[:] = values
-    volume.write_ome_zarr(tmp_path / "scan.zarr", values, levels=1, chunk=8)
+    pyramid.write_ome_zarr(tmp_path / "scan.zarr", values, levels=1, chunk=8)
     _tilted_segment(tmp_path)
     outputs = []
     for name in ("h5", "zarr"):  # small tiles in two threads: neighbouring tiles share chunks through zarr's chunk cache
@@ -145,7 +145,7 @@ def test_flatten_keeps_freed_memory_before_it_reads(tmp_path, linear_volume, mon
 
 
 def test_tiles_go_in_bands_of_columns_that_fit_the_chunk_cache():
-    cache = volume.ChunkCache((8, 8, 20), (4, 4, 4), np.uint8, 2 * 6 * 4**3, read_chunks=None)  # 6 chunks a column of tiles
+    cache = chunk_cache.ChunkCache((8, 8, 20), (4, 4, 4), np.uint8, 2 * 6 * 4**3, read_chunks=None)  # 6 chunks a column of tiles
     assert flatten_3d.tile_origins(8, 20, 4, cache) == [(0, 0), (0, 4), (4, 0), (4, 4), (0, 8), (0, 12), (4, 8), (4, 12),
                                                         (0, 16), (4, 16)]
     assert flatten_3d.tile_origins(8, 20, 4) == [(row, col) for row in (0, 4) for col in range(0, 20, 4)]

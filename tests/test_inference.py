@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 import inference
 from conftest import ROOT, run_on_a_full_disk
-from ink3d import InputError, volume
+from ink3d import InputError, blocks, volume
 from ink3d.files import WriteError, checksum, partial_path
-from ink3d.volume import write_ome_zarr
+from ink3d.pyramid import write_ome_zarr
 from ink3d import sliding_window
 from ink3d.sliding_window import importance_map, plan_blocks, window_starts
 from models import UNet3D, save_checkpoint
@@ -146,7 +146,7 @@ def test_an_roi_is_a_crop_of_the_full_run(scan, model_path, tmp_path, roi, chann
     scan_path, _ = scan
     full, _ = _infer(scan_path, model_path, tmp_path / "full.h5", "--channels_last", channels_last)
     result, attrs = _infer(scan_path, model_path, tmp_path / "roi.h5", "--roi", roi, "--channels_last", channels_last)
-    region = volume.parse_roi(roi, full.shape)
+    region = blocks.parse_roi(roi, full.shape)
     assert np.array_equal(result[region], full[region])  # the window grid is the volume's, wherever the region lies
     outside = np.ones(result.shape, bool)
     outside[region] = False

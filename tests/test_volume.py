@@ -12,8 +12,11 @@ import zarr
 
 from ink3d import InputError
 from ink3d.files import check_output, warn_if_short_of_space
-from ink3d.volume import (UINT16_TO_UINT8, ChunkCache, Hdf5Volume, chunks_of, compression_options, create_volume, iter_blocks,
-                          open_dataset, parse_roi, read_crop, reset_unreadable_chunks, write_ome_zarr)
+from ink3d.blocks import chunks_of, iter_blocks, parse_roi, reset_unreadable_chunks
+from ink3d.chunk_cache import ChunkCache
+from ink3d.pyramid import write_ome_zarr
+from ink3d.volume import UINT16_TO_UINT8, compression_options, create_volume, open_dataset, read_crop
+from ink3d.volume_readers import Hdf5Volume
 
 
 @pytest.fixture

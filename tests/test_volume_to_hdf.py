@@ -8,7 +8,7 @@ import tifffile
 import volume_to_hdf
 from conftest import run_on_a_full_disk
 from ink3d import InputError, files
-from ink3d.volume import write_ome_zarr
+from ink3d.pyramid import write_ome_zarr
 
 SHAPE = (37, 53, 61)
 
