@@ -30,14 +30,10 @@ merges the parts into `<out>` and deletes them.
 
 import ink3d.quiet_start  # noqa: F401, I001  first: a Ctrl-C while the rest imports ends in one line
 
-import contextlib
 import json
 import os
-import queue
-import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +44,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ink3d import InputError, volume
-from ink3d.blocks import parse_roi, verify_finished
+from ink3d.block_pipeline import BlockWriter, Timing, predict_blocks
+from ink3d.blocks import parse_roi
 from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, save_config
 from ink3d.device import autocast_dtype, prepare_model, resolve_device, switch
-from ink3d.files import (OutputBusy, checksum, finish_output, open_interrupted, output_file, output_lock, partial_path,
-                         refuse_inputs_as_outputs, resumable_output, warn_if_short_of_space, writing)
-from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, input_slabs, plan_blocks
+from ink3d.files import (OutputBusy, finish_output, output_file, output_lock, refuse_inputs_as_outputs, resumable_output,
+                         warn_if_short_of_space, writing)
 from ink3d.intensity import Normalization, parse_air_level
+from ink3d.prediction_file import PLAN_KEYS, check_plan, hdf5_writer, merge_parts, open_output, verify_blocks
 from ink3d.prediction_store import CHUNK, PredictionStore, chunk_for, is_store
+from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, plan_blocks
 from models import model_from_checkpoint, read_checkpoint, weights_digest
 
 # --- config ---
@@ -85,10 +83,7 @@ RESUME = False  # complete an interrupted run into the same output
 OVERWRITE = False  # replace an existing output
 
 
-# what a resumed run must share with the interrupted one: the windows, their blending and the model
 DEFAULT_PATCH = 128  # windows for a checkpoint that records no training patch (the published one's)
-PLAN_KEYS = ("volume_shape", "roi", "patch", "overlap", "blend", "block", "block_grid", "air_level", "tta", "weights",
-             "weights_sha256", "normalization")
 BATCH_FILL_WARNING = 0.9  # warn when the windows take less than this share of the batches' slots
 
 
@@ -110,253 +105,6 @@ def plan_attrs(config, shape, region, normalization: Normalization, weights_sha2
         "tta": config.tta, "checkpoint": str(Path(config.checkpoint).resolve()), "weights": config.weights,
         "weights_sha256": weights_sha256, "normalization": normalization.to_config(),
     }
-
-
-def check_plan(path: Path, stored: dict, attrs: dict) -> None:
-    """Refuse to continue (or to call complete) a prediction file made with another plan."""
-    changed = [key for key in PLAN_KEYS if stored.get(key) != attrs[key]]
-    if changed:
-        raise InputError(f"{path}: cannot resume with different {', '.join(changed)} "
-                         f"({', '.join(f'{k}={stored.get(k)}' for k in changed)} in the file); --overwrite true redoes it")
-
-
-def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool, scale=(1.0, 1.0, 1.0)) -> h5py.File:
-    """The prediction file, new or (resuming) checked to hold the same plan; with its finished-block record and the
-    scan's voxel size (`scale`). A file killed as it was created holds nothing finished and is made anew."""
-    if resume:
-        file = open_interrupted(path, lambda f: {volume.PREDICTIONS, volume.FINISHED_BLOCKS, volume.BLOCK_CHECKSUMS} <= set(f))
-        if file is None:
-            print(f"{path}: no block was finished before the interruption; starting it anew")
-        else:
-            try:
-                check_plan(path, json.loads(file[volume.PREDICTIONS].attrs["plan"]), attrs)
-            except InputError:
-                file.close()
-                raise
-            return file
-    with writing(path):
-        file = h5py.File(path, "w")
-        dataset = volume.create_volume(file, volume.PREDICTIONS, shape, np.uint8)
-        dataset.attrs["plan"] = json.dumps(attrs)
-        for key, value in attrs.items():
-            dataset.attrs[key] = json.dumps(value) if isinstance(value, list) else value
-        dataset.attrs["complete"] = False
-        dataset.attrs[volume.SCALE] = scale
-        file.create_dataset(volume.FINISHED_BLOCKS, shape=(block_count,), dtype=np.uint8)
-        file.create_dataset(volume.BLOCK_CHECKSUMS, shape=(block_count,), dtype=np.uint32)
-        file.flush()  # from here on the file can be reopened to resume
-    return file
-
-
-def verify_blocks(file: h5py.File, blocks) -> tuple[int, int]:
-    """Re-read the blocks recorded as finished and unmark those whose bytes differ from their checksum;
-    reset chunks the blocks to do cannot read (and unmark finished blocks sharing them). Returns
-    (verified, damaged)."""
-    finished, checksums = file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS][:]
-    done = finished[:]
-    recorded = [int(checksums[b.index]) if done[b.index] else None for b in blocks]
-    intact = verify_finished(file[volume.PREDICTIONS], [b.output for b in blocks], recorded, "block")
-    done[[b.index for b in blocks]] = intact
-    finished[:] = done
-    return sum(intact), sum(value is not None for value in recorded) - sum(intact)
-
-
-@dataclass
-class BlockWriter:
-    """Where blocks' predictions go: `slab(block, planes, values)` writes the block's output planes `planes` (a slice of
-    the volume's z) and `finish(block, crc)` records the block finished with the CRC-32 of its bytes, once its slabs
-    are saved. Slabs end on multiples of `align` planes of the volume (the output's chunk depth) or at a block's end."""
-
-    slab: Callable
-    finish: Callable
-    align: int
-
-
-def hdf5_writer(file: h5py.File) -> BlockWriter:
-    """Write blocks into a prediction file: a block's data flushed first, then recorded finished with its checksum."""
-    dataset, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
-
-    def slab(block, planes, values):
-        with writing(file.filename):
-            dataset[(planes, *block.output[1:])] = values
-
-    def finish(block, crc):
-        with writing(file.filename):
-            file.flush()  # the data first: a block is recorded finished only once its bytes are saved
-            checksums[block.index] = crc
-            finished[block.index] = 1
-            file.flush()
-    return BlockWriter(slab, finish, dataset.chunks[0])
-
-
-def _reader(scan, blocks, patch: int, pin: bool, out_queue: queue.Queue, stop: threading.Event, wanted: threading.Semaphore):
-    """Read the blocks' input boxes, slab after slab (input_slabs), into `out_queue`, each once `wanted` allows it."""
-    try:
-        for block in blocks:
-            for start, stop_plane in input_slabs(block, patch):
-                wanted.acquire()
-                if stop.is_set():
-                    return
-                origin = block.input_origin + np.array([start, 0, 0])
-                array = torch.from_numpy(volume.read_crop(scan, origin, (stop_plane - start, *block.input_shape[1:])))
-                out_queue.put(array.pin_memory() if pin else array)
-    except BaseException as error:  # handed to the main thread, which re-raises it
-        out_queue.put(error)
-
-
-def _writer(writer: BlockWriter, in_queue: queue.Queue, errors: list):
-    """Write the slabs of `in_queue` ((block, planes, values), or (block, None, None) once a block is done) and record
-    each block finished with the CRC-32 of its bytes, its slabs taken in order (C order: z is the outer axis)."""
-    crc = 0
-    while (item := in_queue.get()) is not None:
-        try:
-            if not errors:  # after a failure the queue is only drained
-                crc = _write(writer, *item, crc)
-        except BaseException as error:
-            errors.append(error)
-        finally:
-            del item  # the slab's memory goes back once it is written, not when the next one comes
-            in_queue.task_done()
-
-
-def _write(writer: BlockWriter, block, planes, values, crc: int) -> int:
-    """Write one slab, or record its block finished (values None); returns the block's CRC-32 so far."""
-    if values is None:
-        writer.finish(block, crc)
-        return 0
-    writer.slab(block, planes, values)
-    return checksum(values, crc)
-
-
-class _FromThread(Exception):
-    """The reader's or the writer's error, met while the model runs a block: raised through model_errors_named as it is."""
-
-    def __init__(self, error: BaseException):
-        super().__init__(error)
-        self.error = error
-
-
-@contextlib.contextmanager
-def model_errors_named(block):
-    """Name a failure of the model (out of memory, a device error) as such: the output is intact and resumable."""
-    try:
-        yield
-    except (RuntimeError, ValueError, TypeError) as error:
-        hint = ("lower --batch_size or --patch" if isinstance(error, torch.OutOfMemoryError) else
-                "check the checkpoint and --device")
-        raise InputError(f"the model failed on block {block.index} at {block.input_origin.tolist()} "
-                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); finished blocks are "
-                         f"kept: {hint}, then rerun with --resume true") from None
-
-
-@dataclass
-class Timing:
-    """Where the main thread's time went: waiting for the reader, running the model, waiting for the writer."""
-
-    read_wait: float = 0.0
-    compute: float = 0.0
-    write_wait: float = 0.0
-    total: float = 0.0
-
-    def line(self) -> str:
-        busy = self.compute / max(self.total, 1e-9)
-        return (f"model busy {busy:.0%} of {self.total:.1f} s; waited {self.read_wait:.1f} s for reading, "
-                f"{self.write_wait:.1f} s for writing")
-
-
-def predict_blocks(scan, writer: BlockWriter, blocks, predictor: WindowPredictor, device, bar, timing: Timing,
-                   read_ahead: int | None = None) -> int:
-    """Predict `blocks`, reading their input on a reader thread and handing their output to `writer` on a writer
-    thread, both in slabs of planes; returns windows skipped. `timing` gathers how long the model waited for I/O.
-
-    The reader keeps `read_ahead` slabs ready beyond those the model took: by default one on a GPU, where a row of
-    windows takes about as long as reading its slab, and none on the CPU, where the row takes a hundred times longer
-    and the slab's memory would be held for nothing."""
-    # a block's input and output go in slabs of planes (input_slabs; the output's chunks), so that what a block holds
-    # does not grow with its depth
-    if read_ahead is None:
-        read_ahead = int(device.type != "cpu")
-    read_queue, write_queue, wanted = queue.Queue(), queue.Queue(), threading.Semaphore(read_ahead)
-    stop, write_errors = threading.Event(), []
-    reader = threading.Thread(target=_reader, args=(scan, blocks, predictor.patch, device.type == "cuda", read_queue, stop, wanted),
-                              daemon=True)
-    writer_thread = threading.Thread(target=_writer, args=(writer, write_queue, write_errors), daemon=True)
-    reader.start()
-    writer_thread.start()
-    skipped = windows = 0
-    started = time.perf_counter()
-
-    def slabs(block):
-        for _ in input_slabs(block, predictor.patch):
-            wanted.release()  # the reader reads the slab after those ready, while the model waits for this one or runs
-            waiting = time.perf_counter()
-            item = read_queue.get()
-            timing.read_wait += time.perf_counter() - waiting
-            if isinstance(item, BaseException):
-                raise _FromThread(item)
-            yield item.to(device, non_blocking=True)
-
-    def hand_on(block, planes, values):
-        if write_errors:
-            raise _FromThread(write_errors[0])
-        waiting = time.perf_counter()
-        write_queue.join()  # the slab before is written: one slab at a time is held for writing
-        write_queue.put((block, planes, values))
-        timing.write_wait += time.perf_counter() - waiting
-        if values is not None:
-            bar.update(values.size)
-
-    try:
-        for block in blocks:
-            computing, waited = time.perf_counter(), timing.read_wait + timing.write_wait
-            try:
-                with model_errors_named(block):
-                    # the copies to the host wait for the device: compute ends with the block's last slab
-                    skipped += predictor.predict(slabs(block), block.input_origin, block.windows, block.output,
-                                                 lambda planes, values, block=block: hand_on(block, planes, values), writer.align)
-                timing.compute += time.perf_counter() - computing - (timing.read_wait + timing.write_wait - waited)
-                hand_on(block, None, None)
-            except _FromThread as failure:
-                raise failure.error from None
-            windows += len(block.windows)
-            bar.set_postfix_str(f"skipped {skipped / max(windows, 1):.0%} of windows")
-    finally:
-        stop.set()
-        wanted.release()  # a reader waiting to be asked for a slab sees the stop
-        reader.join()
-        handing = time.perf_counter()
-        write_queue.put(None)
-        writer_thread.join()
-        timing.write_wait += time.perf_counter() - handing
-        timing.total += time.perf_counter() - started
-    if write_errors:
-        raise write_errors[0]
-    return skipped
-
-
-def merge_parts(out: Path, parts: list[Path], blocks, attrs: dict, scale) -> None:
-    """Copy each part file's finished blocks into `out` (rank 0, after every rank finished)."""
-    partial = partial_path(out)
-    file = open_output(partial, attrs["volume_shape"], attrs, len(blocks), partial.exists(), scale)
-    with output_file(file, partial), writing(partial):
-        target, finished, checksums = file[volume.PREDICTIONS], file[volume.FINISHED_BLOCKS], file[volume.BLOCK_CHECKSUMS]
-        for part in parts:
-            with h5py.File(part, "r") as source:
-                done, sums = source[volume.FINISHED_BLOCKS][:], source[volume.BLOCK_CHECKSUMS][:]
-                for block in blocks:
-                    if done[block.index] and not finished[block.index]:
-                        target[block.output] = source[volume.PREDICTIONS][block.output]
-                        file.flush()
-                        checksums[block.index] = sums[block.index]
-                        finished[block.index] = 1
-        missing = int((finished[:] == 0).sum())
-        if missing:
-            raise InputError(f"{out}: {missing} blocks are missing from the part files; rerun with --resume true")
-        target.attrs["complete"] = True
-        file.flush()
-    finish_output(partial, out)
-    for part in parts:
-        part.unlink()
 
 
 def main(argv=None):
