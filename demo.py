@@ -28,6 +28,7 @@ import csv
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -212,14 +213,22 @@ def main(argv=None):
 
 def run_demo(config):
     out = Path(config.out_dir)
-    scroll, scan, flat, blobs = out / "scroll", out / "scan.h5", out / "flat", out / "blobs"
-    train_dir = out / "train"
-    predictions = out / ("predictions.zarr" if config.prediction_form == "ome-zarr" else "predictions.h5")
+    forms = claim_out_dir(config, out)
+    stages = Stages(config.fresh)
+    data = make_data(config, out, stages)
+    predictions = train_and_predict(config, out, stages, data)
+    scores = evaluate(config, out, stages, data, predictions)
+    return report(config, out, stages, data, scores, forms)
+
+
+def claim_out_dir(config, out: Path) -> dict:
+    """The run's forms and variant, recorded in out_dir: with --fresh, what an earlier demo made there is removed first;
+    without it, an earlier demo of other forms is refused."""
+    scroll, scan = out / "scroll", out / "scan.h5"
     if config.fresh:  # only what the demo itself makes, in case out_dir holds anything else
-        for path in (scroll, scan, flat, blobs, train_dir, out / "predictions.h5", out / "predictions.zarr", partial_path(scan),
-                     partial_path(out / "predictions.h5"), out / "summary.png",
-                     out / "forms.json", out / "results.json",
-                     *out.glob("labels_*.h5"), *out.glob("coords_*.npy"), *out.glob("score_3d*.json")):
+        for path in (scroll, scan, out / "flat", out / "blobs", out / "train", out / "predictions.h5", out / "predictions.zarr",
+                     partial_path(scan), partial_path(out / "predictions.h5"), out / "summary.png", out / "forms.json",
+                     out / "results.json", *out.glob("labels_*.h5"), *out.glob("coords_*.npy"), *out.glob("score_3d*.json")):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     forms = {"volume_form": config.volume_form, "segment_form": config.segment_form, "prediction_form": config.prediction_form,
              "ink_depth": config.ink_depth,
@@ -229,7 +238,24 @@ def run_demo(config):
                          "pass --fresh true or another --out_dir")
     out.mkdir(parents=True, exist_ok=True)
     (out / "forms.json").write_text(json.dumps(forms) + "\n")
-    stages = Stages(config.fresh)
+    return forms
+
+
+@dataclass
+class DemoData:
+    """What the first stages make: the scroll, the scan the stages read, its segments, labels and coords."""
+
+    scroll: Path
+    description: dict  # the scroll's scroll.json
+    scan: Path
+    segments: Path
+    held_out: str  # the validation segment
+    labels: dict  # split -> label volume
+    coords: dict  # split -> block origins
+
+
+def make_data(config, out: Path, stages: Stages) -> DemoData:
+    scroll, scan = out / "scroll", out / "scan.h5"
     stages.run("make_synthetic_scroll", scroll / "scroll.json", make_synthetic_scroll.main,
                ["--out_dir", str(scroll), "--seed", str(config.seed), "--depth", str(config.depth), "--overwrite", "true",
                 "--ome_zarr", str(config.volume_form == "ome-zarr"), "--tifxyz_step", "4" if config.segment_form == "tifxyz" else "0",
@@ -253,49 +279,70 @@ def run_demo(config):
     for split in labels:
         stages.run(f"pred_find_coords ({split})", coords[split], pred_find_coords.main,
                    ["--labels", str(labels[split]), "--out", str(coords[split]), "--block", str(config.patch), "--overwrite", "true"])
+    return DemoData(scroll, description, scan, segments, held_out, labels, coords)
+
+
+def train_and_predict(config, out: Path, stages: Stages, data: DemoData) -> Path:
+    """Train on the data and predict the whole scan; returns the predictions."""
+    train_dir = out / "train"
+    predictions = out / ("predictions.zarr" if config.prediction_form == "ome-zarr" else "predictions.h5")
     stages.run("train", train_dir / "best.pth", train.main,
-               ["--volume", str(scan), "--train_labels", str(labels["train"]), "--valid_labels", str(labels["valid"]),
-                "--train_coords", str(coords["train"]), "--valid_coords", str(coords["valid"]), "--out_dir", str(train_dir),
+               ["--volume", str(data.scan), "--train_labels", str(data.labels["train"]), "--valid_labels", str(data.labels["valid"]),
+                "--train_coords", str(data.coords["train"]), "--valid_coords", str(data.coords["valid"]), "--out_dir", str(train_dir),
                 "--patch", str(config.patch), "--f_maps", str(config.f_maps), "--num_levels", str(config.num_levels),
                 "--batch_size", str(config.batch_size), "--max_steps", str(config.max_steps),
                 "--valid_every", str(-(-config.max_steps // 3)), "--checkpoint_every", str(-(-config.max_steps // 3)),  # the last at max_steps
                 "--exclusion_radius", str(config.patch), "--seed", str(config.seed), "--device", config.device,
-                "--augmentation", config.augmentation, "--ground_truth", str(scroll / "ground_truth.h5"), "--resume", "true",
+                "--augmentation", config.augmentation, "--ground_truth", str(data.scroll / "ground_truth.h5"), "--resume", "true",
                 "--ink_depth", config.ink_depth],
                done=lambda path: _trained(train_dir, config.max_steps))
     stages.run("inference", predictions, inference.main,
-               ["--volume", str(scan), "--checkpoint", str(train_dir / "best.pth"), "--out", str(predictions),
+               ["--volume", str(data.scan), "--checkpoint", str(train_dir / "best.pth"), "--out", str(predictions),
                 "--patch", str(config.patch), "--macro_block", str(2 * config.patch), "--device", config.device, "--resume", "true"],
                done=lambda path: _complete(path, volume.PREDICTIONS))
+    return predictions
+
+
+def evaluate(config, out: Path, stages: Stages, data: DemoData, predictions: Path) -> dict:
+    """The 3D scores (whole scroll, held-out region), the held-out segment flattened, the blob gallery; returns the
+    score files."""
+    truth, flat, blobs = data.scroll / "ground_truth.h5", out / "flat", out / "blobs"
     scores = {"every voxel": out / "score_3d.json", "held-out region": out / "score_3d_held_out.json"}
-    for (name, path), roi in zip(scores.items(), ("", held_out_region(coords["valid"], config.patch, description["shape"]))):
+    for (name, path), roi in zip(scores.items(), ("", held_out_region(data.coords["valid"], config.patch, data.description["shape"]))):
         stages.run(f"score_3d ({name})", path, score_3d.main,
-                   ["--predictions", str(predictions), "--ground_truth", str(scroll / "ground_truth.h5"), "--volume", str(scan),
+                   ["--predictions", str(predictions), "--ground_truth", str(truth), "--volume", str(data.scan),
                     "--roi", roi, "--out", str(path), "--overwrite", "true"])
-    stages.run("flatten_3d (prediction)", flat / f"{held_out}_prediction.png", flatten_3d.main,
-               ["--volume", str(predictions), "--ppm_dir", str(segments), "--out_dir", str(flat),
-                "--segments", held_out, "--overwrite", "true"])
-    stages.run("flatten_3d (scan)", flat / f"{held_out}_scan.png", flatten_3d.main,
-               ["--volume", str(scan), "--dataset", volume.SCAN, "--name", "scan", "--ppm_dir", str(segments),
-                "--out_dir", str(flat), "--segments", held_out, "--overwrite", "true"])
+    stages.run("flatten_3d (prediction)", flat / f"{data.held_out}_prediction.png", flatten_3d.main,
+               ["--volume", str(predictions), "--ppm_dir", str(data.segments), "--out_dir", str(flat),
+                "--segments", data.held_out, "--overwrite", "true"])
+    stages.run("flatten_3d (scan)", flat / f"{data.held_out}_scan.png", flatten_3d.main,
+               ["--volume", str(data.scan), "--dataset", volume.SCAN, "--name", "scan", "--ppm_dir", str(data.segments),
+                "--out_dir", str(flat), "--segments", data.held_out, "--overwrite", "true"])
     stages.run("connected_components_explore", blobs / "index.html", connected_components_explore.main,
-               ["--predictions", str(predictions), "--volume", str(scan), "--out_dir", str(blobs), "--threshold", str(BLOB_THRESHOLD),
-                "--min_size", str(BLOB_MIN_SIZE), "--max_size", str(BLOB_MAX_SIZE),
-                "--ground_truth", str(scroll / "ground_truth.h5"), "--overwrite", "true"])
-    model_f05, baseline_f05 = held_out_scores(scroll, flat, held_out)
-    whole, region = (json.loads(path.read_text()) for path in scores.values())
+               ["--predictions", str(predictions), "--volume", str(data.scan), "--out_dir", str(blobs), "--threshold",
+                str(BLOB_THRESHOLD), "--min_size", str(BLOB_MIN_SIZE), "--max_size", str(BLOB_MAX_SIZE),
+                "--ground_truth", str(truth), "--overwrite", "true"])
+    return {name: json.loads(path.read_text()) for name, path in scores.items()}
+
+
+def report(config, out: Path, stages: Stages, data: DemoData, scores: dict, forms: dict) -> tuple[float, float]:
+    """The summary picture, results.json and the lines that say how the run did; returns the held-out segment's F0.5
+    and the flattened scan's threshold F0.5."""
+    flat, blobs, held_out = out / "flat", out / "blobs", data.held_out
+    model_f05, baseline_f05 = held_out_scores(data.scroll, flat, held_out)
+    whole, region = scores["every voxel"], scores["held-out region"]
     blob_ink, blob_count = largest_blobs_true_ink(blobs / "blobs.csv", LARGEST_BLOBS, BLOB_MIN_SIZE, BLOB_MAX_SIZE)
     caption = (f"held-out segment F0.5: model {model_f05:.3f}, flattened-scan threshold {baseline_f05:.3f}   |   "
                f"3D voxel F0.5: model {whole['f05']:.3f}, scan threshold {whole['scan_f05']:.3f}")
-    write_image(out / "summary.png", summary_picture(scroll, flat, blobs, held_out, caption))
+    write_image(out / "summary.png", summary_picture(data.scroll, flat, blobs, held_out, caption))
     if config.summary_copy:
         Path(config.summary_copy).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "summary.png", config.summary_copy)
     depth = json.loads((flat / f"{held_out}_prediction_depth.json").read_text())
-    true_depth = description["ink_depth"][held_out]
+    true_depth = data.description["ink_depth"][held_out]
     results = {"forms": forms, "score_3d": whole, "score_3d_held_out": region, "held_out_f05": model_f05,
                "held_out_baseline_f05": baseline_f05, "blob_true_ink": blob_ink, "blobs": blob_count,
-               "depth": depth, "true_depth": true_depth, "air_boundary": description["air_boundary"],
+               "depth": depth, "true_depth": true_depth, "air_boundary": data.description["air_boundary"],
                "stage_seconds": {name: seconds for name, seconds, _, _ in stages.rows}}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + stages.table())

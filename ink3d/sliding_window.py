@@ -141,6 +141,22 @@ SLAB_VOXELS = 1 << 21  # the blending weights' sums are made this many voxels at
 FLIPS = [(), (2,), (3,), (4,)]  # test-time augmentation: identity and a flip of each axis of (N, C, D, H, W)
 
 
+def _window_cells(windows, origin, output, patch: int):
+    """The output's shape in the input box read at `origin`; per window its box slices (cells) and (its part inside
+    the output, the same part in the window) (parts)."""
+    inside = [(o.start - int(b), o.stop - int(b)) for o, b in zip(output, origin)]
+    shape = tuple(stop - start for start, stop in inside)
+    cells, parts = [], []
+    for window in windows:
+        starts = [int(w - o) for w, o in zip(window, origin)]
+        cells.append(tuple(slice(a, a + patch) for a in starts))
+        first = [max(a, i0) for a, (i0, _) in zip(starts, inside)]
+        stop = [min(a + patch, i1) for a, (_, i1) in zip(starts, inside)]
+        parts.append((tuple(slice(f - i0, e - i0) for f, e, (i0, _) in zip(first, stop, inside)),
+                      tuple(slice(f - a, e - a) for f, e, a in zip(first, stop, starts))))
+    return shape, cells, parts
+
+
 class WindowPredictor:
     """Runs a model over the windows of one input box and blends them into uint8 probabilities.
 
@@ -187,16 +203,7 @@ class WindowPredictor:
         input and of its sums whatever its depth.
         """
         p = self.patch
-        inside = [(o.start - int(b), o.stop - int(b)) for o, b in zip(output, origin)]
-        shape = tuple(stop - start for start, stop in inside)
-        cells, parts = [], []  # per window: its box slices; (its part inside the output, the same part in the window)
-        for window in windows:
-            starts = [int(w - o) for w, o in zip(window, origin)]
-            cells.append(tuple(slice(a, a + p) for a in starts))
-            first = [max(a, i0) for a, (i0, _) in zip(starts, inside)]
-            stop = [min(a + p, i1) for a, (_, i1) in zip(starts, inside)]
-            parts.append((tuple(slice(f - i0, e - i0) for f, e, (i0, _) in zip(first, stop, inside)),
-                          tuple(slice(f - a, e - a) for f, e, a in zip(first, stop, starts))))
+        shape, cells, parts = _window_cells(windows, origin, output, p)
         planes = _Planes(slabs)
         handed = []  # the windows handed to the model
 
@@ -218,21 +225,7 @@ class WindowPredictor:
         final = 0  # the output's planes before this are finished
         batch = self._buffer("batch", (self.batch_size, 1, p, p, p))
         for batch_windows in self._batches(windows_to_run(), origin, lambda slot, index: planes.copy(cells[index], batch[slot, 0])):
-            first = next(slot for slot, index in enumerate(batch_windows) if index is not None)
-            for slot, index in enumerate(batch_windows):
-                if index is None:
-                    batch[slot].copy_(batch[first])
-            model_input = self.normalization.normalize_(batch)
-            if self.channels_last:  # a single channel: the same memory, only marked channels-last
-                model_input = model_input.contiguous(memory_format=torch.channels_last_3d)
-            probabilities = self._probabilities(model_input)
-            if self.keep_freed_memory:
-                # memory the model frees now stays in the process for the next batch (ink3d.memory). The first batch
-                # ran under the system's default, which maps large blocks apart: what the model's first run keeps for
-                # good (oneDNN's caches) settled in the heap before any activation, not in holes between them, where
-                # it would have left the next batch's activations no room
-                reuse_freed_memory()
-                self.keep_freed_memory = False
+            probabilities = self._run_batch(batch, batch_windows)
             for slot in sorted((slot for slot, index in enumerate(batch_windows) if index is not None), key=batch_windows.__getitem__):
                 target, source = parts[batch_windows[slot]]  # in grid order: no later window reaches the planes before it
                 self._finish(numerator, final, target[0].start, parts, finished)
@@ -241,6 +234,25 @@ class WindowPredictor:
             del probabilities  # before the next batch's activations are allocated (see _probabilities)
         self._finish(numerator, final, shape[0], parts, finished)
         return len(cells) - len(handed)
+
+    def _run_batch(self, batch: torch.Tensor, batch_windows: list) -> torch.Tensor:
+        """The model's probabilities for a batch whose empty slots (None) are filled with a copy of a window's input."""
+        first = next(slot for slot, index in enumerate(batch_windows) if index is not None)
+        for slot, index in enumerate(batch_windows):
+            if index is None:
+                batch[slot].copy_(batch[first])
+        model_input = self.normalization.normalize_(batch)
+        if self.channels_last:  # a single channel: the same memory, only marked channels-last
+            model_input = model_input.contiguous(memory_format=torch.channels_last_3d)
+        probabilities = self._probabilities(model_input)
+        if self.keep_freed_memory:
+            # memory the model frees now stays in the process for the next batch (ink3d.memory). The first batch
+            # ran under the system's default, which maps large blocks apart: what the model's first run keeps for
+            # good (oneDNN's caches) settled in the heap before any activation, not in holes between them, where
+            # it would have left the next batch's activations no room
+            reuse_freed_memory()
+            self.keep_freed_memory = False
+        return probabilities
 
     @staticmethod
     def _ring(depth: int, start: int, stop: int) -> list[tuple[int, int, int]]:
