@@ -39,18 +39,20 @@ def test_layout_and_description(synthetic_scroll, scroll_info):
         assert 0.1 < (label > 0).mean() < 0.6
 
 
-def test_same_seed_gives_identical_files(synthetic_scroll, tmp_path):
-    make_synthetic_scroll.main(["--out_dir", str(tmp_path), "--seed", "0"])
-    for relative in ["volume/00000.tif", "volume/00093.tif", "scroll.json", "labels/20231012184421_inklabels.png",
+def test_same_seed_gives_identical_files(tmp_path):
+    for run in ("a", "b"):  # a thin scroll twice: every file the generator writes, made again
+        make_synthetic_scroll.main(["--out_dir", str(tmp_path / run), "--seed", "0", "--depth", "32"])
+    for relative in ["volume/00000.tif", "volume/00029.tif", "scroll.json", "labels/20231012184421_inklabels.png",
                      "paths/20231012184421/20231012184421.ppm", "paths/20231012184421/20231012184421_mask.png"]:
-        assert filecmp.cmp(synthetic_scroll / relative, tmp_path / relative, shallow=False), relative
-    with h5py.File(synthetic_scroll / "ground_truth.h5") as a, h5py.File(tmp_path / "ground_truth.h5") as b:
-        assert np.array_equal(a["ink"][:], b["ink"][:])
+        assert filecmp.cmp(tmp_path / "a" / relative, tmp_path / "b" / relative, shallow=False), relative
+    with h5py.File(tmp_path / "a" / "ground_truth.h5") as a, h5py.File(tmp_path / "b" / "ground_truth.h5") as b:
+        assert np.array_equal(a["ink"][:], b["ink"][:]) and a["ink"][:].any()
 
 
-def test_other_seed_differs(synthetic_scroll, tmp_path):
-    make_synthetic_scroll.main(["--out_dir", str(tmp_path), "--seed", "1"])
-    assert not filecmp.cmp(synthetic_scroll / "volume/00080.tif", tmp_path / "volume/00080.tif", shallow=False)
+def test_other_seed_differs(tmp_path):
+    for seed in ("0", "1"):  # a thin scroll of each: same depth, same slices
+        make_synthetic_scroll.main(["--out_dir", str(tmp_path / seed), "--seed", seed, "--depth", "16"])
+    assert not filecmp.cmp(tmp_path / "0" / "volume/00010.tif", tmp_path / "1" / "volume/00010.tif", shallow=False)
 
 
 def test_ppm_points_lie_in_the_volume_on_papyrus_with_unit_normals(synthetic_scroll, scroll_info, truth):
