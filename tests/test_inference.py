@@ -140,11 +140,24 @@ def test_weights_summed_a_few_planes_at_a_time_equal_one_sum(scan, model_path, t
     assert np.array_equal(whole, slabs)
 
 
+@pytest.fixture(scope="module")
+def full_runs(scan, model_path, tmp_path_factory):
+    """The whole scan's prediction, per --channels_last, made once for the tests that compare a part of it."""
+    made = {}
+
+    def full(channels_last: str) -> np.ndarray:
+        if channels_last not in made:
+            out = tmp_path_factory.mktemp("full") / "full.h5"
+            made[channels_last] = _infer(scan[0], model_path, out, "--channels_last", channels_last)[0]
+        return made[channels_last]
+    return full
+
+
 @pytest.mark.parametrize("roi, channels_last", [("8:32,16:35,8:40", "false"), ("5:29,3:30,7:45", "false"),
                                                 ("13:14,0:35,51:52", "false"), ("5:29,3:30,7:45", "true"), ("13:14,0:35,51:52", "true")])
-def test_an_roi_is_a_crop_of_the_full_run(scan, model_path, tmp_path, roi, channels_last):
+def test_an_roi_is_a_crop_of_the_full_run(scan, model_path, full_runs, tmp_path, roi, channels_last):
     scan_path, _ = scan
-    full, _ = _infer(scan_path, model_path, tmp_path / "full.h5", "--channels_last", channels_last)
+    full = full_runs(channels_last)
     result, attrs = _infer(scan_path, model_path, tmp_path / "roi.h5", "--roi", roi, "--channels_last", channels_last)
     region = blocks.parse_roi(roi, full.shape)
     assert np.array_equal(result[region], full[region])  # the window grid is the volume's, wherever the region lies
@@ -168,9 +181,9 @@ def _kill_at_block(monkeypatch, number):
     return lambda: monkeypatch.setattr(inference.WindowPredictor, "predict", original)
 
 
-def _interrupted(scan_path, model_path, tmp_path, monkeypatch) -> np.ndarray:
+def _interrupted(scan_path, model_path, tmp_path, monkeypatch, full_runs) -> np.ndarray:
     """A run stopped after its 4th block into tmp_path/pred.h5.partial; returns the uninterrupted run's prediction."""
-    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+    reference = full_runs("false")
     restore = _kill_at_block(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         _infer(scan_path, model_path, tmp_path / "pred.h5")
@@ -179,9 +192,9 @@ def _interrupted(scan_path, model_path, tmp_path, monkeypatch) -> np.ndarray:
 
 
 @pytest.mark.filterwarnings("ignore:--batch_size .* batches run")  # small blocks on purpose: their batches run part empty
-def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_path, monkeypatch):
+def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, full_runs, tmp_path, monkeypatch):
     scan_path, _ = scan
-    reference = _interrupted(scan_path, model_path, tmp_path, monkeypatch)
+    reference = _interrupted(scan_path, model_path, tmp_path, monkeypatch, full_runs)
     assert not (tmp_path / "pred.h5").exists()  # the output name only ever holds a complete prediction
     with h5py.File(tmp_path / "pred.h5.partial") as file:
         assert file[volume.FINISHED_BLOCKS][:].sum() == 4 and not file[volume.PREDICTIONS].attrs["complete"]
@@ -206,9 +219,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, tmp_p
     assert not (tmp_path / "pred.h5.partial").exists()
 
 
-def test_a_damaged_finished_block_is_found_and_redone(scan, model_path, tmp_path, monkeypatch, capsys):
+def test_a_damaged_finished_block_is_found_and_redone(scan, model_path, full_runs, tmp_path, monkeypatch, capsys):
     scan_path, _ = scan
-    reference = _interrupted(scan_path, model_path, tmp_path, monkeypatch)
+    reference = _interrupted(scan_path, model_path, tmp_path, monkeypatch, full_runs)
     with h5py.File(tmp_path / "pred.h5.partial", "a") as file:  # finished: the first 4 blocks; one voxel of block 1 lost
         file[volume.PREDICTIONS][0, 0, 20] ^= 0xFF
     resumed, _ = _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true")
@@ -216,9 +229,9 @@ def test_a_damaged_finished_block_is_found_and_redone(scan, model_path, tmp_path
     assert np.array_equal(resumed, reference)
 
 
-def test_a_failed_write_stops_cleanly_and_resume_completes_the_run(scan, model_path, tmp_path, monkeypatch):
+def test_a_failed_write_stops_cleanly_and_resume_completes_the_run(scan, model_path, full_runs, tmp_path, monkeypatch):
     scan_path, _ = scan
-    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+    reference = full_runs("false")
     original, writes = inference.hdf5_writer, []
 
     def disk_full(file):  # the sixth slab written finds the disk full
@@ -330,10 +343,10 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(scan, mode
     assert not partial_path(out).exists()
 
 
-def test_an_ome_zarr_scan_predicts_what_its_hdf5_copy_does(scan, model_path, tmp_path):
+def test_an_ome_zarr_scan_predicts_what_its_hdf5_copy_does(scan, model_path, full_runs, tmp_path):
     scan_path, values = scan
     write_ome_zarr(tmp_path / "scan.zarr", values, levels=2, chunk=16)
-    from_hdf5, _ = _infer(scan_path, model_path, tmp_path / "a.h5")
+    from_hdf5 = full_runs("false")
     from_zarr, _ = _infer(tmp_path / "scan.zarr", model_path, tmp_path / "b.h5")
     assert np.array_equal(from_zarr, from_hdf5)
     coarse, attrs = _infer(tmp_path / "scan.zarr", model_path, tmp_path / "c.h5", "--level", "1")
@@ -655,11 +668,11 @@ def _rank_main(rank, world, port, argv):
     inference.main(argv)
 
 
-def test_two_ranks_write_parts_and_merge_into_the_single_run(scan, model_path, tmp_path):
+def test_two_ranks_write_parts_and_merge_into_the_single_run(scan, model_path, full_runs, tmp_path):
     import socket
 
     scan_path, _ = scan
-    single, _ = _infer(scan_path, model_path, tmp_path / "single.h5")
+    single = full_runs("false")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -671,9 +684,9 @@ def test_two_ranks_write_parts_and_merge_into_the_single_run(scan, model_path, t
     assert sorted(p.name for p in tmp_path.glob("ranks.h5*")) == ["ranks.h5", "ranks.h5.config.json"]
 
 
-def test_a_model_failure_is_named_as_such_and_the_output_resumes(scan, model_path, tmp_path, monkeypatch):
+def test_a_model_failure_is_named_as_such_and_the_output_resumes(scan, model_path, full_runs, tmp_path, monkeypatch):
     scan_path, _ = scan
-    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+    reference = full_runs("false")
     original, calls = inference.WindowPredictor._probabilities, []
 
     def out_of_memory(self, batch):
@@ -699,9 +712,9 @@ def _created_without_record(path):
 
 @pytest.mark.parametrize("make_partial", [lambda path: path.write_bytes(b""), lambda path: path.write_bytes(b"\x89HDF\r\n\x1a\n"),
                                           _created_without_record])
-def test_a_run_killed_as_it_created_its_file_resumes_from_the_start(scan, model_path, tmp_path, make_partial, capsys):
+def test_a_run_killed_as_it_created_its_file_resumes_from_the_start(scan, model_path, full_runs, tmp_path, make_partial, capsys):
     scan_path, _ = scan
-    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5")
+    reference = full_runs("false")
     make_partial(tmp_path / "pred.h5.partial")
     resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
