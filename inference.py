@@ -50,7 +50,7 @@ from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, sav
 from ink3d.device import autocast_dtype, prepare_model, resolve_device, switch
 from ink3d.files import (OutputBusy, finish_output, output_file, output_lock, refuse_inputs_as_outputs, resumable_output,
                          warn_if_short_of_space, writing)
-from ink3d.intensity import Normalization, parse_air_level
+from ink3d.intensity import Normalization, air_level, parse_air_level, scan_histogram
 from ink3d.prediction_file import PLAN_KEYS, check_plan, hdf5_writer, merge_parts, open_output, verify_blocks
 from ink3d.prediction_store import CHUNK, PredictionStore, chunk_for, is_store
 from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, plan_blocks
@@ -85,6 +85,7 @@ OVERWRITE = False  # replace an existing output
 
 DEFAULT_PATCH = 128  # windows for a checkpoint that records no training patch (the published one's)
 BATCH_FILL_WARNING = 0.9  # warn when the windows take less than this share of the batches' slots
+AIR_LEVEL_TOLERANCE = 8  # warn when the checkpoint's air level and the scan's own differ by more than this (uint8 levels)
 
 
 def skipped_air(setting: str, trained: int | None) -> int:
@@ -96,6 +97,14 @@ def skipped_air(setting: str, trained: int | None) -> int:
     if level == "auto":
         return trained or 0
     return -1 if level == "none" else level
+
+
+def warn_if_trained_on_other_air(trained: int, scan) -> None:
+    """A model trained on another scan skips windows by that scan's air level: say so where this scan's own differs."""
+    own = air_level(scan_histogram(scan))
+    if abs(own - trained) > AIR_LEVEL_TOLERANCE:
+        warnings.warn(f"the checkpoint was trained on a scan whose air level was {trained}; this scan's own is {own}: windows "
+                      f"at or below {trained} are skipped as air (--air_level {own} skips by this scan's)", stacklevel=2)
 
 
 def plan_attrs(config, shape, region, normalization: Normalization, weights_sha256: str) -> dict:
@@ -161,6 +170,8 @@ def prepare(config, device: torch.device) -> Run:
     setting, config.air_level = config.air_level, skipped_air(config.air_level, recorded.get("air_level_value"))
     print(f"air level {config.air_level} (--air_level {setting}): windows with no scan value above it are skipped"
           if config.air_level >= 0 else "--air_level none: every window is predicted")
+    if setting == "auto" and recorded.get("air_level_value") is not None:
+        warn_if_trained_on_other_air(config.air_level, scan)
     attrs = plan_attrs(config, scan.shape, region, normalization, weights_digest(model))
     channels_last = switch(config.channels_last, "--channels_last", on_cuda=False, on_cpu=True, device=device)
     model = prepare_model(model, device, channels_last=channels_last,

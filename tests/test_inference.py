@@ -20,6 +20,7 @@ import inference
 from conftest import ROOT, run_on_a_full_disk
 from ink3d import InputError, blocks, volume
 from ink3d.files import WriteError, checksum, partial_path
+from ink3d.intensity import air_level, scan_histogram
 from ink3d.pyramid import write_ome_zarr
 from ink3d import sliding_window
 from ink3d.sliding_window import importance_map, plan_blocks, window_starts
@@ -781,3 +782,24 @@ def test_the_window_defaults_to_the_checkpoints_training_patch(scan, model_path,
     with h5py.File(tmp_path / "default.h5") as default, h5py.File(tmp_path / "given.h5") as given:
         assert default[volume.PREDICTIONS].attrs["patch"] == PATCH
         assert np.array_equal(default[volume.PREDICTIONS][:], given[volume.PREDICTIONS][:])
+
+
+def test_a_checkpoint_trained_on_another_scans_air_level_is_warned_of(scan, model_path, tmp_path):
+    """By default windows are skipped by the air level the model was trained with; where the scan's own differs, the
+    run says so and names the flag that skips by the scan's."""
+    scan_path, _ = scan
+    file, dataset = volume.open_dataset(scan_path, volume.SCAN)
+    with file:
+        own = air_level(scan_histogram(dataset))
+    state = torch.load(model_path, weights_only=True)
+    argv = ["--volume", str(scan_path), "--patch", str(PATCH), "--batch_size", "3", "--macro_block", "16", "--roi", "0:8,0:8,0:8"]
+    for trained, flags, warned in ((own + 30, [], True), (own + 8, [], False), (own + 30, ["--air_level", str(own + 30)], False)):
+        state["config"] = {"air_level_value": trained}
+        torch.save(state, tmp_path / "trained.pth")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inference.main([*argv, *flags, "--checkpoint", str(tmp_path / "trained.pth"), "--out", str(tmp_path / f"{trained}{flags}.h5")])
+        messages = [str(warning.message) for warning in caught if "air level" in str(warning.message)]
+        expected = [f"the checkpoint was trained on a scan whose air level was {trained}; this scan's own is {own}: windows at or "
+                    f"below {trained} are skipped as air (--air_level {own} skips by this scan's)"]
+        assert messages == (expected if warned else []), (trained, flags)
