@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from pathlib import Path
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -286,6 +287,7 @@ def run_main(main, interrupted: str = WHOLE_OUTPUTS) -> None:
     crash the interpreter, and everything finished is already on disk.
     """
     sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
+    warnings.formatwarning = _stage_warning
     _stage_ended.clear()
     try:
         try:
@@ -307,6 +309,17 @@ def run_main(main, interrupted: str = WHOLE_OUTPUTS) -> None:
             raise
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+PROJECT = Path(__file__).resolve().parents[1]
+_library_warning = warnings.formatwarning
+
+
+def _stage_warning(message, category, filename, lineno, line=None) -> str:
+    """The pipeline's own warnings as one line, as its errors are; a library's with where it comes from."""
+    if Path(filename).resolve().is_relative_to(PROJECT):
+        return f"warning: {message}\n"
+    return _library_warning(message, category, filename, lineno, line)
 
 
 def _interrupted(error: BaseException) -> bool:

@@ -112,3 +112,12 @@ def test_every_numeric_setting_of_every_stage_has_limits():
                 if numeric and name != "seed" and f"{script.name}:{name}" not in LIMITS and name not in LIMITS:
                     unbounded.append(f"{script.name}:{name}")
     assert unbounded == []
+
+
+def test_the_pipelines_warnings_print_as_one_line_and_a_librarys_with_its_source():
+    from ink3d import config
+
+    ours = config._stage_warning("batches run 50% full", UserWarning, str(config.PROJECT / "inference.py"), 12)
+    assert ours == "warning: batches run 50% full\n"
+    theirs = config._stage_warning("deprecated", DeprecationWarning, "/usr/lib/python3/site-packages/zarr/core.py", 7, "x = 1")
+    assert theirs.startswith("/usr/lib/python3/site-packages/zarr/core.py:7: DeprecationWarning: deprecated")
