@@ -135,8 +135,9 @@ class ChunkAccumulator:
         self.ink_sum, self.ink_count = ink_sum, ink_count
         self.shape, self.chunks = np.array(ink_sum.shape), np.array(ink_sum.chunks)
         self.chunk_voxels = int(np.prod(self.chunks))
-        self.slots = max(1, max_bytes // (self.chunk_voxels * (4 + 2)))
-        # untouched pages of the pool take no memory: a small segment costs only the chunks it reaches
+        # no more slots than the volume has chunks: where freed memory is kept (ink3d.memory), a pool is zeroed in full
+        self.slots = max(1, min(max_bytes // (self.chunk_voxels * (4 + 2)), int(np.prod(-(-self.shape // self.chunks)))))
+        # untouched pages of a fresh pool take no memory: a small segment costs only the chunks it reaches
         self.sums = np.zeros(self.slots * self.chunk_voxels, np.float32)
         self.counts = np.zeros(self.slots * self.chunk_voxels, np.uint16)
         self.index_type = np.int32 if self.slots * self.chunk_voxels < 2**31 else np.int64

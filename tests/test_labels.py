@@ -491,3 +491,14 @@ def test_distance_filter_equals_dense_reference():
     dense = np.linalg.norm(train[:, None] - valid[None], axis=-1).min(axis=1)
     assert np.array_equal(kept, train[dense >= 512]) and dropped == (dense < 512).sum() > 0
     assert drop_near(train, valid[:0], 512)[1] == 0
+
+
+def test_the_chunk_pool_holds_no_more_slots_than_the_volume_has_chunks(tmp_path):
+    """A pool sized by --cache_mb alone would be zeroed in full for every segment where freed memory is kept."""
+    with h5py.File(tmp_path / "labels.h5", "w") as file:
+        sums = volume.create_volume(file, volume.INK_SUM, (20, 40, 40), np.float32, chunk=16)
+        counts = volume.create_volume(file, volume.INK_COUNT, (20, 40, 40), np.float32, chunk=16)
+        with ChunkAccumulator(sums, counts, max_bytes=1 << 30) as pool:
+            assert pool.slots == 2 * 3 * 3 and len(pool.sums) == 18 * 16**3
+        with ChunkAccumulator(sums, counts, max_bytes=5 * 16**3 * 6) as pool:
+            assert pool.slots == 5
