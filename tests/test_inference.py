@@ -126,16 +126,15 @@ def test_the_checkpoints_input_normalization_and_ema_weights_are_applied(scan, m
 
 @pytest.mark.filterwarnings("ignore:--batch_size .* batches run")  # small blocks on purpose: their batches run part empty
 @pytest.mark.parametrize("channels_last", ["false", "true"])  # true: the CPU default, whose kernels depend on the batch size
-def test_macro_blocks_equal_a_single_pass(scan, model_path, tmp_path, channels_last):
+def test_macro_blocks_equal_a_single_pass(scan, model_path, full_runs, tmp_path, channels_last):
     scan_path, _ = scan
     blocks, _ = _infer(scan_path, model_path, tmp_path / "blocks.h5", "--macro_block", "8", "--channels_last", channels_last)
-    single, _ = _infer(scan_path, model_path, tmp_path / "single.h5", "--macro_block", "64", "--channels_last", channels_last)
-    assert np.array_equal(blocks, single)
+    assert np.array_equal(blocks, full_runs(channels_last))
 
 
-def test_weights_summed_a_few_planes_at_a_time_equal_one_sum(scan, model_path, tmp_path, monkeypatch):
+def test_weights_summed_a_few_planes_at_a_time_equal_one_sum(scan, model_path, full_runs, tmp_path, monkeypatch):
     scan_path, _ = scan
-    whole, _ = _infer(scan_path, model_path, tmp_path / "whole.h5", "--macro_block", "64")
+    whole = full_runs("false")
     monkeypatch.setattr(sliding_window, "SLAB_VOXELS", 35 * 52 * 3)  # 3 planes of the one 40 x 35 x 52 block
     slabs, _ = _infer(scan_path, model_path, tmp_path / "slabs.h5", "--macro_block", "64")
     assert np.array_equal(whole, slabs)
@@ -143,13 +142,14 @@ def test_weights_summed_a_few_planes_at_a_time_equal_one_sum(scan, model_path, t
 
 @pytest.fixture(scope="module")
 def full_runs(scan, model_path, tmp_path_factory):
-    """The whole scan's prediction, per --channels_last, made once for the tests that compare a part of it."""
+    """The whole scan's prediction in a single pass (one macro-block), per --channels_last, made once for the tests
+    that compare against it (blocks of any size give the same: test_macro_blocks_equal_a_single_pass)."""
     made = {}
 
     def full(channels_last: str) -> np.ndarray:
         if channels_last not in made:
             out = tmp_path_factory.mktemp("full") / "full.h5"
-            made[channels_last] = _infer(scan[0], model_path, out, "--channels_last", channels_last)[0]
+            made[channels_last] = _infer(scan[0], model_path, out, "--channels_last", channels_last, "--macro_block", "64")[0]
         return made[channels_last]
     return full
 
