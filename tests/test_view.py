@@ -38,6 +38,11 @@ def display():
     os.close(write)
     with os.fdopen(read) as pipe:
         number = pipe.readline().strip()
+    probe = subprocess.run([sys.executable, "-c", "from qtpy.QtWidgets import QApplication; QApplication([])"],
+                           env={**os.environ, "DISPLAY": f":{number}"}, capture_output=True, text=True, timeout=60)
+    if probe.returncode:
+        server.terminate()
+        pytest.skip(f"Qt cannot open the display (system libraries missing?): {probe.stderr.strip().splitlines()[-1:]}")
     yield f":{number}"
     server.terminate()
     server.wait()
