@@ -12,10 +12,8 @@ read off as a dip, relative to the sheet's own level, not as the step into air:
   highest sample within REACH voxels before it) that either lies in air, or rises again after it (RISE of that
   height, within REACH) with no air within AHEAD voxels ahead (a darker speck inside a thick ink layer, before
   the fall into air, is no face);
-- the face of a dip is the sheet's last sample above the dip's floor (its minimum where it stays above the air
-  level, the air level where it reaches air): the last material of the sheet before the contact or the air (the
-  crossing itself, between samples, lies half a sample further out on average: measured on the synthetic family,
-  it reads the face +0.2 to +0.9 voxels in front of the truth, the last sample -0.1 to +0.5);
+- the face of a dip is its minimum where it stays above the air level (two sheets meet there), else where the
+  fall crosses the air level (linear between samples);
 - a column's face is the one nearest its surface no more than BEHIND voxels behind it (a segment drawn a little
   in front of the papyrus finds its own sheet's face behind it; the sheet under a surface drawn inside it does
   not count), else the nearest behind it.
@@ -61,7 +59,7 @@ def _window_max(values: np.ndarray, reach: int, forward: bool) -> np.ndarray:
 
 def find_faces(profiles: np.ndarray, air_level: float, centre: int | None = None) -> np.ndarray:
     """(n,) the face nearest sample `centre` (the surface; the middle sample by default) of each profile (n, T),
-    in samples from its first sample; NaN where a profile holds no dip."""
+    in samples from its first sample (fractional); NaN where a profile holds no dip."""
     s = smooth(profiles)
     n, length = s.shape
     centre = length // 2 if centre is None else centre
@@ -81,11 +79,13 @@ def find_faces(profiles: np.ndarray, air_level: float, centre: int | None = None
     rows, minima = np.nonzero(interior & deep & ((rises & ~air_ahead) | in_air))
     if not len(rows):
         return faces
-    floor = np.maximum(s[rows, minima], air_level)
-    # the face: the last sample before the minimum (within reach) above the dip's floor, the sheet's last material
+    level = np.maximum(s[rows, minima], air_level)
+    # the last sample before the minimum (within reach) above that level: the face lies between it and the next
     back = minima[:, None] - np.arange(1, reach + 1)[None, :]
-    above = (back >= 0) & (s[rows[:, None], np.clip(back, 0, None)] > floor[:, None])
-    face = (minima - 1 - np.argmax(above, axis=1)).astype(np.float64)
+    above = (back >= 0) & (s[rows[:, None], np.clip(back, 0, None)] > level[:, None])
+    j = minima - 1 - np.argmax(above, axis=1)
+    high, low = s[rows, j], s[rows, j + 1]
+    face = j + (high - level) / np.maximum(high - low, 1e-6)
     behind = face < centre - BEHIND / STEP
     order = np.lexsort((np.abs(face - centre), behind, rows))
     rows, face = rows[order], face[order]
