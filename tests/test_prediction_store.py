@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -145,10 +146,19 @@ def _chunks(store):
             for path in (store / level).rglob("*") if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".partial")}
 
 
-def test_three_worker_processes_write_every_chunk_as_one_process_does(setup, tmp_path):
-    root, argv, _ = setup
-    one = tmp_path / "one.zarr"
+@pytest.fixture(scope="module")
+def one_store(setup, tmp_path_factory) -> Path:
+    """The store one process writes alone, what several workers must write together."""
+    _, argv, _ = setup
+    one = tmp_path_factory.mktemp("one") / "one.zarr"
     inference.main([*argv, "--out", str(one)])
+    assert sorted(path.name for path in one.parent.iterdir()) == ["one.zarr", "one.zarr.part0-of-1.config.json"]  # no lock
+    return one
+
+
+def test_three_worker_processes_write_every_chunk_as_one_process_does(setup, one_store, tmp_path):
+    root, argv, _ = setup
+    one = one_store
     three = tmp_path / "three.zarr"
     workers = [subprocess.Popen([sys.executable, "inference.py", *argv, "--out", str(three), "--parts", "3", "--part", str(part)],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for part in range(3)]
@@ -157,15 +167,13 @@ def test_three_worker_processes_write_every_chunk_as_one_process_does(setup, tmp
         assert worker.returncode == 0, stderr[-2000:]
     assert _chunks(three) == _chunks(one) and len(_chunks(one)) > 10
     assert zarr.open_group(str(three), mode="r").attrs["ink3d"]["complete"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["one.zarr", "one.zarr.part0-of-1.config.json", "three.zarr",
-                                                               "three.zarr.part0-of-3.config.json", "three.zarr.part1-of-3.config.json",
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["three.zarr", "three.zarr.part0-of-3.config.json", "three.zarr.part1-of-3.config.json",
                                                                "three.zarr.part2-of-3.config.json"]  # no lock left behind
 
 
-def test_kill_9_of_a_worker_then_resume_is_identical(setup, tmp_path):
+def test_kill_9_of_a_worker_then_resume_is_identical(setup, one_store, tmp_path):
     root, argv, _ = setup
-    one = tmp_path / "one.zarr"
-    inference.main([*argv, "--out", str(one)])
+    one = one_store
     out = tmp_path / "pred.zarr"
     worker = [sys.executable, "inference.py", *argv, "--out", str(out), "--parts", "2"]
     for delay in (0.0, 0.4):  # as the store is created, then among the blocks
