@@ -117,8 +117,9 @@ def test_tifxyz_agrees_with_the_ppm_of_the_same_surface(scroll):
         assert angle.max() < NORMAL_ANGLE and angle.mean() < 0.5
 
 
-def _labels(scroll, segments_dir, out):
-    all_labels_to_hdf.main(["--ppm_dir", str(segments_dir), "--labels_dir", str(scroll / "labels"), "--volume", str(scroll / "volume.zarr"),
+def _labels(scroll, segments_dir, out, labels_dir=None):
+    all_labels_to_hdf.main(["--ppm_dir", str(segments_dir), "--labels_dir", str(labels_dir or scroll / "labels"),
+                            "--volume", str(scroll / "volume.zarr"),
                             "--out_train", str(out / "train.h5"), "--out_valid", str(out / "valid.h5"), "--valid_segments", "20231022170901"])
     with h5py.File(out / "valid.h5") as file:
         count = file[volume.INK_COUNT][:]
@@ -126,10 +127,15 @@ def _labels(scroll, segments_dir, out):
 
 
 def test_labels_from_tifxyz_match_those_from_ppm(scroll, tmp_path):
-    (tmp_path / "ppm").mkdir()
-    (tmp_path / "tifxyz").mkdir()
-    from_ppm = _labels(scroll, scroll / "paths", tmp_path / "ppm")
-    from_tifxyz = _labels(scroll, scroll / "tifxyz", tmp_path / "tifxyz")
+    for form, folder in (("ppm", "paths"), ("tifxyz", "tifxyz")):  # the held-out segment and one to train on, each form
+        for segment_id in ("20231022170901", "20231012184421"):
+            (tmp_path / form / "segments" / segment_id).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / form / "segments" / segment_id).symlink_to(scroll / folder / segment_id)
+    (tmp_path / "labels").mkdir()
+    for segment_id in ("20231022170901", "20231012184421"):
+        (tmp_path / "labels" / f"{segment_id}_inklabels.png").symlink_to(scroll / "labels" / f"{segment_id}_inklabels.png")
+    from_ppm = _labels(scroll, tmp_path / "ppm" / "segments", tmp_path / "ppm", tmp_path / "labels")
+    from_tifxyz = _labels(scroll, tmp_path / "tifxyz" / "segments", tmp_path / "tifxyz", tmp_path / "labels")
     both = (from_ppm >= 0) & (from_tifxyz >= 0)
     assert both.sum() > 0.85 * (from_ppm >= 0).sum()
     assert np.mean((from_ppm[both] > 0.5) == (from_tifxyz[both] > 0.5)) > 0.98  # ink / no ink agree voxel by voxel
