@@ -295,12 +295,12 @@ def test_an_unfinished_scan_volume_is_refused(model_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.h5"]
 
 
-def test_kill_9_at_any_moment_then_resume_equals_the_uninterrupted_run(model_path, tmp_path):
-    values = np.random.default_rng(5).integers(0, 256, (48, 96, 96)).astype(np.uint8)
-    scan_path = _scan(tmp_path / "scan.h5", values)
-    reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--macro_block", "16")
+@pytest.mark.filterwarnings("ignore:--batch_size .* batches run")  # small blocks on purpose: many moments to stop at
+def test_kill_9_at_any_moment_then_resume_equals_the_uninterrupted_run(scan, model_path, full_runs, tmp_path):
+    scan_path, _ = scan
+    reference = full_runs("false")
     argv = ["inference.py", "--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"),
-            "--patch", str(PATCH), "--batch_size", "3", "--macro_block", "16", "--air_level", "none", "--channels_last", "false"]
+            "--patch", str(PATCH), "--batch_size", "3", "--macro_block", "8", "--air_level", "none", "--channels_last", "false"]
     partial = tmp_path / "pred.h5.partial"
     for delay in (0.0, 0.3, 0.6):  # seconds after the run starts writing: at its start, then further into the blocks
         written = partial.stat().st_mtime_ns if partial.exists() else None
@@ -312,10 +312,10 @@ def test_kill_9_at_any_moment_then_resume_equals_the_uninterrupted_run(model_pat
         process.wait()
     assert not (tmp_path / "pred.h5").exists()
     try:
-        resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "16", "--resume", "true")
+        resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "8", "--resume", "true")
     except InputError as error:  # a kill inside HDF5's metadata flush can tear the file: named, never silently wrong
         assert "cannot be opened to resume" in str(error) or "cannot be repaired" in str(error)
-        resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "16", "--overwrite", "true")
+        resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "8", "--overwrite", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
 
 
