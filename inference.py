@@ -50,7 +50,7 @@ from ink3d.config import RESUMABLE, config_path_for, parse_config, run_main, sav
 from ink3d.device import autocast_dtype, prepare_model, resolve_device, switch
 from ink3d.files import (OutputBusy, finish_output, output_file, output_lock, refuse_inputs_as_outputs, resumable_output,
                          warn_if_short_of_space, writing)
-from ink3d.intensity import Normalization, air_level, parse_air_level, scan_histogram
+from ink3d.intensity import Normalization, parse_air_level, scan_air_level
 from ink3d.prediction_file import PLAN_KEYS, check_plan, hdf5_writer, merge_parts, open_output, verify_blocks
 from ink3d.prediction_store import CHUNK, PredictionStore, chunk_for, is_store
 from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, plan_blocks
@@ -101,7 +101,7 @@ def skipped_air(setting: str, trained: int | None) -> int:
 
 def warn_if_trained_on_other_air(trained: int, scan) -> None:
     """A model trained on another scan skips windows by that scan's air level: say so where this scan's own differs."""
-    own = air_level(scan_histogram(scan))
+    own = scan_air_level("auto", scan)
     if abs(own - trained) > AIR_LEVEL_TOLERANCE:
         warnings.warn(f"the checkpoint was trained on a scan whose air level was {trained}; this scan's own is {own}: windows "
                       f"at or below {trained} are skipped as air (--air_level {own} skips by this scan's)", stacklevel=2)

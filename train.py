@@ -141,8 +141,7 @@ def train(config) -> float:
     run = build_run(config, data, device, world)
     loader = training_loader(config, data, run.step, device, rank)
     monitor = Monitor(config, data, run, resuming) if rank == 0 else None
-    if monitor and resuming and (run.step % config.valid_every == 0 or run.step == config.max_steps) \
-            and not monitor.log.has_step(run.step):
+    if monitor and resuming and due(run.step, config.valid_every, config) and not monitor.log.has_step(run.step):
         monitor.validate_and_log(float("nan"), float("nan"))  # the run stopped during the validation after its checkpoint
     run_steps(config, data, run, loader, monitor, world)
     if monitor:
@@ -319,6 +318,11 @@ def run_steps(config, data: TrainData, run: Run, loader: DataLoader, monitor: Mo
                 dist.barrier()
 
 
+def due(step: int, every: int, config) -> bool:
+    """Whether a checkpoint or a validation falls at `step`: every `every` steps, and at the last."""
+    return step % every == 0 or step == config.max_steps
+
+
 def read_losses(run: Run, pending: list, losses: list):
     """The host reads the steps' losses and skips since it last did (one wait for the device)."""
     for loss, skipped in torch.stack(pending).tolist() if pending else []:
@@ -337,9 +341,9 @@ def report(config, run: Run, monitor: Monitor, bar: tqdm, losses: list, rate: fl
     if run.step % config.log_every == 0:
         bar.write(f"step {run.step}: train loss {mean_loss(config.log_every):.4f}, lr {learning_rate:.2e}, {rate:.2f} samples/s, "
                   f"{run.skipped_batches} skipped batches, {run.redraws} redraws")
-    if run.step % config.checkpoint_every == 0 or run.step == config.max_steps:
+    if due(run.step, config.checkpoint_every, config):
         monitor.checkpoint()
-    if run.step % config.valid_every == 0 or run.step == config.max_steps:
+    if due(run.step, config.valid_every, config):
         metrics = monitor.validate_and_log(mean_loss(config.valid_every), rate)
         bar.write(f"step {run.step}: valid F0.5 {metrics['valid_f05']:.3f} (intensity threshold "
                   f"{metrics['valid_threshold_baseline_f05']:.3f}), AUC {metrics['valid_auc']:.3f}, loss {metrics['valid_loss']:.4f}"

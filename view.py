@@ -73,9 +73,9 @@ def view(config):
                 sums_file, sums = volume.open_dataset(path, volume.INK_SUM, level=level)
                 handles.append(sums_file)
                 dataset = LabeledVoxels(sums, dataset)
-            layers.append((kind, dataset, volume.level_scale(dataset)))
-            print(f"{kind}: {path}, shape {tuple(dataset.shape)}, voxel size {volume.level_scale(dataset).tolist()} (zyx, in voxels of "
-                  "full resolution)")
+            scale = volume.level_scale(dataset)
+            layers.append((kind, dataset, scale))
+            print(f"{kind}: {path}, shape {tuple(dataset.shape)}, voxel size {scale.tolist()} (zyx, in voxels of full resolution)")
         show(layers, config.screenshot)
     finally:
         for handle in handles:

@@ -317,7 +317,8 @@ _library_warning = warnings.formatwarning
 
 def _stage_warning(message, category, filename, lineno, line=None) -> str:
     """The pipeline's own warnings as one line, as its errors are; a library's with where it comes from."""
-    if Path(filename).resolve().is_relative_to(PROJECT):
+    source = Path(filename).resolve()
+    if source.is_relative_to(PROJECT) and "site-packages" not in source.parts:  # a virtualenv in the project is a library's
         return f"warning: {message}\n"
     return _library_warning(message, category, filename, lineno, line)
 

@@ -121,3 +121,5 @@ def test_the_pipelines_warnings_print_as_one_line_and_a_librarys_with_its_source
     assert ours == "warning: batches run 50% full\n"
     theirs = config._stage_warning("deprecated", DeprecationWarning, "/usr/lib/python3/site-packages/zarr/core.py", 7, "x = 1")
     assert theirs.startswith("/usr/lib/python3/site-packages/zarr/core.py:7: DeprecationWarning: deprecated")
+    venv = str(config.PROJECT / ".venv" / "lib" / "python3.11" / "site-packages" / "zarr" / "core.py")
+    assert config._stage_warning("deprecated", DeprecationWarning, venv, 7, "x = 1").startswith(f"{venv}:7: DeprecationWarning")
