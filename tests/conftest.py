@@ -1,5 +1,4 @@
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,16 +23,3 @@ def scroll_info(synthetic_scroll) -> dict:
 
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL_DISK_RUNNER = """
-import resource, runpy, signal, sys
-sys.path.insert(0, ".")
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, as on a full disk
-resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
-sys.argv = sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def run_on_a_full_disk(script: str, file_bytes: int, argv: list[str]) -> subprocess.CompletedProcess:
-    """Run a stage script in a process that cannot write a file past `file_bytes`: a full disk."""
-    return subprocess.run([sys.executable, "-c", FULL_DISK_RUNNER, str(file_bytes), script, *argv], cwd=ROOT, capture_output=True, text=True)

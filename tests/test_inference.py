@@ -3,7 +3,6 @@ import json
 import platform
 import re
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -17,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 import inference
-from conftest import ROOT, run_on_a_full_disk
+from stage_process import StageProcess, run_code, run_stage
 from ink3d import InputError, blocks, volume
 from ink3d.files import WriteError, checksum, partial_path
 from ink3d.intensity import air_level, scan_histogram
@@ -265,7 +264,7 @@ def test_a_full_disk_stops_cleanly_and_resume_completes_the_run(model_path, tmp_
     argv = ["--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"), "--patch", str(PATCH),
             "--macro_block", "32", "--air_level", "none", "--channels_last", "false"]
     for file_bytes in (100_000, 200_000):  # the disk fills, space is freed, it fills again
-        run = run_on_a_full_disk("inference.py", file_bytes, argv + (["--resume", "true"] if file_bytes > 100_000 else []))
+        run = run_stage("inference.py", argv + (["--resume", "true"] if file_bytes > 100_000 else []), file_bytes=file_bytes)
         assert run.returncode == 2 and "pred.h5.partial: writing failed (File too large)" in run.stderr, run.stderr[-2000:]
     resumed, attrs = _infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "32", "--resume", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
@@ -299,12 +298,12 @@ def test_an_unfinished_scan_volume_is_refused(model_path, tmp_path):
 def test_kill_9_at_any_moment_then_resume_equals_the_uninterrupted_run(scan, model_path, full_runs, tmp_path):
     scan_path, _ = scan
     reference = full_runs("false")
-    argv = ["inference.py", "--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"),
+    argv = ["--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"),
             "--patch", str(PATCH), "--batch_size", "3", "--macro_block", "8", "--air_level", "none", "--channels_last", "false"]
     partial = tmp_path / "pred.h5.partial"
     for delay in (0.0, 0.3, 0.6):  # seconds after the run starts writing: at its start, then further into the blocks
         written = partial.stat().st_mtime_ns if partial.exists() else None
-        process = subprocess.Popen([sys.executable, *argv, "--resume", "true"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = StageProcess("inference.py", [*argv, "--resume", "true"])
         while (partial.stat().st_mtime_ns if partial.exists() else None) == written and process.poll() is None:
             time.sleep(0.005)
         time.sleep(delay)
@@ -518,7 +517,7 @@ def test_own_memory_is_handed_back_when_freed():
                 del values
                 print(how, before - rss())
     """)
-    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split("\n")
+    lines = run_code(script).stdout.split("\n")
     freed = [line.split() for line in lines if line]
     assert [how for how, _ in freed] == ["own", "own", "heap", "heap"]
     assert all(int(mb) >= 60 for how, mb in freed if how == "own") and all(int(mb) < 4 for how, mb in freed if how == "heap")  # of 64
@@ -679,7 +678,7 @@ def test_two_ranks_write_parts_and_merge_into_the_single_run(scan, model_path, f
         port = sock.getsockname()[1]
     argv = ["--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "ranks.h5"), "--patch", str(PATCH),
             "--batch_size", "3", "--macro_block", "16", "--air_level", "none", "--channels_last", "false", "--device", "cpu"]
-    torch.multiprocessing.spawn(_rank_main, args=(2, port, argv), nprocs=2, join=True)
+    torch.multiprocessing.start_processes(_rank_main, args=(2, port, argv), nprocs=2, start_method="forkserver")
     with h5py.File(tmp_path / "ranks.h5") as file:
         assert np.array_equal(file[volume.PREDICTIONS][:], single) and file[volume.PREDICTIONS].attrs["complete"]
     assert sorted(p.name for p in tmp_path.glob("ranks.h5*")) == ["ranks.h5", "ranks.h5.config.json"]
@@ -743,14 +742,11 @@ def test_a_uint16_hdf5_scan_reads_as_volume_to_hdf_converts_it_and_a_float_scan_
 def test_ctrl_c_stops_with_one_line_and_the_run_resumes(scan, model_path, tmp_path):
     scan_path, _ = scan
     reference, _ = _infer(scan_path, model_path, tmp_path / "reference.h5", "--macro_block", "16")
-    argv = ["inference.py", "--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"),
+    argv = ["--volume", str(scan_path), "--checkpoint", str(model_path), "--out", str(tmp_path / "pred.h5"),
             "--patch", str(PATCH), "--batch_size", "3", "--macro_block", "16", "--air_level", "none", "--channels_last", "false"]
     for _ in range(10):  # on a loaded machine the run may end before this process sees its partial file: try again
         (tmp_path / "pred.h5").unlink(missing_ok=True)
-        # Ctrl-C's default restored in the run, as a terminal's foreground command has it: a test suite started in the
-        # background (`pytest &` in a script) ignores SIGINT, and its children would inherit that and run to the end
-        process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        process = StageProcess("inference.py", argv)  # Ctrl-C handled as in a terminal's foreground command
         while not (tmp_path / "pred.h5.partial").exists() and process.poll() is None:
             time.sleep(0.005)
         process.send_signal(signal.SIGINT)

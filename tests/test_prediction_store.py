@@ -3,8 +3,6 @@ refused while incomplete, read by every stage."""
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +16,8 @@ import export_slices
 import inference
 import volume_to_hdf
 from ink3d import InputError, volume
-from conftest import ROOT
 from models import UNet3D, save_checkpoint
-from test_reliability import another_run_writing
+from stage_process import StageProcess, another_run_writing
 
 SHAPE = (40, 35, 52)
 
@@ -160,8 +157,7 @@ def test_three_worker_processes_write_every_chunk_as_one_process_does(setup, one
     root, argv, _ = setup
     one = one_store
     three = tmp_path / "three.zarr"
-    workers = [subprocess.Popen([sys.executable, "inference.py", *argv, "--out", str(three), "--parts", "3", "--part", str(part)],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for part in range(3)]
+    workers = [StageProcess("inference.py", [*argv, "--out", str(three), "--parts", "3", "--part", str(part)]) for part in range(3)]
     for worker in workers:
         _, stderr = worker.communicate()
         assert worker.returncode == 0, stderr[-2000:]
@@ -175,9 +171,8 @@ def test_kill_9_of_a_worker_then_resume_is_identical(setup, one_store, tmp_path)
     root, argv, _ = setup
     one = one_store
     out = tmp_path / "pred.zarr"
-    worker = [sys.executable, "inference.py", *argv, "--out", str(out), "--parts", "2"]
     for delay in (0.0, 0.4):  # as the store is created, then among the blocks
-        process = subprocess.Popen([*worker, "--part", "0", "--resume", "true"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = StageProcess("inference.py", [*argv, "--out", str(out), "--parts", "2", "--part", "0", "--resume", "true"])
         while not (out / "progress").exists() and process.poll() is None:
             time.sleep(0.005)
         time.sleep(delay)

@@ -1,6 +1,5 @@
 """Failures every writing stage must meet the same way: a named error, nothing left behind."""
 
-import contextlib
 import os
 import re
 import subprocess
@@ -20,7 +19,8 @@ import make_synthetic_scroll
 import pred_find_coords
 import score_3d
 import volume_to_hdf
-from conftest import FULL_DISK_RUNNER, ROOT, run_on_a_full_disk
+from conftest import ROOT
+from stage_process import StageProcess, another_run_writing, run_stage
 from ink3d import InputError, volume
 from ink3d.files import lock_path
 
@@ -113,29 +113,6 @@ LOCKED = {  # the output each stage of STAGES locks first
     "volume_to_hdf": "scan.h5", "inference": "p.h5", "all_labels_to_hdf": "v.h5", "pred_find_coords": "c.npy",
     "score_3d": "s.json", "connected_components_explore": "out", "export_slices": "out", "make_synthetic_scroll": "out",
 }
-_HOLD = """
-import sys
-import time
-from pathlib import Path
-sys.path.insert(0, ".")
-from ink3d.files import output_lock
-with output_lock(sys.argv[1]):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
-
-
-@contextlib.contextmanager
-def another_run_writing(path):
-    """A second process holding the output's lock, as a run writing it does."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        yield holder
-    finally:
-        holder.stdin.close()
-        holder.wait()
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -179,11 +156,11 @@ def test_the_lock_of_a_killed_training_run_is_free_at_once_though_its_loader_wor
             "--train_coords", str(root / "train.npy"), "--valid_coords", str(root / "valid.npy"), "--out_dir", str(out),
             "--patch", "16", "--f_maps", "4", "--num_levels", "2", "--batch_size", "2", "--max_steps", "100000",
             "--valid_every", "100000", "--checkpoint_every", "2", "--workers", "2", "--exclusion_radius", "0", "--device", "cpu"]
-    run = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run = StageProcess("train.py", argv)
     try:
         deadline = time.monotonic() + 120
         while not (out / "last.pth").exists():
-            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read().decode()[-2000:] if run.poll() is not None else "timeout"
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-2000:] if run.poll() is not None else "timeout"
             time.sleep(0.1)
         workers = [int(stat.name) for stat in Path("/proc").iterdir() if stat.name.isdigit() and _parent(stat) == run.pid]
         assert len(workers) >= 2
@@ -194,8 +171,8 @@ def test_the_lock_of_a_killed_training_run_is_free_at_once_though_its_loader_wor
         assert alive, "the workers ended before the lock was tried: the test shows nothing"
     finally:
         if run.poll() is None:
-            run.kill()
-        run.stderr.close()
+            run.send_signal(signal.SIGKILL)
+        run.communicate()
 
 
 def _parent(proc: Path) -> int | None:
@@ -265,8 +242,7 @@ FULL_DISK = {  # stage script, bytes a file may grow to, arguments (root: the pi
 def full_disk_runs(pipeline, tmp_path_factory):
     """Every stage of FULL_DISK run at once, each in its own process and folder: stage -> (its run, its folder)."""
     folders = {stage: tmp_path_factory.mktemp("full_disk") for stage in FULL_DISK}
-    started = {stage: subprocess.Popen([sys.executable, "-c", FULL_DISK_RUNNER, str(file_bytes), script, *argv(pipeline, folders[stage])],
-                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = {stage: StageProcess(script, argv(pipeline, folders[stage]), file_bytes)
                for stage, (script, file_bytes, argv, _) in FULL_DISK.items()}
     runs = {}
     for stage, process in started.items():
@@ -294,7 +270,7 @@ def test_a_full_disk_in_training_is_named_and_says_how_to_resume(tmp_path):
             "--train_coords", str(root / "train.npy"), "--valid_coords", str(root / "valid.npy"), "--out_dir", str(tmp_path / "run"),
             "--patch", "16", "--f_maps", "4", "--num_levels", "2", "--batch_size", "2", "--max_steps", "4", "--valid_blocks", "1",
             "--valid_every", "2", "--checkpoint_every", "2", "--workers", "0", "--exclusion_radius", "0"]
-    run = run_on_a_full_disk("train.py", 20_000, argv)
+    run = run_stage("train.py", argv, file_bytes=20_000)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert re.search(r"error: .*writing failed \(File too large\); last.pth holds the last checkpoint: free disk space and rerun "
                      r"with --resume true", run.stderr, re.MULTILINE), run.stderr[-3000:]

@@ -3,10 +3,8 @@ import json
 import math
 import platform
 import shutil
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -22,6 +20,7 @@ from ink3d.loss import masked_loss
 from ink3d.validation import PICTURE_COLUMN, UNLABELED_GREY, validation_picture
 from models import load_model
 from models.ema import EMA
+from stage_process import run_code
 
 
 def test_masked_loss_hand_computed():
@@ -311,8 +310,7 @@ def test_loader_workers_keep_the_memory_their_samples_free():
             loader = torch.utils.data.DataLoader(Churn(), num_workers=1, worker_init_fn=init, multiprocessing_context="fork")
             print(int(next(iter(loader))))
     """)
-    default, kept = (int(line) for line in subprocess.run([sys.executable, "-c", churn], capture_output=True, text=True, check=True,
-                                                          cwd=Path(__file__).resolve().parents[1]).stdout.split())
+    default, kept = (int(line) for line in run_code(churn).stdout.split())
     assert default >= 20  # every fresh array faults its pages in (4 kB or 2 MB ones)
     assert kept < default / 10
 
@@ -474,7 +472,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
             "--train_coords", str(root / "train.npy"), "--valid_coords", str(root / "valid.npy"), "--out_dir", str(tmp_path / "ddp"),
             "--patch", "16", "--f_maps", "4", "--num_levels", "2", "--batch_size", "1", "--max_steps", "3", "--valid_every", "3",
             "--workers", "0", "--min_labeled", "1", "--exclusion_radius", "0", "--device", "cpu"]
-    torch.multiprocessing.spawn(_ddp_rank, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.start_processes(_ddp_rank, args=(2, port, argv, str(tmp_path)), nprocs=2, start_method="forkserver")
     first, second = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(first[k], second[k]) for k in first)
     initial = train.UNet3D(f_maps=4, num_levels=2).state_dict()

@@ -6,7 +6,7 @@ import pytest
 import tifffile
 
 import volume_to_hdf
-from conftest import run_on_a_full_disk
+from stage_process import run_stage
 from ink3d import InputError, files
 from ink3d.pyramid import write_ome_zarr
 
@@ -140,7 +140,7 @@ def test_a_full_disk_stops_cleanly_and_resume_completes_the_volume(tmp_path):
     for z, image in enumerate(data):
         tifffile.imwrite(folder / f"{z}.tif", image)
     argv = ["--tiff_dir", str(folder), "--out", str(tmp_path / "scan.h5"), "--chunk", "16"]
-    run = run_on_a_full_disk("volume_to_hdf.py", 400_000, argv)
+    run = run_stage("volume_to_hdf.py", argv, file_bytes=400_000)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "scan.h5.partial: writing failed (File too large); what was finished is kept" in run.stderr
     assert not (tmp_path / "scan.h5").exists()
