@@ -61,6 +61,7 @@ NUM_LEVELS = 4  # UNet levels
 MAX_STEPS = 600  # training steps
 AUGMENTATION = "exact"  # training augmentation (train.py --augmentation): exact keeps the texture that tells ink from loose fibres
 BATCH_SIZE = 2  # training batch
+TTA = True  # inference averages the identity and a flip of each axis (inference.py --tta: 4x its compute; sharper letter edges)
 DEVICE = "auto"  # auto (cuda if present) or cpu
 SUMMARY_COPY = ""  # also copy summary.png here (e.g. docs/summary.png)
 VOLUME_FORM = "tiff"  # tiff: the TIFF slices converted by volume_to_hdf; ome-zarr: the scroll's OME-Zarr read by every stage
@@ -298,7 +299,8 @@ def train_and_predict(config, out: Path, stages: Stages, data: DemoData) -> Path
                done=lambda path: _trained(train_dir, config.max_steps))
     stages.run("inference", predictions, inference.main,
                ["--volume", str(data.scan), "--checkpoint", str(train_dir / "best.pth"), "--out", str(predictions),
-                "--patch", str(config.patch), "--macro_block", str(2 * config.patch), "--device", config.device, "--resume", "true"],
+                "--patch", str(config.patch), "--macro_block", str(2 * config.patch), "--tta", str(config.tta).lower(),
+                "--device", config.device, "--resume", "true"],
                done=lambda path: _complete(path, volume.PREDICTIONS))
     return predictions
 
