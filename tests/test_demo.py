@@ -14,7 +14,7 @@ from models import load_model
 def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["--out_dir", str(out), "--depth", "32", "--patch", "32", "--f_maps", "4", "--num_levels", "2", "--max_steps", "4",
-            "--device", "cpu", "--summary_copy", str(tmp_path / "docs" / "summary.png")]
+            "--device", "cpu", "--tta", "false", "--summary_copy", str(tmp_path / "docs" / "summary.png")]  # TTA: 4x inference
     model_f05, baseline_f05 = demo.main(argv)
     lines = capsys.readouterr().out.strip().splitlines()
     held_out = "20231022170901"
@@ -44,6 +44,7 @@ def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
     with h5py.File(out / "predictions.h5") as file:
         predictions = file[volume.PREDICTIONS]
         assert predictions.shape == (32, 256, 256) and predictions.dtype == np.uint8 and predictions.attrs["complete"]
+    assert json.loads((out / "predictions.h5.config.json").read_text())["tta"] is False  # the demo's setting, passed on
     label = cv2.imread(str(out / "scroll" / "labels" / f"{held_out}_inklabels.png"), cv2.IMREAD_GRAYSCALE)
     for name in ("prediction", "scan"):
         assert cv2.imread(str(out / "flat" / f"{held_out}_{name}.png"), cv2.IMREAD_GRAYSCALE).shape == label.shape
