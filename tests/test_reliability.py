@@ -147,10 +147,10 @@ def test_the_lock_of_a_killed_training_run_is_free_at_once_though_its_loader_wor
     live on: a retry takes the output's lock at once (a flock would live on in the workers for seconds)."""
     import signal
 
-    from test_train import _scene
+    from train_scene import training_scene
 
     from ink3d.files import output_lock
-    root = _scene(tmp_path)
+    root = training_scene(tmp_path)
     out = tmp_path / "run"
     argv = ["--volume", str(root / "scan.h5"), "--train_labels", str(root / "train.h5"), "--valid_labels", str(root / "valid.h5"),
             "--train_coords", str(root / "train.npy"), "--valid_coords", str(root / "valid.npy"), "--out_dir", str(out),
@@ -263,9 +263,9 @@ def test_a_full_disk_stops_every_stage_with_a_named_error_and_no_output(full_dis
 
 
 def test_a_full_disk_in_training_is_named_and_says_how_to_resume(tmp_path):
-    from test_train import _scene
+    from train_scene import training_scene
 
-    root = _scene(tmp_path)
+    root = training_scene(tmp_path)
     argv = ["--volume", str(root / "scan.h5"), "--train_labels", str(root / "train.h5"), "--valid_labels", str(root / "valid.h5"),
             "--train_coords", str(root / "train.npy"), "--valid_coords", str(root / "valid.npy"), "--out_dir", str(tmp_path / "run"),
             "--patch", "16", "--f_maps", "4", "--num_levels", "2", "--batch_size", "2", "--max_steps", "4", "--valid_blocks", "1",
