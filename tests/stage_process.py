@@ -13,12 +13,13 @@ import multiprocessing
 import os
 import resource
 import runpy
-import signal
 import select
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def another_run_writing(path: Path):
         holder.join()
 
 
-def run_code(code: str, argv: list[str] = ()) -> subprocess.CompletedProcess:
+def run_code(code: str, argv: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """`python -c <code> <argv...>` in a process of its own (see StageProcess), checked to end with status 0."""
     with tempfile.TemporaryDirectory() as folder:
         script = Path(folder) / "code.py"
