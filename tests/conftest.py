@@ -7,6 +7,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import make_synthetic_scroll  # noqa: E402
+from inference_fixtures import full_runs, model_path, scan  # noqa: E402, F401  fixtures of the modules that test inference
+from labels_scene import scene  # noqa: E402, F401  ... that test labeling
+from volume_files import dataset  # noqa: E402, F401  ... that read volumes
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The inference tests' scan, model and whole-scan runs, shared by the modules that test inference."""
+"""The inference tests' scan, model and whole-scan runs (fixtures made once per session: conftest.py holds them for
+every module that tests inference), and the run they compare."""
 
 import h5py
 import numpy as np
@@ -12,7 +13,7 @@ from models import UNet3D, save_checkpoint
 PATCH = 16
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_path(tmp_path_factory):
     torch.manual_seed(0)
     model = UNet3D(f_maps=4, num_levels=2)
@@ -30,7 +31,7 @@ def write_scan(path, values):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scan(tmp_path_factory):
     values = np.random.default_rng(0).integers(0, 256, (40, 35, 52)).astype(np.uint8)
     return write_scan(tmp_path_factory.mktemp("scan") / "scan.h5", values), values
@@ -43,7 +44,7 @@ def infer(scan_path, model_path, out, *extra):
         return file[volume.PREDICTIONS][:], dict(file[volume.PREDICTIONS].attrs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def full_runs(scan, model_path, tmp_path_factory):
     """The whole scan's prediction in a single pass (one macro-block), per --channels_last, made once for the tests
     that compare against it (blocks of any size give the same: test_macro_blocks_equal_a_single_pass)."""

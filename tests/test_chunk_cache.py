@@ -16,7 +16,7 @@ from ink3d import InputError
 from ink3d.chunk_cache import ChunkCache
 from ink3d.volume import UINT16_TO_UINT8, compression_options, create_volume, open_dataset, read_crop
 from ink3d.volume_readers import Hdf5Volume
-from volume_files import dataset, ome_v04  # noqa: F401 (dataset: a fixture)
+from volume_files import ome_v04
 
 
 class _ReadSpy:

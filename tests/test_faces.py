@@ -7,7 +7,7 @@ import flatten_3d
 from ink3d import faces
 from ink3d.columns import with_face_windows
 from ink3d.faces import STEP, find_faces, orientation_votes, points_into_sheet
-from labels_scene import add_segment, read, run, scene  # noqa: F401 (scene: a fixture)
+from labels_scene import add_segment, read, run
 
 BAND = 10.0
 T = np.arange(-BAND, BAND + STEP / 2, STEP)  # the offsets of a column's samples, the surface at 0

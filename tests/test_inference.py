@@ -14,7 +14,7 @@ from ink3d.pyramid import write_ome_zarr
 from ink3d import sliding_window
 from ink3d.sliding_window import importance_map, plan_blocks, window_starts
 from models import UNet3D, save_checkpoint
-from inference_fixtures import PATCH, full_runs, infer, model_path, scan, write_scan  # noqa: F401 (fixtures)
+from inference_fixtures import PATCH, infer, write_scan
 
 monai_inferers = pytest.importorskip("monai.inferers", reason="MONAI is the reference sliding-window implementation")
 from monai.data.utils import compute_importance_map  # noqa: E402

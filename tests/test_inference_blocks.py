@@ -21,7 +21,7 @@ from ink3d.files import checksum
 from ink3d import sliding_window
 from ink3d.sliding_window import importance_map, plan_blocks, window_starts
 from models import UNet3D
-from inference_fixtures import PATCH, infer, model_path, scan, write_scan  # noqa: F401 (fixtures)
+from inference_fixtures import PATCH, infer, write_scan
 
 
 @pytest.mark.parametrize("ahead", [0, 1])

@@ -13,7 +13,7 @@ from stage_process import StageProcess, run_stage
 from ink3d import InputError, volume
 from ink3d.files import WriteError, partial_path
 from models import UNet3D, save_checkpoint
-from inference_fixtures import PATCH, full_runs, infer, model_path, scan, write_scan  # noqa: F401 (fixtures)
+from inference_fixtures import PATCH, infer, write_scan
 
 
 def _kill_at_block(monkeypatch, number):

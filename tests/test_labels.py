@@ -8,7 +8,7 @@ import pytest
 import all_labels_to_hdf
 from ink3d import InputError, volume
 from ink3d.labels import band_offsets
-from labels_scene import SHAPE, add_segment, cylinder_segment, flat_segment, read, run, scene  # noqa: F401 (scene: a fixture)
+from labels_scene import SHAPE, add_segment, cylinder_segment, flat_segment, read, run
 
 
 def test_band_offsets_step_at_most_half_a_voxel():

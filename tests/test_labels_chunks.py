@@ -15,7 +15,7 @@ import pytest
 import all_labels_to_hdf
 from ink3d import InputError, labels, volume
 from ink3d.labels import ChunkAccumulator, band_offsets
-from labels_scene import SHAPE, add_segment, cylinder_segment, flat_segment, read, run, scene  # noqa: F401 (scene: a fixture)
+from labels_scene import SHAPE, add_segment, cylinder_segment, flat_segment, read, run
 
 
 def _per_pixel_reference(data, label, band, ink_range, shape):

@@ -10,7 +10,7 @@ from ink3d.files import check_output, warn_if_short_of_space
 from ink3d.blocks import chunks_of, iter_blocks, parse_roi, reset_unreadable_chunks
 from ink3d.pyramid import write_ome_zarr
 from ink3d.volume import create_volume, open_dataset, read_crop
-from volume_files import dataset, ome_v04  # noqa: F401 (dataset: a fixture)
+from volume_files import ome_v04
 
 
 def test_create_volume_is_chunked_compressed_zyx(dataset):
