@@ -90,7 +90,7 @@ INK_DEPTH = "learned"  # where the ink lies along a labeled pixel's normal: lear
 POOL_SHARPNESS = 1.0  # r of the pooling along a column, (1/r) log mean exp(r logit): large = the maximum, small = the mean
 COLUMN_WEIGHT = 1.0  # weight of the pooled columns' loss beside the voxels' (learned depth)
 FACE_DEPTH = 3.0  # learned depth: an ink column pools over its face window, from the written face this deep into the sheet; the rest is no ink (0: the whole band)
-INK_REACH = 6.0  # learned depth: ... except down to this deep behind the face, where ink may still lie (thick ink): left untaught
+INK_REACH = 4.5  # learned depth: ... except down to this deep behind the face, where ink may still lie (thick ink): left untaught
 MAX_COLUMNS = 8192  # labeled pixels' columns per training sample (a random choice when its crop holds more)
 LABEL_SMOOTHING = 0.0  # BCE targets t * (1 - s) + s / 2
 AIR_LEVEL = "auto"  # scan values (uint8) at or below this are air, never ink: auto (the histogram's air/papyrus valley), otsu, a number, or none
