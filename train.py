@@ -114,7 +114,7 @@ CHECKPOINT_EVERY = 100  # write last.pth every this many steps
 WORKERS = 1  # data loader worker processes
 DEVICE = "auto"  # auto (cuda if present), cuda, cpu
 AMP = "auto"  # auto: bf16 on CUDA where supported, else fp16 with a GradScaler; fp32 on CPU
-CHANNELS_LAST = "auto"  # channels_last_3d memory format: auto (on CUDA, not on the CPU), true, false
+CHANNELS_LAST = "auto"  # channels_last_3d memory format: auto (on CUDA and on the CPU, where a step ran 1.2-1.7x faster), true, false
 COMPILE = "auto"  # torch.compile the model: auto (on CUDA), true, false
 SEED = 0  # seed of the weights and of the sample stream
 TRUST_CHECKPOINT = False  # allow checkpoints with pickled Python objects (only files you trust)
@@ -183,7 +183,7 @@ def build_run(config, data: TrainData, device: torch.device, world: int) -> Run:
     if config.init_checkpoint and data.state is None:
         load_weights(model, read_state_dict(config.init_checkpoint, config.trust_checkpoint)[0], config.init_checkpoint)
     dtype = autocast_dtype(device, config.amp)
-    channels_last = switch(config.channels_last, "--channels_last", on_cuda=True, on_cpu=False, device=device)
+    channels_last = switch(config.channels_last, "--channels_last", on_cuda=True, on_cpu=True, device=device)
     compiled = switch(config.compile, "--compile", on_cuda=True, on_cpu=False, device=device)
     model = prepare_model(model, device, channels_last=channels_last)
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None

@@ -9,8 +9,9 @@ samples, same run, and one worker keeping the memory its samples free (train.py'
 `worker_init_fn`) against one with the allocator's defaults. Then the full augmentation two ways, samples/s with one loader worker: in the
 loader (volumentations-3D) against raw crops resampled a batch at a time with torch
 (ink3d.augment, `train.py --augment device`), here on the CPU; with CUDA present, on the GPU too.
-Then seconds per step (forward, backward, AdamW) for the small demo model (f_maps 8, 4 levels,
-patch 64) and the default model (f_maps 32, 5 levels, patch 128). With CUDA present, train.py's own
+Then train.py's own step (train.train_step, learned depth) on the CPU for the demo's model (f_maps 8,
+4 levels, patch 64) and the default model (f_maps 32, 5 levels, patch 128), contiguous against
+channels_last_3d, same run. With CUDA present, train.py's own
 step (train.train_step: bf16, channels_last_3d, fused AdamW, EMA) for the default model at patch 128
 and batch 4 on random data, eager and compiled, with the fixed ink range and with the learned depth
 (8192 columns per sample): ms per step, samples/s, the hours of a 20,000-step run and the GPU's peak
@@ -38,7 +39,6 @@ from ink3d.dataset import BACKGROUND, ScrollSamples, loader_worker_init  # noqa:
 from models import UNet3D  # noqa: E402
 from models.ema import EMA  # noqa: E402
 from ink3d.device import prepare_model  # noqa: E402
-from ink3d.loss import masked_loss  # noqa: E402
 
 
 class OpenPerSample(ScrollSamples):
@@ -67,27 +67,6 @@ def samples_per_second(dataset, workers: int, batch: int = 2, device: torch.devi
     return count / (time.perf_counter() - started)
 
 
-def seconds_per_step(f_maps: int, num_levels: int, patch: int, batch: int, steps: int) -> float:
-    torch.manual_seed(0)
-    model = UNet3D(f_maps=f_maps, num_levels=num_levels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.rand(batch, 1, patch, patch, patch)
-    labels = (torch.rand_like(images) > 0.5).float()
-    labels[:, :, : patch // 2] = -1
-
-    def step():
-        loss, _ = masked_loss(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - started) / steps
-
-
 def random_batch(batch: int, patch: int, band: float, columns: int, device: torch.device):
     """Images, voxel labels (a labeled slab, air as background, the rest unlabeled) and columns (points inside the
     patch, unit normals, half ink, half with a face window) as train.py's loader hands them over."""
@@ -107,29 +86,51 @@ def random_batch(batch: int, patch: int, band: float, columns: int, device: torc
     return [t.to(device) for t in (images, labels, rows, matrices, shifts)]
 
 
-def gpu_steps(batch: int = 4, patch: int = 128, band: float = 10.0, steps: int = 10, channels_last: bool = True,
-              eager: bool = True) -> None:
-    """train.train_step's time on the GPU for the default model, eager and compiled, fixed range and learned depth."""
-    device = torch.device("cuda")
+def step_of(device: torch.device, f_maps: int, num_levels: int, batch: int, patch: int, band: float, channels_last: bool,
+            learned: bool, dtype: torch.dtype | None = None, compiled: bool = False):
+    """train.py's own step (train.train_step: fused AdamW, EMA) on random data, as a call without arguments."""
     config = SimpleNamespace(dice_weight=train.DICE_WEIGHT, background_weight=train.BACKGROUND_WEIGHT,
                              label_smoothing=train.LABEL_SMOOTHING, column_weight=train.COLUMN_WEIGHT,
                              pool_sharpness=train.POOL_SHARPNESS, grad_clip=train.GRAD_CLIP)
     images, labels, columns, matrices, shifts = random_batch(batch, patch, band, train.MAX_COLUMNS, device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last_3d)
+    torch.manual_seed(0)
+    model = prepare_model(UNet3D(f_maps=f_maps, num_levels=num_levels), device, channels_last=channels_last)
+    ema = EMA(model, train.EMA_DECAY)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.LR, weight_decay=train.WEIGHT_DECAY, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    if compiled:
+        model = torch.compile(model)
+    return partial(train.train_step, model, optimizer, scaler, ema, images, labels, columns if learned else None, matrices,
+                   shifts, config, band, dtype, 1)
+
+
+def cpu_steps(band: float = 10.0) -> None:
+    """train.train_step's seconds on the CPU (learned depth), contiguous against channels_last_3d (train.py's default)."""
+    for name, f_maps, levels, patch, batch, steps in (("demo", 8, 4, 64, 2, 8), ("default", 32, 5, 128, 1, 2)):
+        seconds = {}
+        for channels_last in (False, True):
+            step = step_of(torch.device("cpu"), f_maps, levels, batch, patch, band, channels_last, learned=True)
+            step()  # warm-up
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            seconds[channels_last] = (time.perf_counter() - started) / steps
+        print(f"CPU train.train_step, {name} model (f_maps {f_maps}, {levels} levels, patch {patch}, batch {batch}, learned "
+              f"depth): contiguous {seconds[False]:.2f} s/step, channels_last_3d {seconds[True]:.2f} s/step "
+              f"({seconds[False] / seconds[True]:.2f}x)")
+
+
+def gpu_steps(batch: int = 4, patch: int = 128, band: float = 10.0, steps: int = 10, channels_last: bool = True,
+              eager: bool = True) -> None:
+    """train.train_step's time on the GPU for the default model, eager and compiled, fixed range and learned depth."""
+    device = torch.device("cuda")
     print(f"GPU {torch.cuda.get_device_name()}: train.train_step, default model (f_maps 32, 5 levels), patch {patch}, "
           f"batch {batch}, bf16, {'channels_last_3d' if channels_last else 'contiguous'}, fused AdamW, EMA")
     for compiled in (False, True) if eager else (True,):
-        torch.manual_seed(0)
-        model = prepare_model(UNet3D(), device, channels_last=channels_last)
-        ema = EMA(model, train.EMA_DECAY)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=train.LR, weight_decay=train.WEIGHT_DECAY, fused=True)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-        if compiled:
-            model = torch.compile(model)
-        for name, step_columns in (("fixed range", None), ("learned depth", columns)):
-            step = partial(train.train_step, model, optimizer, scaler, ema, images, labels, step_columns, matrices, shifts,
-                           config, band, torch.bfloat16, 1)
+        for name, learned in (("fixed range", False), ("learned depth", True)):
+            step = step_of(device, 32, 5, batch, patch, band, channels_last, learned, torch.bfloat16, compiled)
             started = time.perf_counter()
             for _ in range(3):  # warm-up (and compilation)
                 step()
@@ -177,9 +178,7 @@ def main():
         rate = samples_per_second(ScrollSamples(args.volume, args.labels, origins, **common, on_device=True), 1, batch=4,
                                   device=torch.device(device))
         print(f"  torch on the {device}, a batch at a time: {rate:.2f} samples/s ({rate / in_loader:.2f}x)")
-    for name, f_maps, levels, patch, batch, steps in (("small", 8, 4, 64, 2, 5), ("default", 32, 5, 128, 1, 1)):
-        seconds = seconds_per_step(f_maps, levels, patch, batch, steps)
-        print(f"CPU step, {name} model (f_maps {f_maps}, {levels} levels, patch {patch}, batch {batch}): {seconds:.2f} s/step")
+    cpu_steps()
     if torch.cuda.is_available():
         gpu_steps()
     else:
