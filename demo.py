@@ -1,6 +1,6 @@
 """Run the whole pipeline on the synthetic scroll, each stage through its own `main`.
 
-    python demo.py                 # 10-30 minutes on 2 CPU cores (the model's training dominates); uses CUDA when present
+    python demo.py                 # 8-25 minutes on 2 CPU cores (the model's training dominates); uses CUDA when present
     python demo.py --fresh true    # redo every stage
     python demo.py --volume_form ome-zarr --segment_form tifxyz --out_dir runs/demo_zarr   # today's published forms
     python demo.py --ink_thickness 5 --surface_offset 0.5 --out_dir runs/demo_thick      # a harder scroll of the family
