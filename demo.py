@@ -1,6 +1,6 @@
 """Run the whole pipeline on the synthetic scroll, each stage through its own `main`.
 
-    python demo.py                 # 8-25 minutes on 2 CPU cores (the model's training dominates); uses CUDA when present
+    python demo.py                 # 9-25 minutes on 2 CPU cores (the model's training dominates); uses CUDA when present
     python demo.py --fresh true    # redo every stage
     python demo.py --volume_form ome-zarr --segment_form tifxyz --out_dir runs/demo_zarr   # today's published forms
     python demo.py --ink_thickness 5 --surface_offset 0.5 --out_dir runs/demo_thick      # a harder scroll of the family
@@ -58,7 +58,7 @@ DEPTH = 160  # slices of the synthetic scroll
 PATCH = 64  # training and inference patch
 F_MAPS = 8  # UNet feature maps (a model sized for the CPU)
 NUM_LEVELS = 4  # UNet levels
-MAX_STEPS = 600  # training steps
+MAX_STEPS = 750  # training steps
 AUGMENTATION = "exact"  # training augmentation (train.py --augmentation): exact keeps the texture that tells ink from loose fibres
 BATCH_SIZE = 2  # training batch
 TTA = True  # inference averages the identity and a flip of each axis (inference.py --tta: 4x its compute; sharper letter edges)
