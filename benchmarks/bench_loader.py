@@ -9,7 +9,8 @@ samples, same run, and one worker keeping the memory its samples free (train.py'
 `worker_init_fn`) against one with the allocator's defaults. Then the full augmentation two ways, samples/s with one loader worker: in the
 loader (volumentations-3D) against raw crops resampled a batch at a time with torch
 (ink3d.augment, `train.py --augment device`), here on the CPU; with CUDA present, on the GPU too.
-Then train.py's own step (train.train_step, learned depth) on the CPU for the demo's model (f_maps 8,
+Then the `exact` augmentation's warp of a batch on the CPU: views of the crops (ink3d.augment.warp, train.py's)
+against grid sampling (ink3d.augment.grid_warp), same maps. Then train.py's own step (train.train_step, learned depth) on the CPU for the demo's model (f_maps 8,
 4 levels, patch 64) and the default model (f_maps 32, 5 levels, patch 128), contiguous against
 channels_last_3d, same run. With CUDA present, train.py's own
 step (train.train_step: bf16, channels_last_3d, fused AdamW, EMA) for the default model at patch 128
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from ink3d.augment import warp  # noqa: E402
+from ink3d.augment import draw_affine, grid_warp, warp  # noqa: E402
 from ink3d.columns import FIELDS  # noqa: E402
 from ink3d.dataset import BACKGROUND, ScrollSamples, loader_worker_init  # noqa: E402
 from models import UNet3D  # noqa: E402
@@ -104,6 +105,23 @@ def step_of(device: torch.device, f_maps: int, num_levels: int, batch: int, patc
         model = torch.compile(model)
     return partial(train.train_step, model, optimizer, scaler, ema, images, labels, columns if learned else None, matrices,
                    shifts, config, band, dtype, 1)
+
+
+def exact_warps(batch: int = 2, patch: int = 64, repeats: int = 20) -> None:
+    """ms per batch of the exact augmentation's warp on the CPU: views against grid sampling, the same maps."""
+    rng = np.random.default_rng(0)
+    crop = patch * 3 // 2
+    images, labels = torch.rand(batch, 1, crop, crop, crop), torch.rand(batch, 1, crop, crop, crop)
+    maps = [[torch.from_numpy(np.stack(part)) for part in zip(*(draw_affine(rng, crop, patch, "exact") for _ in range(batch)))]
+            for _ in range(repeats)]
+    seconds = {}
+    for name, method in (("views", warp), ("grid sampling", grid_warp)):
+        started = time.perf_counter()
+        for matrices, offsets in maps:
+            method(images, labels, matrices, offsets, patch, "nearest")
+        seconds[name] = (time.perf_counter() - started) / repeats
+    print(f"exact augmentation's warp, batch {batch}, crop {crop} -> patch {patch}, CPU: views {seconds['views'] * 1e3:.1f} ms, "
+          f"grid sampling {seconds['grid sampling'] * 1e3:.1f} ms ({seconds['grid sampling'] / seconds['views']:.1f}x)")
 
 
 def cpu_steps(band: float = 10.0) -> None:
@@ -178,6 +196,7 @@ def main():
         rate = samples_per_second(ScrollSamples(args.volume, args.labels, origins, **common, on_device=True), 1, batch=4,
                                   device=torch.device(device))
         print(f"  torch on the {device}, a batch at a time: {rate:.2f} samples/s ({rate / in_loader:.2f}x)")
+    exact_warps()
     cpu_steps()
     if torch.cuda.is_available():
         gpu_steps()

@@ -8,7 +8,9 @@ samples), and a random resized crop (scale 0.75-1.33 of the patch, anywhere in t
 the patch — and composes them into one map from output voxel indices to input voxel indices,
 `input = A @ output + b`, the convention of `scipy.ndimage.affine_transform`. `warp` samples a batch
 through such maps: trilinear for the image (0 outside the crop), nearest for the labels (-1,
-unlabeled, outside the crop).
+unlabeled, outside the crop). Maps of the `exact` and `none` kinds send voxels onto voxels inside
+the crop: held on the host, they are applied as what they are, a crop turned and flipped by array
+views, the same voxels as grid sampling's nearest at a fraction of its time on the CPU.
 """
 
 import numpy as np
@@ -73,10 +75,45 @@ def draw_affine(rng: np.random.Generator, crop: int, patch: int, kind: str = "fu
     return to_input[:3, :3], to_input[:3, 3]
 
 
+def voxel_view(volume: torch.Tensor, matrix: np.ndarray, offset: np.ndarray, patch: int) -> torch.Tensor | None:
+    """(..., P, P, P) of `volume` (..., C, C, C) through a map that sends voxels onto voxels inside it (a signed
+    permutation and an integer offset: turns, flips and a crop), as views; None for any other map."""
+    crop = volume.shape[-1]
+    if not (np.isin(matrix, (-1, 0, 1)).all() and (np.abs(matrix).sum(axis=0) == 1).all()
+            and (np.abs(matrix).sum(axis=1) == 1).all() and np.array_equal(offset, np.round(offset))):
+        return None
+    lead = volume.dim() - 3
+    order = [0, 0, 0]
+    for in_axis in range(3):  # input index along in_axis = sign x output index along out_axis + offset
+        out_axis = int(np.flatnonzero(matrix[in_axis])[0])
+        first = int(offset[in_axis]) - (patch - 1 if matrix[in_axis, out_axis] < 0 else 0)
+        if first < 0 or first + patch > crop:
+            return None
+        volume = volume.narrow(lead + in_axis, first, patch)
+        if matrix[in_axis, out_axis] < 0:
+            volume = volume.flip(lead + in_axis)
+        order[out_axis] = lead + in_axis
+    return volume.permute(*range(lead), *order)
+
+
 def warp(images: torch.Tensor, labels: torch.Tensor, matrices: torch.Tensor, offsets: torch.Tensor,
          patch: int, image_mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
     """Sample (B, 1, C, C, C) images and labels through per-sample maps (B, 3, 3), (B, 3) to (B, 1, P, P, P).
-    `image_mode` nearest copies voxels exactly where the maps send voxels onto voxels (exact, none)."""
+    `image_mode` nearest copies voxels exactly where the maps send voxels onto voxels (exact, none): with the maps
+    on the host, by views of the crops (voxel_view), else by grid sampling."""
+    if image_mode == "nearest" and matrices.device.type == "cpu":
+        maps = list(zip(matrices.double().numpy(), offsets.double().numpy()))
+        views = [(voxel_view(image, *map_, patch), voxel_view(label, *map_, patch))
+                 for image, label, map_ in zip(images, labels, maps)]
+        if all(image is not None for image, _ in views):
+            return (torch.stack([image for image, _ in views]).float(),
+                    torch.stack([label for _, label in views]).float())
+    return grid_warp(images, labels, matrices.to(images.device), offsets.to(images.device), patch, image_mode)
+
+
+def grid_warp(images: torch.Tensor, labels: torch.Tensor, matrices: torch.Tensor, offsets: torch.Tensor,
+              patch: int, image_mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
+    """warp by grid sampling, for any maps, on the images' device."""
     crop = images.shape[-1]
     axis = torch.arange(patch, device=images.device, dtype=torch.float32)
     output = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)  # zyx

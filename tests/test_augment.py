@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from ink3d.augment import draw_affine, rotation, warp
+from ink3d.augment import draw_affine, rotation, voxel_view, warp
 
 
 def _warp(volume, labels, matrix, offset, patch):
@@ -25,6 +25,35 @@ def test_warp_equals_scipy_affine_transform(seed):
     nearest = ndimage.affine_transform(labels, matrix, offset, output_shape=(patch,) * 3, order=0, mode="grid-constant", cval=-1.0)
     assert np.mean(label == nearest) > 0.99  # nearest neighbours differ only at rounding ties of float32 positions
     assert set(np.unique(label)) <= {-2.0, -1.0, 0.0, 0.5, 1.0}
+
+
+@pytest.mark.parametrize("kind", ["exact", "none"])
+def test_maps_onto_voxels_are_read_as_views_voxel_for_voxel(kind):
+    """Turns, flips and crops read by views give scipy's nearest affine_transform exactly, for every draw."""
+    rng = np.random.default_rng(7)
+    crop, patch = 20, 13
+    volume = rng.random((2, crop, crop, crop)).astype(np.float32)
+    labels = rng.choice(np.array([-2, -1, 0, 0.5, 1], np.float32), (2, crop, crop, crop))
+    for _ in range(12):
+        maps = [draw_affine(rng, crop, patch, kind) for _ in range(2)]
+        matrices, offsets = (torch.from_numpy(np.stack(part)) for part in zip(*maps))
+        image, label = warp(torch.from_numpy(volume)[:, None], torch.from_numpy(labels)[:, None], matrices, offsets,
+                            patch, "nearest")
+        for sample, (matrix, offset) in enumerate(maps):
+            assert voxel_view(torch.from_numpy(volume[sample]), matrix, offset, patch) is not None
+            for source, result in ((volume, image), (labels, label)):
+                expected = ndimage.affine_transform(source[sample], matrix, offset, output_shape=(patch,) * 3, order=0)
+                assert np.array_equal(result[sample, 0].numpy(), expected)
+
+
+def test_maps_that_resample_or_leave_the_crop_are_not_views():
+    volume = torch.zeros((8, 8, 8))
+    half_turn = np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]])
+    assert voxel_view(volume, half_turn, np.array([0.0, 7, 0]), 6) is not None
+    assert voxel_view(volume, half_turn, np.array([0.0, 4, 0]), 6) is None  # reads y = 4 - 5 < 0
+    assert voxel_view(volume, np.eye(3) * 0.9, np.zeros(3), 6) is None  # a resized crop
+    assert voxel_view(volume, np.eye(3), np.full(3, 0.5), 6) is None  # between voxels
+    assert voxel_view(volume, rotation([10, 0, 0]), np.zeros(3), 6) is None
 
 
 def test_the_draws_follow_the_augmentations_distributions():
