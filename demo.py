@@ -55,13 +55,14 @@ OUT_DIR = "runs/demo"  # where every output of the demo goes
 FRESH = False  # redo every stage even where its output exists
 SEED = 0  # seed of the synthetic scroll and of training
 DEPTH = 160  # slices of the synthetic scroll
-PATCH = 64  # training and inference patch
+PATCH = 64  # training patch; inference runs windows twice its edge (more context per voxel, fewer window edges;
+# on the demo's scroll half the model passes of windows of the training patch)
 F_MAPS = 8  # UNet feature maps (a model sized for the CPU)
 NUM_LEVELS = 4  # UNet levels
 MAX_STEPS = 750  # training steps
 AUGMENTATION = "exact"  # training augmentation (train.py --augmentation): exact keeps the texture that tells ink from loose fibres
 BATCH_SIZE = 2  # training batch
-TTA = True  # inference averages the identity and a flip of each axis (inference.py --tta: 4x its compute; sharper letter edges)
+TTA = True  # inference averages the 8 flips of each window (inference.py --tta: 8x its compute; sharper letter edges)
 DEVICE = "auto"  # auto (cuda if present) or cpu
 SUMMARY_COPY = ""  # also copy summary.png here (e.g. docs/summary.png)
 VOLUME_FORM = "tiff"  # tiff: the TIFF slices converted by volume_to_hdf; ome-zarr: the scroll's OME-Zarr read by every stage
@@ -299,7 +300,7 @@ def train_and_predict(config, out: Path, stages: Stages, data: DemoData) -> Path
                done=lambda path: _trained(train_dir, config.max_steps))
     stages.run("inference", predictions, inference.main,
                ["--volume", str(data.scan), "--checkpoint", str(train_dir / "best.pth"), "--out", str(predictions),
-                "--patch", str(config.patch), "--macro_block", str(2 * config.patch), "--tta", str(config.tta).lower(),
+                "--patch", str(2 * config.patch), "--macro_block", str(4 * config.patch), "--tta", str(config.tta).lower(),
                 "--device", config.device, "--resume", "true"],
                done=lambda path: _complete(path, volume.PREDICTIONS))
     return predictions

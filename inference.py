@@ -53,7 +53,7 @@ from ink3d.files import (OutputBusy, finish_output, output_file, output_lock, re
 from ink3d.intensity import Normalization, parse_air_level, scan_air_level
 from ink3d.prediction_file import PLAN_KEYS, check_plan, hdf5_writer, merge_parts, open_output, verify_blocks
 from ink3d.prediction_store import CHUNK, PredictionStore, chunk_for, is_store
-from ink3d.sliding_window import WindowPredictor, batch_fill, fuller_batches, plan_blocks
+from ink3d.sliding_window import FLIPS, WindowPredictor, batch_fill, fuller_batches, plan_blocks
 from models import model_from_checkpoint, read_checkpoint, weights_digest
 
 # --- config ---
@@ -68,7 +68,7 @@ BLEND = "gaussian"  # gaussian or constant window weights
 BATCH_SIZE = 4  # windows per forward pass
 MACRO_BLOCK = 512  # output macro-block edge (a multiple of the stride): bounds memory, unit of resuming
 AIR_LEVEL = "auto"  # windows whose input maximum is at or below this are air: not run, predicted 0. auto: the level the checkpoint was trained with (0 when it records none), none: run every window, or a number (uint8)
-TTA = False  # test-time augmentation: average the identity and a flip of each axis (4x the compute)
+TTA = False  # test-time augmentation: average the 8 flips of the window (identity, each axis, each pair, all three; 8x the compute)
 DEVICE = "auto"  # auto (cuda if present), cuda, cuda:1, cpu
 AMP = "auto"  # autocast dtype: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU), bf16, fp16, fp32
 CHANNELS_LAST = "auto"  # channels_last_3d memory format: auto (on the CPU, where it is faster; not on CUDA), true, false
@@ -111,7 +111,7 @@ def plan_attrs(config, shape, region, normalization: Normalization, weights_sha2
     return {
         "volume_shape": list(shape), "roi": [[s.start, s.stop] for s in region], "patch": config.patch,
         "overlap": config.overlap, "blend": config.blend, "block": config.macro_block, "block_grid": "volume", "air_level": config.air_level,
-        "tta": config.tta, "checkpoint": str(Path(config.checkpoint).resolve()), "weights": config.weights,
+        "tta": len(FLIPS) if config.tta else 1, "checkpoint": str(Path(config.checkpoint).resolve()), "weights": config.weights,
         "weights_sha256": weights_sha256, "normalization": normalization.to_config(),
     }
 

@@ -138,7 +138,8 @@ def fuller_batches(patch: int, stride: int, block: int, batch_size: int, chunk: 
 
 
 SLAB_VOXELS = 1 << 21  # the blending weights' sums are made this many voxels at a time
-FLIPS = [(), (2,), (3,), (4,)]  # test-time augmentation: identity and a flip of each axis of (N, C, D, H, W)
+# test-time augmentation: every combination of flips of the spatial axes of (N, C, D, H, W), the identity first
+FLIPS = [dims for count in range(4) for dims in itertools.combinations((2, 3, 4), count)]
 
 
 def _window_cells(windows, origin, output, patch: int):

@@ -14,7 +14,7 @@ from models import load_model
 def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["--out_dir", str(out), "--depth", "32", "--patch", "32", "--f_maps", "4", "--num_levels", "2", "--max_steps", "4",
-            "--device", "cpu", "--tta", "false", "--summary_copy", str(tmp_path / "docs" / "summary.png")]  # TTA: 4x inference
+            "--device", "cpu", "--tta", "false", "--summary_copy", str(tmp_path / "docs" / "summary.png")]  # TTA: 8x inference
     model_f05, baseline_f05 = demo.main(argv)
     lines = capsys.readouterr().out.strip().splitlines()
     held_out = "20231022170901"

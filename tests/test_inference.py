@@ -1,3 +1,4 @@
+import itertools
 import json
 import re
 import warnings
@@ -187,11 +188,12 @@ def test_air_is_not_run_through_the_model(model_path, tmp_path, monkeypatch):
 def test_tta_equals_the_mean_of_flipped_passes(model_path, tmp_path):
     values = np.random.default_rng(2).integers(0, 256, (32, 24, 40)).astype(np.uint8)  # (size - 16) % 8 == 0: flips keep the grid
     passes = []
-    for axis in (None, 0, 1, 2):
-        flipped = values if axis is None else np.flip(values, axis)
-        pred, _ = infer(write_scan(tmp_path / f"s{axis}.h5", np.ascontiguousarray(flipped)), model_path, tmp_path / f"p{axis}.h5",
+    for axes in [axes for count in range(4) for axes in itertools.combinations(range(3), count)]:  # all 8 flips
+        flipped = np.flip(values, axes) if axes else values
+        pred, _ = infer(write_scan(tmp_path / f"s{axes}.h5", np.ascontiguousarray(flipped)), model_path, tmp_path / f"p{axes}.h5",
                          "--channels_last", "false")
-        passes.append(pred.astype(float) if axis is None else np.flip(pred, axis).astype(float))
+        passes.append(np.flip(pred, axes).astype(float) if axes else pred.astype(float))
+    assert len(passes) == 8
     tta, _ = infer(write_scan(tmp_path / "s.h5", values), model_path, tmp_path / "tta.h5", "--tta", "true")
     assert np.abs(tta - np.mean(passes, axis=0)).max() <= 1  # each pass is rounded to uint8 once more
     assert np.abs(tta - passes[0]).max() > 1  # and TTA is not just the plain pass
