@@ -26,6 +26,7 @@ import flatten_3d  # noqa: E402
 import inference  # noqa: E402
 from ink3d import volume  # noqa: E402
 from ink3d.metrics import best_fbeta, score_volume  # noqa: E402
+from ink3d.sliding_window import FLIPS  # noqa: E402
 
 AIR_LEVEL = 60  # the synthetic scroll's air, as demo.py scores it
 SETTINGS = [  # (overlap, blend, tta); the first is the default
@@ -35,7 +36,7 @@ SETTINGS = [  # (overlap, blend, tta); the first is the default
 
 
 def passes_per_voxel(overlap: float, patch: int, tta: bool) -> float:
-    return (1 / (1 - overlap)) ** 3 * (4 if tta else 1)
+    return (1 / (1 - overlap)) ** 3 * (len(FLIPS) if tta else 1)
 
 
 def held_out_f05(demo: Path, flat: Path, segment_id: str) -> float:

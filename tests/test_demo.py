@@ -44,7 +44,8 @@ def test_demo_end_to_end_with_reduced_settings(tmp_path, capsys):
     with h5py.File(out / "predictions.h5") as file:
         predictions = file[volume.PREDICTIONS]
         assert predictions.shape == (32, 256, 256) and predictions.dtype == np.uint8 and predictions.attrs["complete"]
-    assert json.loads((out / "predictions.h5.config.json").read_text())["tta"] is False  # the demo's setting, passed on
+    inference_config = json.loads((out / "predictions.h5.config.json").read_text())
+    assert inference_config["tta"] is False and inference_config["patch"] == 2 * 32  # the demo's settings, passed on
     label = cv2.imread(str(out / "scroll" / "labels" / f"{held_out}_inklabels.png"), cv2.IMREAD_GRAYSCALE)
     for name in ("prediction", "scan"):
         assert cv2.imread(str(out / "flat" / f"{held_out}_{name}.png"), cv2.IMREAD_GRAYSCALE).shape == label.shape
