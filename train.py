@@ -297,9 +297,10 @@ def run_steps(config, data: TrainData, run: Run, loader: DataLoader, monitor: Mo
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             matrices = offsets = None
             if transforms:  # raw crops: normalise, resample and scale the batch here (ink3d.augment)
-                host_maps = transforms[:2]  # exact maps held on the host are applied as views (ink3d.augment.warp)
                 matrices, offsets, scales = (t.to(device, non_blocking=True) for t in transforms)
-                images, labels = warp(data.normalization(images), labels, *host_maps, config.patch, image_mode)
+                # maps onto voxels, held on the host, are applied as views of the crops (ink3d.augment.warp)
+                maps = transforms[:2] if image_mode == "nearest" else (matrices, offsets)
+                images, labels = warp(data.normalization(images), labels, *maps, config.patch, image_mode)
                 images = images * scales.view(-1, 1, 1, 1, 1)
             if run.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last_3d)
