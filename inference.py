@@ -111,7 +111,7 @@ def plan_attrs(config, shape, region, normalization: Normalization, weights_sha2
     return {
         "volume_shape": list(shape), "roi": [[s.start, s.stop] for s in region], "patch": config.patch,
         "overlap": config.overlap, "blend": config.blend, "block": config.macro_block, "block_grid": "volume", "air_level": config.air_level,
-        "tta": len(FLIPS) if config.tta else 1, "checkpoint": str(Path(config.checkpoint).resolve()), "weights": config.weights,
+        "tta": len(FLIPS) if config.tta else False, "checkpoint": str(Path(config.checkpoint).resolve()), "weights": config.weights,
         "weights_sha256": weights_sha256, "normalization": normalization.to_config(),
     }
 

@@ -1,5 +1,6 @@
 """inference stopped and resumed: kills, full disks, failed writes and reads, Ctrl-C, damaged blocks, ranks."""
 
+import json
 import signal
 import time
 
@@ -51,6 +52,15 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(scan, model_path, full_
         infer(scan_path, model_path, tmp_path / "pred.h5")
     with pytest.raises(InputError, match="different patch"):
         infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true", "--patch", "8")
+    with pytest.raises(InputError, match="different tta"):  # 8 flips must not continue a run without them ...
+        infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true", "--tta", "true")
+    with h5py.File(tmp_path / "pred.h5.partial", "a") as file:  # ... nor one whose test-time flips were 4 (it recorded true)
+        plan = file[volume.PREDICTIONS].attrs["plan"]
+        file[volume.PREDICTIONS].attrs["plan"] = json.dumps({**json.loads(plan), "tta": True})
+    with pytest.raises(InputError, match=r"different tta \(tta=True in the file\)"):
+        infer(scan_path, model_path, tmp_path / "pred.h5", "--resume", "true", "--tta", "true")
+    with h5py.File(tmp_path / "pred.h5.partial", "a") as file:
+        file[volume.PREDICTIONS].attrs["plan"] = plan
     other = tmp_path / "other.pth"
     torch.manual_seed(1)
     save_checkpoint(other, UNet3D(f_maps=4, num_levels=2), UNet3D(f_maps=4, num_levels=2).args, {}, step=0)
