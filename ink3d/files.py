@@ -292,8 +292,9 @@ def open_interrupted(path: Path, has_record) -> h5py.File | None:
     A write that failed for lack of space leaves the file shorter than its superblock says; it is
     extended to that length (the missing tail reads as zeros, and the stage's checksums find and
     redo what it held). A run killed as it created the file leaves one without its record of finished
-    work (`has_record(file)` false), or a tiny one that cannot be opened: the caller starts it anew.
-    A larger file that cannot be opened gets a named error.
+    work (`has_record(file)` false), or a tiny one that cannot be opened, or whose objects, though
+    listed, cannot be (killed while HDF5 wrote its metadata): the caller starts it anew. A larger file
+    that cannot be opened gets a named error.
     """
     try:
         file = h5py.File(path, "r+")
@@ -309,7 +310,15 @@ def open_interrupted(path: Path, has_record) -> h5py.File | None:
             file = h5py.File(path, "r+")
         except OSError as error:
             raise InputError(f"{path}: cannot be repaired to resume ({str(error).splitlines()[0]}): start over with --overwrite true") from None
-    if has_record(file):
+    try:
+        recorded = has_record(file)
+    except (KeyError, OSError) as error:
+        file.close()
+        if path.stat().st_size < NEWLY_CREATED_BYTES:
+            return None
+        raise InputError(f"{path}: cannot be opened to resume ({str(error).splitlines()[0]}); the file is damaged: "
+                         "start over with --overwrite true") from None
+    if recorded:
         return file
     file.close()
     return None

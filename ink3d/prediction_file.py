@@ -29,7 +29,8 @@ def open_output(path: Path, shape, attrs: dict, block_count: int, resume: bool, 
     """The prediction file, new or (resuming) checked to hold the same plan; with its finished-block record and the
     scan's voxel size (`scale`). A file killed as it was created holds nothing finished and is made anew."""
     if resume:
-        file = open_interrupted(path, lambda f: {volume.PREDICTIONS, volume.FINISHED_BLOCKS, volume.BLOCK_CHECKSUMS} <= set(f))
+        file = open_interrupted(path, lambda f: {volume.PREDICTIONS, volume.FINISHED_BLOCKS, volume.BLOCK_CHECKSUMS} <= set(f)
+                                and "plan" in f[volume.PREDICTIONS].attrs)  # opens the dataset: a torn one is found here
         if file is None:
             print(f"{path}: no block was finished before the interruption; starting it anew")
         else:

@@ -12,7 +12,8 @@ import torch
 import inference
 from stage_process import StageProcess, run_stage
 from ink3d import InputError, volume
-from ink3d.files import WriteError, partial_path
+from ink3d.files import NEWLY_CREATED_BYTES, WriteError, partial_path
+from ink3d.prediction_file import PLAN_KEYS, open_output
 from models import UNet3D, save_checkpoint
 from inference_fixtures import PATCH, infer, write_scan
 
@@ -259,3 +260,25 @@ def test_ctrl_c_stops_with_one_line_and_the_run_resumes(scan, model_path, tmp_pa
     assert stderr.rstrip().splitlines()[-1] == "interrupted: finished work is kept in the .partial output: rerun the same command with --resume true"
     resumed, attrs = infer(scan_path, model_path, tmp_path / "pred.h5", "--macro_block", "16", "--resume", "true")
     assert np.array_equal(resumed, reference) and attrs["complete"]
+
+
+@pytest.mark.parametrize("padding", [0, NEWLY_CREATED_BYTES])
+def test_a_file_whose_dataset_is_torn_starts_anew_when_tiny_and_is_named_otherwise(tmp_path, padding):
+    """A kill while HDF5 writes its metadata can leave the datasets listed but one of them unreadable."""
+    path = tmp_path / "pred.h5.partial"
+    with h5py.File(path, "w") as file:
+        predictions = file.create_dataset(volume.PREDICTIONS, data=np.zeros((8, 8, 8), np.uint8))
+        predictions.attrs["plan"] = "{}"
+        for name in (volume.FINISHED_BLOCKS, volume.BLOCK_CHECKSUMS, "padding"):
+            file.create_dataset(name, data=np.zeros(4 if name != "padding" else padding, np.uint8))
+        header = h5py.h5o.get_info(predictions.id).addr
+    with open(path, "r+b") as raw:  # the dataset's object header lost
+        raw.seek(header)
+        raw.write(bytes(64))
+    attrs = {key: 0 for key in PLAN_KEYS}
+    if padding:
+        with pytest.raises(InputError, match="pred.h5.partial: cannot be opened to resume .* start over with --overwrite true"):
+            open_output(path, (8, 8, 8), attrs, 4, resume=True)
+        return
+    with open_output(path, (8, 8, 8), attrs, 4, resume=True) as file:  # killed as it was made: nothing to keep
+        assert json.loads(file[volume.PREDICTIONS].attrs["plan"]) == attrs and not file[volume.FINISHED_BLOCKS][:].any()
