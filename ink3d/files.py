@@ -301,10 +301,7 @@ def open_interrupted(path: Path, has_record) -> h5py.File | None:
     except OSError as error:
         stored = re.search(r"truncated file: eof = (\d+), sblock->base_addr = \d+, stored_eof = (\d+)", str(error))
         if stored is None:
-            if path.stat().st_size < NEWLY_CREATED_BYTES:
-                return None
-            raise InputError(f"{path}: cannot be opened to resume ({str(error).splitlines()[0]}); the file is damaged: "
-                             "start over with --overwrite true") from None
+            return _unopenable(path, error)
         os.truncate(path, int(stored.group(2)))
         try:
             file = h5py.File(path, "r+")
@@ -314,14 +311,19 @@ def open_interrupted(path: Path, has_record) -> h5py.File | None:
         recorded = has_record(file)
     except (KeyError, OSError) as error:
         file.close()
-        if path.stat().st_size < NEWLY_CREATED_BYTES:
-            return None
-        raise InputError(f"{path}: cannot be opened to resume ({str(error).splitlines()[0]}); the file is damaged: "
-                         "start over with --overwrite true") from None
+        return _unopenable(path, error)
     if recorded:
         return file
     file.close()
     return None
+
+
+def _unopenable(path: Path, error: Exception) -> None:
+    """None for a file killed as it was created (tiny: nothing finished), else the named error of a damaged one."""
+    if path.stat().st_size < NEWLY_CREATED_BYTES:
+        return None
+    raise InputError(f"{path}: cannot be opened to resume ({str(error).splitlines()[0]}); the file is damaged: "
+                     "start over with --overwrite true") from None
 
 
 def warn_if_short_of_space(path: Path, uncompressed_bytes: int) -> None:
